@@ -101,6 +101,8 @@ _SAFE_GLOBALS = {
     # Protocol 5 pickles rebuild arrays from a bytes buffer.
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
+    # Protocol 2 pickles carry array bytes through codecs.encode (a data transform only).
+    ("_codecs", "encode"),
 }
 
 
