@@ -1,0 +1,422 @@
+"""Distil a teacher LM into a student with DIITO (distillation + interchange intervention training).
+
+    python causal_train.py --force --n_gpu 0 --student_type distilbert \\
+        --student_config training_configs/distilbert-base-uncased-large.json \\
+        --student_pretrained_weights distillation_checkpoints/bert-base-uncased_num_layer_6.pth \\
+        --teacher_type bert --teacher_name bert-base-uncased \\
+        --neuron_mapping training_configs/single_middle_layer_6.nm \\
+        --mlm --alpha_ce 0.25 --alpha_mlm 0.25 --alpha_cos 0.25 --alpha_clm 0.0 \\
+        --alpha_causal_ce 0.25 --alpha_causal_cos 0.0 \\
+        --interchange_prop 0.3 --interchange_max_token -1 --interchange_consecutive_only \\
+        --dump_path results/ --data_file data/binarized_text.train.bert-base-uncased.pickle \\
+        --token_counts data/binarized_text.train.token_counts.bert-base-uncased.pickle
+
+Multi-GPU: ``torchrun --nproc_per_node N causal_train.py ...`` (or the original ``--n_gpu N``
+with a launcher that sets WORLD_SIZE / RANK / LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+import counterfactual_utils as cf
+from causal_distiller import CausalDistiller, StopTraining, latest_state
+from lm_seqs_dataset import DatasetParams, LmSeqsDataset
+from token_store import check_vocab_range, load_sequences, safe_load_pickle
+from utils import UserError, require_file, run_cli, set_seed, write_json
+
+logger = logging.getLogger("causal_train")
+
+# model type -> (config class, model class)
+MODEL_CLASSES = {
+    "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
+    "roberta": (RobertaConfig, RobertaForMaskedLM),
+    "bert": (BertConfig, BertForMaskedLM),
+    "gpt2": (GPT2Config, GPT2LMHeadModel),
+}
+# Embedding tables that --freeze_pos_embs / --freeze_token_type_embds freeze, per student type.
+POSITION_EMBEDDINGS = {
+    "distilbert": "distilbert.embeddings.position_embeddings",
+    "roberta": "roberta.embeddings.position_embeddings",
+    "gpt2": "transformer.wpe",
+}
+TOKEN_TYPE_EMBEDDINGS = {"roberta": "roberta.embeddings.token_type_embeddings"}
+SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--force", action="store_true", help="Overwrite dump_path/run_name if it holds a previous run's dump.")
+    a("--resume", action="store_true", help="Continue the run in dump_path/run_name from its latest checkpoint.")
+    a("--dump_path", type=str, required=True, help="Folder under which the run folder is created.")
+    a("--run_name", type=str, default=None, help="Run folder name (default: built from the main settings).")
+    a("--data_file", type=str, required=True, help="Binarized corpus: *.pickle or *.tokens.npy.")
+
+    a("--student_type", type=str, choices=["distilbert", "roberta", "gpt2"], required=True)
+    a("--student_config", type=str, required=True, help="Student architecture (JSON config).")
+    a("--student_pretrained_weights", type=str, default=None, help="Student initial state dict (.pth).")
+    a("--teacher_type", choices=["bert", "roberta", "gpt2"], required=True)
+    a("--teacher_name", type=str, required=True, help="Teacher: Hub name or local folder.")
+    a("--teacher_fp16", action="store_true", help="Keep the teacher's weights in half precision (GPU).")
+
+    a("--temperature", default=2.0, type=float, help="Softmax temperature of the ce losses.")
+    a("--alpha_ce", default=0.5, type=float, help="Weight of the distillation (KL) loss.")
+    a("--alpha_mlm", default=0.0, type=float, help="Weight of the MLM loss (with --mlm).")
+    a("--alpha_clm", default=0.5, type=float, help="Weight of the CLM loss (without --mlm).")
+    a("--alpha_mse", default=0.0, type=float, help="Weight of the logits MSE loss.")
+    a("--alpha_cos", default=0.0, type=float, help="Weight of the last-hidden-state cosine loss.")
+    a("--alpha_causal_ce", default=0.0, type=float, help="Weight of the counterfactual (DIITO) ce loss.")
+    a("--alpha_causal_cos", default=0.0, type=float, help="Weight of the counterfactual cosine loss.")
+
+    a("--mlm", action="store_true", help="Masked LM objective (else causal LM).")
+    a("--mlm_mask_prop", default=0.15, type=float, help="Share of tokens chosen as MLM targets.")
+    a("--word_mask", default=0.8, type=float, help="Share of targets replaced by [MASK].")
+    a("--word_keep", default=0.1, type=float, help="Share of targets kept.")
+    a("--word_rand", default=0.1, type=float, help="Share of targets replaced by a random token.")
+    a("--mlm_smoothing", default=0.7, type=float, help="Target sampling weight is count ** -mlm_smoothing.")
+    a("--token_counts", type=str, help="Token counts pickle (list of vocab_size ints); required with --mlm.")
+    a("--restrict_ce_to_mask", action="store_true", help="ce (and causal_ce) only on MLM targets.")
+    a("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
+    a("--freeze_token_type_embds", action="store_true", help="Freeze token type embeddings (roberta).")
+
+    a("--neuron_mapping", type=str, default=None, help="Teacher/student variable mapping (.nm JSON).")
+    a("--interchange_prop", type=float, default=0.3, help="Share of min(base, dual) length interchanged.")
+    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions (-1: none).")
+    a("--interchange_consecutive_only", action="store_true", help="Interchange one contiguous span.")
+    a("--interchange_masked_token_only", action="store_true", help="Interchange at the base's MLM targets.")
+    a("--data_augment", action="store_true", help="Swap token ids instead of hidden states.")
+    a("--include_crossway", action="store_true", help="Also train the (dual, base) direction each batch.")
+    a("--parallel_crossway", action="store_true", help="Abandoned in the original; refused.")
+
+    a("--n_epoch", type=int, default=3)
+    a("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (-1: n_epoch epochs).")
+    a("--batch_size", type=int, default=5, help="Sequences per process per micro-batch.")
+    a("--group_by_size", dest="group_by_size", action="store_true", default=True,
+      help="Batch sequences of similar length (default: on).")
+    a("--no_group_by_size", dest="group_by_size", action="store_false", help="Turn length grouping off.")
+    a("--gradient_accumulation_steps", type=int, default=50)
+    a("--warmup_prop", default=0.05, type=float, help="Share of the steps with linear warm-up.")
+    a("--weight_decay", default=0.0, type=float)
+    a("--learning_rate", default=5e-4, type=float)
+    a("--adam_epsilon", default=1e-6, type=float)
+    a("--max_grad_norm", default=5.0, type=float)
+    a("--initializer_range", default=0.02, type=float, help="Std of the student's random init.")
+    a("--skip_nonfinite_loss", action="store_true", help="Skip a step whose loss is NaN/inf instead of stopping.")
+
+    a("--fp16", action="store_true", help="Mixed precision float16 (torch.amp + GradScaler).")
+    a("--fp16_opt_level", type=str, default="O1", help="Accepted for compatibility; apex levels map to --fp16.")
+    a("--bf16", action="store_true", help="Mixed precision bfloat16 (torch.amp).")
+    a("--n_gpu", type=int, default=1, help="GPUs per node; 0 runs on CPU.")
+    a("--local_rank", "--local-rank", type=int, default=-1, help="Set by the launcher.")
+    a("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    a("--seed", type=int, default=56)
+    a("--log_interval", type=int, default=500, help="Micro-batches between TensorBoard logs.")
+    a("--checkpoint_interval", type=int, default=4000, help="Micro-batches between checkpoints.")
+    a("--save_total_limit", type=int, default=1, help="Full training states kept in checkpoints/.")
+    return p
+
+
+def sanity_checks(args: argparse.Namespace) -> None:
+    """The original's asserts, as errors that say what to change."""
+    if args.parallel_crossway:
+        raise UserError("--parallel_crossway was abandoned in the original and is not supported; use --include_crossway")
+    if args.fp16 and args.bf16:
+        raise UserError("choose one of --fp16 and --bf16")
+    alphas = {k: getattr(args, f"alpha_{k}") for k in ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")}
+    negative = [k for k, v in alphas.items() if v < 0]
+    if negative:
+        raise UserError(f"alphas must be >= 0: --alpha_{negative[0]} is {alphas[negative[0]]}")
+    if sum(alphas.values()) <= 0:
+        raise UserError("all alphas are 0: nothing to train")
+    if args.mlm and (args.alpha_mlm <= 0 or args.alpha_clm != 0):
+        raise UserError("with --mlm, --alpha_mlm must be > 0 and --alpha_clm 0")
+    if not args.mlm and (args.alpha_clm <= 0 or args.alpha_mlm != 0):
+        raise UserError("without --mlm, --alpha_clm must be > 0 and --alpha_mlm 0")
+    if args.mlm:
+        if args.token_counts is None:
+            raise UserError("--mlm needs --token_counts")
+        if args.student_type not in ("distilbert", "roberta") or args.teacher_type not in ("bert", "roberta"):
+            raise UserError("--mlm needs a distilbert/roberta student and a bert/roberta teacher")
+    elif args.student_type != "gpt2" or args.teacher_type != "gpt2":
+        raise UserError("causal LM (no --mlm) needs --student_type gpt2 and --teacher_type gpt2")
+    if not (args.teacher_type == args.student_type or (args.student_type, args.teacher_type) == ("distilbert", "bert")):
+        raise UserError(f"a {args.student_type} student cannot be distilled from a {args.teacher_type} teacher")
+    if args.freeze_token_type_embds and args.student_type not in TOKEN_TYPE_EMBEDDINGS:
+        raise UserError("--freeze_token_type_embds only applies to a roberta student")
+    if args.freeze_pos_embs and args.student_type not in POSITION_EMBEDDINGS:
+        raise UserError(f"--freeze_pos_embs does not apply to a {args.student_type} student")
+    causal = args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0
+    if causal and not args.data_augment and args.neuron_mapping is None:
+        raise UserError("causal losses need --neuron_mapping (or --data_augment)")
+    if args.interchange_consecutive_only and args.interchange_masked_token_only:
+        raise UserError("choose one of --interchange_consecutive_only and --interchange_masked_token_only")
+    if args.interchange_masked_token_only and not args.mlm:
+        raise UserError("--interchange_masked_token_only needs --mlm")
+    if not 0 <= args.interchange_prop <= 1:
+        raise UserError(f"--interchange_prop must be in [0, 1], got {args.interchange_prop}")
+    for name in ("batch_size", "gradient_accumulation_steps", "n_epoch", "log_interval", "checkpoint_interval",
+                 "save_total_limit"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if abs(args.word_mask + args.word_keep + args.word_rand - 1) > 1e-6:
+        raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
+    require_file(args.student_config, "student config")
+    require_file(args.data_file, "data file")
+    if args.token_counts is not None:
+        require_file(args.token_counts, "token counts file")
+    if args.student_pretrained_weights is not None:
+        require_file(args.student_pretrained_weights, "student pretrained weights")
+    if args.neuron_mapping is not None:
+        require_file(args.neuron_mapping, "neuron mapping")
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Fill world_size / global_rank / local_rank / device / is_master from the launcher's environment.
+
+    torchrun sets WORLD_SIZE, RANK, LOCAL_RANK; torch.distributed.launch passes --local-rank and
+    the original recipe also set N_GPU_NODE / N_NODES / NODE_RANK. Either way works.
+    """
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.global_rank = int(os.environ.get("RANK", 0))
+    if args.local_rank == -1:
+        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    args.multi_gpu = args.world_size > 1  # the original's name; also true for multi-process CPU runs
+    use_cuda = args.n_gpu > 0 and torch.cuda.is_available()
+    if args.n_gpu > 0 and not use_cuda:
+        warnings.warn("no CUDA device found: training on CPU", stacklevel=1)
+        logger.warning("No CUDA device found: training on CPU (pass --n_gpu 0 to silence this).")
+    if args.n_gpu > 1 and not args.multi_gpu and use_cuda:
+        raise UserError(
+            f"--n_gpu {args.n_gpu} needs one process per GPU: launch with "
+            f"`torchrun --nproc_per_node {args.n_gpu} causal_train.py ...`"
+        )
+    if use_cuda:
+        torch.cuda.set_device(args.local_rank)
+        args.device = f"cuda:{args.local_rank}"
+    else:
+        args.device = "cpu"
+    if args.multi_gpu and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    args.is_master = args.global_rank == 0
+    args.n_gpu = 1 if use_cuda else 0  # GPUs per process from here on
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    data = Path(args.data_file).name.split(".")[0]
+    nm = Path(args.neuron_mapping).stem if args.neuron_mapping else "none"
+    mode = "consec" if args.interchange_consecutive_only else "masked" if args.interchange_masked_token_only else "rand"
+    return (
+        f"s_{args.student_type}_t_{args.teacher_type}_data_{data}_seed_{args.seed}_mlm_{args.mlm}"
+        f"_ce_{args.alpha_ce}_mlm_{args.alpha_mlm}_clm_{args.alpha_clm}_mse_{args.alpha_mse}_cos_{args.alpha_cos}"
+        f"_causal-ce_{args.alpha_causal_ce}_causal-cos_{args.alpha_causal_cos}_nm_{nm}"
+        f"_int-prop_{args.interchange_prop}_int-max_{args.interchange_max_token}_int-{mode}"
+        f"_aug_{args.data_augment}_crossway_{args.include_crossway}"
+        f"_eff-bs_{args.batch_size * args.gradient_accumulation_steps * args.world_size}"
+    )
+
+
+def prepare_dump_path(args: argparse.Namespace) -> Path:
+    """dump_path/run_name: new, resumed (--resume) or replaced (--force, only a previous dump)."""
+    path = Path(args.dump_path) / args.run_name
+    if args.resume and not path.is_dir():
+        raise UserError(f"--resume: {path} does not exist")
+    if path.exists() and not args.resume:
+        if not args.force:
+            raise UserError(f"{path} already exists: pass --force to overwrite it or --resume to continue it")
+        if not (path / "parameters.json").is_file():
+            raise UserError(f"--force refuses to delete {path}: it has no parameters.json, so it is not a run's dump")
+    if args.is_master:
+        if path.exists() and not args.resume:
+            logger.info("Overwriting %s (--force)", path)
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    if args.multi_gpu:
+        dist.barrier()
+    return path
+
+
+def git_log(folder: Path) -> dict:
+    """Repository id, commit and branch of this code (recorded, not required)."""
+    try:
+        import git
+
+        repo = git.Repo(Path(__file__).resolve().parent, search_parent_directories=True)
+        try:
+            branch = str(repo.active_branch)
+        except TypeError:
+            branch = "(detached HEAD)"
+        return {"repo_id": str(repo), "repo_sha": str(repo.head.object.hexsha), "repo_branch": branch}
+    except Exception as e:  # no git executable, not a repository, empty repository...
+        return {"repo_id": None, "repo_sha": None, "repo_branch": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    out = {}
+    for name in SPECIAL_TOKENS:
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            out[name] = int(tokenizer.convert_tokens_to_ids(str(token)))
+    return out
+
+
+def max_positions(config) -> int:
+    """Longest input the model accepts (RoBERTa reserves padding_idx + 1 position ids)."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    if config.model_type == "roberta":
+        n -= config.pad_token_id + 1
+    return int(n)
+
+
+def load_teacher(args: argparse.Namespace):
+    model_class = MODEL_CLASSES[args.teacher_type][1]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.teacher_name)
+        teacher = model_class.from_pretrained(args.teacher_name)
+    except OSError as e:
+        raise UserError(f"cannot load teacher {args.teacher_name!r}: {str(e).splitlines()[0]}") from None
+    if teacher.config.model_type != args.teacher_type:
+        raise UserError(f"--teacher_name {args.teacher_name} is a {teacher.config.model_type}, not a {args.teacher_type}")
+    return tokenizer, teacher
+
+
+def load_student(args: argparse.Namespace, teacher_config):
+    config_class, model_class = MODEL_CLASSES[args.student_type]
+    try:
+        config = config_class.from_json_file(args.student_config)
+    except (ValueError, OSError) as e:
+        raise UserError(f"student config {args.student_config} is not a valid JSON config: {e}") from None
+    config.output_hidden_states = False
+    if args.student_type == "distilbert":
+        config.initializer_range = args.initializer_range
+    student = model_class(config)
+    if args.student_pretrained_weights is not None:
+        try:
+            state = torch.load(args.student_pretrained_weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read student weights {args.student_pretrained_weights}: {e}") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{args.student_pretrained_weights} is not a state dict")
+        result = student.load_state_dict(state, strict=False)
+        loaded = set(state) - set(result.unexpected_keys)
+        if not loaded:
+            raise UserError(
+                f"none of the weights in {args.student_pretrained_weights} match a {args.student_type} student "
+                f"(e.g. {next(iter(state), '?')})"
+            )
+        missing = [k for k in result.missing_keys if k not in _tied_keys(student)]
+        if missing or result.unexpected_keys:
+            logger.warning("Student weights: %d missing (%s...), %d unexpected", len(missing), missing[:3],
+                           len(result.unexpected_keys))
+    s_vocab, t_vocab = student.config.vocab_size, teacher_config.vocab_size
+    if s_vocab != t_vocab:
+        raise UserError(f"student vocab size {s_vocab} != teacher vocab size {t_vocab}")
+    if max_positions(student.config) < max_positions(teacher_config):
+        raise UserError(
+            f"student accepts {max_positions(student.config)} positions, teacher {max_positions(teacher_config)}"
+        )
+    return student
+
+
+def _tied_keys(model) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    return set(keys if not isinstance(keys, dict) else keys.keys())
+
+
+def token_probabilities(args: argparse.Namespace, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
+    """(vocab,) MLM target weights: max(count, 1) ** -mlm_smoothing, special tokens 0."""
+    counts = safe_load_pickle(args.token_counts, "token counts file")
+    if not isinstance(counts, (list, np.ndarray)) or len(counts) != vocab_size:
+        n = len(counts) if hasattr(counts, "__len__") else type(counts).__name__
+        raise UserError(f"token counts {args.token_counts} has {n} entries, the vocabulary {vocab_size}")
+    probs = np.maximum(np.asarray(counts, dtype=np.float64), 1) ** -args.mlm_smoothing
+    probs[list(special_ids.values())] = 0.0
+    return torch.tensor(probs, dtype=torch.float32)
+
+
+def freeze_embeddings(student, args: argparse.Namespace) -> None:
+    for flag, table in (("freeze_pos_embs", POSITION_EMBEDDINGS), ("freeze_token_type_embds", TOKEN_TYPE_EMBEDDINGS)):
+        if getattr(args, flag):
+            student.get_submodule(table[args.student_type]).weight.requires_grad = False
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    sanity_checks(args)
+    init_distributed(args)
+    set_seed(args.seed)
+    if args.run_name is None:
+        args.run_name = default_run_name(args)
+
+    tokenizer, teacher = load_teacher(args)
+    special_ids = special_token_ids(tokenizer)
+    args.special_tok_ids = special_ids
+    args.max_model_input_size = max_positions(teacher.config)
+    student = load_student(args, teacher.config)
+    if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and cf.hidden_size(student) != cf.hidden_size(teacher):
+        raise UserError(
+            f"cos losses need equal hidden sizes: student {cf.hidden_size(student)}, teacher {cf.hidden_size(teacher)}"
+        )
+    mapping = None
+    if (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0) and not args.data_augment:
+        mapping = cf.load_neuron_mapping(args.neuron_mapping)
+        cf.validate_neuron_mapping(mapping, teacher.config, student.config, path=args.neuron_mapping)
+
+    store = load_sequences(args.data_file)
+    check_vocab_range(store, teacher.config.vocab_size, args.data_file)
+    dataset = LmSeqsDataset(
+        DatasetParams(args.max_model_input_size, args.mlm, special_ids, seed=args.seed), store
+    )
+    token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
+
+    args.dump_path = str(prepare_dump_path(args))
+    if args.is_master:
+        write_json(vars(args), Path(args.dump_path) / "parameters.json")
+        write_json(git_log(Path(args.dump_path)), Path(args.dump_path) / "git_log.json")
+        student.config.to_json_file(str(Path(args.dump_path) / "config.json"))
+
+    freeze_embeddings(student, args)
+    device = torch.device(args.device)
+    student.to(device)
+    teacher.to(device, dtype=torch.float16 if args.teacher_fp16 and device.type == "cuda" else None)
+    for p in teacher.parameters():
+        p.requires_grad = False
+
+    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mapping)
+    if args.resume:
+        state = latest_state(Path(args.dump_path), args.global_rank)
+        if state is None:
+            raise UserError(f"--resume: no checkpoint in {args.dump_path}/checkpoints")
+        distiller.load_state(state)
+    try:
+        distiller.train()
+    except StopTraining as e:
+        raise UserError(str(e)) from None
+    finally:
+        if args.multi_gpu and dist.is_initialized():
+            dist.destroy_process_group()
+    return Path(args.dump_path)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,80 @@
+"""Build a DistilBERT student state dict from a BERT teacher's layers.
+
+    python scripts/extract_distilbert.py --model_type bert --model_name bert-base-uncased \
+        --dump_checkpoint distillation_checkpoints/bert-base-uncased_num_layer_3.pth --num_layers 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import BertForMaskedLM  # noqa: E402
+
+from scripts.extraction import copy_keys, load_teacher, save_state_dict, teacher_layers  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
+
+logger = logging.getLogger("extract_distilbert")
+
+# DistilBERT block parameter <- BERT block parameter
+BLOCK_MAP = {
+    "attention.q_lin": "attention.self.query",
+    "attention.k_lin": "attention.self.key",
+    "attention.v_lin": "attention.self.value",
+    "attention.out_lin": "attention.output.dense",
+    "sa_layer_norm": "attention.output.LayerNorm",
+    "ffn.lin1": "intermediate.dense",
+    "ffn.lin2": "output.dense",
+    "output_layer_norm": "output.LayerNorm",
+}
+
+
+def extract(teacher_state: dict, layers: list[int], vocab_transform: bool, name: str, prefix: str = "bert") -> dict:
+    """DistilBertForMaskedLM-keyed state dict from a BertForMaskedLM state dict."""
+    pairs = [(f"distilbert.embeddings.{w}.weight", f"{prefix}.embeddings.{w}.weight")
+             for w in ("word_embeddings", "position_embeddings")]
+    pairs += [(f"distilbert.embeddings.LayerNorm.{w}", f"{prefix}.embeddings.LayerNorm.{w}") for w in ("weight", "bias")]
+    for student_idx, teacher_idx in enumerate(layers):
+        for new, old in BLOCK_MAP.items():
+            for w in ("weight", "bias"):
+                pairs.append((f"distilbert.transformer.layer.{student_idx}.{new}.{w}",
+                              f"{prefix}.encoder.layer.{teacher_idx}.{old}.{w}"))
+    pairs += [("vocab_projector.weight", "cls.predictions.decoder.weight"), ("vocab_projector.bias", "cls.predictions.bias")]
+    if vocab_transform:
+        for w in ("weight", "bias"):
+            pairs += [(f"vocab_transform.{w}", f"cls.predictions.transform.dense.{w}"),
+                      (f"vocab_layer_norm.{w}", f"cls.predictions.transform.LayerNorm.{w}")]
+    out: dict = {}
+    copy_keys(out, teacher_state, pairs, name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Extract a DistilBERT student from a BERT teacher.")
+    parser.add_argument("--model_type", default="bert", choices=["bert"])
+    parser.add_argument("--model_name", default="bert-base-uncased", help="Teacher: Hub name or local folder.")
+    parser.add_argument("--dump_checkpoint", default="distillation_checkpoints/bert-base-uncased_num_layer_6.pth")
+    parser.add_argument("--num_layers", type=int, default=6, help="Student layers.")
+    parser.add_argument("--teacher_layers", type=int, nargs="+", default=None,
+                        help="Teacher blocks to copy, one per student layer (default: the original's choice).")
+    parser.add_argument("--vocab_transform", action="store_true", help="Also copy the MLM head's transform.")
+    args = parser.parse_args(argv)
+    if args.num_layers < 1:
+        raise UserError(f"--num_layers must be >= 1, got {args.num_layers}")
+    teacher = load_teacher(BertForMaskedLM, args.model_name, head_prefix="cls.")
+    if teacher.config.model_type != "bert":
+        raise UserError(f"{args.model_name} is a {teacher.config.model_type} model, not bert")
+    layers = teacher_layers(teacher.config.num_hidden_layers, args.num_layers, args.teacher_layers)
+    state = extract(teacher.state_dict(), layers, args.vocab_transform, args.model_name)
+    save_state_dict(state, args.dump_checkpoint)
+    logger.info("Student of %d layers from teacher layers %s: %d tensors -> %s",
+                args.num_layers, layers, len(state), args.dump_checkpoint)
+    return state
+
+
+if __name__ == "__main__":
+    run_cli(main)
