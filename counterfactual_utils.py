@@ -1,0 +1,607 @@
+"""Neuron mappings and interchange interventions on stock Hugging Face models.
+
+A *variable* is a slice of one block's output hidden state, named `$L:<layer>$H:<head>$[<d0>:<d1>]`:
+hidden dims `[head * head_dim + d0, head * head_dim + d1)` of the output of transformer block `layer`
+(0-based), i.e. `hidden_states[layer + 1]` of a Hugging Face output (head_dim = hidden_size // num_heads).
+Layer and head may be half-open ranges `[a:b]`; `deserialize_variable_name` expands them.
+
+Interventions are forward hooks on the blocks of an unmodified model. Where the blocks live and how
+the LM head is applied is one row per architecture in `ADAPTERS` (pyvene style).
+
+GPT-2: the site is the output of block k *before* the final `ln_f`, for every k. Hugging Face's last
+`hidden_states` entry has `ln_f` applied, so for the last block `hidden_states[L]` is `ln_f(site)`;
+read and write always use the pre-`ln_f` value.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils import UserError
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "BlockInputCache",
+    "CounterfactualOutput",
+    "backbone",
+    "deserialize_variable_name",
+    "get_activation_at",
+    "get_adapter",
+    "hidden_size",
+    "interchange_with_activation_at",
+    "lm_head_logits",
+    "load_neuron_mapping",
+    "num_heads",
+    "num_layers",
+    "parse_variable_name",
+    "record_block_inputs",
+    "run_blocks_from",
+    "sample_interchange_variables",
+    "validate_neuron_mapping",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter table: where each architecture keeps its blocks and how its LM head is applied.
+# ----------------------------------------------------------------------------------------------
+
+
+def _bert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.cls(hidden)
+
+
+def _distilbert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    x = model.vocab_transform(hidden)
+    x = model.activation(x)
+    x = model.vocab_layer_norm(x)
+    return model.vocab_projector(x)
+
+
+def _lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(hidden)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where an architecture keeps its parts.
+
+    backbone: attribute of the LM model holding the base model (`model.bert`, ...).
+    blocks: dotted path of the `nn.ModuleList` of transformer blocks, relative to the base model.
+    final_norm: dotted path of a norm applied after the last block (relative to the base model), or None.
+    head: `head(lm_model, hidden) -> logits`, hidden `(..., dim)` -> logits `(..., vocab)`.
+    forward_kwargs: extra keyword arguments for every forward (GPT-2: no KV cache, which would
+        otherwise be built and mutated by every run).
+    """
+
+    backbone: str
+    blocks: str
+    final_norm: str | None
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# Keyed by `config.model_type`. Adding an architecture is adding one row.
+ADAPTERS: dict[str, Adapter] = {
+    "bert": Adapter("bert", "encoder.layer", None, _bert_head),
+    "distilbert": Adapter("distilbert", "transformer.layer", None, _distilbert_head),
+    "roberta": Adapter("roberta", "encoder.layer", None, _lm_head),
+    "gpt2": Adapter("transformer", "h", "ln_f", _lm_head, {"use_cache": False}),
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DataParallel / DistributedDataParallel wrapper (or the model itself)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The `ADAPTERS` row for `model` (an LM model, its base model, or either wrapped in (D)DP)."""
+    config = getattr(_unwrap(model), "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UserError(
+            f"unsupported model {type(_unwrap(model)).__name__} (model_type={model_type!r}); "
+            f"supported model types: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The base model (`BertModel`, `DistilBertModel`, `RobertaModel`, `GPT2Model`) of `model`.
+
+    A base model is its own backbone (the same rule as Hugging Face's `base_model`).
+    """
+    inner = _unwrap(model)
+    return getattr(inner, get_adapter(inner).backbone, inner)
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    return backbone(model).get_submodule(get_adapter(model).blocks)
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    path = get_adapter(model).final_norm
+    return None if path is None else backbone(model).get_submodule(path)
+
+
+def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head of `model` to final hidden states of any leading shape.
+
+    hidden: `(..., dim)`, e.g. `(bs, seq, dim)` or `(n_selected, dim)` rows picked out of it;
+    it is the backbone's `last_hidden_state` (for GPT-2, after `ln_f`). Returns `(..., vocab_size)`.
+    """
+    inner = _unwrap(model)
+    if backbone(inner) is inner:
+        raise UserError(f"{type(inner).__name__} has no LM head; use the *ForMaskedLM / *LMHeadModel class")
+    return get_adapter(inner).head(inner, hidden)
+
+
+def num_layers(model_or_config: nn.Module | Any) -> int:
+    """Number of transformer blocks (`num_hidden_layers` / `n_layers` / `n_layer`)."""
+    return int(_config(model_or_config).num_hidden_layers)
+
+
+def num_heads(model_or_config: nn.Module | Any) -> int:
+    """Number of attention heads (`num_attention_heads` / `n_heads` / `n_head`)."""
+    return int(_config(model_or_config).num_attention_heads)
+
+
+def hidden_size(model_or_config: nn.Module | Any) -> int:
+    """Width of the hidden state (`hidden_size` / `dim` / `n_embd`)."""
+    return int(_config(model_or_config).hidden_size)
+
+
+def _config(model_or_config: nn.Module | Any) -> Any:
+    # Hugging Face configs alias `num_hidden_layers`, `num_attention_heads` and `hidden_size` onto
+    # DistilBERT's and GPT-2's own key names through `attribute_map`, so one spelling serves all four.
+    if isinstance(model_or_config, nn.Module):
+        return _unwrap(model_or_config).config
+    return model_or_config
+
+
+def _head_dim(model_or_config: nn.Module | Any) -> int:
+    return hidden_size(model_or_config) // num_heads(model_or_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# NAME grammar
+# ----------------------------------------------------------------------------------------------
+
+_INDEX = r"(\d+|\[\d+:\d+\])"
+_NAME_RE = re.compile(r"^\$L:" + _INDEX + r"\$H:" + _INDEX + r"\$\[(\d+):(\d+)\]$")
+
+
+def _index_range(text: str, name: str, what: str) -> range:
+    if text.startswith("["):
+        a, b = (int(x) for x in text[1:-1].split(":"))
+        if a >= b:
+            raise UserError(f"malformed variable name {name!r}: empty {what} range [{a}:{b}]")
+        return range(a, b)
+    return range(int(text), int(text) + 1)
+
+
+def _parse(name: str) -> tuple[range, range, tuple[int, int]]:
+    if not isinstance(name, str):
+        raise UserError(f"malformed variable name {name!r}: expected a string like '$L:3$H:[0:12]$[0:64]'")
+    match = _NAME_RE.match(name)
+    if match is None:
+        raise UserError(f"malformed variable name {name!r}: expected '$L:<layer>$H:<head>$[<d0>:<d1>]'")
+    layers = _index_range(match.group(1), name, "layer")
+    heads = _index_range(match.group(2), name, "head")
+    d0, d1 = int(match.group(3)), int(match.group(4))
+    if d0 >= d1:
+        raise UserError(f"malformed variable name {name!r}: empty slice [{d0}:{d1}]")
+    return layers, heads, (d0, d1)
+
+
+def deserialize_variable_name(name: str) -> list[str]:
+    """Expand layer and head ranges of `name` into single-variable names (layers x heads, same slice).
+
+    `$L:[0:2]$H:[0:12]$[0:64]` -> `['$L:0$H:0$[0:64]', '$L:0$H:1$[0:64]', ..., '$L:1$H:11$[0:64]']`.
+    """
+    layers, heads, (d0, d1) = _parse(name)
+    return [f"$L:{layer}$H:{head}$[{d0}:{d1}]" for layer in layers for head in heads]
+
+
+def parse_variable_name(name: str) -> tuple[int, int, tuple[int, int]]:
+    """A single (deserialized) NAME -> `(layer, head, (d0, d1))`."""
+    layers, heads, loc = _parse(name)
+    if len(layers) != 1 or len(heads) != 1:
+        raise UserError(f"variable name {name!r} names several variables; expand it with deserialize_variable_name")
+    return layers[0], heads[0], loc
+
+
+def _sites(model: nn.Module, variable_names: Sequence[str]) -> dict[int, list[tuple[int, int, int]]]:
+    """Group single names by layer: `{layer: [(variable index, start dim, stop dim), ...]}`."""
+    d = _head_dim(model)
+    n_layers, n_heads = num_layers(model), num_heads(model)
+    sites: dict[int, list[tuple[int, int, int]]] = {}
+    for i, name in enumerate(variable_names):
+        layer, head, (d0, d1) = parse_variable_name(name)
+        if layer >= n_layers or head >= n_heads or d1 > d:
+            raise UserError(
+                f"variable {name!r} does not fit the model ({n_layers} layers, {n_heads} heads of {d} dims)"
+            )
+        sites.setdefault(layer, []).append((i, head * d + d0, head * d + d1))
+    return sites
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading activations
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook on the deepest block a read needs, so no upper block or head runs."""
+
+
+def _block_hidden(output: Any) -> torch.Tensor:
+    # transformers 5 blocks return a tensor; older / other blocks return a tuple whose first item is it.
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_block_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def get_activation_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    variable_names: Sequence[str],
+) -> list[torch.Tensor]:
+    """Values of single variables on an input, one `(bs, seq, d1 - d0)` tensor per name, in order.
+
+    input_ids, attention_mask: `(bs, seq)`. Only blocks up to the deepest named layer run (no upper
+    block, no head). Gradients flow if the caller has grad enabled; wrap in `torch.no_grad()` for a
+    teacher. The backbone is called directly, bypassing any (D)DP wrapper.
+    """
+    if not variable_names:
+        raise UserError("get_activation_at needs at least one variable name")
+    sites = _sites(model, variable_names)
+    blocks = _blocks(model)
+    deepest = max(sites)
+    values: list[torch.Tensor | None] = [None] * len(variable_names)
+
+    def make_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = _block_hidden(output)
+            for i, start, stop in sites[layer]:
+                values[i] = hidden[..., start:stop]
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sites]
+    with _hooks(handles):
+        try:
+            backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **get_adapter(model).forward_kwargs)
+        except _StopForward:
+            pass
+    assert all(v is not None for v in values), "a read hook did not fire"
+    return values  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing activations (the counterfactual run)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CounterfactualOutput:
+    """Output of a counterfactual run.
+
+    logits: `(bs, seq, vocab)`, or None when the head was not applied.
+    hidden_states: `num_layers + 1` tensors `(bs, seq, dim)` like Hugging Face's (entry k + 1 is
+        block k's output after the intervention; for GPT-2 the last one has `ln_f` applied). From
+        `run_blocks_from`, entries below `start_layer` are None.
+    last_hidden_state: `(bs, seq, dim)`, what the LM head takes (GPT-2: after `ln_f`).
+    """
+
+    logits: torch.Tensor | None
+    hidden_states: tuple[torch.Tensor | None, ...]
+    last_hidden_state: torch.Tensor
+
+
+def _interchange_hooks(
+    model: nn.Module,
+    interchanged_variables: Sequence[torch.Tensor],
+    variable_names: Sequence[str],
+    interchange_mask: torch.Tensor,
+    dual_interchange_mask: torch.Tensor,
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register one write hook per intervened block; the caller removes the returned handles."""
+    if len(interchanged_variables) != len(variable_names):
+        raise UserError(
+            f"{len(interchanged_variables)} interchanged variables for {len(variable_names)} variable names"
+        )
+    sites = _sites(model, variable_names)
+    interchange_mask = interchange_mask.bool()
+    dual_interchange_mask = dual_interchange_mask.bool()
+    assert torch.equal(interchange_mask.sum(-1), dual_interchange_mask.sum(-1)), (
+        "interchange_mask and dual_interchange_mask select different counts per row"
+    )
+    # nonzero() and boolean indexing both enumerate row-major, so the k-th True of row r in the base
+    # and in the dual line up without a loop over rows.
+    rows, positions = interchange_mask.nonzero(as_tuple=True)  # (n,), (n,)
+
+    per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer, variables in sites.items():
+        dims, values = [], []
+        for i, start, stop in variables:
+            source = interchanged_variables[i]  # (bs, dual_seq, stop - start)
+            assert source.shape[:2] == dual_interchange_mask.shape and source.shape[-1] == stop - start, (
+                f"interchanged variable {i} has shape {tuple(source.shape)}, expected "
+                f"{tuple(dual_interchange_mask.shape) + (stop - start,)} for {variable_names[i]!r}"
+            )
+            dims.append(torch.arange(start, stop, device=source.device))
+            values.append(source[dual_interchange_mask])  # (n, stop - start)
+        dim_index = torch.cat(dims)
+        if dim_index.unique().numel() != dim_index.numel():
+            names = [variable_names[i] for i, _, _ in variables]
+            raise UserError(f"variables {names} overlap in layer {layer}")
+        per_layer[layer] = (dim_index, torch.cat(values, dim=-1))
+
+    def make_hook(layer: int) -> Callable:
+        dim_index, value = per_layer[layer]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            hidden = _block_hidden(output)
+            # Write into a copy: the block's output may be saved by autograd for its own backward.
+            new = hidden.clone()
+            new[rows[:, None], positions[:, None], dim_index.to(new.device)[None, :]] = value.to(new.dtype)
+            return _with_block_hidden(output, new)
+
+        return hook
+
+    blocks = _blocks(model)
+    # prepend=True: Hugging Face records hidden_states with its own forward hooks on the same blocks;
+    # ours must run first so that the recorded hidden_states[k + 1] is the intervened value.
+    return [blocks[layer].register_forward_hook(make_hook(layer), prepend=True) for layer in per_layer]
+
+
+def interchange_with_activation_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    interchanged_variables: Sequence[torch.Tensor],
+    variable_names: Sequence[str],
+    interchange_mask: torch.Tensor,
+    dual_interchange_mask: torch.Tensor,
+    compute_logits: bool = True,
+) -> CounterfactualOutput:
+    """Counterfactual forward on the base input with variables overwritten by source values.
+
+    input_ids, attention_mask, interchange_mask: `(bs, seq)`; dual_interchange_mask: `(bs, dual_seq)`.
+    interchanged_variables[i]: `(bs, dual_seq, d1 - d0)`, the source values of variable_names[i]
+    (single names, as from `get_activation_at` on the dual input). At each variable's site, the base
+    value at the k-th True position of row r of `interchange_mask` is replaced by the source value at
+    the k-th True position of row r of `dual_interchange_mask`; blocks above are recomputed.
+    With `compute_logits=False` only the backbone runs (apply `lm_head_logits` to selected rows).
+    With it, the full model runs through any (D)DP wrapper `model` has.
+    """
+    handles = _interchange_hooks(
+        model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask
+    )
+    extra = get_adapter(model).forward_kwargs
+    with _hooks(handles):
+        runner = model if compute_logits else backbone(model)
+        out = runner(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+    # Hugging Face ties hidden_states[-1] to last_hidden_state (after the final norm, if any).
+    return CounterfactualOutput(
+        logits=out.logits if compute_logits else None,
+        hidden_states=tuple(out.hidden_states),
+        last_hidden_state=out.hidden_states[-1],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Restart from a cached block input
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockInputCache:
+    """What each block was called with during a recorded forward.
+
+    hidden: `{layer: (bs, seq, dim)}` the block's input hidden state (for the recorded layers).
+    args, kwargs: `{layer: ...}` the block's other positional and keyword arguments (attention mask in
+        the model's internal format, position ids, ...), replayed verbatim.
+    """
+
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    args: dict[int, tuple] = field(default_factory=dict)
+    kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@contextmanager
+def record_block_inputs(
+    model: nn.Module, hidden_input_layers: Sequence[int] | None = None
+) -> Iterator[BlockInputCache]:
+    """Record the inputs of every block during the forwards run inside the `with` body.
+
+    hidden_input_layers: layers whose input hidden state is kept (default all); the restart only
+    needs the one it starts from. Record a base run in eval mode, without a KV cache: a restart is
+    exact only if blocks are deterministic and stateless.
+    """
+    cache = BlockInputCache()
+    keep = None if hidden_input_layers is None else set(hidden_input_layers)
+
+    def make_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if keep is None or layer in keep:
+                cache.hidden[layer] = args[0]
+            cache.args[layer] = tuple(args[1:])
+            cache.kwargs[layer] = dict(kwargs)
+
+        return hook
+
+    blocks = _blocks(model)
+    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    with _hooks(handles):
+        yield cache
+
+
+def run_blocks_from(
+    model: nn.Module,
+    cache: BlockInputCache,
+    start_layer: int,
+    interchanged_variables: Sequence[torch.Tensor] = (),
+    variable_names: Sequence[str] = (),
+    interchange_mask: torch.Tensor | None = None,
+    dual_interchange_mask: torch.Tensor | None = None,
+    compute_logits: bool = True,
+) -> CounterfactualOutput:
+    """Re-run blocks `start_layer..L-1` (+ final norm, + head) from a recorded block input.
+
+    Equal to `interchange_with_activation_at` on the recorded input when every intervened layer is
+    `>= start_layer` (the blocks below are unaffected by the intervention). Shapes as there; in the
+    returned `hidden_states`, entries `0..start_layer-1` are None and entry `start_layer` is the
+    cached input.
+    """
+    if start_layer not in cache.hidden:
+        raise UserError(f"no recorded input for block {start_layer}; record it with record_block_inputs")
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    if variable_names:
+        lowest = min(parse_variable_name(name)[0] for name in variable_names)
+        if lowest < start_layer:
+            raise UserError(f"cannot restart at block {start_layer} below an intervention at layer {lowest}")
+        assert interchange_mask is not None and dual_interchange_mask is not None
+        handles = _interchange_hooks(
+            model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask
+        )
+    blocks = _blocks(model)
+    hidden = cache.hidden[start_layer]
+    states: list[torch.Tensor | None] = [None] * start_layer + [hidden]
+    with _hooks(handles):
+        for layer in range(start_layer, len(blocks)):
+            hidden = _block_hidden(blocks[layer](hidden, *cache.args[layer], **cache.kwargs[layer]))
+            states.append(hidden)
+    norm = _final_norm(model)
+    if norm is not None:
+        hidden = norm(hidden)
+        states[-1] = hidden
+    logits = lm_head_logits(model, hidden) if compute_logits else None
+    return CounterfactualOutput(logits=logits, hidden_states=tuple(states), last_hidden_state=hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Neuron mapping files
+# ----------------------------------------------------------------------------------------------
+
+NeuronMapping = list[tuple[list[str], list[str]]]
+
+
+def load_neuron_mapping(path: str | Path) -> NeuronMapping:
+    """Read a `.nm` file into `[(teacher_names, student_names), ...]` (NAMEs as written, not expanded).
+
+    Checks the structure and the NAME grammar; `validate_neuron_mapping` checks against the models.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"neuron mapping not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read neuron mapping {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"neuron mapping {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or "interchange_variable_mappings" not in data:
+        raise UserError(f"neuron mapping {path} has no 'interchange_variable_mappings' key")
+    entries = data["interchange_variable_mappings"]
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"neuron mapping {path}: 'interchange_variable_mappings' must be a non-empty list")
+    mapping: NeuronMapping = []
+    for n, entry in enumerate(entries):
+        sides = []
+        for key in ("teacher_variable_names", "student_variable_names"):
+            if not isinstance(entry, dict) or key not in entry:
+                raise UserError(f"neuron mapping {path}: entry {n} has no {key!r}")
+            names = entry[key]
+            if not isinstance(names, list) or not names:
+                raise UserError(f"neuron mapping {path}: entry {n} {key!r} must be a non-empty list of NAMEs")
+            for name in names:
+                try:
+                    _parse(name)
+                except UserError as e:
+                    raise UserError(f"neuron mapping {path}: entry {n}: {e}") from None
+            sides.append(list(names))
+        mapping.append((sides[0], sides[1]))
+    return mapping
+
+
+def validate_neuron_mapping(
+    mapping: NeuronMapping, teacher_config: Any, student_config: Any, path: str | Path = "<neuron mapping>"
+) -> None:
+    """Refuse NAMEs that do not fit their model, before any model is built.
+
+    Each side is checked against its own config (any of BertConfig, DistilBertConfig, RobertaConfig,
+    GPT2Config): layer < number of layers, head < number of heads, 0 <= d0 < d1 <= head_dim. Teacher
+    and student intervene independently, so their widths need not match.
+    """
+    if not mapping:
+        raise UserError(f"neuron mapping {path} is empty")
+    for side, config in (("teacher", teacher_config), ("student", student_config)):
+        n_layers, n_heads, dim = num_layers(config), num_heads(config), hidden_size(config)
+        if dim % n_heads:
+            raise UserError(f"{side} config: hidden size {dim} is not divisible by {n_heads} heads")
+        head_dim = dim // n_heads
+        for n, entry in enumerate(mapping):
+            names = entry[0] if side == "teacher" else entry[1]
+            if not names:
+                raise UserError(f"neuron mapping {path}: entry {n} has no {side} variables")
+            for name in names:
+                try:
+                    layers, heads, (d0, d1) = _parse(name)
+                except UserError as e:
+                    raise UserError(f"neuron mapping {path}: entry {n}: {e}") from None
+                where = f"neuron mapping {path}: entry {n} {side} variable {name!r}"
+                if layers.stop > n_layers:
+                    raise UserError(f"{where}: layer {layers.stop - 1} >= the {side}'s {n_layers} layers")
+                if heads.stop > n_heads:
+                    raise UserError(f"{where}: head {heads.stop - 1} >= the {side}'s {n_heads} heads")
+                if d1 > head_dim:
+                    raise UserError(f"{where}: slice [{d0}:{d1}] exceeds the {side}'s head size {head_dim}")
+
+
+def sample_interchange_variables(
+    mapping: NeuronMapping, rng: random.Random | np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """Pick one entry uniformly, then one teacher NAME and one student NAME in it; expand both.
+
+    rng: a seeded `random.Random` or `numpy.random.Generator`; seeded alike on every rank, all ranks
+    pick the same variables. Returns `(teacher single names, student single names)`.
+    """
+
+    def pick(n: int) -> int:
+        if isinstance(rng, np.random.Generator):
+            return int(rng.integers(n))
+        return rng.randrange(n)
+
+    teacher_names, student_names = mapping[pick(len(mapping))]
+    teacher_name = teacher_names[pick(len(teacher_names))]
+    student_name = student_names[pick(len(student_names))]
+    return deserialize_variable_name(teacher_name), deserialize_variable_name(student_name)
