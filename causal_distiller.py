@@ -101,7 +101,9 @@ class DiitoRuns(nn.Module):
         self.model = model
 
     def _base(self, input_ids, attention_mask, select, hidden_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = cf.backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask)
+        out = cf.backbone(self.model)(
+            input_ids=input_ids, attention_mask=attention_mask, **cf.get_adapter(self.model).forward_kwargs
+        )
         h = out.last_hidden_state
         return cf.lm_head_logits(self.model, h[select]), (h[hidden_rows] if hidden_rows is not None else None)
 
@@ -240,12 +242,6 @@ class CausalDistiller:
 
     # --- one step -------------------------------------------------------------------------------
 
-    def _choose_variables(self) -> tuple[list[str], list[str]]:
-        teacher_names, student_names = self.mapping_rng.choice(self.mapping)
-        t_name = self.mapping_rng.choice(teacher_names)
-        s_name = self.mapping_rng.choice(student_names)
-        return cf.deserialize_variable_name(t_name), cf.deserialize_variable_name(s_name)
-
     def _prepare(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bs, L) ids and lengths -> model input ids and labels (MLM targets or CLM next tokens)."""
         if self.mlm:
@@ -275,7 +271,7 @@ class CausalDistiller:
         plan, cf_kwargs_t, cf_kwargs_s = None, {}, {}
         if self.causal:
             dual_input_ids, dual_labels = self._prepare(dual_ids, dual_lengths)
-            t_vars, s_vars = self._choose_variables()
+            t_vars, s_vars = cf.sample_interchange_variables(self.mapping, self.mapping_rng)
             imask, dmask = sample_interchange_masks(
                 lengths, dual_lengths, seq_len, dual_len,
                 prop=self.params.interchange_prop,

