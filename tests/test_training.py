@@ -126,3 +126,10 @@ def test_student_teacher_vocab_mismatch_is_refused(shared_data, tmp_path, tiny_b
     config.write_text(json.dumps(dict(dim=32, n_heads=4, hidden_dim=64, n_layers=2, vocab_size=1000)))
     with pytest.raises(UserError, match="vocab size 1000"):
         causal_train.main(train_args(tmp_path, tiny_bert_teacher, config, tiny_mapping))
+
+
+def test_every_training_flag_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    flags = {s for action in causal_train.build_parser()._actions for s in action.option_strings if s.startswith("--")}
+    missing = sorted(f for f in flags - {"--help"} if f"`{f}`" not in readme and f"{f} " not in readme)
+    assert not missing, f"flags missing from README.md: {missing}"
