@@ -1,0 +1,339 @@
+"""Fine-tune and evaluate a distilled model on extractive question answering (SQuAD or your files).
+
+    python run_qa.py --model_name_or_path ./path_to_your_model/ --tokenizer_name bert-base-uncased \
+        --dataset_name squad --do_train --do_eval --per_device_train_batch_size 12 --learning_rate 3e-5 \
+        --num_train_epochs 2 --max_seq_length 384 --doc_stride 128 --save_total_limit 1 --output_dir ./qa_results/
+
+`--dataset_name squad` (or `squad_v2` with `--version_2_with_negative`) downloads the data from the
+Hugging Face Hub. Offline, give `--train_file/--validation_file/--test_file`: the official SQuAD
+json files (train-v1.1.json, dev-v2.0.json, ...) or json/jsonl with one question per row and the
+columns id, context, question, answers {"text": [...], "answer_start": [...]} (title optional).
+Scores are SQuAD exact match and F1 (v2: also HasAns_* / NoAns_*), written to
+`eval_results.json` / `all_results.json`; answers to `eval_predictions.json` and
+`eval_nbest_predictions.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import eval_metrics
+from qa_utils import postprocess_qa_predictions, read_squad_json
+from utils import UserError, require_file, run_cli, write_json
+
+logger = logging.getLogger(__name__)
+
+# Names users type -> the Hub repository that serves them today.
+hub_datasets = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A distillation dump folder (config.json + weights) or a Hugging Face model name."}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub data set: squad, squad_v2 or another."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data (SQuAD json, or json/jsonl rows)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data (SQuAD json, or json/jsonl rows)."})
+    test_file: str | None = field(default=None, metadata={"help": "Questions to answer (answers not needed)."})
+    max_seq_length: int = field(default=384, metadata={"help": "Tokens per feature (question + context window)."})
+    doc_stride: int = field(default=128, metadata={"help": "Tokens shared by two windows of a long context."})
+    pad_to_max_length: bool = field(default=False, metadata={"help": "Pad every feature to max_seq_length."})
+    n_best_size: int = field(default=20, metadata={"help": "Start and end candidates kept per feature."})
+    max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
+    version_2_with_negative: bool = field(default=False, metadata={"help": "Some questions have no answer (SQuAD v2)."})
+    null_score_diff_threshold: float = field(
+        default=0.0, metadata={"help": "Answer null when null score - best span score exceeds this (v2)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training questions."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation questions."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only this many test questions."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo tokenisation instead of using the cache."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    """Parse the command line (or one .json file holding the arguments) into the three groups."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:
+        raise UserError(one_line(e)) from None
+
+
+def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
+    """The raw splits, and for local files the file each split came from (for error messages)."""
+    files = {
+        split: path
+        for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
+                            ("test", data_args.test_file))
+        if path is not None
+    }
+    if files:
+        raw = DatasetDict()
+        for split, path in files.items():
+            suffix = require_file(path, f"--{split}_file").suffix.lower()
+            if suffix not in (".json", ".jsonl"):
+                raise UserError(f"--{split}_file must be .json or .jsonl (SQuAD fields): {path}")
+            try:
+                rows = read_squad_json(path) if suffix == ".json" else None
+                raw[split] = (
+                    Dataset.from_list(rows) if rows is not None
+                    else load_dataset("json", data_files={split: path}, cache_dir=cache_dir)[split]
+                )
+            except Exception as e:  # the loaders raise many types for one cause: an unreadable file
+                raise UserError(f"cannot read {path}: {one_line(e)}") from None
+        return raw, files
+    if data_args.dataset_name is None:
+        raise UserError("no data: pass --dataset_name (e.g. squad) or --train_file/--validation_file")
+    name = hub_datasets.get(data_args.dataset_name, data_args.dataset_name)
+    try:
+        return load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir), {}
+    except Exception as e:
+        raise UserError(
+            f"cannot load {name} from the Hugging Face Hub: {one_line(e)}; "
+            "offline, pass local files with --train_file/--validation_file"
+        ) from None
+
+
+def where(split: str, files: dict[str, str]) -> str:
+    return files.get(split, f"the {split} split")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+    if training_args.eval_strategy != "no":
+        raise UserError("run_qa.py scores answers after training only (--do_eval); drop --eval_strategy")
+    if data_args.dataset_name == "squad_v2" and not data_args.version_2_with_negative:
+        logger.warning("squad_v2 has unanswerable questions: you probably want --version_2_with_negative")
+
+    last_checkpoint = None
+    if training_args.do_train and os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Resuming from {last_checkpoint}; give another --output_dir to train from scratch.")
+
+    set_seed(training_args.seed)
+
+    # ---- data
+    raw_datasets, files = load_raw_datasets(data_args, model_args.cache_dir)
+    for flag, split in (("--do_train", "train"), ("--do_eval", "validation"), ("--do_predict", "test")):
+        if getattr(training_args, flag[2:]) and split not in raw_datasets:
+            raise UserError(f"{flag} needs a {split} split: pass --{split}_file (or --dataset_name with network)")
+    for split in raw_datasets:
+        required = ["id", "context", "question"] + (["answers"] if split != "test" else [])
+        for column in required:
+            if column not in raw_datasets[split].column_names:
+                raise UserError(
+                    f"column '{column}' not found in {where(split, files)} "
+                    f"(columns: {', '.join(raw_datasets[split].column_names)})"
+                )
+    if training_args.do_train and not data_args.version_2_with_negative:
+        unanswered = [row["id"] for row in raw_datasets["train"].select_columns(["id", "answers"])
+                      if not row["answers"]["text"]]
+        if unanswered:
+            raise UserError(
+                f"question {unanswered[0]!r} in {where('train', files)} has no answer; "
+                "pass --version_2_with_negative for data with unanswerable questions"
+            )
+
+    # ---- model
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                      token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+    config_source = model_args.config_name or model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(config_source, **hub_kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config from {config_source}: {one_line(e)}") from None
+    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(
+            f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
+            "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
+        ) from None
+    if not tokenizer.is_fast:
+        raise UserError(f"tokenizer {tokenizer_source} gives no character offsets (not a fast tokenizer)")
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(
+            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
+        )
+    try:
+        model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path, config=config, **hub_kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load model {model_args.model_name_or_path}: {one_line(e)}") from None
+
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length,
+                         getattr(config, "max_position_embeddings", data_args.max_seq_length))
+    if max_seq_length < data_args.max_seq_length:
+        logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}.")
+    if data_args.doc_stride >= max_seq_length // 2:
+        raise UserError(f"--doc_stride {data_args.doc_stride} must be below half of max_seq_length ({max_seq_length})")
+    pad_on_right = tokenizer.padding_side == "right"  # question first, then context
+    context_index = 1 if pad_on_right else 0
+    padding = "max_length" if data_args.pad_to_max_length else False
+
+    def tokenize(examples: dict) -> transformers.BatchEncoding:
+        """Long contexts become several features: windows of the context overlapping by doc_stride."""
+        questions = [q.lstrip() for q in examples["question"]]
+        pair = (questions, examples["context"]) if pad_on_right else (examples["context"], questions)
+        return tokenizer(
+            *pair, truncation="only_second" if pad_on_right else "only_first", max_length=max_seq_length,
+            stride=data_args.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding=padding,
+        )
+
+    def prepare_train_features(examples: dict) -> dict:
+        """Label each feature with the answer's first and last token, or CLS when outside the window."""
+        encoded = tokenize(examples)
+        sample_of = encoded.pop("overflow_to_sample_mapping")
+        offsets_of = encoded.pop("offset_mapping")
+        encoded["start_positions"], encoded["end_positions"] = [], []
+        for i, offsets in enumerate(offsets_of):
+            input_ids = encoded["input_ids"][i]
+            cls_index = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+            answers = examples["answers"][sample_of[i]]
+            start = end = cls_index
+            if answers["answer_start"]:
+                start_char = answers["answer_start"][0]
+                end_char = start_char + len(answers["text"][0])
+                sequence_ids = encoded.sequence_ids(i)
+                context = [k for k, s in enumerate(sequence_ids) if s == context_index]
+                if offsets[context[0]][0] <= start_char and offsets[context[-1]][1] >= end_char:
+                    start = max(k for k in context if offsets[k][0] <= start_char)
+                    end = min(k for k in context if offsets[k][1] >= end_char)
+            encoded["start_positions"].append(start)
+            encoded["end_positions"].append(end)
+        return encoded
+
+    def prepare_eval_features(examples: dict) -> dict:
+        """Keep each feature's example id, and offsets for context tokens only (None elsewhere)."""
+        encoded = tokenize(examples)
+        sample_of = encoded.pop("overflow_to_sample_mapping")
+        encoded["example_id"] = []
+        for i in range(len(encoded["input_ids"])):
+            sequence_ids = encoded.sequence_ids(i)
+            encoded["example_id"].append(examples["id"][sample_of[i]])
+            encoded["offset_mapping"][i] = [
+                o if sequence_ids[k] == context_index else None for k, o in enumerate(encoded["offset_mapping"][i])
+            ]
+        return encoded
+
+    def examples_of(split: str, limit: int | None) -> Dataset:
+        ds = raw_datasets[split]
+        return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+
+    def features_of(examples: Dataset, prepare, split: str) -> Dataset:
+        with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
+            return examples.map(
+                prepare, batched=True, remove_columns=examples.column_names,
+                num_proc=data_args.preprocessing_num_workers,
+                load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing {split}",
+            )
+
+    train_dataset = None
+    if training_args.do_train:
+        train_dataset = features_of(examples_of("train", data_args.max_train_samples), prepare_train_features, "train")
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer),
+    )
+
+    # ---- train
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()
+        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+
+    def answer(split: str, limit: int | None, prefix: str) -> dict:
+        """Answer the split's questions; write `{prefix}_predictions.json` etc.; score them if answers are known."""
+        examples = examples_of(split, limit)
+        features = features_of(examples, prepare_eval_features, split)
+        output = trainer.predict(features.remove_columns(["example_id", "offset_mapping"]), metric_key_prefix=prefix)
+        start_logits, end_logits = output.predictions[:2]
+        predictions, nbest, null_diffs = postprocess_qa_predictions(
+            examples, features, start_logits, end_logits,
+            version_2_with_negative=data_args.version_2_with_negative, n_best_size=data_args.n_best_size,
+            max_answer_length=data_args.max_answer_length, null_score_diff_threshold=data_args.null_score_diff_threshold,
+        )
+        metrics = dict(output.metrics, **{f"{prefix}_samples": len(examples)})
+        if "answers" in examples.column_names:
+            references = {row["id"]: row["answers"]["text"] for row in examples.select_columns(["id", "answers"])}
+            scores = (
+                eval_metrics.squad_v2_metrics(predictions, references, null_diffs, data_args.null_score_diff_threshold)
+                if data_args.version_2_with_negative else eval_metrics.squad_metrics(predictions, references)
+            )
+            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        if trainer.is_world_process_zero():
+            out = Path(training_args.output_dir)
+            write_json(predictions, out / f"{prefix}_predictions.json")
+            write_json(nbest, out / f"{prefix}_nbest_predictions.json")
+            if data_args.version_2_with_negative:
+                write_json(null_diffs, out / f"{prefix}_null_odds.json")
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
+        return metrics
+
+    results = answer("validation", data_args.max_eval_samples, "eval") if training_args.do_eval else {}
+    if training_args.do_predict:
+        answer("test", data_args.max_predict_samples, "predict")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
