@@ -82,6 +82,20 @@ class TokenSequences(Sequence[np.ndarray]):
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def permuted(self, order: np.ndarray, block: int = 1 << 20) -> "TokenSequences":
+        """A new corpus whose sequence i is ``self[order[i]]`` (vectorised, in blocks of sequences)."""
+        order = np.asarray(order, dtype=np.int64)
+        lengths = self.lengths[order]
+        offsets = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.empty(int(offsets[-1]), dtype=self.flat.dtype)
+        for b in range(0, len(order), block):
+            o, n = order[b : b + block], lengths[b : b + block]
+            # Position of every output token in the source: its sequence's source start + its rank in it.
+            within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            flat[offsets[b] : offsets[b] + len(within)] = self.flat[np.repeat(self.offsets[o], n) + within]
+        return TokenSequences(flat, offsets)
+
     def to_list(self) -> list[np.ndarray]:
         """Independent arrays, one per sequence (the original pickle's payload)."""
         return [np.array(s) for s in self]

@@ -113,23 +113,30 @@ def framed(texts: list, bos: str, sep: str) -> list[str]:
     return [f"{bos} {(t or '').strip()} {sep}" for t in texts]
 
 
-def encode_slow(data, field: str, tokenizer, bos: str, sep: str) -> list[list[int]]:
+def encode_slow(data, field: str, tokenizer, bos: str, sep: str, dtype: np.dtype) -> TokenSequences:
     """One line at a time, as the original did."""
-    return [
-        tokenizer.encode(framed([row[field]], bos, sep)[0], add_special_tokens=False)
+    ids = [
+        np.asarray(tokenizer.encode(framed([row[field]], bos, sep)[0], add_special_tokens=False), dtype=dtype)
         for row in tqdm(data, desc="tokenizing", unit="lines", mininterval=2)
     ]
+    return TokenSequences.from_list(ids, dtype=dtype)
 
 
-def encode_fast(data, field: str, tokenizer, bos: str, sep: str, num_proc: int) -> list[list[int]]:
-    """Batched through the Rust tokenizer, in `num_proc` processes with datasets.map."""
+def encode_fast(data, field: str, tokenizer, bos: str, sep: str, num_proc: int, dtype: np.dtype) -> TokenSequences:
+    """Batched through the Rust tokenizer, in `num_proc` processes with datasets.map.
+
+    The ids are read back from Arrow as one flat array + offsets, never as Python lists.
+    """
 
     def encode(batch):
         return {"ids": tokenizer(framed(batch[field], bos, sep), add_special_tokens=False)["input_ids"]}
 
     encoded = data.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
                        remove_columns=[field], desc="tokenizing")
-    return encoded["ids"]
+    column = encoded.data.column("ids").combine_chunks()
+    flat = column.flatten().to_numpy().astype(dtype, copy=False)
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return TokenSequences(flat, offsets - offsets[0])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,14 +167,12 @@ def main(argv: list[str] | None = None) -> Path:
     data = load_texts(args)
     logger.info("Tokenizing %d examples of field %r (%s path)", len(data), args.field_name,
                 "fast" if args.fast_process else "line-by-line")
-    if args.fast_process:
-        ids = encode_fast(data, args.field_name, tokenizer, bos, sep, args.preprocessing_num_workers)
-    else:
-        ids = encode_slow(data, args.field_name, tokenizer, bos, sep)
     dtype = token_dtype(len(tokenizer))
-    store = TokenSequences.from_list([np.asarray(x, dtype=dtype) for x in ids], dtype=dtype)
-    order = np.random.default_rng(args.seed).permutation(len(store))
-    shuffled = TokenSequences.from_list([store[i] for i in order], dtype=dtype)
+    if args.fast_process:
+        store = encode_fast(data, args.field_name, tokenizer, bos, sep, args.preprocessing_num_workers, dtype)
+    else:
+        store = encode_slow(data, args.field_name, tokenizer, bos, sep, dtype)
+    shuffled = store.permuted(np.random.default_rng(args.seed).permutation(len(store)))
     out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
     save_sequences(shuffled, out)
     logger.info("%d sequences, %d tokens (%s) -> %s in %.1fs", len(shuffled), shuffled.n_tokens, dtype, out,

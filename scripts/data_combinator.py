@@ -27,9 +27,11 @@ logger = logging.getLogger("data_combinator")
 def combine(left: TokenSequences, right: TokenSequences, seed: int) -> TokenSequences:
     """Both corpora in one shuffled corpus; ids keep the wider of the two dtypes."""
     dtype = np.result_type(left.flat.dtype, right.flat.dtype)
-    seqs = list(left) + list(right)
-    order = np.random.default_rng(seed).permutation(len(seqs))
-    return TokenSequences.from_list([seqs[i] for i in order], dtype=dtype)
+    both = TokenSequences(
+        np.concatenate([left.flat.astype(dtype, copy=False), right.flat.astype(dtype, copy=False)]),
+        np.concatenate([left.offsets, right.offsets[1:] + left.offsets[-1]]),
+    )
+    return both.permuted(np.random.default_rng(seed).permutation(len(both)))
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -199,3 +199,11 @@ def test_pickles_of_every_protocol_load(tmp_path, protocol):
     (tmp_path / "p.pickle").write_bytes(pickle.dumps(seqs, protocol=protocol))
     store = token_store.load_sequences(tmp_path / "p.pickle")
     assert [s.tolist() for s in store] == [s.tolist() for s in seqs]
+
+
+def test_permuted_store_reorders_whole_sequences():
+    seqs = [np.arange(k, dtype=np.uint16) + 10 * k for k in (3, 1, 4, 2)]
+    store = token_store.TokenSequences.from_list(seqs)
+    order = np.array([2, 0, 3, 1])
+    out = store.permuted(order, block=3)  # a block boundary inside the corpus
+    assert [s.tolist() for s in out] == [seqs[i].tolist() for i in order] and out.flat.dtype == np.uint16
