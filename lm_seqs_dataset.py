@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 MIN_LENGTH = 12  # sequences of 11 tokens or fewer are dropped, as in the original
 MAX_UNK_SHARE = 0.5
-_UNK_COUNT_BLOCK = 1 << 24  # tokens scanned at once when counting unknowns (bounds temp memory)
+_UNK_COUNT_BLOCK = 1 << 22  # tokens scanned at once when counting unknowns (bounds temp memory)
 
 
 @dataclass
