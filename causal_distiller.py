@@ -12,7 +12,8 @@ One step (`CausalDistiller._loss_step`) reads like the method:
    and with both causal alphas at 0 no counterfactual run happens at all.
 
 The LM head runs only on the positions a loss reads. Everything needed to resume a run --
-student, optimizer, scheduler, grad scaler, RNGs, epoch and position -- is one checkpoint.
+student, optimizer, scheduler, grad scaler, RNGs, epoch and position -- is one checkpoint per
+step (one file per rank: rank 0's holds the shared part, each its own RNGs and gradients).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ import counterfactual_utils as cf
 import losses as L
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from lm_seqs_dataset import LmSeqsDataset
-from masking import MlmMasker, real_token_mask, sample_interchange_masks, swap_tokens
+from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows, swap_tokens
 from utils import UserError, atomic_path
 
 logger = logging.getLogger(__name__)
 
 LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
 STATE_DIR = "checkpoints"
+# Settings a resumed run must share with the run that saved the state.
+RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size")
 
 
 @dataclass
@@ -57,8 +60,9 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     n_total_iter: int = 0  # micro-batches since the start (TensorBoard step, as in the original)
-    n_optim_steps: int = 0
-    n_skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss
+    n_optim_steps: int = 0  # optimizer steps, skipped ones included (the scheduler counts them too)
+    n_skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    window_skipped: bool = False  # the current accumulation window saw a non-finite loss
     n_tokens: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
@@ -67,12 +71,17 @@ class TrainState:
 
 @dataclass
 class StepPlan:
-    """What one step intervenes on: variables per model, and the paired positions."""
+    """What one step intervenes on: variables per model, and the paired positions.
+
+    source_rows (bs,) long, fast mode only: the dual of base row r is base row source_rows[r] of the
+    same batch, so both models read the source values from their base runs (no source run).
+    """
 
     teacher_variables: list[str]
     student_variables: list[str]
     interchange_mask: torch.Tensor  # (bs, L) bool over the base
     dual_interchange_mask: torch.Tensor  # (bs, L) bool over the dual
+    source_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -86,7 +95,7 @@ class ModelRuns:
 
 
 class StopTraining(Exception):
-    """Raised inside the loop to end training early (signal or non-finite loss)."""
+    """Raised inside the loop to end training on a non-finite loss or gradient (a signal only sets a flag)."""
 
 
 class DiitoRuns(nn.Module):
@@ -94,6 +103,14 @@ class DiitoRuns(nn.Module):
 
     The student is wrapped in this module (then in DDP), so DDP sees exactly one forward per
     backward however many passes DIITO makes. The teacher uses it too, under no_grad.
+
+    The passes: the base run; the source run on the dual, which stops after the deepest intervened
+    block; the counterfactual run on the base. The LM head runs on the selected rows only. Below
+    the lowest intervened block the counterfactual run computes what the base run computed, so it
+    restarts from the base run's recorded output of that block when that is exact -- the model is
+    in eval mode (the teacher: no dropout) -- or when fast mode allows it (a training student then
+    shares the base run's dropout masks below the intervention). In fast mode the duals are rows of
+    the base batch (`plan.source_rows`), so the source values come from the base run as well.
     """
 
     def __init__(self, model: nn.Module):
@@ -104,7 +121,9 @@ class DiitoRuns(nn.Module):
         out = cf.backbone(self.model)(
             input_ids=input_ids, attention_mask=attention_mask, **cf.get_adapter(self.model).forward_kwargs
         )
-        h = out.last_hidden_state
+        return self._rows(out.last_hidden_state, select, hidden_rows)
+
+    def _rows(self, h: torch.Tensor, select, hidden_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
         return cf.lm_head_logits(self.model, h[select]), (h[hidden_rows] if hidden_rows is not None else None)
 
     def forward(
@@ -121,24 +140,37 @@ class DiitoRuns(nn.Module):
     ) -> ModelRuns:
         """select (bs, L) bool: rows that get logits; hidden_rows (bs, L) bool or None: rows of hidden states.
 
-        With `plan`: also the counterfactual run, either a hidden-state interchange (source
-        run on `dual_ids`) or, with `cf_input_ids`, a plain run on token-swapped input.
+        With `plan`: also the counterfactual run, either a hidden-state interchange of `variables`
+        (source run on `dual_ids`, or base rows `plan.source_rows`) or, with `cf_input_ids`, a plain
+        run on token-swapped input.
         """
-        logits, hidden = self._base(input_ids, attention_mask, select, hidden_rows)
-        runs = ModelRuns(logits, hidden)
-        if plan is None:
+        if plan is None or cf_input_ids is not None:
+            runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
+            if plan is not None:
+                runs.cf_logits, runs.cf_hidden = self._base(cf_input_ids, attention_mask, select, hidden_rows)
             return runs
-        if cf_input_ids is not None:
-            runs.cf_logits, runs.cf_hidden = self._base(cf_input_ids, attention_mask, select, hidden_rows)
-            return runs
-        source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
-        out = cf.interchange_with_activation_at(
-            self.model, input_ids, attention_mask, source, variables,
-            plan.interchange_mask, plan.dual_interchange_mask, compute_logits=False,
-        )
-        h = out.last_hidden_state
-        runs.cf_logits = cf.lm_head_logits(self.model, h[select])
-        runs.cf_hidden = h[hidden_rows] if hidden_rows is not None else None
+        masks = (plan.interchange_mask, plan.dual_interchange_mask)
+        fast = plan.source_rows is not None
+        if not fast and self.model.training:
+            # Dropout draws new masks in every run: the counterfactual run recomputes every block.
+            runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
+            source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
+            out = cf.interchange_with_activation_at(
+                self.model, input_ids, attention_mask, source, variables, *masks, compute_logits=False
+            )
+        else:
+            layers = sorted({cf.parse_variable_name(name)[0] for name in variables})
+            # Recorded: the lowest intervened block's output (where the restart begins) and, in fast
+            # mode, every intervened block's output (the source values).
+            record = {layers[0] + 1} | ({k + 1 for k in layers} if fast else set())
+            with cf.record_block_inputs(self.model, record) as cache:
+                runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
+            if fast:
+                source = cf.activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
+            else:
+                source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
+            out = cf.run_blocks_above(self.model, cache, layers[0], source, variables, *masks, compute_logits=False)
+        runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, select, hidden_rows)
         return runs
 
 
@@ -210,18 +242,20 @@ class CausalDistiller:
         if self.multi_gpu:
             from torch.nn.parallel import DistributedDataParallel
 
+            # Only the student is wrapped (the teacher takes no gradients). No find_unused_parameters:
+            # the student's source run stops below the top blocks, but its base run uses every
+            # trainable parameter, LM head included (alpha_mlm or alpha_clm is always > 0), and
+            # frozen embeddings have requires_grad False, so every backward reaches them all.
+            # Should a change leave one out, DDP fails loudly at the next step rather than silently.
             self.student_runs = DistributedDataParallel(
                 self.student_runs,
                 device_ids=[params.local_rank] if self.device.type == "cuda" else None,
                 output_device=params.local_rank if self.device.type == "cuda" else None,
             )
 
-        self.stop_reason: str | None = None
-        self.tensorboard = None
-        if self.is_master:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(log_dir=str(self.dump_path / "log" / "train"), flush_secs=60)
+        self._stop_requested: str | None = None  # set by this process's signal handler
+        self.stop_reason: str | None = None  # the same on every rank: set when all ranks agree
+        self.tensorboard = None  # opened by train(), once the resume step is known
         self.last_log_time = time.time()
         self.last_log_tokens = 0
 
@@ -270,7 +304,13 @@ class CausalDistiller:
 
         plan, cf_kwargs_t, cf_kwargs_s = None, {}, {}
         if self.causal:
-            dual_input_ids, dual_labels = self._prepare(dual_ids, dual_lengths)
+            fast_mode, source_rows = getattr(self.params, "fast_mode", False), None
+            if fast_mode:
+                # Not the original: the duals are other rows of this batch, as the base runs saw them.
+                source_rows = sample_source_rows(lengths.size(0), self.generator)
+                dual_input_ids, dual_lengths, dual_len = input_ids[source_rows], lengths[source_rows], seq_len
+            else:
+                dual_input_ids, _ = self._prepare(dual_ids, dual_lengths)
             t_vars, s_vars = cf.sample_interchange_variables(self.mapping, self.mapping_rng)
             imask, dmask = sample_interchange_masks(
                 lengths, dual_lengths, seq_len, dual_len,
@@ -280,13 +320,13 @@ class CausalDistiller:
                 masked_tokens=(labels != L.IGNORE_INDEX) if self.params.interchange_masked_token_only else None,
                 generator=self.generator,
             )
-            plan = StepPlan(t_vars, s_vars, imask, dmask)
+            plan = StepPlan(t_vars, s_vars, imask, dmask, source_rows)
             if self.params.data_augment:
                 swapped = swap_tokens(input_ids, dual_input_ids, imask, dmask)
                 cf_kwargs_t = cf_kwargs_s = dict(cf_input_ids=swapped)
             else:
                 dual_model_mask = real_token_mask(dual_lengths, dual_len).long() if self.mlm else None
-                common = dict(dual_ids=dual_input_ids, dual_attention_mask=dual_model_mask)
+                common = {} if fast_mode else dict(dual_ids=dual_input_ids, dual_attention_mask=dual_model_mask)
                 cf_kwargs_t = dict(common, variables=t_vars)
                 cf_kwargs_s = dict(common, variables=s_vars)
 
@@ -309,10 +349,15 @@ class CausalDistiller:
         terms: dict[str, torch.Tensor] = {}
         if a["ce"] > 0:
             terms["ce"] = L.ce_loss(s.logits, t.logits, T)
+        lm_logits, lm_labels = s.logits, sel_labels
+        if self.mlm and not self.params.restrict_ce_to_mask:
+            # About 15% of the rows are MLM targets: no log-softmax over the vocabulary for the others.
+            targets = sel_labels != L.IGNORE_INDEX
+            lm_logits, lm_labels = s.logits[targets], sel_labels[targets]
         if a["mlm"] > 0:
-            terms["mlm"] = L.mlm_loss(s.logits, sel_labels)
+            terms["mlm"] = L.mlm_loss(lm_logits, lm_labels)
         if a["clm"] > 0:
-            terms["clm"] = L.mlm_loss(s.logits, sel_labels)  # next-token labels: the same cross-entropy
+            terms["clm"] = L.mlm_loss(lm_logits, lm_labels)  # next-token labels: the same cross-entropy
         if a["mse"] > 0:
             terms["mse"] = L.mse_loss(s.logits, t.logits)
         if a["cos"] > 0:
@@ -338,28 +383,73 @@ class CausalDistiller:
 
     # --- optimisation ------------------------------------------------------------------------
 
-    def _backward(self, loss: torch.Tensor, sync: bool) -> None:
-        ctx = self.student_runs.no_sync() if (self.multi_gpu and not sync) else contextlib.nullcontext()
-        with ctx:
-            self.scaler.scale(loss / self.accum).backward()
+    def _forward_backward(self, batch: tuple[torch.Tensor, ...], sync: bool) -> dict[str, float]:
+        """Loss and backward of one (sub-)step; gradients are all-reduced across ranks only if `sync`.
 
-    def _optimizer_step(self) -> float:
-        """Unscale, clip, step, schedule, zero. Returns the grad norm before clipping."""
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        DDP arms its all-reduce in the forward, so `no_sync` has to cover the forward too.
+        """
+        no_sync = self.student_runs.no_sync() if self.multi_gpu and not sync else contextlib.nullcontext()
+        with no_sync:
+            loss, metrics = self._loss_step(batch)
+            if self._agree(finite=bool(torch.isfinite(loss.detach()))):
+                self.scaler.scale(loss / self.accum).backward()
+            else:
+                self._nonfinite(f"loss at micro-batch {self.state.n_total_iter + 1}")
+        return metrics
+
+    def _agree(self, finite: bool) -> bool:
+        """What every rank decides together, in one all-reduce per sub-step.
+
+        Returns whether the loss is finite on all ranks, and turns a stop signal received by any
+        rank into `stop_reason` on all of them, so no rank waits alone at the next collective.
+        """
+        flags = torch.tensor([float(not finite), float(self._stop_requested is not None)], device=self.device)
+        if self.multi_gpu:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        any_bad, any_stop = flags.tolist()
+        if any_stop and self.stop_reason is None:
+            self.stop_reason = self._stop_requested or "a signal on another rank"
+        return any_bad == 0.0
+
+    def _nonfinite(self, what: str) -> None:
+        """Stop with a message, or (--skip_nonfinite_loss) drop the current accumulation window."""
+        st = self.state
+        if not self.params.skip_nonfinite_loss:
+            raise StopTraining(
+                f"non-finite {what} (epoch {st.epoch}, optimizer step {st.n_optim_steps}); the last good "
+                "checkpoint is kept. Lower the learning rate, use --bf16 instead of --fp16, "
+                "or pass --skip_nonfinite_loss"
+            )
+        if self.is_master and not st.window_skipped:
+            logger.warning("non-finite %s: this optimizer step is skipped", what)
+        st.window_skipped = True
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self) -> float | None:
+        """Unscale, clip, step, schedule, zero. Returns the grad norm before clipping (None if skipped).
+
+        A skipped window still advances the scheduler and the step count, so --max_steps ends.
+        """
+        st = self.state
+        norm = None
+        if not st.window_skipped:
+            self.scaler.unscale_(self.optimizer)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm))
+            # GradScaler skips an fp16 step with inf gradients itself (and lowers the scale); without
+            # it, a non-finite norm would write NaN into the weights. Gradients are all-reduced, so
+            # every rank sees the same norm and decides alike.
+            if not self.scaler.is_enabled() and not math.isfinite(norm):
+                self._nonfinite("gradient norm")
+        if st.window_skipped:
+            st.n_skipped_steps += 1
+            st.window_skipped = False
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.n_optim_steps += 1
-        return float(norm)
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank (all ranks decide together)."""
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
-        if self.multi_gpu:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
+        st.n_optim_steps += 1
+        return norm
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -371,29 +461,40 @@ class CausalDistiller:
             collate_fn=self.dataset.batch_sequences,
             num_workers=self.params.num_workers,
             pin_memory=self.device.type == "cuda",
+            # Its own generator: otherwise each epoch's iterator draws a worker seed from the global
+            # torch RNG (dropout's), and a run resumed mid-epoch would draw it at another point.
+            generator=torch.Generator().manual_seed(self.params.seed + epoch),
         )
         yield from loader
 
-    def train(self) -> None:
-        p = self.params
+    def train(self) -> str | None:
+        """Train to the end, or until a signal: then the state is saved and its name returned."""
+        p, st = self.params, self.state
         if self.is_master:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # On resume, hide the events a killed run logged after its last saved state.
+            self.tensorboard = SummaryWriter(
+                log_dir=str(self.dump_path / "log" / "train"), flush_secs=60, purge_step=st.n_total_iter or None
+            )
             logger.info(
                 "Training: %d sequences, %d batches/epoch/process, effective batch %d x %d x %d = %d sequences, "
                 "%d optimizer steps", len(self.dataset), self.batches_per_epoch, p.batch_size, self.accum,
                 p.world_size, p.batch_size * self.accum * p.world_size, self.num_steps_total,
             )
-            self._log_configs()
+            if st.n_total_iter == 0:
+                self._log_configs()
         self.student.train()
         previous_handlers = self._install_signal_handlers()
         try:
-            self._train_loop()
+            return self._train_loop()
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             if self.tensorboard is not None:
-                self.tensorboard.flush()
+                self.tensorboard.close()
 
-    def _train_loop(self) -> None:
+    def _train_loop(self) -> str | None:
         p, st = self.params, self.state
         while st.epoch < p.n_epoch and not self._reached_max_steps():
             batches = self._epoch_batches(st.epoch, st.batch_in_epoch)
@@ -408,29 +509,34 @@ class CausalDistiller:
                 if self.stop_reason or self._reached_max_steps():
                     break
             bar.close()
-            if self.stop_reason:
-                self.save_state()
-                logger.warning("Stopped (%s); state saved. Continue with --resume.", self.stop_reason)
-                return
             if self._reached_max_steps():
                 break
+            if self.stop_reason:
+                self.save_state()
+                if self.is_master:
+                    logger.warning(
+                        "Stopped by %s after micro-batch %d; the state is saved: continue with --resume.",
+                        self.stop_reason, st.n_total_iter,
+                    )
+                return self.stop_reason
             self._end_epoch()
         # Gradients left from a partial accumulation (max_steps reached mid-way) are dropped.
         self.optimizer.zero_grad(set_to_none=True)
         if self.is_master:
             self.save_final()
+        return None
 
     def _train_micro_batch(self, batch) -> None:
         p, st = self.params, self.state
+        # The last micro-batch of a window, or of the epoch, all-reduces and steps.
         sync = (st.batch_in_epoch + 1) % self.accum == 0 or st.batch_in_epoch + 1 == self.batches_per_epoch
-        loss, metrics = self._loss_step(batch)
         if p.include_crossway:
             # Second sub-step with roles swapped: (dual, base). Both add to the same gradients.
-            token_ids, lengths, dual_ids, dual_lengths = batch
-            self._backward_checked(loss, sync=False)
-            loss, metrics_back = self._loss_step(_crossway(token_ids, lengths, dual_ids, dual_lengths))
+            metrics = self._forward_backward(batch, sync=False)
+            metrics_back = self._forward_backward(_crossway(*batch), sync=sync)
             metrics = {k: (metrics[k] + metrics_back[k]) / 2 for k in metrics}
-        self._backward_checked(loss, sync=sync)
+        else:
+            metrics = self._forward_backward(batch, sync=sync)
         st.batch_in_epoch += 1
         st.n_total_iter += 1
         st.last_loss = {k: v for k, v in metrics.items() if k.startswith("loss")}
@@ -446,21 +552,6 @@ class CausalDistiller:
             self.save_state()
             if self.is_master:
                 self._save_student("checkpoint.pth")
-
-    def _backward_checked(self, loss: torch.Tensor, sync: bool) -> None:
-        if self._all_finite(loss):
-            self._backward(loss, sync)
-            return
-        if not self.params.skip_nonfinite_loss:
-            raise StopTraining(
-                f"non-finite loss at micro-batch {self.state.n_total_iter} (epoch {self.state.epoch}); "
-                "the last good checkpoint is kept. Lower the learning rate, use --bf16 instead of --fp16, "
-                "or pass --skip_nonfinite_loss"
-            )
-        # Drop this micro-batch's contribution and the partial accumulation with it.
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.n_skipped_steps += 1
-        logger.warning("non-finite loss at micro-batch %d: skipped", self.state.n_total_iter)
 
     def _reached_max_steps(self) -> bool:
         return self.params.max_steps > 0 and self.state.n_optim_steps >= self.params.max_steps
@@ -478,8 +569,12 @@ class CausalDistiller:
     # --- signals ------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> dict:
+        """SIGTERM / SIGINT ask for a stop at the next micro-batch (state saved); a second Ctrl-C aborts."""
+
         def handler(signum, _frame):
-            self.stop_reason = signal.Signals(signum).name
+            if signum == signal.SIGINT and self._stop_requested is not None:
+                raise KeyboardInterrupt
+            self._stop_requested = signal.Signals(signum).name
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -521,8 +616,7 @@ class CausalDistiller:
     # --- saving and resuming ------------------------------------------------------------------
 
     def _save_student(self, name: str) -> None:
-        with atomic_path(self.dump_path / name) as tmp:
-            torch.save(self.student.state_dict(), tmp)
+        save_atomically(self.student.state_dict(), self.dump_path / name)
 
     def save_final(self) -> None:
         """`pytorch_model.bin` (state dict, original name) and a `from_pretrained` folder."""
@@ -533,7 +627,19 @@ class CausalDistiller:
             self.tensorboard.flush()
         logger.info("Saved the student in %s", self.dump_path)
 
+    def _run_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that saved the state: the batches, their
+        order and the random streams follow from these."""
+        return {**{k: getattr(self.params, k) for k in RESUME_MUST_MATCH}, "n_sequences": len(self.dataset)}
+
     def state_dict(self) -> dict[str, Any]:
+        """This rank's training state.
+
+        Every rank's holds its own random streams (masking and positions are drawn per rank,
+        dropout differs with the data) and, mid-accumulation, its gradients not yet all-reduced:
+        both are needed to continue exactly. Rank 0's also holds what the ranks share (student,
+        optimizer, scheduler, grad scaler), written once rather than once per rank.
+        """
         grads = None
         if self.state.batch_in_epoch % self.accum != 0:  # mid-accumulation: keep the partial sum
             grads = [p.grad for p in self.student.parameters()]
@@ -541,65 +647,107 @@ class CausalDistiller:
             "python": random.getstate(),
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "generator": self.generator.get_state(),
             "mapping": self.mapping_rng.getstate(),
         }
-        return {
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+        out = {
             "grads": grads,
             "rng": rng,
             "state": asdict(self.state),
-            "world_size": self.params.world_size,
+            "run": self._run_settings(),
             "global_rank": self.params.global_rank,
         }
+        if self.params.global_rank == 0:
+            out.update(
+                student=self.student.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+            )
+        return out
 
     def save_state(self) -> None:
-        """Write this rank's full training state atomically; keep the newest `save_total_limit`."""
-        folder = self.dump_path / STATE_DIR
-        name = f"state_{self.state.n_total_iter:010d}_rank{self.params.global_rank}.pth"
-        with atomic_path(folder / name) as tmp:
-            torch.save(self.state_dict(), tmp)
-        mine = sorted(folder.glob(f"state_*_rank{self.params.global_rank}.pth"))
-        for old in mine[: -self.params.save_total_limit]:
+        """Write this rank's state atomically; once every rank has, keep the newest `save_total_limit`."""
+        folder, rank = self.dump_path / STATE_DIR, self.params.global_rank
+        save_atomically(self.state_dict(), folder / state_file_name(self.state.n_total_iter, rank))
+        if self.multi_gpu:
+            dist.barrier()  # a kill before every rank has the new state must leave a common older one
+        for old in sorted(folder.glob(f"state_*_rank{rank}.pth"))[: -self.params.save_total_limit]:
             old.unlink()
+        for partial in folder.glob(f".state_*_rank{rank}.pth.*.tmp"):  # left by a killed write
+            partial.unlink()
 
-    def load_state(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        if ckpt["world_size"] != self.params.world_size:
-            raise UserError(
-                f"{path} was written by a run of {ckpt['world_size']} processes; resume with the same number"
-            )
-        self.student.load_state_dict(ckpt["student"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["grads"] is not None:
-            for p, g in zip(self.student.parameters(), ckpt["grads"]):
+    def resume(self) -> None:
+        """Load the newest state that every rank has saved (UserError if there is none).
+
+        Each rank reads its own file and rank 0's (the shared part), so the run folder must be on
+        a file system all nodes see, as it is for the launch itself on a cluster.
+        """
+        folder, rank = self.dump_path / STATE_DIR, self.params.global_rank
+        steps = saved_steps(folder, rank)
+        if self.multi_gpu:
+            everyone: list[Any] = [None] * self.params.world_size
+            dist.all_gather_object(everyone, steps)
+            steps = sorted(set.intersection(*(set(s) for s in everyone)))
+        if not steps:
+            raise UserError(f"--resume: no state in {folder} that all {self.params.world_size} process(es) saved")
+        own_path, shared_path = (folder / state_file_name(steps[-1], r) for r in (rank, 0))
+        try:
+            own = torch.load(own_path, map_location="cpu", weights_only=False)
+            shared = own if rank == 0 else torch.load(shared_path, map_location="cpu", weights_only=False)
+        except FileNotFoundError as e:
+            raise UserError(f"--resume: cannot read {e.filename}: is {folder} shared by all nodes?") from None
+        now = self._run_settings()
+        mismatch = [f"{k}={v} (this run: {now.get(k)})" for k, v in shared["run"].items() if now.get(k) != v]
+        if mismatch:
+            raise UserError(f"--resume: {shared_path} was saved with {', '.join(mismatch)}; resume with those")
+        self.student.load_state_dict(shared["student"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        if shared["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
+            self.scaler.load_state_dict(shared["scaler"])
+        if own["grads"] is not None:
+            for p, g in zip(self.student.parameters(), own["grads"]):
                 p.grad = None if g is None else g.to(p.device)
-        rng = ckpt["rng"]
+        rng = own["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.generator.set_state(rng["generator"].cpu() if self.device.type == "cpu" else rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.generator.set_state(rng["generator"])
         self.mapping_rng.setstate(rng["mapping"])
-        self.state = TrainState(**ckpt["state"])
+        self.state = TrainState(**own["state"])
         self.last_log_tokens = self.state.n_tokens
-        logger.info(
-            "Resumed from %s: epoch %d, batch %d, %d optimizer steps",
-            path, self.state.epoch, self.state.batch_in_epoch, self.state.n_optim_steps,
-        )
+        if self.is_master:
+            logger.info(
+                "Resumed from %s: epoch %d, micro-batch %d of the epoch, %d optimizer steps",
+                own_path, self.state.epoch, self.state.batch_in_epoch, self.state.n_optim_steps,
+            )
 
 
-def latest_state(dump_path: Path, global_rank: int) -> Path | None:
-    """The newest full state of this rank in `dump_path`, or None."""
-    found = sorted((dump_path / STATE_DIR).glob(f"state_*_rank{global_rank}.pth"))
-    return found[-1] if found else None
+def state_file_name(n_total_iter: int, global_rank: int) -> str:
+    return f"state_{n_total_iter:010d}_rank{global_rank}.pth"
+
+
+def saved_steps(folder: Path, global_rank: int) -> list[int]:
+    """Micro-batch counts at which this rank has a complete state file in `folder`, ascending.
+
+    Partial writes are hidden temporary files (`.state_...tmp`) and never match.
+    """
+    return sorted(int(path.name.split("_")[1]) for path in folder.glob(f"state_*_rank{global_rank}.pth"))
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, synced to disk, then renamed onto `path`.
+
+    A kill or a crash at any point leaves either the previous file or the complete new one.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class _SkipBatches(Sampler[list[int]]):

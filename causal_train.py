@@ -21,12 +21,14 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -40,7 +42,7 @@ from transformers import (
 )
 
 import counterfactual_utils as cf
-from causal_distiller import CausalDistiller, StopTraining, latest_state
+from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from token_store import check_vocab_range, load_sequences, safe_load_pickle
 from utils import UserError, require_file, run_cli, set_seed, write_json
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data_augment", action="store_true", help="Swap token ids instead of hidden states.")
     a("--include_crossway", action="store_true", help="Also train the (dual, base) direction each batch.")
     a("--parallel_crossway", action="store_true", help="Abandoned in the original; refused.")
+    a("--fast_mode", action="store_true",
+      help="Faster DIITO, not identical to the original: duals are other rows of the same batch (no source "
+           "runs), and the student's counterfactual run reuses its base run below the intervention.")
 
     a("--n_epoch", type=int, default=3)
     a("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (-1: n_epoch epochs).")
@@ -202,8 +207,12 @@ def init_distributed(args: argparse.Namespace) -> None:
     if args.local_rank == -1:
         args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     args.multi_gpu = args.world_size > 1  # the original's name; also true for multi-process CPU runs
+    args.is_master = args.global_rank == 0
+    if not args.is_master:  # only rank 0 reports progress; warnings still come from every rank
+        logging.getLogger().setLevel(logging.WARNING)
+        transformers.utils.logging.disable_progress_bar()
     use_cuda = args.n_gpu > 0 and torch.cuda.is_available()
-    if args.n_gpu > 0 and not use_cuda:
+    if args.n_gpu > 0 and not use_cuda and args.is_master:
         warnings.warn("no CUDA device found: training on CPU", stacklevel=1)
         logger.warning("No CUDA device found: training on CPU (pass --n_gpu 0 to silence this).")
     if args.n_gpu > 1 and not args.multi_gpu and use_cuda:
@@ -217,8 +226,8 @@ def init_distributed(args: argparse.Namespace) -> None:
     else:
         args.device = "cpu"
     if args.multi_gpu and not dist.is_initialized():
+        # Rendezvous from the launcher's MASTER_ADDR / MASTER_PORT (torchrun sets them on every node).
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    args.is_master = args.global_rank == 0
     args.n_gpu = 1 if use_cuda else 0  # GPUs per process from here on
 
 
@@ -237,8 +246,28 @@ def default_run_name(args: argparse.Namespace) -> str:
 
 
 def prepare_dump_path(args: argparse.Namespace) -> Path:
-    """dump_path/run_name: new, resumed (--resume) or replaced (--force, only a previous dump)."""
+    """dump_path/run_name: new, resumed (--resume) or replaced (--force, only a previous dump).
+
+    Rank 0 alone checks and creates it and tells the other ranks the outcome: checking on every
+    rank would race with rank 0 creating or emptying the folder.
+    """
     path = Path(args.dump_path) / args.run_name
+    problem = None
+    if args.is_master:
+        try:
+            _claim_dump_path(path, args)
+        except UserError as e:
+            problem = str(e)
+    if args.multi_gpu:
+        outcome = [problem]
+        dist.broadcast_object_list(outcome, src=0)  # also a barrier: past it, the folder is ready
+        problem = outcome[0]
+    if problem is not None:
+        raise UserError(problem)
+    return path
+
+
+def _claim_dump_path(path: Path, args: argparse.Namespace) -> None:
     if args.resume and not path.is_dir():
         raise UserError(f"--resume: {path} does not exist")
     if path.exists() and not args.resume:
@@ -246,14 +275,9 @@ def prepare_dump_path(args: argparse.Namespace) -> Path:
             raise UserError(f"{path} already exists: pass --force to overwrite it or --resume to continue it")
         if not (path / "parameters.json").is_file():
             raise UserError(f"--force refuses to delete {path}: it has no parameters.json, so it is not a run's dump")
-    if args.is_master:
-        if path.exists() and not args.resume:
-            logger.info("Overwriting %s (--force)", path)
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-    if args.multi_gpu:
-        dist.barrier()
-    return path
+        logger.info("Overwriting %s (--force)", path)
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def git_log(folder: Path) -> dict:
@@ -360,11 +384,36 @@ def freeze_embeddings(student, args: argparse.Namespace) -> None:
             student.get_submodule(table[args.student_type]).weight.requires_grad = False
 
 
+def write_run_info(args: argparse.Namespace, student) -> None:
+    """parameters.json, git_log.json and config.json of the run (rank 0)."""
+    if args.is_master:
+        write_json(vars(args), Path(args.dump_path) / "parameters.json")
+        write_json(git_log(Path(args.dump_path)), Path(args.dump_path) / "git_log.json")
+        student.config.to_json_file(str(Path(args.dump_path) / "config.json"))
+
+
 def main(argv: list[str] | None = None) -> Path:
+    """Train; returns the run folder.
+
+    A run stopped by SIGTERM / SIGINT saves its state and exits with 128 + the signal's number
+    (143 / 130), the status the signal itself would have given, so `train && evaluate` stops
+    there and a requeue script knows to relaunch with --resume.
+    """
     args = build_parser().parse_args(argv)
     sanity_checks(args)
     init_distributed(args)
+    try:
+        return train(args)
+    finally:
+        if args.multi_gpu and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Data, teacher, student, distiller, training: everything after the launcher's set-up."""
     set_seed(args.seed)
+    if args.fp16 and args.fp16_opt_level != "O1" and args.is_master:
+        logger.info("--fp16_opt_level %s: torch.amp has one mixed-precision mode, apex's O1", args.fp16_opt_level)
     if args.run_name is None:
         args.run_name = default_run_name(args)
 
@@ -390,31 +439,32 @@ def main(argv: list[str] | None = None) -> Path:
     token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
 
     args.dump_path = str(prepare_dump_path(args))
-    if args.is_master:
-        write_json(vars(args), Path(args.dump_path) / "parameters.json")
-        write_json(git_log(Path(args.dump_path)), Path(args.dump_path) / "git_log.json")
-        student.config.to_json_file(str(Path(args.dump_path) / "config.json"))
+    if not args.resume:  # at once: a folder holding parameters.json is one --force may replace
+        write_run_info(args, student)
 
     freeze_embeddings(student, args)
     device = torch.device(args.device)
     student.to(device)
-    teacher.to(device, dtype=torch.float16 if args.teacher_fp16 and device.type == "cuda" else None)
+    teacher_dtype = None
+    if args.teacher_fp16:
+        # float16 matmuls are slow (or missing) on CPU; bfloat16 halves the memory as well.
+        teacher_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type != "cuda" and args.is_master:
+            logger.warning("--teacher_fp16 on CPU: the teacher is kept in bfloat16")
+    teacher.to(device, dtype=teacher_dtype)
     for p in teacher.parameters():
         p.requires_grad = False
 
     distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mapping)
     if args.resume:
-        state = latest_state(Path(args.dump_path), args.global_rank)
-        if state is None:
-            raise UserError(f"--resume: no checkpoint in {args.dump_path}/checkpoints")
-        distiller.load_state(state)
+        distiller.resume()
+        write_run_info(args, student)  # only once the state is accepted, as this run's settings
     try:
-        distiller.train()
+        stopped_by = distiller.train()
     except StopTraining as e:
         raise UserError(str(e)) from None
-    finally:
-        if args.multi_gpu and dist.is_initialized():
-            dist.destroy_process_group()
+    if stopped_by is not None:
+        raise SystemExit(128 + (signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM))
     return Path(args.dump_path)
 
 
