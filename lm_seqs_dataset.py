@@ -2,8 +2,8 @@
 
 `LmSeqsDataset` never copies the corpus. It keeps an index of (start, length, add CLS,
 add SEP) into the flat token array of a `token_store.TokenSequences`, so a memory-mapped
-corpus stays on disk (shared page cache) and only the index, ~13 bytes per sequence,
-lives in each process.
+corpus stays on disk (shared page cache) and only the index, a few tens of bytes per
+sequence, lives in each process.
 
 Filtering is the original's, vectorised:
 1. sequences longer than the model's max input are cut into chunks of ``max_len - 2``
@@ -137,12 +137,13 @@ class LmSeqsDataset(Dataset):
             # Sequences [i, j) whose tokens span at most one block (at least one sequence).
             j = max(i + 1, int(np.searchsorted(self.starts, self.starts[i] + _UNK_COUNT_BLOCK, side="left")))
             lo, hi = int(self.starts[i]), int(self.starts[j - 1] + self.src_lengths[j - 1])
-            is_unk = (flat[lo:hi] == unk).astype(np.int64)
-            # Chunks of one sequence are contiguous and kept sequences are in order, but dropped
-            # ones leave gaps: sum each [start, start + len) through a prefix sum.
-            csum = np.concatenate([[0], np.cumsum(is_unk)])
+            is_unk = np.zeros(hi - lo + 1, dtype=np.int32)  # one spare 0 so every bound is a valid index
+            np.equal(flat[lo:hi], unk, out=is_unk[:-1], casting="unsafe")
+            # Dropped sequences leave gaps between kept ones: sum [start, end) pairs with reduceat
+            # and keep every other sum (the ones between an end and the next start are the gaps).
             s = self.starts[i:j] - lo
-            counts[i:j] = csum[s + self.src_lengths[i:j]] - csum[s]
+            bounds = np.stack([s, s + self.src_lengths[i:j]], axis=1).ravel()
+            counts[i:j] = np.add.reduceat(is_unk, bounds)[::2]
             i = j
         return counts / self.lengths
 

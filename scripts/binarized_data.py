@@ -4,9 +4,12 @@
         --tokenizer_type bert --tokenizer_name bert-base-uncased --dump_file data/binarized_text
 
 Each example becomes ``[CLS] text [SEP]`` (bert), ``<s> text </s>`` (roberta) or
-``<|endoftext|> text <|endoftext|>`` (gpt2) ids, exactly as the original encoded
-``f"{bos} {text.strip()} {sep}"``. The list is shuffled with --seed and written to
-``{dump_file}.{split}.{tokenizer_name}.pickle`` (or ``.tokens.npy`` with --format memmap).
+``<|endoftext|> text <|endoftext|>`` (gpt2) ids: like the original, the string
+``f"{start} {text.strip()} {end}"`` is encoded without adding special tokens, so the ids are the
+original pipeline's. Empty and whitespace-only lines are kept (as ``[CLS] [SEP]``), as there; the
+training set drops them with every other sequence of 11 tokens or fewer. The corpus is shuffled with
+--seed and written, atomically, to ``{dump_file}.{split}.{tokenizer}.pickle`` (a list of
+uint16/int32 arrays), or with --format memmap to ``.tokens.npy`` + ``.offsets.npy``.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...`: find the repo's modules
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -26,134 +31,262 @@ from tqdm import tqdm  # noqa: E402
 from token_store import TOKENS_SUFFIX, TokenSequences, save_sequences, token_dtype  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
 logger = logging.getLogger("binarized_data")
 
-# tokenizer type -> (start token attribute, end token attribute), as in the original
-FRAMING = {"bert": ("cls_token", "sep_token"), "roberta": ("cls_token", "sep_token"), "gpt2": ("bos_token", "eos_token")}
+# --tokenizer_type -> (tokenizer class in transformers, start token attribute, end token attribute)
+TOKENIZER_TYPES = {
+    "bert": ("BertTokenizer", "cls_token", "sep_token"),
+    "roberta": ("RobertaTokenizer", "cls_token", "sep_token"),
+    "gpt2": ("GPT2Tokenizer", "bos_token", "eos_token"),
+}
+# A folder holds a tokenizer if it has one of these file sets (tokenizer.json, or the older per-model files).
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt"]
 # Hub names that the original expanded to a configuration
 HUB_CONFIGS = {"wikitext": ("wikitext", "wikitext-103-v1")}
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+BATCH_SIZE = 1000  # examples per tokenizer call (fast path) and per read (line-by-line path)
+
+
+# --- names ---------------------------------------------------------------------------------
 
 
 def safe_tokenizer_name(name: str) -> str:
-    """File-name form of a tokenizer name: a local folder's base name, or the Hub name with '/' -> '-'."""
+    """File-name form of a tokenizer name: a local folder's own name, else the Hub name with '/' -> '-'.
+
+    ``/models/bert-base-uncased/`` -> ``bert-base-uncased``; ``google/bert_uncased_L-2_H-128_A-2``
+    -> ``google-bert_uncased_L-2_H-128_A-2``; ``bert-base-uncased`` stays as it is.
+    """
     if os.path.isdir(name):
         return Path(name).resolve().name
     return name.strip("/").replace("/", "-")
 
 
 def output_path(dump_file: str, split: str, tokenizer_name: str, fmt: str) -> Path:
+    """``{dump_file}.{split}.{tokenizer}.pickle`` (or ``.tokens.npy`` for the memory-mapped store)."""
     suffix = TOKENS_SUFFIX if fmt == "memmap" else ".pickle"
     return Path(f"{dump_file}.{split}.{safe_tokenizer_name(tokenizer_name)}{suffix}")
 
 
-def load_texts(args: argparse.Namespace):
-    """The corpus as a `datasets.Dataset` with the `--field_name` column."""
+def shuffled(store: TokenSequences, seed: int) -> TokenSequences:
+    """The corpus in a seeded random order (the original shuffled with an unseeded `random.shuffle`)."""
+    return store.permuted(np.random.default_rng(seed).permutation(len(store)))
+
+
+# --- tokenizer -----------------------------------------------------------------------------
+
+
+def tokenizer_folder(name: str, cache_dir: str | None) -> Path:
+    """A local folder holding the tokenizer `name` (a folder, or a Hub name downloaded into the cache)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:  # not a Hub id ("name" or "org/name")
+            raise UserError(f"tokenizer folder not found: {name}")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES, cache_dir=cache_dir))
+        except (OSError, ValueError) as e:  # offline, unknown repo, invalid name
+            raise UserError(f"cannot get tokenizer {name!r}: no such local folder, and from the Hugging Face Hub: "
+                            f"{str(e).splitlines()[0]}") from None
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILE_SETS):
+        raise UserError(f"{name} holds no tokenizer (expected tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
+    return path
+
+
+def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[PreTrainedTokenizerBase, str, str]:
+    """The tokenizer and its (start, end) tokens for --tokenizer_type `kind`."""
+    import transformers
+
+    class_name, start_attr, end_attr = TOKENIZER_TYPES[kind]
+    folder = tokenizer_folder(name, cache_dir)
+    try:
+        tokenizer = getattr(transformers, class_name).from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"cannot load tokenizer {name}: {str(e).splitlines()[0]}") from None
+    # Binarization keeps long lines whole (the training set cuts them): no length warning.
+    tokenizer.model_max_length = sys.maxsize
+    backend = tokenizer.backend_tokenizer
+    model_vocab = backend.get_vocab_size(with_added_tokens=False)
+    tokens = {attr: getattr(tokenizer, attr) for attr in (start_attr, end_attr)}
+    for attr, token in tokens.items():
+        # A token the folder does not define was added by the class default: the wrong --tokenizer_type.
+        token_id = backend.token_to_id(str(token)) if token is not None else None
+        if token_id is None or token_id >= model_vocab:
+            raise UserError(f"tokenizer {name} defines no {attr} ({token}) in its vocabulary: "
+                            f"is --tokenizer_type {kind} right for it?")
+    start, end = str(tokens[start_attr]), str(tokens[end_attr])
+    ids = tokenizer.encode(frame("x", start, end), add_special_tokens=False)
+    if ids[0] != backend.token_to_id(start) or ids[-1] != backend.token_to_id(end):
+        raise UserError(f"tokenizer {name} splits {start!r} / {end!r} into pieces: they are not special tokens there")
+    return tokenizer, start, end
+
+
+def frame(text: str | None, start: str, end: str) -> str:
+    """The string the original encoded for one example."""
+    return f"{start} {(text or '').strip()} {end}"
+
+
+# --- text ----------------------------------------------------------------------------------
+
+
+def load_from_file_path(path: Path, split: str, cache_dir: str | None) -> datasets.Dataset:
     import datasets
 
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"{path} is not a dataset saved with save_to_disk: {e}") from None
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise UserError(f"split {split!r} not in {path}; available: {', '.join(data)}")
+            data = data[split]
+        return data
+    if not path.is_file():
+        raise UserError(f"--file_path not found: {path}")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"unsupported file type {path.suffix!r} for {path}: use .txt, .json, .jsonl, .csv or a "
+                        "save_to_disk folder")
+    if path.stat().st_size == 0:
+        raise UserError(f"the corpus is empty: {path} has no lines")
+    kwargs = {"keep_linebreaks": False} if builder == "text" else {}
+    try:
+        # A plain file has no splits: --split only names the output.
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # parse errors come from pyarrow, json and pandas in many types
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_from_hub(names: str, split: str, field: str, cache_dir: str | None) -> datasets.Dataset:
+    import datasets
+
+    parts = []
+    for name in names.split("+"):
+        hub_name, config = HUB_CONFIGS.get(name, (name, None))
+        try:
+            data = datasets.load_dataset(hub_name, config, cache_dir=cache_dir)
+        except Exception as e:  # offline, unknown name, gated dataset, ... (raised by several libraries)
+            raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") \
+                from None
+        if split not in data:
+            raise UserError(f"split {split!r} not in dataset {name!r}; available: {', '.join(data)}")
+        data = data[split]
+        if field not in data.column_names:
+            raise UserError(f"field {field!r} not in dataset {name!r}; available: {', '.join(data.column_names)}")
+        parts.append(data.select_columns([field]))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def load_texts(args: argparse.Namespace) -> datasets.Dataset:
+    """The corpus as a `datasets.Dataset` holding only the --field_name column, capped by --max_parsing_example."""
     if (args.file_path is None) == (args.dataset_name is None):
         raise UserError("give exactly one of --file_path and --dataset_name")
+    if args.max_parsing_example is not None and (args.max_parsing_example == 0 or args.max_parsing_example < -1):
+        raise UserError(f"--max_parsing_example must be a positive number or -1 (all), got {args.max_parsing_example}")
     if args.file_path is not None:
-        path = Path(args.file_path)
-        if path.is_dir():
-            try:
-                data = datasets.load_from_disk(str(path))
-            except (FileNotFoundError, ValueError) as e:
-                raise UserError(f"{path} is not a dataset saved with save_to_disk: {e}") from None
-            if isinstance(data, datasets.DatasetDict):
-                if args.split not in data:
-                    raise UserError(f"split {args.split!r} not in {path}; available: {', '.join(data)}")
-                data = data[args.split]
-        elif path.is_file():
-            builder = FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise UserError(f"unsupported file type {path.suffix!r} for {path}: use .txt, .json, .jsonl or .csv")
-            kwargs = {"keep_linebreaks": False} if builder == "text" else {}
-            try:
-                data = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=args.cache_dir,
-                                             **kwargs)
-            except Exception as e:  # pyarrow/json parse errors come in many types
-                raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-        else:
-            raise UserError(f"--file_path not found: {path}")
+        data = load_from_file_path(Path(args.file_path), args.split, args.cache_dir)
+        source = args.file_path
     else:
-        parts = []
-        for name in args.dataset_name.split("+"):
-            hub_name, config = HUB_CONFIGS.get(name, (name, None))
-            try:
-                parts.append(datasets.load_dataset(hub_name, config, split=args.split, cache_dir=args.cache_dir))
-            except Exception as e:  # offline, unknown name, unknown split...
-                raise UserError(f"cannot load dataset {name!r} split {args.split!r}: {str(e).splitlines()[0]}") from None
-        data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        data = load_from_hub(args.dataset_name, args.split, args.field_name, args.cache_dir)
+        source = args.dataset_name
     if args.field_name not in data.column_names:
-        raise UserError(f"field {args.field_name!r} not in the data; available: {', '.join(data.column_names)}")
+        raise UserError(f"field {args.field_name!r} not in {source}; available: {', '.join(data.column_names)}")
+    dtype = getattr(data.features[args.field_name], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise UserError(f"field {args.field_name!r} of {source} holds {data.features[args.field_name]}, not text")
     data = data.select_columns([args.field_name])
-    if args.max_parsing_example is not None and args.max_parsing_example >= 0:
+    if args.max_parsing_example not in (None, -1):
         data = data.select(range(min(args.max_parsing_example, len(data))))
     if len(data) == 0:
-        raise UserError("the corpus is empty")
+        raise UserError(f"the corpus is empty: {source} has no examples")
+    if not any(t and t.strip() for batch in data.iter(BATCH_SIZE) for t in batch[args.field_name]):
+        raise UserError(f"the corpus is empty: all {len(data)} examples of {source} are blank")
     return data
 
 
-def load_tokenizer(args: argparse.Namespace):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {args.tokenizer_name!r}: {str(e).splitlines()[0]}") from None
-    start, end = (getattr(tokenizer, attr) for attr in FRAMING[args.tokenizer_type])
-    if start is None or end is None:
-        raise UserError(f"tokenizer {args.tokenizer_name} has no {'/'.join(FRAMING[args.tokenizer_type])} token: "
-                        f"is --tokenizer_type {args.tokenizer_type} right?")
-    return tokenizer, str(start), str(end)
+# --- encoding ------------------------------------------------------------------------------
 
 
-def framed(texts: list, bos: str, sep: str) -> list[str]:
-    return [f"{bos} {(t or '').strip()} {sep}" for t in texts]
+def encode_slow(data: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, start: str, end: str,
+                dtype: np.dtype) -> TokenSequences:
+    """One `tokenizer.encode` call per line, as the original did."""
+    flats, lengths = [], []
+    with tqdm(total=len(data), desc="tokenizing", unit=" lines", mininterval=2) as bar:
+        for batch in data.iter(BATCH_SIZE):
+            ids = [tokenizer.encode(frame(t, start, end), add_special_tokens=False) for t in batch[field]]
+            flats.append(np.fromiter((i for seq in ids for i in seq), dtype=dtype))
+            lengths.extend(map(len, ids))
+            bar.update(len(ids))
+    return from_lengths(np.concatenate(flats), np.asarray(lengths, dtype=np.int64))
 
 
-def encode_slow(data, field: str, tokenizer, bos: str, sep: str, dtype: np.dtype) -> TokenSequences:
-    """One line at a time, as the original did."""
-    ids = [
-        np.asarray(tokenizer.encode(framed([row[field]], bos, sep)[0], add_special_tokens=False), dtype=dtype)
-        for row in tqdm(data, desc="tokenizing", unit="lines", mininterval=2)
-    ]
-    return TokenSequences.from_list(ids, dtype=dtype)
+def encode_fast(data: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, start: str, end: str,
+                num_workers: int | None, dtype: np.dtype, work_dir: str | os.PathLike) -> TokenSequences:
+    """Batches of lines through the Rust tokenizer with `datasets.map` in `num_workers` processes.
 
-
-def encode_fast(data, field: str, tokenizer, bos: str, sep: str, num_proc: int, dtype: np.dtype) -> TokenSequences:
-    """Batched through the Rust tokenizer, in `num_proc` processes with datasets.map.
-
-    The ids are read back from Arrow as one flat array + offsets, never as Python lists.
+    The ids are stored as Arrow lists of `dtype` under `work_dir` (not beside the input dataset,
+    where `map` would otherwise cache them) and read back as one flat array, never as Python lists.
     """
+    import datasets
+    import pyarrow.compute as pc
 
-    def encode(batch):
-        return {"ids": tokenizer(framed(batch[field], bos, sep), add_special_tokens=False)["input_ids"]}
+    backend = tokenizer.backend_tokenizer
+    # A tokenizer.json may carry the training-time truncation (e.g. 128); the original kept whole lines.
+    backend.no_truncation()
+    backend.no_padding()
 
-    encoded = data.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                       remove_columns=[field], desc="tokenizing")
-    column = encoded.data.column("ids").combine_chunks()
-    flat = column.flatten().to_numpy().astype(dtype, copy=False)
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    return TokenSequences(flat, offsets - offsets[0])
+    def encode(batch: dict) -> dict:
+        encodings = backend.encode_batch_fast([frame(t, start, end) for t in batch[field]], add_special_tokens=False)
+        return {"input_ids": [e.ids for e in encodings]}
+
+    encoded = data.map(
+        encode, batched=True, batch_size=BATCH_SIZE, num_proc=num_workers if (num_workers or 1) > 1 else None,
+        remove_columns=[field], features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype.name))}),
+        cache_file_name=str(Path(work_dir) / "input_ids.arrow"), load_from_cache_file=False, desc="tokenizing",
+    )
+    column = encoded.data.column("input_ids")
+    # Chunk by chunk: one Arrow list array has 32-bit offsets, a large corpus has more tokens than that.
+    flat = np.concatenate([chunk.flatten().to_numpy() for chunk in column.chunks])
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+    return from_lengths(flat, lengths)
+
+
+def from_lengths(flat: np.ndarray, lengths: np.ndarray) -> TokenSequences:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenSequences(flat, offsets)
+
+
+# --- command line --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Binarize a text corpus into token ids.")
     p.add_argument("--file_path", type=str, default=None,
-                   help="A dataset saved with save_to_disk, or a .txt (one example per line) / .json / .jsonl / .csv file.")
+                   help="A dataset saved with save_to_disk, or a .txt (one example per line) / .json / .jsonl / "
+                        ".csv file.")
     p.add_argument("--dataset_name", type=str, default=None,
-                   help="Hub dataset name(s) joined with '+' (wikitext = wikitext-103-v1).")
+                   help="Hub dataset name(s) joined with '+', concatenated (wikitext = wikitext-103-v1).")
     p.add_argument("--split", type=str, default="train", help="Split to read; also part of the output name.")
     p.add_argument("--field_name", type=str, default="text", help="Column holding the text.")
-    p.add_argument("--max_parsing_example", type=int, default=-1, help="Read at most this many examples (-1: all).")
-    p.add_argument("--tokenizer_type", type=str, default="bert", choices=sorted(FRAMING))
+    p.add_argument("--max_parsing_example", type=int, default=-1,
+                   help="Read at most the first N examples (-1: all).")
+    p.add_argument("--tokenizer_type", type=str, default="bert", choices=sorted(TOKENIZER_TYPES),
+                   help="Framing: bert [CLS]..[SEP], roberta <s>..</s>, gpt2 <|endoftext|>..<|endoftext|>.")
     p.add_argument("--tokenizer_name", type=str, default="bert-base-uncased", help="Hub name or local folder.")
     p.add_argument("--dump_file", type=str, default="data/dump", help="Output prefix.")
     p.add_argument("--cache_dir", type=str, default=None, help="Cache folder for Hub downloads.")
-    p.add_argument("--fast_process", action="store_true", help="Batched tokenization with datasets.map.")
-    p.add_argument("--preprocessing_num_workers", type=int, default=1, help="Processes for --fast_process.")
+    p.add_argument("--fast_process", action="store_true",
+                   help="Batched Rust tokenization through datasets.map (same ids as line by line).")
+    p.add_argument("--preprocessing_num_workers", type=int, default=None,
+                   help="Processes for --fast_process (default: one; its tokenizer already uses every core).")
     p.add_argument("--seed", type=int, default=56, help="Seed of the shuffle.")
     p.add_argument("--format", choices=["pickle", "memmap"], default="pickle",
                    help="pickle: the original list of arrays; memmap: flat .tokens.npy + .offsets.npy.")
@@ -162,21 +295,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    start_time = time.time()
-    tokenizer, bos, sep = load_tokenizer(args)
+    if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
+        raise UserError(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
+    started = time.time()
+    tokenizer, start, end = load_tokenizer(args.tokenizer_type, args.tokenizer_name, args.cache_dir)
     data = load_texts(args)
-    logger.info("Tokenizing %d examples of field %r (%s path)", len(data), args.field_name,
-                "fast" if args.fast_process else "line-by-line")
     dtype = token_dtype(len(tokenizer))
-    if args.fast_process:
-        store = encode_fast(data, args.field_name, tokenizer, bos, sep, args.preprocessing_num_workers, dtype)
-    else:
-        store = encode_slow(data, args.field_name, tokenizer, bos, sep, dtype)
-    shuffled = store.permuted(np.random.default_rng(args.seed).permutation(len(store)))
     out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
-    save_sequences(shuffled, out)
-    logger.info("%d sequences, %d tokens (%s) -> %s in %.1fs", len(shuffled), shuffled.n_tokens, dtype, out,
-                time.time() - start_time)
+    logger.info("Tokenizing %d examples of %r (%s, %s ... %s, %s ids) %s", len(data), args.field_name,
+                args.tokenizer_name, start, end, dtype,
+                f"in batches, {args.preprocessing_num_workers or 1} process(es)" if args.fast_process
+                else "line by line")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".binarize-", dir=out.parent) as work_dir:
+        if args.fast_process:
+            store = encode_fast(data, args.field_name, tokenizer, start, end, args.preprocessing_num_workers, dtype,
+                                work_dir)
+        else:
+            store = encode_slow(data, args.field_name, tokenizer, start, end, dtype)
+        store = shuffled(store, args.seed)  # a copy: nothing refers to the Arrow files in work_dir after this
+    if out.exists():
+        logger.info("Replacing %s", out)
+    save_sequences(store, out)
+    logger.info("%d sequences, %d tokens (mean length %.1f), %s -> %s in %.1fs", len(store), store.n_tokens,
+                store.n_tokens / len(store), dtype, out, time.time() - started)
     return out
 
 
