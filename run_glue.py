@@ -14,35 +14,33 @@ the target (float labels mean regression). Metrics go to `eval_results.json` / `
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
-import transformers
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+import eval_common
 import eval_metrics
-from utils import UserError, require_file, run_cli
+from eval_common import ModelArguments, where
+from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
 GLUE_HUB_NAME = "nyu-mll/glue"
+
+# File suffix -> the `datasets` loader that reads it.
+file_loaders = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 task_to_keys = {
     "cola": ("sentence", None),
@@ -76,18 +74,7 @@ test_split_suffix = {"test": "", "test_matched": "", "test_mismatched": "_mm"}
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "A distillation dump folder (config.json + weights) or a Hugging Face model name."}
-    )
-    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
+class GlueModelArguments(ModelArguments):
     ignore_mismatched_sizes: bool = field(
         default=False,
         metadata={"help": "Use a model whose trained classification head has other labels: the head is re-initialised."},
@@ -120,47 +107,16 @@ class DataTrainingArguments:
                 raise UserError(f"unknown --task_name {self.task_name!r}; choose one of {', '.join(task_to_keys)}")
 
 
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+def parse_args(argv: list[str] | None) -> tuple[GlueModelArguments, DataTrainingArguments, TrainingArguments]:
     """Parse the command line (or one .json file holding the arguments) into the three groups."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
-        raise UserError(one_line(e)) from None
+    return eval_common.parse_dataclasses((GlueModelArguments, DataTrainingArguments, TrainingArguments), argv)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and for local files the file each split came from (for error messages)."""
-    files = {
-        split: path
-        for split, path in (
-            ("train", data_args.train_file),
-            ("validation", data_args.validation_file),
-            ("validation_mismatched", data_args.validation_mismatched_file),
-            ("test", data_args.test_file),
-        )
-        if path is not None
-    }
+    files = eval_common.given_files(data_args, ("train", "validation", "validation_mismatched", "test"))
     if files:
-        raw = DatasetDict()
-        for split, path in files.items():
-            suffix = require_file(path, f"--{split}_file").suffix.lower()
-            if suffix not in (".csv", ".json", ".jsonl"):
-                raise UserError(f"--{split}_file must be .csv, .json or .jsonl: {path}")
-            try:
-                raw[split] = load_dataset(
-                    "csv" if suffix == ".csv" else "json", data_files={split: path}, cache_dir=cache_dir
-                )[split]
-            except Exception as e:  # the loaders raise many types for one cause: an unreadable file
-                raise UserError(f"cannot read {path}: {one_line(e)}") from None
-        return raw, files
+        return eval_common.load_local_files(files, file_loaders, cache_dir, expected=".csv, .json or .jsonl"), files
     if data_args.task_name is None and data_args.dataset_name is None:
         raise UserError("no data: pass --task_name, --dataset_name or --train_file/--validation_file")
     name, config = (
@@ -168,35 +124,14 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
         if data_args.dataset_name is None
         else (data_args.dataset_name, data_args.dataset_config_name)
     )
-    try:
-        return load_dataset(name, config, cache_dir=cache_dir), {}
-    except Exception as e:
-        raise UserError(
-            f"cannot load {name} ({config}) from the Hugging Face Hub: {one_line(e)}; "
-            "offline, pass local files with --train_file/--validation_file"
-        ) from None
-
-
-def where(split: str, files: dict[str, str]) -> str:
-    return files.get(split, f"the {split} split")
+    offline_hint = "offline, pass local files with --train_file/--validation_file"
+    return eval_common.load_hub_dataset(name, config, cache_dir, offline_hint, shown_as=f"{name} ({config})"), {}
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
-
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}; give another --output_dir to train from scratch.")
-
+    eval_common.setup_logging(training_args, logger)
+    last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ---- data
@@ -228,12 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"no text column in {where(first_split, files)}")
     for split in raw_datasets:
         required = [sentence1_key, sentence2_key] + (["label"] if split in labelled_splits else [])
-        for column in filter(None, required):
-            if column not in raw_datasets[split].column_names:
-                raise UserError(
-                    f"column '{column}' not found in {where(split, files)} "
-                    f"(columns: {', '.join(raw_datasets[split].column_names)})"
-                )
+        eval_common.require_columns(raw_datasets[split], filter(None, required), where(split, files))
 
     if task_name is not None:
         label_list = task_to_labels[task_name]
@@ -264,13 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise UserError(f"label {unknown[0]!r} in {where(split, files)} is not one of {label_list}")
 
     # ---- model
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                      token=model_args.token, trust_remote_code=model_args.trust_remote_code)
-    config_source = model_args.config_name or model_args.model_name_or_path
-    try:
-        config = AutoConfig.from_pretrained(config_source, **hub_kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {config_source}: {one_line(e)}") from None
+    config = eval_common.load_config(model_args)
 
     names = [str(v) for v in label_list] if label_list is not None else ["score"]
     wanted_label2id = {name: i for i, name in enumerate(names)}
@@ -293,28 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     if is_regression:
         config.problem_type = "regression"
 
-    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(
-            f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
-            "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
-        ) from None
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
-        )
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load model {model_args.model_name_or_path}: {one_line(e)}") from None
+    tokenizer = eval_common.load_tokenizer(model_args)
+    eval_common.check_vocab_size(tokenizer, config)
+    model = eval_common.load_model(AutoModelForSequenceClassification, model_args, config,
+                                   ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
-    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length,
-                         getattr(config, "max_position_embeddings", data_args.max_seq_length))
+    max_seq_length = min(data_args.max_seq_length, eval_common.model_input_limit(tokenizer, config))
     if max_seq_length < data_args.max_seq_length:
         logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}.")
     padding = "max_length" if data_args.pad_to_max_length else False
@@ -363,12 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- train
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        eval_common.train_and_save(trainer, last_checkpoint)
 
     # ---- evaluate
     results = {}

@@ -15,51 +15,30 @@ cross-entropy `eval_loss`, its `perplexity` and the arg-max `eval_accuracy`, wri
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import (
-    AutoConfig,
     AutoModelForMaskedLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+import eval_common
 import eval_metrics
-from utils import UserError, require_file, run_cli
+from eval_common import ModelArguments, one_line, where
+from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
 # File suffix -> the `datasets` loader that reads it.
 file_loaders = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "A distillation dump folder (config.json + weights) or a Hugging Face model name."}
-    )
-    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
 
 
 @dataclass
@@ -87,20 +66,9 @@ class DataTrainingArguments:
             raise UserError(f"--mlm_probability must be between 0 and 1, got {self.mlm_probability}")
 
 
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     """Parse the command line (or one .json file holding the arguments) into the three groups."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
-        raise UserError(one_line(e)) from None
+    return eval_common.parse_dataclasses((ModelArguments, DataTrainingArguments, TrainingArguments), argv)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingArguments,
@@ -110,8 +78,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
     A plain Dataset in --dataset_dir is evaluation data, unless training: then it is the training
     data. Training data without a validation split gives up --validation_split_percentage of it.
     """
-    files = {split: path for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file))
-             if path is not None}
+    files = eval_common.given_files(data_args, ("train", "validation"))
     if data_args.dataset_dir is not None:
         if not Path(data_args.dataset_dir).is_dir():
             raise UserError(f"--dataset_dir not found: {data_args.dataset_dir}")
@@ -124,24 +91,13 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
             loaded = DatasetDict({"train" if training_args.do_train else "validation": loaded})
         raw, origin = loaded, {split: f"{data_args.dataset_dir} ({split})" for split in loaded}
     elif files:
-        raw = DatasetDict()
-        for split, path in files.items():
-            loader = file_loaders.get(require_file(path, f"--{split}_file").suffix.lower())
-            if loader is None:
-                raise UserError(f"--{split}_file must be one of {', '.join(file_loaders)}: {path}")
-            try:
-                raw[split] = load_dataset(loader, data_files={split: path}, cache_dir=cache_dir)[split]
-            except Exception as e:  # the loaders raise many types for one cause: an unreadable file
-                raise UserError(f"cannot read {path}: {one_line(e)}") from None
+        expected = "one of " + ", ".join(file_loaders)
+        raw = eval_common.load_local_files(files, file_loaders, cache_dir, expected)
         origin = files
     elif data_args.dataset_name is not None:
-        try:
-            raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-        except Exception as e:
-            raise UserError(
-                f"cannot load {data_args.dataset_name} from the Hugging Face Hub: {one_line(e)}; "
-                "offline, pass --dataset_dir or --train_file/--validation_file"
-            ) from None
+        offline_hint = "offline, pass --dataset_dir or --train_file/--validation_file"
+        raw = eval_common.load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir,
+                                           offline_hint)
         origin = {}
     else:
         raise UserError("no data: pass --dataset_dir, --dataset_name or --train_file/--validation_file")
@@ -150,26 +106,14 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
         held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100,
                                                   seed=training_args.seed)
         raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
-        origin = {split: f"{origin.get('train', 'the train split')} ({split} part)" for split in raw}
+        origin = {split: f"{where('train', origin)} ({split} part)" for split in raw}
     return raw, origin
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
-
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}; give another --output_dir to train from scratch.")
-
+    eval_common.setup_logging(training_args, logger)
+    last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ---- data
@@ -181,40 +125,20 @@ def main(argv: list[str] | None = None) -> dict:
     first = raw_datasets[splits[0] if splits else next(iter(raw_datasets))]
     text_column = data_args.text_column_name or ("text" if "text" in first.column_names else first.column_names[0])
     for split in splits:
-        if text_column not in raw_datasets[split].column_names:
-            raise UserError(
-                f"column '{text_column}' not found in {origin.get(split, f'the {split} split')} "
-                f"(columns: {', '.join(raw_datasets[split].column_names)}); see --text_column_name"
-            )
+        eval_common.require_columns(raw_datasets[split], [text_column], where(split, origin),
+                                    hint="see --text_column_name")
 
     # ---- model
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                      token=model_args.token, trust_remote_code=model_args.trust_remote_code)
-    config_source = model_args.config_name or model_args.model_name_or_path
-    try:
-        config = AutoConfig.from_pretrained(config_source, **hub_kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {config_source}: {one_line(e)}") from None
-    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(
-            f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
-            "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
-        ) from None
+    config = eval_common.load_config(model_args)
+    tokenizer = eval_common.load_tokenizer(model_args)
     if tokenizer.mask_token is None:
-        raise UserError(f"tokenizer {tokenizer_source} has no mask token: it cannot be used for masked language modelling")
-    if len(tokenizer) > config.vocab_size:
         raise UserError(
-            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
+            f"tokenizer {tokenizer.name_or_path} has no mask token: it cannot be used for masked language modelling"
         )
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path, config=config, **hub_kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load model {model_args.model_name_or_path}: {one_line(e)}") from None
+    eval_common.check_vocab_size(tokenizer, config)
+    model = eval_common.load_model(AutoModelForMaskedLM, model_args, config)
 
-    model_limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", tokenizer.model_max_length))
+    model_limit = eval_common.model_input_limit(tokenizer, config)
     max_seq_length = min(data_args.max_seq_length or model_limit, model_limit)
 
     def tokenize_lines(examples: dict) -> dict:
@@ -272,12 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- train
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        eval_common.train_and_save(trainer, last_checkpoint)
 
     # ---- evaluate
     results = {}

@@ -13,30 +13,25 @@ written to `eval_results.json` / `all_results.json`.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
-import transformers
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import (
-    AutoConfig,
     AutoModelForTokenClassification,
-    AutoTokenizer,
     DataCollatorForTokenClassification,
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+import eval_common
 import eval_metrics
-from utils import UserError, require_file, run_cli
+from eval_common import ModelArguments, where
+from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +41,12 @@ CONLL2003_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-
 # and the tag names to use when the repository stores bare tag ids.
 hub_datasets = {"conll2003": ("lhoestq/conll2003", CONLL2003_TAGS)}
 
+# File suffix -> the `datasets` loader that reads it.
+file_loaders = {".json": "json", ".jsonl": "json"}
+
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "A distillation dump folder (config.json + weights) or a Hugging Face model name."}
-    )
-    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
+class NerModelArguments(ModelArguments):
     ignore_mismatched_sizes: bool = field(
         default=False,
         metadata={"help": "Use a model whose trained tagging head has other labels: the head is re-initialised."},
@@ -88,10 +75,6 @@ class DataTrainingArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
 
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 @dataclass
 class NerTrainingArguments(TrainingArguments):
     # TrainingArguments' --label_names names the input keys holding labels ("labels" for tagging,
@@ -102,71 +85,30 @@ class NerTrainingArguments(TrainingArguments):
     )
 
 
-def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, NerTrainingArguments]:
+def parse_args(argv: list[str] | None) -> tuple[NerModelArguments, DataTrainingArguments, NerTrainingArguments]:
     """Parse the command line (or one .json file holding the arguments) into the three groups."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, NerTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
-        raise UserError(one_line(e)) from None
+    return eval_common.parse_dataclasses((NerModelArguments, DataTrainingArguments, NerTrainingArguments), argv)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and for local files the file each split came from (for error messages)."""
-    files = {
-        split: path
-        for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
-                            ("test", data_args.test_file))
-        if path is not None
-    }
+    files = eval_common.given_files(data_args, ("train", "validation", "test"))
     if files:
-        raw = DatasetDict()
-        for split, path in files.items():
-            suffix = require_file(path, f"--{split}_file").suffix.lower()
-            if suffix not in (".json", ".jsonl"):
-                raise UserError(f"--{split}_file must be .json or .jsonl (lists of words and tags): {path}")
-            try:
-                raw[split] = load_dataset("json", data_files={split: path}, cache_dir=cache_dir)[split]
-            except Exception as e:  # the loaders raise many types for one cause: an unreadable file
-                raise UserError(f"cannot read {path}: {one_line(e)}") from None
-        return raw, files
+        expected = ".json or .jsonl (lists of words and tags)"
+        return eval_common.load_local_files(files, file_loaders, cache_dir, expected), files
     if data_args.dataset_name is None:
         raise UserError("no data: pass --dataset_name (e.g. conll2003) or --train_file/--validation_file")
     name = hub_datasets.get(data_args.dataset_name, (data_args.dataset_name,))[0]
-    try:
-        return load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir), {}
-    except Exception as e:
-        raise UserError(
-            f"cannot load {name} from the Hugging Face Hub: {one_line(e)}; "
-            "offline, pass local files with --train_file/--validation_file"
-        ) from None
-
-
-def where(split: str, files: dict[str, str]) -> str:
-    return files.get(split, f"the {split} split")
+    offline_hint = "offline, pass local files with --train_file/--validation_file"
+    return eval_common.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     tag_names = [name for arg in training_args.label_names or [] for name in arg.split(",") if name]
     training_args.label_names = None
-
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}; give another --output_dir to train from scratch.")
-
+    eval_common.setup_logging(training_args, logger)
+    last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ---- data
@@ -177,12 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     text_column, label_column = data_args.text_column_name, data_args.label_column_name
     for split in raw_datasets:
         required = [text_column] + ([label_column] if split != "test" else [])
-        for column in required:
-            if column not in raw_datasets[split].column_names:
-                raise UserError(
-                    f"column '{column}' not found in {where(split, files)} "
-                    f"(columns: {', '.join(raw_datasets[split].column_names)}); see --text_column_name/--label_column_name"
-                )
+        eval_common.require_columns(raw_datasets[split], required, where(split, files),
+                                    hint="see --text_column_name/--label_column_name")
     labelled_splits = [s for s in raw_datasets if label_column in raw_datasets[s].column_names]
 
     # Tag names, in id order: the data set's own, --label_names, or the tags the files spell out.
@@ -211,13 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     b_to_i = [label_to_id.get("I-" + name[2:], i) if name.startswith("B-") else i for i, name in enumerate(label_list)]
 
     # ---- model
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                      token=model_args.token, trust_remote_code=model_args.trust_remote_code)
-    config_source = model_args.config_name or model_args.model_name_or_path
-    try:
-        config = AutoConfig.from_pretrained(config_source, **hub_kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {config_source}: {one_line(e)}") from None
+    config = eval_common.load_config(model_args)
     wanted_label2id = {name: i for i, name in enumerate(label_list)}
     trained_head = any(a.endswith("ForTokenClassification") for a in (config.architectures or []))
     default_names = all(k.startswith("LABEL_") for k in config.label2id)
@@ -236,31 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     config.label2id, config.id2label = wanted_label2id, dict(enumerate(label_list))
     config.finetuning_task = "ner"
 
-    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
     # Byte-level BPE tokenizers need a leading space to treat pre-split words as words.
     tokenizer_kwargs = {"add_prefix_space": True} if config.model_type in ("gpt2", "roberta") else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs, **hub_kwargs)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(
-            f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
-            "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
-        ) from None
+    tokenizer = eval_common.load_tokenizer(model_args, **tokenizer_kwargs)
     if not tokenizer.is_fast:
-        raise UserError(f"tokenizer {tokenizer_source} has no word alignment (not a fast tokenizer)")
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
-        )
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(
-            model_args.model_name_or_path, config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load model {model_args.model_name_or_path}: {one_line(e)}") from None
+        raise UserError(f"tokenizer {tokenizer.name_or_path} has no word alignment (not a fast tokenizer)")
+    eval_common.check_vocab_size(tokenizer, config)
+    model = eval_common.load_model(AutoModelForTokenClassification, model_args, config,
+                                   ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
-    model_limit = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", tokenizer.model_max_length))
+    model_limit = eval_common.model_input_limit(tokenizer, config)
     max_seq_length = min(data_args.max_seq_length or model_limit, model_limit)
     padding = "max_length" if data_args.pad_to_max_length else False
 
@@ -325,12 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- train
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        eval_common.train_and_save(trainer, last_checkpoint)
 
     # ---- evaluate
     results = {}

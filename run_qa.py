@@ -16,30 +16,25 @@ Scores are SQuAD exact match and F1 (v2: also HasAns_* / NoAns_*), written to
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
-    AutoConfig,
     AutoModelForQuestionAnswering,
-    AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+import eval_common
 import eval_metrics
+from eval_common import ModelArguments, where
 from qa_utils import postprocess_qa_predictions, read_squad_json
-from utils import UserError, require_file, run_cli, write_json
+from utils import UserError, run_cli, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +42,16 @@ logger = logging.getLogger(__name__)
 hub_datasets = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
 
 
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "A distillation dump folder (config.json + weights) or a Hugging Face model name."}
-    )
-    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models whose code lives on the Hub."})
+def load_squad_json(path: str, split: str, cache_dir: str | None) -> Dataset:
+    """An official SQuAD file (articles > paragraphs > questions), else a json file of one question per row."""
+    rows = read_squad_json(path)
+    if rows is not None:
+        return Dataset.from_list(rows)
+    return load_dataset("json", data_files={split: path}, cache_dir=cache_dir)[split]
+
+
+# File suffix -> the `datasets` loader (or our reader) for it.
+file_loaders = {".json": load_squad_json, ".jsonl": "json"}
 
 
 @dataclass
@@ -85,82 +77,34 @@ class DataTrainingArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
 
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
     """Parse the command line (or one .json file holding the arguments) into the three groups."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
-        raise UserError(one_line(e)) from None
+    return eval_common.parse_dataclasses((ModelArguments, DataTrainingArguments, TrainingArguments), argv)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and for local files the file each split came from (for error messages)."""
-    files = {
-        split: path
-        for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file),
-                            ("test", data_args.test_file))
-        if path is not None
-    }
+    files = eval_common.given_files(data_args, ("train", "validation", "test"))
     if files:
-        raw = DatasetDict()
-        for split, path in files.items():
-            suffix = require_file(path, f"--{split}_file").suffix.lower()
-            if suffix not in (".json", ".jsonl"):
-                raise UserError(f"--{split}_file must be .json or .jsonl (SQuAD fields): {path}")
-            try:
-                rows = read_squad_json(path) if suffix == ".json" else None
-                raw[split] = (
-                    Dataset.from_list(rows) if rows is not None
-                    else load_dataset("json", data_files={split: path}, cache_dir=cache_dir)[split]
-                )
-            except Exception as e:  # the loaders raise many types for one cause: an unreadable file
-                raise UserError(f"cannot read {path}: {one_line(e)}") from None
-        return raw, files
+        expected = ".json or .jsonl (SQuAD fields)"
+        return eval_common.load_local_files(files, file_loaders, cache_dir, expected), files
     if data_args.dataset_name is None:
         raise UserError("no data: pass --dataset_name (e.g. squad) or --train_file/--validation_file")
     name = hub_datasets.get(data_args.dataset_name, data_args.dataset_name)
-    try:
-        return load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir), {}
-    except Exception as e:
-        raise UserError(
-            f"cannot load {name} from the Hugging Face Hub: {one_line(e)}; "
-            "offline, pass local files with --train_file/--validation_file"
-        ) from None
-
-
-def where(split: str, files: dict[str, str]) -> str:
-    return files.get(split, f"the {split} split")
+    offline_hint = "offline, pass local files with --train_file/--validation_file"
+    return eval_common.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
-
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    eval_common.setup_logging(training_args, logger)
 
     if training_args.eval_strategy != "no":
         raise UserError("run_qa.py scores answers after training only (--do_eval); drop --eval_strategy")
     if data_args.dataset_name == "squad_v2" and not data_args.version_2_with_negative:
         logger.warning("squad_v2 has unanswerable questions: you probably want --version_2_with_negative")
 
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}; give another --output_dir to train from scratch.")
-
+    last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ---- data
@@ -170,12 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"{flag} needs a {split} split: pass --{split}_file (or --dataset_name with network)")
     for split in raw_datasets:
         required = ["id", "context", "question"] + (["answers"] if split != "test" else [])
-        for column in required:
-            if column not in raw_datasets[split].column_names:
-                raise UserError(
-                    f"column '{column}' not found in {where(split, files)} "
-                    f"(columns: {', '.join(raw_datasets[split].column_names)})"
-                )
+        eval_common.require_columns(raw_datasets[split], required, where(split, files))
     if training_args.do_train and not data_args.version_2_with_negative:
         unanswered = [row["id"] for row in raw_datasets["train"].select_columns(["id", "answers"])
                       if not row["answers"]["text"]]
@@ -186,34 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     # ---- model
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                      token=model_args.token, trust_remote_code=model_args.trust_remote_code)
-    config_source = model_args.config_name or model_args.model_name_or_path
-    try:
-        config = AutoConfig.from_pretrained(config_source, **hub_kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {config_source}: {one_line(e)}") from None
-    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(
-            f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
-            "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
-        ) from None
+    config = eval_common.load_config(model_args)
+    tokenizer = eval_common.load_tokenizer(model_args)
     if not tokenizer.is_fast:
-        raise UserError(f"tokenizer {tokenizer_source} gives no character offsets (not a fast tokenizer)")
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
-        )
-    try:
-        model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path, config=config, **hub_kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load model {model_args.model_name_or_path}: {one_line(e)}") from None
+        raise UserError(f"tokenizer {tokenizer.name_or_path} gives no character offsets (not a fast tokenizer)")
+    eval_common.check_vocab_size(tokenizer, config)
+    model = eval_common.load_model(AutoModelForQuestionAnswering, model_args, config)
 
-    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length,
-                         getattr(config, "max_position_embeddings", data_args.max_seq_length))
+    max_seq_length = min(data_args.max_seq_length, eval_common.model_input_limit(tokenizer, config))
     if max_seq_length < data_args.max_seq_length:
         logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}.")
     if data_args.doc_stride >= max_seq_length // 2:
@@ -293,12 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- train
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        eval_common.train_and_save(trainer, last_checkpoint)
 
     def answer(split: str, limit: int | None, prefix: str) -> dict:
         """Answer the split's questions; write `{prefix}_predictions.json` etc.; score them if answers are known."""
