@@ -34,6 +34,7 @@ __all__ = [
     "Adapter",
     "BlockInputCache",
     "CounterfactualOutput",
+    "activations_from_cache",
     "backbone",
     "deserialize_variable_name",
     "get_activation_at",
@@ -46,6 +47,7 @@ __all__ = [
     "num_layers",
     "parse_variable_name",
     "record_block_inputs",
+    "run_blocks_above",
     "run_blocks_from",
     "sample_interchange_variables",
     "validate_neuron_mapping",
@@ -326,14 +328,30 @@ class CounterfactualOutput:
     last_hidden_state: torch.Tensor
 
 
-def _interchange_hooks(
+@dataclass
+class _Writes:
+    """What a counterfactual run writes: per intervened layer, the dims and the values at the base positions."""
+
+    rows: torch.Tensor  # (n,) base row of each interchanged position, row-major
+    positions: torch.Tensor  # (n,) its position in that row
+    per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (dims (m,), values (n, m))
+
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `layer`'s output `(bs, seq, dim)` with the interventions written in (a new tensor)."""
+        dim_index, value = self.per_layer[layer]
+        # Write into a copy: the block's output may be saved by autograd for its own backward.
+        new = hidden.clone()
+        new[self.rows[:, None], self.positions[:, None], dim_index.to(new.device)[None, :]] = value.to(new.dtype)
+        return new
+
+
+def _prepare_writes(
     model: nn.Module,
     interchanged_variables: Sequence[torch.Tensor],
     variable_names: Sequence[str],
     interchange_mask: torch.Tensor,
     dual_interchange_mask: torch.Tensor,
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Register one write hook per intervened block; the caller removes the returned handles."""
+) -> _Writes:
     if len(interchanged_variables) != len(variable_names):
         raise UserError(
             f"{len(interchanged_variables)} interchanged variables for {len(variable_names)} variable names"
@@ -364,23 +382,28 @@ def _interchange_hooks(
             names = [variable_names[i] for i, _, _ in variables]
             raise UserError(f"variables {names} overlap in layer {layer}")
         per_layer[layer] = (dim_index, torch.cat(values, dim=-1))
+    return _Writes(rows, positions, per_layer)
+
+
+def _interchange_hooks(
+    model: nn.Module, writes: _Writes, skip: Sequence[int] = ()
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register one write hook per intervened block (but those in `skip`); the caller removes the handles."""
 
     def make_hook(layer: int) -> Callable:
-        dim_index, value = per_layer[layer]
-
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            hidden = _block_hidden(output)
-            # Write into a copy: the block's output may be saved by autograd for its own backward.
-            new = hidden.clone()
-            new[rows[:, None], positions[:, None], dim_index.to(new.device)[None, :]] = value.to(new.dtype)
-            return _with_block_hidden(output, new)
+            return _with_block_hidden(output, writes.apply(layer, _block_hidden(output)))
 
         return hook
 
     blocks = _blocks(model)
     # prepend=True: Hugging Face records hidden_states with its own forward hooks on the same blocks;
     # ours must run first so that the recorded hidden_states[k + 1] is the intervened value.
-    return [blocks[layer].register_forward_hook(make_hook(layer), prepend=True) for layer in per_layer]
+    return [
+        blocks[layer].register_forward_hook(make_hook(layer), prepend=True)
+        for layer in writes.per_layer
+        if layer not in skip
+    ]
 
 
 def interchange_with_activation_at(
@@ -403,9 +426,8 @@ def interchange_with_activation_at(
     With `compute_logits=False` only the backbone runs (apply `lm_head_logits` to selected rows).
     With it, the full model runs through any (D)DP wrapper `model` has.
     """
-    handles = _interchange_hooks(
-        model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask
-    )
+    writes = _prepare_writes(model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask)
+    handles = _interchange_hooks(model, writes)
     extra = get_adapter(model).forward_kwargs
     with _hooks(handles):
         runner = model if compute_logits else backbone(model)
@@ -427,7 +449,9 @@ def interchange_with_activation_at(
 class BlockInputCache:
     """What each block was called with during a recorded forward.
 
-    hidden: `{layer: (bs, seq, dim)}` the block's input hidden state (for the recorded layers).
+    hidden: `{layer: (bs, seq, dim)}` the block's input hidden state (for the recorded layers); key
+        `num_layers` holds the last block's output (before any final norm). Entry k + 1 is block k's
+        output, its variables' site.
     args, kwargs: `{layer: ...}` the block's other positional and keyword arguments (attention mask in
         the model's internal format, position ids, ...), replayed verbatim.
     """
@@ -443,26 +467,53 @@ def record_block_inputs(
 ) -> Iterator[BlockInputCache]:
     """Record the inputs of every block during the forwards run inside the `with` body.
 
-    hidden_input_layers: layers whose input hidden state is kept (default all); the restart only
-    needs the one it starts from. Record a base run in eval mode, without a KV cache: a restart is
-    exact only if blocks are deterministic and stateless.
+    hidden_input_layers: layers whose input hidden state is kept (default all blocks); the restart only
+    needs the one it starts from. `num_layers` keeps the last block's output. Record a base run in eval
+    mode, without a KV cache: a restart is exact only if blocks are deterministic and stateless.
+    Tensors are kept as the forward made them (with their autograd graph, if any).
     """
     cache = BlockInputCache()
-    keep = None if hidden_input_layers is None else set(hidden_input_layers)
+    blocks = _blocks(model)
+    keep = set(range(len(blocks))) if hidden_input_layers is None else set(hidden_input_layers)
 
     def make_hook(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            if keep is None or layer in keep:
+            if layer in keep:
                 cache.hidden[layer] = args[0]
             cache.args[layer] = tuple(args[1:])
             cache.kwargs[layer] = dict(kwargs)
 
         return hook
 
-    blocks = _blocks(model)
+    def keep_last_output(module: nn.Module, args: Any, output: Any) -> None:
+        cache.hidden[len(blocks)] = _block_hidden(output)
+
     handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    if len(blocks) in keep:
+        handles.append(blocks[-1].register_forward_hook(keep_last_output))
     with _hooks(handles):
         yield cache
+
+
+def activations_from_cache(
+    model: nn.Module, cache: BlockInputCache, variable_names: Sequence[str], rows: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Values of single variables in a recorded forward, as `get_activation_at` would return them.
+
+    Block k's output is the recorded input of block k + 1 (record layers k + 1). rows: `(n,)` batch
+    rows to take, in that order (e.g. a permutation of the batch); default all. Returns one
+    `(n, seq, d1 - d0)` tensor per name, keeping gradients.
+    """
+    values: list[torch.Tensor | None] = [None] * len(variable_names)
+    for layer, variables in _sites(model, variable_names).items():
+        if layer + 1 not in cache.hidden:
+            raise UserError(f"block {layer}'s output was not recorded; record layer {layer + 1}")
+        hidden = cache.hidden[layer + 1]
+        if rows is not None:
+            hidden = hidden[rows]
+        for i, start, stop in variables:
+            values[i] = hidden[..., start:stop]
+    return values  # type: ignore[return-value]
 
 
 def run_blocks_from(
@@ -482,19 +533,57 @@ def run_blocks_from(
     returned `hidden_states`, entries `0..start_layer-1` are None and entry `start_layer` is the
     cached input.
     """
-    if start_layer not in cache.hidden:
-        raise UserError(f"no recorded input for block {start_layer}; record it with record_block_inputs")
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    writes = None
     if variable_names:
         lowest = min(parse_variable_name(name)[0] for name in variable_names)
         if lowest < start_layer:
             raise UserError(f"cannot restart at block {start_layer} below an intervention at layer {lowest}")
         assert interchange_mask is not None and dual_interchange_mask is not None
-        handles = _interchange_hooks(
-            model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask
-        )
-    blocks = _blocks(model)
+        writes = _prepare_writes(model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask)
+    return _run_from(model, cache, start_layer, writes, compute_logits)
+
+
+def run_blocks_above(
+    model: nn.Module,
+    cache: BlockInputCache,
+    layer: int,
+    interchanged_variables: Sequence[torch.Tensor],
+    variable_names: Sequence[str],
+    interchange_mask: torch.Tensor,
+    dual_interchange_mask: torch.Tensor,
+    compute_logits: bool = True,
+) -> CounterfactualOutput:
+    """The counterfactual run from block `layer`'s recorded output: blocks `layer+1..L-1` (+ norm, + head).
+
+    The interventions at `layer` are written straight into its recorded output (record layer
+    `layer + 1`; for the last block, `num_layers`), so block `layer` does not run again; those above
+    are written by hooks. Equal to `interchange_with_activation_at` on the recorded input when no
+    intervened layer is below `layer`. Shapes as there; in `hidden_states`, entries `0..layer` are None.
+    """
+    lowest = min(parse_variable_name(name)[0] for name in variable_names)
+    if lowest < layer:
+        raise UserError(f"cannot restart above block {layer}: an intervention is at layer {lowest}")
+    writes = _prepare_writes(model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask)
+    return _run_from(model, cache, layer + 1, writes, compute_logits, write_input=layer in writes.per_layer)
+
+
+def _run_from(
+    model: nn.Module,
+    cache: BlockInputCache,
+    start_layer: int,
+    writes: _Writes | None,
+    compute_logits: bool,
+    write_input: bool = False,
+) -> CounterfactualOutput:
+    """Blocks `start_layer..L-1` from the recorded input of `start_layer`; `write_input`: block
+    `start_layer - 1`'s interventions are written into that input first."""
+    if start_layer not in cache.hidden:
+        raise UserError(f"no recorded input for block {start_layer}; record it with record_block_inputs")
     hidden = cache.hidden[start_layer]
+    if write_input:
+        hidden = writes.apply(start_layer - 1, hidden)
+    handles = [] if writes is None else _interchange_hooks(model, writes, skip=[start_layer - 1])
+    blocks = _blocks(model)
     states: list[torch.Tensor | None] = [None] * start_layer + [hidden]
     with _hooks(handles):
         for layer in range(start_layer, len(blocks)):

