@@ -153,11 +153,13 @@ class DiitoRuns(nn.Module):
         fast = plan.source_rows is not None
         if not fast and self.model.training:
             # Dropout draws new masks in every run: the counterfactual run recomputes every block.
-            runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
-            source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
-            out = cf.interchange_with_activation_at(
-                self.model, input_ids, attention_mask, source, variables, *masks, compute_logits=False
-            )
+            # The three runs' token embeddings come from one lookup (one embedding backward).
+            with cf.shared_token_embeddings(self.model, [input_ids, dual_ids]):
+                runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
+                source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
+                out = cf.interchange_with_activation_at(
+                    self.model, input_ids, attention_mask, source, variables, *masks, compute_logits=False
+                )
         else:
             layers = sorted({cf.parse_variable_name(name)[0] for name in variables})
             # Recorded: the lowest intervened block's output (where the restart begins) and, in fast

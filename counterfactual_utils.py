@@ -49,6 +49,7 @@ __all__ = [
     "record_block_inputs",
     "run_blocks_above",
     "run_blocks_from",
+    "shared_token_embeddings",
     "sample_interchange_variables",
     "validate_neuron_mapping",
 ]
@@ -266,6 +267,32 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def shared_token_embeddings(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the `with` body, the model's token-embedding lookups of `inputs` share one lookup.
+
+    The rows of every `(bs, seq)` tensor in `inputs` are looked up together, once, and a forward
+    whose input ids equal one of them gets its slice of that lookup. Values are unchanged; the
+    gradient reaches the embedding matrix through one embedding backward instead of one per run,
+    which spares a dense `(V, D)` gradient (and its accumulation) per extra run. Ids equal to none
+    of `inputs` are looked up as usual.
+    """
+    embedding = _unwrap(model).get_input_embeddings()
+    flat = torch.cat([ids.reshape(-1) for ids in inputs])
+    looked_up = embedding(flat).split([ids.numel() for ids in inputs])
+    shared = [(ids, rows.view(*ids.shape, -1)) for ids, rows in zip(inputs, looked_up)]
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        ids = args[0]
+        for candidate, rows in shared:
+            if ids.shape == candidate.shape and torch.equal(ids, candidate):
+                return rows
+        return output
+
+    with _hooks([embedding.register_forward_hook(hook)]):
+        yield
 
 
 def get_activation_at(

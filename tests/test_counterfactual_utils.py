@@ -469,6 +469,51 @@ def test_student_gets_gradients_through_its_source_run(arch):
     assert grad_on_dual_rows(detach=True) == 0
 
 
+def _count_nodes(grad_fn, name: str) -> int:
+    """Autograd nodes called `name` in the graph below `grad_fn` (each counted once)."""
+    seen, stack, count = set(), [grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_token_embeddings_change_no_value_and_no_gradient(arch):
+    # Three runs (base, a dual of another length, the base again) with and without the shared
+    # lookup: equal outputs and equal gradients everywhere; one embedding backward instead of three.
+    torch.manual_seed(0)
+    model = MODEL_CLASSES[arch](_tiny_config(arch)).eval()
+    g = torch.Generator().manual_seed(5)
+    base, dual, other = (torch.randint(3, VOCAB, shape, generator=g) for shape in [(2, SEQ), (2, SEQ - 3), (2, 4)])
+    embedding = model.get_input_embeddings()
+
+    def runs(shared: bool):
+        model.zero_grad(set_to_none=True)
+        context = cu.shared_token_embeddings(model, [base, dual]) if shared else torch.enable_grad()
+        with context:
+            outs = [model(input_ids=ids).logits for ids in (base, dual, base, other)]
+        loss = sum(o.square().mean() for o in outs)
+        lookups = _count_nodes(loss.grad_fn, "EmbeddingBackward0")
+        loss.backward()
+        return outs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, lookups
+
+    plain_outs, plain_grads, plain_lookups = runs(shared=False)
+    shared_outs, shared_grads, shared_lookups = runs(shared=True)
+    assert plain_lookups - shared_lookups == 2  # base twice and dual: one lookup instead of three
+    for a, b in zip(plain_outs, shared_outs):
+        torch.testing.assert_close(a, b)
+    assert plain_grads.keys() == shared_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # The hook is gone afterwards: a new lookup is the module's own.
+    assert torch.equal(embedding(base), embedding.weight[base])
+
+
 # ----------------------------------------------------------------------------------------------- restart
 
 

@@ -361,8 +361,11 @@ def test_activations_from_cache_equal_get_activation_at_on_the_chosen_rows():
 # ------------------------------------------------------------------------------------------------ losses
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 100, 1])  # one chunk; 2 rows per chunk (last one short); 1 row
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_ce_loss_value_and_gradient_equal_autograd_through_kl_div(temperature):
+def test_ce_loss_value_and_gradient_equal_autograd_through_kl_div(temperature, chunk_elements, monkeypatch):
+    if chunk_elements is not None:
+        monkeypatch.setattr(L, "_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(0)
     s = (3 * torch.randn(6, 50, generator=g)).requires_grad_()
     t = 3 * torch.randn(6, 50, generator=g)
