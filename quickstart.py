@@ -427,7 +427,8 @@ class Pipeline:
         teacher_base = predictions(teacher, pairs, None)
         teacher_cf = predictions(teacher, pairs, t_vars)
 
-        results: dict = {"settings": dataclasses.asdict(s), "models": {}}
+        results: dict = {"settings": dataclasses.asdict(s), "models": {},
+                         "unigram_baseline": self.unigram_baseline(mlm_batches, tokenizer)}
         for name, model in models.items():
             row = fit_mlm_head.evaluate_mlm(model, mlm_batches, desc=f"held-out MLM: {name}")
             if name != "teacher":
@@ -444,6 +445,20 @@ class Pipeline:
         results["timings_s"] = self.timings
         self.log_heldout(results)
         write_json(results, self.results)
+
+    def unigram_baseline(self, mlm_batches, tokenizer) -> dict:
+        """The held-out MLM score of ignoring the context: the training corpus's word frequencies
+        (add-one smoothed) as the prediction everywhere; its top-1 is the most frequent word."""
+        from causal_train import special_token_ids
+        from token_store import safe_load_pickle
+
+        counts = torch.tensor(safe_load_pickle(self.counts, "token counts file"), dtype=torch.float64) + 1
+        counts[list(special_token_ids(tokenizer).values())] = 0
+        log_p = (counts / counts.sum()).log()
+        targets = torch.cat([labels[labels != IGNORE_INDEX] for _, _, labels in mlm_batches])
+        top = int(counts.argmax())
+        return {"mlm_loss": float(-log_p[targets].mean()), "mlm_accuracy": float((targets == top).float().mean()),
+                "top_token": tokenizer.convert_ids_to_tokens(top)}
 
     def corpus_stats(self) -> dict:
         stats = {}
@@ -494,6 +509,9 @@ def write_summary(results: dict, path: Path, plot_name: str) -> None:
         "| interchange accuracy (%) |",
         "|---|---|---|---|---|---|---|",
     ]
+    u = results["unigram_baseline"]
+    lines.append(f"| context ignored: corpus word frequencies (top-1 always `{u['top_token']}`) | – | – "
+                 f"| {u['mlm_loss']:.3f} | {100 * u['mlm_accuracy']:.2f} | – | – |")
     for key, label in names.items():
         row = m[key]
         lines.append(

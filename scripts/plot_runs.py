@@ -143,7 +143,8 @@ def plot(runs: list[dict[str, Series]], labels: list[str], tags: list[str], outp
             color = colors[i % len(colors)]
             if weight > 0:
                 ax.plot(s.steps, s.values, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(s.steps, smooth(s.values, weight), color=color, linewidth=1.5, label=labels[i])
+            marker = "o" if len(s.steps) == 1 else None  # a one-point line would draw nothing
+            ax.plot(s.steps, smooth(s.values, weight), color=color, linewidth=1.5, label=labels[i], marker=marker)
         ax.set_xlabel("step", fontsize=8)
         if tag.startswith(UNSMOOTHED_PREFIXES):  # small values: label ticks 5e-04, not with an offset
             ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0e}" if v else "0")

@@ -92,3 +92,10 @@ def tiny_mapping(tmp_path_factory) -> Path:
          "student_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"]},
     ]}))
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "full_quickstart: the full-size quickstart (about 11 minutes on 2 cores); runs only with "
+        "QUICKSTART_FULL=1, e.g. `QUICKSTART_FULL=1 python -m pytest -q -m full_quickstart`"
+    )

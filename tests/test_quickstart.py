@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def test_tiny_quickstart_writes_a_plot_and_a_summary_with_numbers(tiny_run):
 
     summary = (out / "summary.md").read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 4
+    assert len(rows) == 5  # the unigram baseline and four models
     for row in rows:
         assert re.search(r"\| \d+\.\d{3} \| \d+\.\d{2} \|", row), row  # MLM loss and accuracy
     assert "comparison.png" in summary
@@ -66,3 +68,17 @@ def test_refuses_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(UserError, match="not a quickstart output folder"):
         quickstart.main(["--tiny", "--output_dir", str(tmp_path)])
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.full_quickstart
+@pytest.mark.skipif(not os.environ.get("QUICKSTART_FULL"), reason="full-size quickstart: set QUICKSTART_FULL=1")
+def test_full_quickstart_finishes_in_15_minutes_with_a_teacher_better_than_unigram(tmp_path):
+    # The README's command 1 at its default size. The teacher's fitted head must beat always
+    # answering the most frequent training token, and both students must have learnt.
+    start = time.perf_counter()
+    results = quickstart.main(["--output_dir", str(tmp_path / "out")])
+    assert time.perf_counter() - start < 15 * 60
+    models = results["models"]
+    assert models["teacher"]["mlm_accuracy"] > results["unigram_baseline"]["mlm_accuracy"]
+    for name in ("plain", "diito"):
+        assert models[name]["mlm_loss"] < models["extracted"]["mlm_loss"]
