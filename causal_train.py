@@ -455,6 +455,9 @@ def train(args: argparse.Namespace) -> Path:
     for p in teacher.parameters():
         p.requires_grad = False
 
+    # Every rank built the same student from the same seed (DDP also broadcasts rank 0's weights);
+    # from here on each rank draws its own dropout masks instead of the same ones on different data.
+    torch.manual_seed(args.seed + args.global_rank)
     distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mapping)
     if args.resume:
         distiller.resume()

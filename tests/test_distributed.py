@@ -42,6 +42,7 @@ def records(folder: Path, rank: int) -> dict:
             batches.setdefault(line["epoch"], []).append(line["batch"])
     return dict(
         dual_index=[line["dual_index"] for line in lines if "dual_index" in line],
+        torch_seed=[line["torch_seed"] for line in lines if "torch_seed" in line],
         batches=batches,
         variables=[line["variables"] for line in lines if "variables" in line],
         student=torch.load(folder / f"student_rank{rank}.pt", weights_only=True),
@@ -111,6 +112,8 @@ def test_torchrun_two_processes_shard_the_data_agree_on_everything_and_resume_ex
     # Same dual pairing, same variables at every step, same final weights on both ranks.
     assert seen[0]["dual_index"] == seen[1]["dual_index"] == [dataset.dual_index.tolist()]
     assert seen[0]["variables"] == seen[1]["variables"] and len(seen[0]["variables"]) == 14
+    # Each rank draws its own dropout masks: the global torch RNG is seeded with seed + rank.
+    assert [seen[0]["torch_seed"], seen[1]["torch_seed"]] == [[42], [43]]
     final = torch.load(run / "pytorch_model.bin", weights_only=True)
     for name, value in final.items():
         assert torch.equal(seen[0]["student"][name], value) and torch.equal(seen[1]["student"][name], value), name

@@ -59,7 +59,7 @@ if env("TEST_RECORD"):  # per rank: dual pairing, loaded batches per epoch, vari
         return variables
 
     def recording_train(self):
-        record(dual_index=self.dataset.dual_index.tolist())
+        record(dual_index=self.dataset.dual_index.tolist(), torch_seed=torch.initial_seed())
         try:
             return train(self)
         finally:
