@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for name, seconds in e2e.items():
             print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / e2e['plain']:.2f}x | "
                   f"{median[name] / median['plain']:.2f}x |")
+        print(f"\ncollation + MLM masking of one {args.batch_size}x{args.seq_len} batch (base and dual): "
+              f"{collate_ms(args):.2f} ms")
     return {name: seconds / median["plain"] for name, seconds in median.items()}
 
 
@@ -385,6 +387,27 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
             CausalDistiller._train_micro_batch = original
         seconds[name] = statistics.median(np.diff(done))
     return seconds
+
+
+def collate_ms(args: argparse.Namespace, batches: int = 50) -> float:
+    """Milliseconds per batch of what the data side of a step does: collate base and dual rows
+    (`LmSeqsDataset.batch_sequences`) and MLM-mask both (`MlmMasker`)."""
+    from masking import MlmMasker
+
+    rng = np.random.default_rng(0)
+    n = args.seq_len
+    corpus = [np.concatenate([[101], rng.integers(1000, args.vocab, n - 2), [102]]).astype(np.uint16)
+              for _ in range(args.batch_size * batches)]
+    dataset = LmSeqsDataset(DatasetParams(512, True, SPECIAL), corpus)
+    masker = MlmMasker(torch.ones(args.vocab), torch.tensor([0.8, 0.1, 0.1]), 0.15, SPECIAL["mask_token"], args.vocab)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for b in range(batches):
+        rows = range(b * args.batch_size, (b + 1) * args.batch_size)
+        ids, lengths, dual_ids, dual_lengths = dataset.batch_sequences([dataset[i] for i in rows])
+        masker(ids, lengths, generator)
+        masker(dual_ids, dual_lengths, generator)
+    return 1e3 * (time.perf_counter() - start) / batches
 
 
 def _profile(variants) -> None:
