@@ -14,12 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-BERT_PICKLE = SHARED_DATA / "binarized_text.train.bert-base-uncased.pickle"
-BERT_COUNTS = SHARED_DATA / "binarized_text.train.token_counts.bert-base-uncased.pickle"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from conftest import BERT_COUNTS, BERT_PICKLE, REPO, SHARED_DATA  # conftest also puts REPO on sys.path
 
 import token_store  # noqa: E402
 from scripts import binarized_data, data_combinator, token_counts  # noqa: E402
