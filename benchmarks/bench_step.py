@@ -327,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 # --- end to end: causal_train.main on a synthetic corpus ------------------------------------------
 
 
+def full_length_corpus(args: argparse.Namespace, n_sequences: int) -> list[np.ndarray]:
+    """`n_sequences` uint16 rows of `args.seq_len` ids: [CLS], random words, [SEP] (seeded)."""
+    rng = np.random.default_rng(0)
+    return [np.concatenate([[SPECIAL["cls_token"]], rng.integers(1000, args.vocab, args.seq_len - 2),
+                            [SPECIAL["sep_token"]]]).astype(np.uint16) for _ in range(n_sequences)]
+
+
 def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[str, float]:
     """Median seconds per optimizer step of `causal_train.main`, data loading and logging included.
 
@@ -341,10 +348,7 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
 
     if args.vocab != 30522:
         raise SystemExit("--train_steps needs --vocab 30522 (the bert-base-uncased tokenizer)")
-    rng = np.random.default_rng(0)
-    n = args.seq_len
-    corpus = [np.concatenate([[101], rng.integers(1000, args.vocab, n - 2), [102]]).astype(np.uint16)
-              for _ in range(args.batch_size * (args.train_steps + 2))]
+    corpus = full_length_corpus(args, args.batch_size * (args.train_steps + 2))
     save_pickle(corpus, folder / "corpus.pickle")
     (folder / "counts.pickle").write_bytes(pickle.dumps(np.bincount(np.concatenate(corpus), minlength=args.vocab).tolist()))
     teacher.save_pretrained(folder / "teacher")
@@ -394,10 +398,7 @@ def collate_ms(args: argparse.Namespace, batches: int = 50) -> float:
     (`LmSeqsDataset.batch_sequences`) and MLM-mask both (`MlmMasker`)."""
     from masking import MlmMasker
 
-    rng = np.random.default_rng(0)
-    n = args.seq_len
-    corpus = [np.concatenate([[101], rng.integers(1000, args.vocab, n - 2), [102]]).astype(np.uint16)
-              for _ in range(args.batch_size * batches)]
+    corpus = full_length_corpus(args, args.batch_size * batches)
     dataset = LmSeqsDataset(DatasetParams(512, True, SPECIAL), corpus)
     masker = MlmMasker(torch.ones(args.vocab), torch.tensor([0.8, 0.1, 0.1]), 0.15, SPECIAL["mask_token"], args.vocab)
     generator = torch.Generator().manual_seed(0)
