@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -17,7 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import GPT2LMHeadModel, RobertaForMaskedLM  # noqa: E402
 
-from scripts.extraction import copy_keys, load_teacher, save_state_dict, teacher_layers  # noqa: E402
+from scripts.extraction import (  # noqa: E402
+    copy_keys,
+    extraction_parser,
+    load_teacher,
+    parse_extraction_args,
+    save_state_dict,
+    teacher_layers,
+)
 from utils import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("extract")
@@ -56,17 +62,11 @@ def extract_gpt2(state: dict, layers: list[int], name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Extract a roberta->roberta or gpt2->gpt2 student.")
-    parser.add_argument("--model_type", default="roberta", choices=["roberta", "gpt2"])
-    parser.add_argument("--model_name", default="roberta-base", help="Teacher: Hub name or local folder.")
-    parser.add_argument("--dump_checkpoint", default="distillation_checkpoints/roberta-base_num_layer_6.pth")
-    parser.add_argument("--num_layers", type=int, default=6, help="Student layers.")
-    parser.add_argument("--teacher_layers", type=int, nargs="+", default=None,
-                        help="Teacher blocks to copy, one per student layer (default: the original's choice).")
-    parser.add_argument("--vocab_transform", action="store_true", help="RoBERTa: also copy the head's transform.")
-    args = parser.parse_args(argv)
-    if args.num_layers < 1:
-        raise UserError(f"--num_layers must be >= 1, got {args.num_layers}")
+    parser = extraction_parser(
+        "Extract a roberta->roberta or gpt2->gpt2 student.", ["roberta", "gpt2"], "roberta-base",
+        "distillation_checkpoints/roberta-base_num_layer_6.pth", "RoBERTa: also copy the head's transform.",
+    )
+    args = parse_extraction_args(parser, argv)
     if args.model_type == "roberta":
         teacher = load_teacher(RobertaForMaskedLM, args.model_name, head_prefix="lm_head.")
         n_teacher = teacher.config.num_hidden_layers

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import BertForMaskedLM  # noqa: E402
 
-from scripts.extraction import copy_keys, load_teacher, save_state_dict, teacher_layers  # noqa: E402
+from scripts.extraction import (  # noqa: E402
+    copy_keys,
+    extraction_parser,
+    load_teacher,
+    parse_extraction_args,
+    save_state_dict,
+    teacher_layers,
+)
 from utils import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("extract_distilbert")
@@ -54,17 +60,11 @@ def extract(teacher_state: dict, layers: list[int], vocab_transform: bool, name:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Extract a DistilBERT student from a BERT teacher.")
-    parser.add_argument("--model_type", default="bert", choices=["bert"])
-    parser.add_argument("--model_name", default="bert-base-uncased", help="Teacher: Hub name or local folder.")
-    parser.add_argument("--dump_checkpoint", default="distillation_checkpoints/bert-base-uncased_num_layer_6.pth")
-    parser.add_argument("--num_layers", type=int, default=6, help="Student layers.")
-    parser.add_argument("--teacher_layers", type=int, nargs="+", default=None,
-                        help="Teacher blocks to copy, one per student layer (default: the original's choice).")
-    parser.add_argument("--vocab_transform", action="store_true", help="Also copy the MLM head's transform.")
-    args = parser.parse_args(argv)
-    if args.num_layers < 1:
-        raise UserError(f"--num_layers must be >= 1, got {args.num_layers}")
+    parser = extraction_parser(
+        "Extract a DistilBERT student from a BERT teacher.", ["bert"], "bert-base-uncased",
+        "distillation_checkpoints/bert-base-uncased_num_layer_6.pth", "Also copy the MLM head's transform.",
+    )
+    args = parse_extraction_args(parser, argv)
     teacher = load_teacher(BertForMaskedLM, args.model_name, head_prefix="cls.")
     if teacher.config.model_type != "bert":
         raise UserError(f"{args.model_name} is a {teacher.config.model_type} model, not bert")

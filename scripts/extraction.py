@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import torch
 
@@ -10,6 +12,27 @@ from utils import UserError, atomic_path
 # The original's picks from a 12-layer teacher.
 LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
 LAYERS_9 = [0, 2, 3, 4, 7, 8, 9, 10, 11]
+
+
+def extraction_parser(description: str, model_types: list[str], model_name: str, dump_checkpoint: str,
+                      vocab_transform_help: str) -> argparse.ArgumentParser:
+    """The flags both extraction scripts take (the original's, plus --teacher_layers)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model_type", default=model_types[0], choices=model_types)
+    parser.add_argument("--model_name", default=model_name, help="Teacher: Hub name or local folder.")
+    parser.add_argument("--dump_checkpoint", default=dump_checkpoint)
+    parser.add_argument("--num_layers", type=int, default=6, help="Student layers.")
+    parser.add_argument("--teacher_layers", type=int, nargs="+", default=None,
+                        help="Teacher blocks to copy, one per student layer (default: the original's choice).")
+    parser.add_argument("--vocab_transform", action="store_true", help=vocab_transform_help)
+    return parser
+
+
+def parse_extraction_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.num_layers < 1:
+        raise UserError(f"--num_layers must be >= 1, got {args.num_layers}")
+    return args
 
 
 def teacher_layers(n_teacher: int, n_student: int, explicit: list[int] | None = None) -> list[int]:
