@@ -14,15 +14,17 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler
 
-BIN_WIDTH = 4  # length bins of width 4, as in the original
+# Length bins of width 4 whose edges are 3, 7, 11, ..., as in the original: lengths 3-6 share a
+# bin, then 7-10, and so on (every sequence is at least CLS + SEP, so the first edge is 3).
+BIN_START, BIN_WIDTH = 3, 4
 
 
 def create_lengths_groups(lengths: Sequence[int] | np.ndarray, k: int = 0) -> np.ndarray:
-    """(n,) bin id of each length: bins of width 4 over [0, max(lengths)) (k=0), or one bin."""
+    """(n,) bin id of each length: bins with edges 3, 7, 11, ... up to max(lengths) (k=0), or one bin."""
     lengths = np.asarray(lengths)
     if k != 0:
         return np.zeros(len(lengths), dtype=np.int64)
-    bins = np.arange(0, lengths.max(), BIN_WIDTH)
+    bins = np.arange(BIN_START, lengths.max() + 1, BIN_WIDTH)
     return np.searchsorted(bins, lengths, side="right")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import pickle
 
@@ -174,6 +175,16 @@ def test_grouped_batches_share_a_length_bin_and_cover_the_sampler():
     assert len(full_single_bin) >= 15  # most batches come from one bin of width 4
     for b in full_single_bin:
         assert np.ptp(lengths[b]) < 4
+
+
+def test_length_bins_have_the_original_edges_3_7_11():
+    # The original quantised lengths with bisect_right over the edges 3, 7, 11, ... (HF's
+    # create_lengths_groups): 0-2 | 3-6 | 7-10 | 11-14 ...
+    lengths = np.arange(0, 40)
+    edges = list(range(3, 512, 4))
+    expected = [bisect.bisect_right(edges, int(n)) for n in lengths]
+    assert create_lengths_groups(lengths).tolist() == expected
+    assert create_lengths_groups([3, 6, 7, 10, 11]).tolist() == [1, 1, 2, 2, 3]
 
 
 def test_grouping_under_a_distributed_sampler_gives_disjoint_epoch_shards():
