@@ -167,7 +167,7 @@ _ROWS = [
         token_type_embeddings="roberta.embeddings.token_type_embeddings",
         start_token="cls_token", end_token="sep_token", tokenizer_class="RobertaTokenizer", positions_reserved=True,
         extraction=ExtractionLayout(
-            "roberta.encoder.layer", ("roberta.embeddings",), head=("lm_head.decoder", "lm_head.bias"),
+            "roberta.encoder.layer", ("roberta.embeddings",), head=("lm_head.decoder.weight", "lm_head.bias"),
             head_transform=("lm_head.dense", "lm_head.layer_norm"),
         ),
     ),
