@@ -227,12 +227,12 @@ def check_student_teacher(student_type: str, teacher_type: str, mlm: bool) -> No
     student, teacher = ARCHITECTURES[student_type], ARCHITECTURES[teacher_type]
     objective = "mlm" if mlm else "clm"
     if student.objective != objective or teacher.objective != objective:
-        students = ", ".join(s for s in student_types() if ARCHITECTURES[s].objective == objective)
-        teachers = ", ".join(t for t in teacher_types() if ARCHITECTURES[t].objective == objective)
-        need = "--mlm needs a masked-LM" if mlm else "causal LM (no --mlm) needs a causal-LM"
+        students = "/".join(s for s in student_types() if ARCHITECTURES[s].objective == objective)
+        teachers = "/".join(t for t in teacher_types() if ARCHITECTURES[t].objective == objective)
+        need = "--mlm needs" if mlm else "causal LM (no --mlm) needs"
         raise UserError(
-            f"{need} student and teacher (students: {students}; teachers: {teachers}); "
-            f"got --student_type {student_type} --teacher_type {teacher_type}"
+            f"{need} a {students} student and a {teachers} teacher "
+            f"(got --student_type {student_type} --teacher_type {teacher_type})"
         )
     if teacher_type not in student.teachers:
         raise UserError(
