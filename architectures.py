@@ -31,6 +31,7 @@ __all__ = [
     "special_token_ids",
     "student_types",
     "teacher_types",
+    "tokenizer_framing",
 ]
 
 # Tokenizer attributes collected into the special-id table training and the dataset use.
@@ -200,6 +201,13 @@ def teacher_types() -> list[str]:
     """Families some student can be distilled from (--teacher_type choices), in table order."""
     named = {t for row in _ROWS for t in row.teachers}
     return [row.name for row in _ROWS if row.name in named]
+
+
+def tokenizer_framing(family: str) -> tuple[str, str | None, str]:
+    """What binarizing a corpus for `family` needs: (tokenizer class in transformers, start token
+    attribute or None, end token attribute)."""
+    row = ARCHITECTURES[family]
+    return row.tokenizer_class, row.start_token, row.end_token
 
 
 def get_architecture(model_or_config: Any) -> Architecture:

@@ -7,7 +7,9 @@ sequence, lives in each process.
 
 Filtering is the original's, vectorised:
 1. sequences longer than the model's max input are cut into chunks of ``max_len - 2``
-   tokens and CLS/SEP (BOS/EOS for causal LMs) are restored on each chunk;
+   tokens and CLS/SEP (BOS/EOS for causal LMs) are restored on each chunk (which tokens frame a
+   sequence is the family's row in ``architectures.ARCHITECTURES``; a tokenizer without a start
+   token, like Qwen's, gets chunks of ``max_len - 1`` tokens ending with EOS);
 2. sequences of 11 tokens or fewer are dropped;
 3. sequences whose tokens are 50% or more unknown are dropped.
 
