@@ -29,42 +29,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    RobertaConfig,
-    RobertaForMaskedLM,
-)
+from transformers import AutoTokenizer
 
 import counterfactual_utils as cf
+# Per-family facts (classes, parts, framing, allowed pairs) are rows of architectures.ARCHITECTURES.
+from architectures import ARCHITECTURES, check_student_teacher, student_types, teacher_types
+from architectures import SPECIAL_TOKENS, max_positions, special_token_ids  # noqa: F401  (re-exported for scripts)
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from token_store import check_vocab_range, load_sequences, safe_load_pickle
 from utils import UserError, require_file, run_cli, set_seed, write_json
 
 logger = logging.getLogger("causal_train")
-
-# model type -> (config class, model class)
-MODEL_CLASSES = {
-    "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
-    "roberta": (RobertaConfig, RobertaForMaskedLM),
-    "bert": (BertConfig, BertForMaskedLM),
-    "gpt2": (GPT2Config, GPT2LMHeadModel),
-}
-# Embedding tables that --freeze_pos_embs / --freeze_token_type_embds freeze, per student type.
-POSITION_EMBEDDINGS = {
-    "distilbert": "distilbert.embeddings.position_embeddings",
-    "roberta": "roberta.embeddings.position_embeddings",
-    "gpt2": "transformer.wpe",
-}
-TOKEN_TYPE_EMBEDDINGS = {"roberta": "roberta.embeddings.token_type_embeddings"}
-SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -75,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--run_name", type=str, default=None, help="Run folder name (default: built from the main settings).")
     a("--data_file", type=str, required=True, help="Binarized corpus: *.pickle or *.tokens.npy.")
 
-    a("--student_type", type=str, choices=["distilbert", "roberta", "gpt2"], required=True)
+    a("--student_type", type=str, choices=student_types(), required=True)
     a("--student_config", type=str, required=True, help="Student architecture (JSON config).")
     a("--student_pretrained_weights", type=str, default=None, help="Student initial state dict (.pth).")
-    a("--teacher_type", choices=["bert", "roberta", "gpt2"], required=True)
+    a("--teacher_type", choices=teacher_types(), required=True)
     a("--teacher_name", type=str, required=True, help="Teacher: Hub name or local folder.")
     a("--teacher_fp16", action="store_true", help="Keep the teacher's weights in half precision (GPU).")
 
@@ -161,16 +137,14 @@ def sanity_checks(args: argparse.Namespace) -> None:
     if args.mlm:
         if args.token_counts is None:
             raise UserError("--mlm needs --token_counts")
-        if args.student_type not in ("distilbert", "roberta") or args.teacher_type not in ("bert", "roberta"):
-            raise UserError("--mlm needs a distilbert/roberta student and a bert/roberta teacher")
-    elif args.student_type != "gpt2" or args.teacher_type != "gpt2":
-        raise UserError("causal LM (no --mlm) needs --student_type gpt2 and --teacher_type gpt2")
-    if not (args.teacher_type == args.student_type or (args.student_type, args.teacher_type) == ("distilbert", "bert")):
-        raise UserError(f"a {args.student_type} student cannot be distilled from a {args.teacher_type} teacher")
-    if args.freeze_token_type_embds and args.student_type not in TOKEN_TYPE_EMBEDDINGS:
-        raise UserError("--freeze_token_type_embds only applies to a roberta student")
-    if args.freeze_pos_embs and args.student_type not in POSITION_EMBEDDINGS:
-        raise UserError(f"--freeze_pos_embs does not apply to a {args.student_type} student")
+    check_student_teacher(args.student_type, args.teacher_type, args.mlm)
+    student_row = ARCHITECTURES[args.student_type]
+    if args.freeze_token_type_embds and student_row.token_type_embeddings is None:
+        raise UserError(f"--freeze_token_type_embds does not apply to a {args.student_type} student "
+                        "(it has no token type embeddings)")
+    if args.freeze_pos_embs and student_row.position_embeddings is None:
+        raise UserError(f"--freeze_pos_embs does not apply to a {args.student_type} student "
+                        f"({student_row.position_kind} positions have no table)")
     causal = args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0
     if causal and not args.data_augment and args.neuron_mapping is None:
         raise UserError("causal losses need --neuron_mapping (or --data_augment)")
@@ -295,25 +269,8 @@ def git_log(folder: Path) -> dict:
         return {"repo_id": None, "repo_sha": None, "repo_branch": None, "error": f"{type(e).__name__}: {e}"}
 
 
-def special_token_ids(tokenizer) -> dict[str, int]:
-    out = {}
-    for name in SPECIAL_TOKENS:
-        token = getattr(tokenizer, name, None)
-        if token is not None:
-            out[name] = int(tokenizer.convert_tokens_to_ids(str(token)))
-    return out
-
-
-def max_positions(config) -> int:
-    """Longest input the model accepts (RoBERTa reserves padding_idx + 1 position ids)."""
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
-    if config.model_type == "roberta":
-        n -= config.pad_token_id + 1
-    return int(n)
-
-
 def load_teacher(args: argparse.Namespace):
-    model_class = MODEL_CLASSES[args.teacher_type][1]
+    model_class = ARCHITECTURES[args.teacher_type].lm_cls()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.teacher_name)
         teacher = model_class.from_pretrained(args.teacher_name)
@@ -325,13 +282,14 @@ def load_teacher(args: argparse.Namespace):
 
 
 def load_student(args: argparse.Namespace, teacher_config):
-    config_class, model_class = MODEL_CLASSES[args.student_type]
+    row = ARCHITECTURES[args.student_type]
+    config_class, model_class = row.config_cls(), row.lm_cls()
     try:
         config = config_class.from_json_file(args.student_config)
     except (ValueError, OSError) as e:
         raise UserError(f"student config {args.student_config} is not a valid JSON config: {e}") from None
     config.output_hidden_states = False
-    if args.student_type == "distilbert":
+    if row.init_range_from_flag:
         config.initializer_range = args.initializer_range
     student = model_class(config)
     if args.student_pretrained_weights is not None:
@@ -379,9 +337,10 @@ def token_probabilities(args: argparse.Namespace, vocab_size: int, special_ids: 
 
 
 def freeze_embeddings(student, args: argparse.Namespace) -> None:
-    for flag, table in (("freeze_pos_embs", POSITION_EMBEDDINGS), ("freeze_token_type_embds", TOKEN_TYPE_EMBEDDINGS)):
+    row = ARCHITECTURES[args.student_type]
+    for flag, path in (("freeze_pos_embs", row.position_embeddings), ("freeze_token_type_embds", row.token_type_embeddings)):
         if getattr(args, flag):
-            student.get_submodule(table[args.student_type]).weight.requires_grad = False
+            student.get_submodule(path).weight.requires_grad = False
 
 
 def write_run_info(args: argparse.Namespace, student) -> None:

@@ -1,16 +1,24 @@
 """Neuron mappings and interchange interventions on stock Hugging Face models.
 
 A *variable* is a slice of one block's output hidden state, named `$L:<layer>$H:<head>$[<d0>:<d1>]`:
-hidden dims `[head * head_dim + d0, head * head_dim + d1)` of the output of transformer block `layer`
-(0-based), i.e. `hidden_states[layer + 1]` of a Hugging Face output (head_dim = hidden_size // num_heads).
+hidden dims `[head * w + d0, head * w + d1)` of the output of transformer block `layer` (0-based),
+i.e. `hidden_states[layer + 1]` of a Hugging Face output, with `w = hidden_size // num_attention_heads`.
 Layer and head may be half-open ranges `[a:b]`; `deserialize_variable_name` expands them.
 
-Interventions are forward hooks on the blocks of an unmodified model. Where the blocks live and how
-the LM head is applied is one row per architecture in `ADAPTERS` (pyvene style).
+`$H` slices the residual stream, not the attention's internals: the site is the block's output
+(hidden_size wide), cut into `num_attention_heads` equal slices of `w` dims. The slice width does
+not depend on `config.head_dim` (Qwen3 and Gemma configs may set `head_dim * num_attention_heads !=
+hidden_size`) nor on `num_key_value_heads` (grouped-query attention): a head index names a slice
+of the residual stream, read and written at the same place; a slice wider than `w` is refused.
 
-GPT-2: the site is the output of block k *before* the final `ln_f`, for every k. Hugging Face's last
-`hidden_states` entry has `ln_f` applied, so for the last block `hidden_states[L]` is `ln_f(site)`;
-read and write always use the pre-`ln_f` value.
+Interventions are forward hooks on the blocks of an unmodified model. Where the blocks live and how
+the LM head is applied is one row per architecture in `architectures.ARCHITECTURES` (pyvene style).
+
+Decoders (GPT-2, Llama, Mistral, Qwen2/3, Gemma): the site is the output of block k *before* the
+final norm (`ln_f`, `norm`), for every k. Hugging Face's last `hidden_states` entry has that norm
+applied, so for the last block `hidden_states[L]` is `norm(site)`; read and write always use the
+pre-norm value. Their blocks take rotary position embeddings, the causal mask and position ids as
+keyword arguments: `record_block_inputs` records them and the restarts replay them verbatim.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from architectures import ARCHITECTURES, Architecture, get_architecture
 from utils import UserError
 
 __all__ = [
@@ -56,51 +65,12 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Adapter table: where each architecture keeps its blocks and how its LM head is applied.
+# Where each architecture keeps its blocks and how its LM head is applied: the rows of
+# `architectures.ARCHITECTURES` (kept here under their historical names).
 # ----------------------------------------------------------------------------------------------
 
-
-def _bert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return model.cls(hidden)
-
-
-def _distilbert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    x = model.vocab_transform(hidden)
-    x = model.activation(x)
-    x = model.vocab_layer_norm(x)
-    return model.vocab_projector(x)
-
-
-def _lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(hidden)
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """Where an architecture keeps its parts.
-
-    backbone: attribute of the LM model holding the base model (`model.bert`, ...).
-    blocks: dotted path of the `nn.ModuleList` of transformer blocks, relative to the base model.
-    final_norm: dotted path of a norm applied after the last block (relative to the base model), or None.
-    head: `head(lm_model, hidden) -> logits`, hidden `(..., dim)` -> logits `(..., vocab)`.
-    forward_kwargs: extra keyword arguments for every forward (GPT-2: no KV cache, which would
-        otherwise be built and mutated by every run).
-    """
-
-    backbone: str
-    blocks: str
-    final_norm: str | None
-    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    forward_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-# Keyed by `config.model_type`. Adding an architecture is adding one row.
-ADAPTERS: dict[str, Adapter] = {
-    "bert": Adapter("bert", "encoder.layer", None, _bert_head),
-    "distilbert": Adapter("distilbert", "transformer.layer", None, _distilbert_head),
-    "roberta": Adapter("roberta", "encoder.layer", None, _lm_head),
-    "gpt2": Adapter("transformer", "h", "ln_f", _lm_head, {"use_cache": False}),
-}
+Adapter = Architecture
+ADAPTERS: dict[str, Architecture] = ARCHITECTURES
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -110,20 +80,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The `ADAPTERS` row for `model` (an LM model, its base model, or either wrapped in (D)DP)."""
-    config = getattr(_unwrap(model), "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise UserError(
-            f"unsupported model {type(_unwrap(model)).__name__} (model_type={model_type!r}); "
-            f"supported model types: {', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type]
+def get_adapter(model: nn.Module) -> Architecture:
+    """The `architectures` row for `model` (an LM model, its base model, or either wrapped in (D)DP)."""
+    return get_architecture(_unwrap(model))
 
 
 def backbone(model: nn.Module) -> nn.Module:
-    """The base model (`BertModel`, `DistilBertModel`, `RobertaModel`, `GPT2Model`) of `model`.
+    """The base model (`BertModel`, `GPT2Model`, `LlamaModel`, ...) of `model`.
 
     A base model is its own backbone (the same rule as Hugging Face's `base_model`).
     """
@@ -144,7 +107,7 @@ def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the LM head of `model` to final hidden states of any leading shape.
 
     hidden: `(..., dim)`, e.g. `(bs, seq, dim)` or `(n_selected, dim)` rows picked out of it;
-    it is the backbone's `last_hidden_state` (for GPT-2, after `ln_f`). Returns `(..., vocab_size)`.
+    it is the backbone's `last_hidden_state` (for decoders, after the final norm). Returns `(..., vocab_size)`.
     """
     inner = _unwrap(model)
     if backbone(inner) is inner:
@@ -176,6 +139,7 @@ def _config(model_or_config: nn.Module | Any) -> Any:
 
 
 def _head_dim(model_or_config: nn.Module | Any) -> int:
+    """Width of one `$H` slice: hidden_size // num_attention_heads (never config.head_dim; see the module doc)."""
     return hidden_size(model_or_config) // num_heads(model_or_config)
 
 
@@ -219,12 +183,15 @@ def deserialize_variable_name(name: str) -> list[str]:
     return [f"$L:{layer}$H:{head}$[{d0}:{d1}]" for layer in layers for head in heads]
 
 
-def parse_variable_name(name: str) -> tuple[int, int, tuple[int, int]]:
-    """A single (deserialized) NAME -> `(layer, head, (d0, d1))`."""
-    layers, heads, loc = _parse(name)
+def parse_variable_name(name: str) -> tuple[int, int, slice]:
+    """A single (deserialized) NAME -> `(layer, head, slice(d0, d1))`, as the original's `np.s_[d0:d1]`.
+
+    The slice indexes dims within the head's slice of the hidden state: `hidden[..., head * w:(head + 1) * w][..., loc]`.
+    """
+    layers, heads, (d0, d1) = _parse(name)
     if len(layers) != 1 or len(heads) != 1:
         raise UserError(f"variable name {name!r} names several variables; expand it with deserialize_variable_name")
-    return layers[0], heads[0], loc
+    return layers[0], heads[0], slice(d0, d1)
 
 
 def _sites(model: nn.Module, variable_names: Sequence[str]) -> dict[int, list[tuple[int, int, int]]]:
@@ -233,7 +200,8 @@ def _sites(model: nn.Module, variable_names: Sequence[str]) -> dict[int, list[tu
     n_layers, n_heads = num_layers(model), num_heads(model)
     sites: dict[int, list[tuple[int, int, int]]] = {}
     for i, name in enumerate(variable_names):
-        layer, head, (d0, d1) = parse_variable_name(name)
+        layer, head, loc = parse_variable_name(name)
+        d0, d1 = loc.start, loc.stop
         if layer >= n_layers or head >= n_heads or d1 > d:
             raise UserError(
                 f"variable {name!r} does not fit the model ({n_layers} layers, {n_heads} heads of {d} dims)"
@@ -277,7 +245,8 @@ def shared_token_embeddings(model: nn.Module, inputs: Sequence[torch.Tensor]) ->
     whose input ids equal one of them gets its slice of that lookup. Values are unchanged; the
     gradient reaches the embedding matrix through one embedding backward instead of one per run,
     which spares a dense `(V, D)` gradient (and its accumulation) per extra run. Ids equal to none
-    of `inputs` are looked up as usual.
+    of `inputs` are looked up as usual. The shared lookup calls the embedding module itself, so a
+    scaling inside it (Gemma's sqrt(hidden_size)) is applied exactly as in a plain forward.
     """
     embedding = _unwrap(model).get_input_embeddings()
     flat = torch.cat([ids.reshape(-1) for ids in inputs])
@@ -345,9 +314,9 @@ class CounterfactualOutput:
 
     logits: `(bs, seq, vocab)`, or None when the head was not applied.
     hidden_states: `num_layers + 1` tensors `(bs, seq, dim)` like Hugging Face's (entry k + 1 is
-        block k's output after the intervention; for GPT-2 the last one has `ln_f` applied). From
+        block k's output after the intervention; for decoders the last one has the final norm applied). From
         `run_blocks_from`, entries below `start_layer` are None.
-    last_hidden_state: `(bs, seq, dim)`, what the LM head takes (GPT-2: after `ln_f`).
+    last_hidden_state: `(bs, seq, dim)`, what the LM head takes (decoders: after the final norm).
     """
 
     logits: torch.Tensor | None
@@ -674,9 +643,10 @@ def validate_neuron_mapping(
 ) -> None:
     """Refuse NAMEs that do not fit their model, before any model is built.
 
-    Each side is checked against its own config (any of BertConfig, DistilBertConfig, RobertaConfig,
-    GPT2Config): layer < number of layers, head < number of heads, 0 <= d0 < d1 <= head_dim. Teacher
-    and student intervene independently, so their widths need not match.
+    Each side is checked against its own config (any family of `architectures.ARCHITECTURES`):
+    layer < number of layers, head < num_attention_heads, 0 <= d0 < d1 <= hidden_size //
+    num_attention_heads (the `$H` slice width, whatever `head_dim` and `num_key_value_heads` are).
+    Teacher and student intervene independently, so their widths need not match.
     """
     if not mapping:
         raise UserError(f"neuron mapping {path} is empty")
@@ -700,7 +670,10 @@ def validate_neuron_mapping(
                 if heads.stop > n_heads:
                     raise UserError(f"{where}: head {heads.stop - 1} >= the {side}'s {n_heads} heads")
                 if d1 > head_dim:
-                    raise UserError(f"{where}: slice [{d0}:{d1}] exceeds the {side}'s head size {head_dim}")
+                    raise UserError(
+                        f"{where}: slice [{d0}:{d1}] exceeds the {side}'s head size {head_dim} "
+                        f"(hidden size {dim} // {n_heads} heads)"
+                    )
 
 
 def sample_interchange_variables(

@@ -7,7 +7,9 @@ sequence, lives in each process.
 
 Filtering is the original's, vectorised:
 1. sequences longer than the model's max input are cut into chunks of ``max_len - 2``
-   tokens and CLS/SEP (BOS/EOS for causal LMs) are restored on each chunk;
+   tokens and CLS/SEP (BOS/EOS for causal LMs) are restored on each chunk (which tokens frame a
+   sequence is the family's row in ``architectures.ARCHITECTURES``; a tokenizer without a start
+   token, like Qwen's, gets chunks of ``max_len - 1`` tokens ending with EOS);
 2. sequences of 11 tokens or fewer are dropped;
 3. sequences whose tokens are 50% or more unknown are dropped.
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from architectures import ARCHITECTURES
 from token_store import TokenSequences
 from utils import UserError
 
@@ -40,25 +43,43 @@ class DatasetParams:
 
     special_tok_ids: names as in the original (``cls_token``, ``sep_token``, ``pad_token``,
     ``unk_token``, ``mask_token`` for MLM; ``bos_token``, ``eos_token``, ``unk_token`` for CLM).
+    family: the tokenizer's model family (a key of ``architectures.ARCHITECTURES``): its row says
+    which tokens start and end a sequence. Without it, MLM sequences are framed by CLS/SEP and CLM
+    ones by BOS/EOS. A tokenizer that defines no start token (Qwen's) frames with the end token only.
     """
 
     max_model_input_size: int
     mlm: bool
     special_tok_ids: dict[str, int]
     seed: int = 56
+    family: str | None = None
+
+    def _framing(self) -> tuple[str | None, str]:
+        if self.family is not None:
+            row = ARCHITECTURES[self.family]
+            return row.start_token, row.end_token
+        return ("cls_token", "sep_token") if self.mlm else ("bos_token", "eos_token")
 
     @property
-    def start_id(self) -> int:
-        return self.special_tok_ids["cls_token" if self.mlm else "bos_token"]
+    def start_id(self) -> int | None:
+        """Id every sequence starts with, or None where the tokenizer defines no start token."""
+        name = self._framing()[0]
+        return None if name is None else self.special_tok_ids.get(name)
 
     @property
     def end_id(self) -> int:
-        return self.special_tok_ids["sep_token" if self.mlm else "eos_token"]
+        return self.special_tok_ids[self._framing()[1]]
 
     @property
     def pad_id(self) -> int:
-        # Causal batches are padded with the unknown id (`<|endoftext|>` for GPT-2), as in HF.
-        return self.special_tok_ids["pad_token" if self.mlm else "unk_token"]
+        # Causal batches are padded with the unknown id (`<|endoftext|>` for GPT-2), as in HF; a
+        # tokenizer without one pads with its pad, else its end token (causal runs never attend to it).
+        if self.mlm:
+            return self.special_tok_ids["pad_token"]
+        for name in ("unk_token", "pad_token", "eos_token"):
+            if name in self.special_tok_ids:
+                return self.special_tok_ids[name]
+        raise UserError("the tokenizer defines none of unk_token, pad_token, eos_token to pad batches with")
 
 
 class LmSeqsDataset(Dataset):
@@ -95,22 +116,27 @@ class LmSeqsDataset(Dataset):
     def _check_framing(self) -> None:
         starts, lengths = self.store.offsets[:-1], self.store.lengths
         nonempty = lengths > 0
-        first = self.store.flat[starts[nonempty]]
+        start_id, end_id = self.params.start_id, self.params.end_id
         last = self.store.flat[starts[nonempty] + lengths[nonempty] - 1]
-        bad = np.flatnonzero((first != self.params.start_id) | (last != self.params.end_id))
+        wrong = last != end_id
+        if start_id is not None:
+            wrong |= self.store.flat[starts[nonempty]] != start_id
+        bad = np.flatnonzero(wrong)
         if len(bad) or not nonempty.all():
             i = int(np.flatnonzero(nonempty)[bad[0]]) if len(bad) else int(np.flatnonzero(~nonempty)[0])
+            framing = f"end with id {end_id}" if start_id is None else f"start with id {start_id} and end with id {end_id}"
             raise UserError(
-                f"sequence {i} of the corpus does not start with id {self.params.start_id} and end with id "
-                f"{self.params.end_id}: was it binarized with another tokenizer type?"
+                f"sequence {i} of the corpus does not {framing}: was it binarized with another tokenizer type?"
             )
 
     def _build_chunks(self) -> None:
-        """Split sequences longer than the max input into chunks of max_len - 2 tokens."""
+        """Split sequences longer than the max input into chunks of max_len - 2 tokens (max_len - 1
+        without a start token), restoring the framing tokens on each chunk."""
         max_len = self.params.max_model_input_size
         if max_len < 3:
             raise UserError(f"max model input size {max_len} is too small")
-        step = max_len - 2
+        start_id = self.params.start_id
+        step = max_len - 2 if start_id is not None else max_len - 1
         seq_starts, seq_lens = self.store.offsets[:-1], self.store.lengths
         n_chunks = np.where(seq_lens > max_len, -(-seq_lens // step), 1)
         seq_of_chunk = np.repeat(np.arange(len(seq_lens)), n_chunks)
@@ -120,7 +146,7 @@ class LmSeqsDataset(Dataset):
         self.src_lengths = np.where(long, np.minimum(step, seq_lens[seq_of_chunk] - chunk_no * step),
                                     seq_lens[seq_of_chunk])
         flat = self.store.flat
-        self.add_start = long & (flat[self.starts] != self.params.start_id)
+        self.add_start = long & (flat[self.starts] != start_id) if start_id is not None else np.zeros_like(long)
         self.add_end = long & (flat[self.starts + self.src_lengths - 1] != self.params.end_id)
         self.lengths = self.src_lengths + self.add_start + self.add_end
 
@@ -182,12 +208,6 @@ class LmSeqsDataset(Dataset):
             torch.from_numpy(lengths),
             torch.from_numpy(_pad(dual_ids, dual_lengths, max_len, self.params.pad_id)),
             torch.from_numpy(np.minimum(dual_lengths, max_len)),
-        )
-
-    def print_statistics(self) -> None:
-        logger.info(
-            "%d sequences, lengths min %d / mean %.1f / max %d",
-            len(self), self.lengths.min(), self.lengths.mean(), self.lengths.max(),
         )
 
 

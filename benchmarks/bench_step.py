@@ -191,7 +191,7 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
 
 def _sites(model, names):
     d = cf.hidden_size(model) // cf.num_heads(model)
-    return [(layer, head * d + a, head * d + b) for layer, head, (a, b) in map(cf.parse_variable_name, names)]
+    return [(layer, head * d + loc.start, head * d + loc.stop) for layer, head, loc in map(cf.parse_variable_name, names)]
 
 
 # --- FLOPs and the matmul peak ------------------------------------------------------------------

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = load_teacher(BertForMaskedLM, args.model_name, head_prefix="cls.")
     if teacher.config.model_type != "bert":
         raise UserError(f"{args.model_name} is a {teacher.config.model_type} model, not bert")
-    layers = teacher_layers(teacher.config.num_hidden_layers, args.num_layers, args.teacher_layers)
+    # 7 or 8 blocks from 12: the first of the original's 9-block list, as its script did.
+    layers = teacher_layers(teacher.config.num_hidden_layers, args.num_layers, args.teacher_layers,
+                            original_7_and_8=True)
     state = extract(teacher.state_dict(), layers, args.vocab_transform, args.model_name)
     save_state_dict(state, args.dump_checkpoint)
     logger.info("Student of %d layers from teacher layers %s: %d tensors -> %s",

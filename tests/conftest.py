@@ -99,3 +99,59 @@ def pytest_configure(config):
         "markers", "full_quickstart: the full-size quickstart (about 11 minutes on 2 cores); runs only with "
         "QUICKSTART_FULL=1, e.g. `QUICKSTART_FULL=1 python -m pytest -q -m full_quickstart`"
     )
+
+
+# ---------------------------------------------------------------------------------------- decoder families
+# Tiny random Llama-style teachers (rotary positions, grouped-query attention) with a word-level
+# tokenizer, for the families of architectures.ARCHITECTURES that are not in the original.
+
+DECODER_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+# head_dim set apart from hidden // heads where the family's configs do so (Qwen3, Gemma).
+DECODER_HEAD_DIM = {"qwen3": 16, "gemma": 16}
+
+
+def tiny_decoder_config(family: str, vocab: int = 120, hidden: int = 32, layers: int = 3, heads: int = 4,
+                        kv_heads: int = 2, max_positions: int = 64, **extra):
+    """A random-init config of `family`: GQA (kv_heads < heads), rotary, tied embeddings for llama/gemma."""
+    import transformers as tr
+
+    from architectures import ARCHITECTURES
+
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=family in ("llama", "gemma"), bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    if family in DECODER_HEAD_DIM:
+        kwargs["head_dim"] = DECODER_HEAD_DIM[family]
+    kwargs.update(extra)
+    return getattr(tr, ARCHITECTURES[family].config_class)(**kwargs)
+
+
+def save_word_level_tokenizer(folder: Path, vocab: int, with_bos: bool = True) -> dict[str, int]:
+    """A word-level tokenizer (`<unk> <s> </s> <pad> w4 w5 ...`, whitespace-split) saved as a fast
+    tokenizer in `folder`; without `with_bos` it defines no start token (like Qwen's). Returns its special ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(4, vocab)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = dict(unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    if with_bos:
+        special["bos_token"] = "<s>"
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(folder)
+    return {name: words.index(token) for name, token in special.items()}
+
+
+def save_tiny_decoder_teacher(family: str, folder: Path, vocab: int = 200, layers: int = 4, seed: int = 0) -> Path:
+    """A random `family` causal LM (hidden 32, 4 heads, 2 kv heads) and its word-level tokenizer in `folder`."""
+    import torch
+
+    from architectures import ARCHITECTURES
+
+    torch.manual_seed(seed)
+    row = ARCHITECTURES[family]
+    row.lm_cls()(tiny_decoder_config(family, vocab=vocab, layers=layers)).save_pretrained(folder)
+    save_word_level_tokenizer(folder, vocab, with_bos=row.start_token is not None)
+    return folder

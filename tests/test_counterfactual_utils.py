@@ -11,6 +11,7 @@ import torch
 import transformers as tr
 
 import counterfactual_utils as cu
+from conftest import DECODER_FAMILIES, DECODER_HEAD_DIM, tiny_decoder_config
 from utils import UserError
 
 VOCAB, DIM, LAYERS, HEADS, SEQ = 120, 32, 3, 4, 9
@@ -18,6 +19,8 @@ HEAD_DIM = DIM // HEADS
 
 
 def _tiny_config(arch: str):
+    if arch in DECODER_FAMILIES:  # grouped-query attention: 2 key/value heads for 4 query heads
+        return tiny_decoder_config(arch, vocab=VOCAB, hidden=DIM, layers=LAYERS, heads=HEADS, kv_heads=2)
     if arch == "bert":
         return tr.BertConfig(
             vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -42,8 +45,14 @@ MODEL_CLASSES = {
     "distilbert": tr.DistilBertForMaskedLM,
     "roberta": tr.RobertaForMaskedLM,
     "gpt2": tr.GPT2LMHeadModel,
+    "llama": tr.LlamaForCausalLM,
+    "mistral": tr.MistralForCausalLM,
+    "qwen2": tr.Qwen2ForCausalLM,
+    "qwen3": tr.Qwen3ForCausalLM,
+    "gemma": tr.GemmaForCausalLM,
 }
 ARCHS = list(MODEL_CLASSES)
+CAUSAL = {"gpt2", *DECODER_FAMILIES}
 
 # Written out here, independently of the module's adapter table.
 BLOCKS = {
@@ -51,13 +60,15 @@ BLOCKS = {
     "distilbert": lambda m: m.distilbert.transformer.layer,
     "roberta": lambda m: m.roberta.encoder.layer,
     "gpt2": lambda m: m.transformer.h,
+    **{family: (lambda m: m.model.layers) for family in DECODER_FAMILIES},
 }
-FINAL_NORM = {"gpt2": lambda m: m.transformer.ln_f}
+FINAL_NORM = {"gpt2": lambda m: m.transformer.ln_f, **{family: (lambda m: m.model.norm) for family in DECODER_FAMILIES}}
 HEAD_MODULE = {
     "bert": lambda m: m.cls,
     "distilbert": lambda m: m.vocab_projector,
     "roberta": lambda m: m.lm_head,
     "gpt2": lambda m: m.lm_head,
+    **{family: (lambda m: m.lm_head) for family in DECODER_FAMILIES},
 }
 
 
@@ -121,7 +132,7 @@ def _block_outputs(arch, model, input_ids, attention_mask, overwrite=None):
     for layer, block in enumerate(blocks):
         handles.append(block.register_forward_hook(make_hook(layer)))
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False) if arch == "gpt2" else \
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False) if arch in CAUSAL else \
             model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for h in handles:
@@ -171,7 +182,16 @@ def test_malformed_name_is_refused_naming_it(name):
 
 
 def test_parse_variable_name_returns_layer_head_and_slice():
-    assert cu.parse_variable_name("$L:4$H:11$[16:48]") == (4, 11, (16, 48))
+    assert cu.parse_variable_name("$L:4$H:11$[16:48]") == (4, 11, slice(16, 48))
+
+
+def test_parse_variable_name_slice_indexes_a_tensor_like_the_originals_np_s():
+    # Code written against the original slices a head's dims with the third item directly.
+    head_dims = torch.arange(64.0).expand(2, 3, 64)  # (bs, seq, head_dim)
+    layer, head, loc = cu.parse_variable_name("$L:2$H:5$[16:48]")
+    assert torch.equal(head_dims[..., loc], head_dims[..., 16:48])
+    assert loc == np.s_[16:48]
+    assert (loc.stop - loc.start, layer, head) == (32, 2, 5)
 
 
 def test_parse_variable_name_refuses_a_range_name():
@@ -232,12 +252,16 @@ def test_get_activation_equals_slices_of_hidden_states(models, arch, batch):
     torch.testing.assert_close(values[2], hidden[1][..., 0:HEAD_DIM])
 
 
-def test_gpt2_last_layer_site_is_before_final_norm(models, batch):
-    model, (base, _, _, _) = models["gpt2"], batch
+@pytest.mark.parametrize("arch", sorted(CAUSAL))
+def test_decoder_last_layer_site_is_before_final_norm(models, arch, batch):
+    model, (base, _, _, _) = models[arch], batch
     with torch.no_grad():
         (value,) = cu.get_activation_at(model, base, None, [f"$L:{LAYERS - 1}$H:0$[0:{HEAD_DIM}]"])
-        outputs, _ = _block_outputs("gpt2", model, base, None)
+        outputs, _ = _block_outputs(arch, model, base, None)
+        final = model(input_ids=base, output_hidden_states=True, use_cache=False).hidden_states[-1]
     torch.testing.assert_close(value, outputs[-1][..., 0:HEAD_DIM])
+    torch.testing.assert_close(final, FINAL_NORM[arch](model)(outputs[-1]))
+    assert not torch.allclose(final[..., 0:HEAD_DIM], value)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -296,7 +320,8 @@ def _reference_overwrite(values, names, rows_base, rows_dual):
     """`{layer: [(row, base position, start, stop, value)]}` built with per-row loops."""
     overwrite = {}
     for value, name in zip(values, names):
-        layer, head, (d0, d1) = cu.parse_variable_name(name)
+        layer, head, loc = cu.parse_variable_name(name)
+        d0, d1 = loc.start, loc.stop
         for row, (bpos, dpos) in enumerate(zip(rows_base, rows_dual)):
             for b, d in zip(sorted(bpos), sorted(dpos)):  # k-th selected base <- k-th selected dual
                 overwrite.setdefault(layer, []).append(
@@ -510,8 +535,11 @@ def test_shared_token_embeddings_change_no_value_and_no_gradient(arch):
     assert plain_grads.keys() == shared_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    # The hook is gone afterwards: a new lookup is the module's own.
-    assert torch.equal(embedding(base), embedding.weight[base])
+    # The hook is gone afterwards: a new lookup is the module's own forward (Gemma's scales its rows).
+    assert not embedding._forward_hooks
+    assert torch.equal(embedding(base), type(embedding).forward(embedding, base))
+    scale = DIM**0.5 if arch == "gemma" else 1.0
+    torch.testing.assert_close(embedding(base), embedding.weight[base] * scale)
 
 
 # ----------------------------------------------------------------------------------------------- restart
@@ -534,6 +562,64 @@ def test_restart_from_cached_block_input_equals_full_intervention(models, arch, 
     for k in range(1, LAYERS + 1):
         torch.testing.assert_close(restarted.hidden_states[k], full.hidden_states[k])
     assert restarted.hidden_states[0] is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layer", [1, LAYERS - 1])
+def test_restart_above_the_intervened_block_equals_full_intervention(models, arch, layer, batch):
+    # The teacher's restart: block `layer`'s recorded output gets the interventions written in, and
+    # only the blocks above run again, replaying the recorded mask / rotary / position arguments.
+    model, (base, mask, dual, dual_mask) = models[arch], batch
+    base_mask, dual_sel = _masks([[1, 4, 6], [0, 5]], [[0, 2, 5], [3, 6]], SEQ, SEQ - 2)
+    names = cu.deserialize_variable_name(f"$L:{layer}$H:[1:3]$[2:8]") + cu.deserialize_variable_name(
+        f"$L:{LAYERS - 1}$H:0$[0:8]"
+    )
+    extra = cu.get_adapter(model).forward_kwargs
+    with torch.no_grad():
+        with cu.record_block_inputs(model, hidden_input_layers=[layer + 1]) as cache:
+            model(input_ids=base, attention_mask=mask, **extra)
+        values = cu.get_activation_at(model, dual, dual_mask, names)
+        full = cu.interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
+        above = cu.run_blocks_above(model, cache, layer, values, names, base_mask, dual_sel)
+    torch.testing.assert_close(above.logits, full.logits)
+    torch.testing.assert_close(above.last_hidden_state, full.last_hidden_state)
+    for k in range(layer + 1, LAYERS + 1):
+        torch.testing.assert_close(above.hidden_states[k], full.hidden_states[k])
+    assert all(h is None for h in above.hidden_states[: layer + 1])
+
+
+@pytest.mark.parametrize("arch", DECODER_FAMILIES)
+def test_decoder_blocks_are_replayed_with_their_rotary_and_mask_arguments(models, arch, batch):
+    model, (base, mask, _, _) = models[arch], batch
+    with torch.no_grad(), cu.record_block_inputs(model) as cache:
+        model(input_ids=base, attention_mask=mask, use_cache=False)
+    kwargs = cache.kwargs[1]
+    cos, sin = kwargs["position_embeddings"]
+    head_dim = DECODER_HEAD_DIM.get(arch, DIM // HEADS)
+    assert cos.shape[-2:] == (SEQ, head_dim) and sin.shape == cos.shape
+    assert torch.equal(kwargs["position_ids"].reshape(-1), torch.arange(SEQ))
+    assert "attention_mask" in kwargs
+
+
+# ------------------------------------------------------------------------------------- $H with GQA, head_dim
+
+
+@pytest.mark.parametrize("arch", sorted(DECODER_HEAD_DIM))
+def test_head_slices_ignore_config_head_dim_and_kv_heads(models, arch, batch):
+    # head_dim 16 x 4 heads = 64 != hidden 32, and 2 key/value heads: $H:h is still dims [8h, 8h + 8)
+    # of the 32-wide block output.
+    model, (base, mask, _, _) = models[arch], batch
+    assert model.config.head_dim * HEADS != DIM and model.config.num_key_value_heads < HEADS
+    with torch.no_grad():
+        values = cu.get_activation_at(model, base, mask, ["$L:1$H:3$[0:8]", "$L:0$H:1$[2:5]"])
+        outputs, _ = _block_outputs(arch, model, base, mask)
+    torch.testing.assert_close(values[0], outputs[1][..., 24:32])
+    torch.testing.assert_close(values[1], outputs[0][..., 10:13])
+    with pytest.raises(UserError, match="does not fit the model .*4 heads of 8 dims"):
+        cu.get_activation_at(model, base, mask, ["$L:0$H:0$[0:16]"])
+    cu.validate_neuron_mapping([(["$L:2$H:[0:4]$[0:8]"], ["$L:0$H:3$[0:8]"])], model.config, model.config)
+    with pytest.raises(UserError, match=r"slice \[0:16\] exceeds the teacher's head size 8 \(hidden size 32 // 4"):
+        cu.validate_neuron_mapping([(["$L:2$H:0$[0:16]"], ["$L:0$H:3$[0:8]"])], model.config, model.config)
 
 
 def test_restart_below_an_intervened_layer_is_refused(models, batch):

@@ -2,7 +2,8 @@
 
 Pairing is by file name: a student config's family comes from its name prefix (`STUDENT_FAMILIES`);
 a mapping `*_<N>.nm` is for N-layer students and is validated against every shipped student config
-with N layers, with the 12-layer base model of that student's family as the teacher.
+with N layers of its teacher (`MAPPING_TEACHERS`: by default the 12-layer base model of that
+student's family; `smollm2-135m_*` mappings go with SmolLM2-135M students).
 """
 
 from __future__ import annotations
@@ -16,15 +17,30 @@ import torch
 import transformers as tr
 
 import counterfactual_utils as cu
+from scripts.extraction import teacher_layers as extraction_layers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "training_configs"
 
-# name prefix -> (config class, LM model class, teacher config: the 12-layer model it is distilled from)
+
+
+def smollm2_135m_config() -> tr.LlamaConfig:
+    """HuggingFaceTB/SmolLM2-135M(-Instruct), as its config.json / GGUF metadata give it."""
+    return tr.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )
+
+
+# name prefix -> (config class, LM model class, teacher config factory, teacher blocks)
 STUDENT_FAMILIES = {
-    "distilbert-": (tr.DistilBertConfig, tr.DistilBertForMaskedLM, tr.BertConfig),
-    "distilroberta-": (tr.RobertaConfig, tr.RobertaForMaskedLM, tr.RobertaConfig),
-    "distilgpt2": (tr.GPT2Config, tr.GPT2LMHeadModel, tr.GPT2Config),
+    "distilbert-": (tr.DistilBertConfig, tr.DistilBertForMaskedLM, tr.BertConfig, 12),
+    "distilroberta-": (tr.RobertaConfig, tr.RobertaForMaskedLM, tr.RobertaConfig, 12),
+    "distilgpt2": (tr.GPT2Config, tr.GPT2LMHeadModel, tr.GPT2Config, 12),
+    "smollm2-135m-": (tr.LlamaConfig, tr.LlamaForCausalLM, smollm2_135m_config, 30),
 }
+# mapping name prefix -> the student config prefix it is for (other mappings: students of no listed prefix)
+MAPPING_TEACHERS = {"smollm2-135m_": "smollm2-135m-"}
 
 # The values the original README and the Hugging Face distillation example rely on.
 EXPECTED = {
@@ -40,6 +56,12 @@ EXPECTED = {
         "pad_token_id": 1,
     },
     "distilgpt2.json": {"n_layer": 6, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
+    # A 10-block student of SmolLM2-135M: the teacher's widths, GQA, rotary base and tied embeddings.
+    "smollm2-135m-10-layers.json": {
+        "model_type": "llama", "num_hidden_layers": 10, "hidden_size": 576, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+    },
 }
 
 CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
@@ -53,7 +75,7 @@ def _family(name: str):
 
 
 def _student_config(name: str):
-    config_class, _, _ = _family(name)
+    config_class = _family(name)[0]
     return config_class.from_json_file(CONFIG_DIR / name)  # as causal_train.py loads it
 
 
@@ -72,7 +94,7 @@ def test_student_config_has_expected_values(name):
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_student_config_builds_its_model_on_meta(name):
-    _, model_class, _ = _family(name)
+    model_class = _family(name)[1]
     config = _student_config(name)
     with torch.device("meta"):
         model = model_class(config)
@@ -89,12 +111,15 @@ def test_neuron_mapping_fits_teacher_and_every_student_it_is_meant_for(name):
     match = re.search(r"_(\d+)\.nm$", name)
     assert match, f"{name}: mapping names end in _<student layers>.nm"
     n_layers = int(match.group(1))
-    students = [c for c in CONFIG_FILES if cu.num_layers(_student_config(c)) == n_layers]
+    own = [p for m, p in MAPPING_TEACHERS.items() if name.startswith(m)]
+    students = [c for c in CONFIG_FILES if cu.num_layers(_student_config(c)) == n_layers
+                and (c.startswith(own[0]) if own else not c.startswith(tuple(MAPPING_TEACHERS.values())))]
     assert students, f"{name}: no shipped {n_layers}-layer student config"
     mapping = cu.load_neuron_mapping(CONFIG_DIR / name)
     for student in students:
-        teacher_config = _family(student)[2]()  # library defaults: the 12-layer, 768-wide base model
-        assert cu.num_layers(teacher_config) == 12
+        _, _, teacher_factory, teacher_blocks = _family(student)
+        teacher_config = teacher_factory()  # BERT-side: library defaults, the 12-layer, 768-wide base model
+        assert cu.num_layers(teacher_config) == teacher_blocks
         cu.validate_neuron_mapping(mapping, teacher_config, _student_config(student), path=name)
 
 
@@ -113,3 +138,20 @@ def test_multilayer_mapping_covers_every_student_layer_once(layers):
     ]
     assert student_layers == list(range(layers))
     assert teacher_layers == list(range(12))  # consecutive groups, in order, covering the teacher
+
+
+def test_smollm2_multilayer_mapping_pairs_each_student_block_with_three_teacher_blocks():
+    mapping = cu.load_neuron_mapping(CONFIG_DIR / "smollm2-135m_multiple_single_multilayer_layer_10.nm")
+    student_layers = [cu.parse_variable_name(cu.deserialize_variable_name(s[0])[0])[0] for _, s in mapping]
+    teacher_layers = [cu.parse_variable_name(n)[0] for t, _ in mapping for n in cu.deserialize_variable_name(t[0])[::9]]
+    assert student_layers == list(range(10))
+    assert teacher_layers == list(range(30))
+
+
+def test_smollm2_single_middle_mapping_pairs_a_block_with_its_extracted_copy():
+    # The default extraction of 10 from 30 blocks copies teacher block 16 into student block 5: the
+    # mapping aligns a student block with the very teacher block it started from, over the full width.
+    [(teacher, student)] = cu.load_neuron_mapping(CONFIG_DIR / "smollm2-135m_single_middle_layer_10.nm")
+    assert extraction_layers(30, 10)[5] == 16
+    assert teacher == ["$L:16$H:[0:9]$[0:64]"] and student == ["$L:5$H:[0:9]$[0:64]"]
+    assert 9 * 64 == smollm2_135m_config().hidden_size
