@@ -249,7 +249,7 @@ def describe(arrow_type: pa.DataType) -> str:
     """A column's type in a user's words, for error messages."""
     if _is_list(arrow_type):
         return f"lists of {describe(arrow_type.value_type)}"
-    if isinstance(arrow_type, pa.ExtensionType):  # `datasets` reads a json column of mixed types so
+    if isinstance(arrow_type, pa.BaseExtensionType):  # how `datasets` reads a json column of mixed types
         return "values of mixed types"
     return {"string": "text", "large_string": "text", "int64": "integers", "double": "numbers",
             "bool": "booleans", "null": "nothing but nulls"}.get(str(arrow_type), str(arrow_type))
