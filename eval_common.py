@@ -111,24 +111,29 @@ def parse_dataclasses(dataclass_types: tuple[type, ...], argv: list[str] | None)
     return parsed
 
 
-def check_output_dir(training_args: TrainingArguments) -> None:
-    """Raise a `UserError` now, before any work, if --output_dir cannot be created or written.
+def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
+    """Raise a `UserError` now, before any work, if `folder` cannot be created or written.
 
     Nothing is created: the folder itself is probed if it exists, else its nearest existing parent.
     """
-    output_dir = Path(training_args.output_dir)
-    probe = output_dir
+    folder = Path(folder)
+    probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"--output_dir {output_dir} cannot be created: {probe} is not a folder")
+        raise UserError(f"{flag} {folder} cannot be created: {probe} is not a folder")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        where_ = "" if probe == output_dir else f" ({probe} is not writable)"
-        raise UserError(f"--output_dir {output_dir} cannot be written{where_}: {e.strerror or one_line(e)}") from None
+        blocked = "" if probe == folder else f" ({probe} is not writable)"
+        raise UserError(f"{flag} {folder} cannot be written{blocked}: {e.strerror or one_line(e)}") from None
+
+
+def check_output_dir(training_args: TrainingArguments) -> None:
+    """`check_writable_dir` for --output_dir: a run that cannot save is refused before it starts."""
+    check_writable_dir(training_args.output_dir, "--output_dir")
 
 
 def check_run_flags(data_args: object, training_args: TrainingArguments,

@@ -33,7 +33,7 @@ from transformers import (
 import eval_common
 import eval_metrics
 from eval_common import ModelArguments, where
-from utils import UserError, run_cli
+from utils import UserError, atomic_path, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
             preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
             out_file = Path(training_args.output_dir) / f"predict_results_{task_name or 'custom'}{test_split_suffix[split]}.txt"
             if trainer.is_world_process_zero():
-                with open(out_file, "w") as writer:
+                with atomic_path(out_file) as tmp, open(tmp, "w") as writer:
                     writer.write("index\tprediction\n")
                     for i, pred in enumerate(preds):
                         writer.write(f"{i}\t{pred:.3f}\n" if is_regression else f"{i}\t{names[pred]}\n")

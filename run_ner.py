@@ -32,7 +32,7 @@ from transformers import (
 import eval_common
 import eval_metrics
 from eval_common import ModelArguments, where
-from utils import UserError, run_cli
+from utils import UserError, atomic_path, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
         pred_tags, _ = to_tags(np.argmax(output.predictions, axis=2), output.label_ids)
         if trainer.is_world_process_zero():
             out_file = Path(training_args.output_dir) / "predictions.txt"
-            out_file.write_text("".join(" ".join(tags) + "\n" for tags in pred_tags))
+            with atomic_path(out_file) as tmp:
+                tmp.write_text("".join(" ".join(tags) + "\n" for tags in pred_tags))
             logger.info(f"Predictions written to {out_file}")
     return results
 

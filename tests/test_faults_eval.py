@@ -322,3 +322,19 @@ def test_permission_faults_name_the_file_and_the_cause(tmp_path, tokenizer_dir, 
                       + ["--validation_file", str(validation)] + common_args(tmp_path, tokenizer_dir), tmp_path)
     assert_cli_refused(proc, f"cannot load a model config from {folder}", "Permission denied")
     assert not (tmp_path / "out").exists()
+
+
+def test_glue_suite_checks_models_and_outputs_before_any_training(tmp_path, dump_dir, capsys):
+    from scripts import eval_glue_suite
+
+    write_csv(tmp_path / "glue" / "sst2" / "train.csv", sentiment_rows(4))
+    write_csv(tmp_path / "glue" / "sst2" / "validation.csv", sentiment_rows(4))
+    base = ["--tasks", "sst2", "--glue_dir", str(tmp_path / "glue"), "--output_dir", str(tmp_path / "suite")]
+    status, line = cli(eval_glue_suite, base + ["--model", f"A={dump_dir}", "--model", "B=./typo/"], capsys)
+    assert_refused(status, line, "--model B folder not found: ./typo/")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    status, line = cli(eval_glue_suite, base + ["--model", f"A={dump_dir}", "--results_file", str(blocker / "t.md")],
+                       capsys)
+    assert_refused(status, line, "--results_file's folder", f"{blocker} is not a folder")
+    assert not (tmp_path / "suite").exists()
