@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
@@ -265,7 +266,7 @@ def first_null_row(dataset: Dataset, column: str) -> int | None:
     values = dataset.data.column(column)
     if values.null_count == 0:
         return None
-    return int(pa.compute.index(pa.compute.is_null(values), True).as_py())
+    return int(pc.index(pc.is_null(values), True).as_py())
 
 
 def require_text_columns(dataset: Dataset, columns: Iterable[str], source: str) -> None:
