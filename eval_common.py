@@ -8,13 +8,19 @@ step. Task tables, label handling and metrics stay in the scripts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
@@ -27,6 +33,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
 from utils import UserError, require_file
@@ -72,19 +79,79 @@ def where(split: str, files: Mapping[str, str]) -> str:
 
 # ---- set-up
 
+_UNSET = object()
+
+
 def parse_dataclasses(dataclass_types: tuple[type, ...], argv: list[str] | None) -> tuple:
     """Parse the command line (or one .json file holding the arguments) into one instance per type.
 
-    `argv` None means `sys.argv[1:]`; a parse error becomes a one-line `UserError`.
+    `argv` None means `sys.argv[1:]`; a parse error becomes a one-line `UserError`. Without
+    --report_to, training and evaluation log to TensorBoard (under `--output_dir/runs/`) when it is
+    installed, as the transformers 4 scripts did; `--report_to none` turns that off.
     """
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
+            json_file = require_file(os.path.abspath(argv[0]), "arguments file")
+            try:
+                report_to_given = "report_to" in json.loads(json_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"cannot read the arguments file {json_file}: {one_line(e)}") from None
+            parsed = parser.parse_json_file(json_file=str(json_file))
+        else:
+            parser.set_defaults(report_to=_UNSET)
+            report_to_given = parser.parse_known_args(argv)[0].report_to is not _UNSET
+            parser.set_defaults(report_to="none")
+            parsed = parser.parse_args_into_dataclasses(args=argv)
+    except (ValueError, TypeError) as e:
         raise UserError(one_line(e)) from None
+    training_args = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    if training_args is not None and not report_to_given and is_tensorboard_available():
+        training_args.report_to = ["tensorboard"]
+    return parsed
+
+
+def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
+    """Raise a `UserError` now, before any work, if `folder` cannot be created or written.
+
+    Nothing is created: the folder itself is probed if it exists, else its nearest existing parent.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {folder} cannot be created: {probe} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        blocked = "" if probe == folder else f" ({probe} is not writable)"
+        raise UserError(f"{flag} {folder} cannot be written{blocked}: {e.strerror or one_line(e)}") from None
+
+
+def check_output_dir(training_args: TrainingArguments) -> None:
+    """`check_writable_dir` for --output_dir: a run that cannot save is refused before it starts."""
+    check_writable_dir(training_args.output_dir, "--output_dir")
+
+
+def check_run_flags(data_args: object, training_args: TrainingArguments,
+                    stages: Sequence[str] = ("--do_train", "--do_eval", "--do_predict")) -> None:
+    """Flags that cannot work together or cannot be right, refused before any work starts.
+
+    `stages` are the script's --do_* flags; at least one must be given.
+    """
+    if not any(getattr(training_args, flag[2:]) for flag in stages):
+        raise UserError(f"nothing to do: pass {', '.join(stages[:-1])} or {stages[-1]}")
+    for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples"):
+        value = getattr(data_args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and training_args.do_train and not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint folder not found: {resume}")
 
 
 def setup_logging(training_args: TrainingArguments, script_logger: logging.Logger) -> None:
@@ -113,6 +180,18 @@ def detect_last_checkpoint(training_args: TrainingArguments) -> str | None:
 
 # ---- data
 
+def _cause(error: BaseException) -> str:
+    """The most telling message of an error chain: the first cause below the library's wrappers."""
+    chain = []
+    while error is not None and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if not isinstance(e, datasets.exceptions.DatasetGenerationError) and one_line(e):
+            return one_line(e)
+    return type(chain[-1]).__name__
+
+
 def given_files(data_args: object, splits: Sequence[str]) -> dict[str, str]:
     """Split -> path, for the splits (in `splits` order) whose `--{split}_file` was given."""
     paths = {split: getattr(data_args, f"{split}_file") for split in splits}
@@ -131,13 +210,26 @@ def load_local_files(files: Mapping[str, str], file_loaders: Mapping[str, FileLo
         loader = file_loaders.get(require_file(path, f"--{split}_file").suffix.lower())
         if loader is None:
             raise UserError(f"--{split}_file must be {expected}: {path}")
+        try:  # the loaders hide why a file cannot be opened ("An error occurred while generating the dataset")
+            with open(path, "rb") as f:
+                empty = not f.read(1)
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+        if empty:
+            raise UserError(f"--{split}_file {path} is empty")
         try:
             raw[split] = (
                 load_dataset(loader, data_files={split: path}, cache_dir=cache_dir)[split]
                 if isinstance(loader, str) else loader(path, split, cache_dir)
             )
-        except Exception as e:  # the loaders raise many types for one cause: an unreadable file
-            raise UserError(f"cannot read {path}: {one_line(e)}") from None
+        except UserError:
+            raise
+        except Exception as e:  # the loaders raise many types for one cause: a malformed file
+            if "corresponds to no data" in str(e):  # a csv file with a header only
+                raise UserError(f"--{split}_file {path} holds no rows") from None
+            raise UserError(f"cannot read {path}: {_cause(e)}") from None
+        if len(raw[split]) == 0:
+            raise UserError(f"--{split}_file {path} holds no rows")
     return raw
 
 
@@ -149,6 +241,70 @@ def require_columns(dataset: Dataset, columns: Iterable[str], source: str, hint:
                 f"column '{column}' not found in {source} (columns: {', '.join(dataset.column_names)})"
                 + (f"; {hint}" if hint else "")
             )
+
+
+def _is_string(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _is_list(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+
+
+def describe(arrow_type: pa.DataType) -> str:
+    """A column's type in a user's words, for error messages."""
+    if _is_list(arrow_type):
+        return f"lists of {describe(arrow_type.value_type)}"
+    if isinstance(arrow_type, pa.BaseExtensionType):  # how `datasets` reads a json column of mixed types
+        return "values of mixed types"
+    return {"string": "text", "large_string": "text", "int64": "integers", "double": "numbers",
+            "bool": "booleans", "null": "nothing but nulls"}.get(str(arrow_type), str(arrow_type))
+
+
+def first_null_row(dataset: Dataset, column: str) -> int | None:
+    """Index of the first row whose `column` is null (a missing value in the file), or None."""
+    values = dataset.data.column(column)
+    if values.null_count == 0:
+        return None
+    return int(pc.index(pc.is_null(values), True).as_py())
+
+
+def require_text_columns(dataset: Dataset, columns: Iterable[str], source: str) -> None:
+    """Raise a `UserError` unless each of `columns` holds one string per row, none missing."""
+    for column in columns:
+        arrow_type = dataset.data.schema.field(column).type
+        if not _is_string(arrow_type):
+            raise UserError(f"column '{column}' in {source} must hold text, found {describe(arrow_type)}")
+        row = first_null_row(dataset, column)
+        if row is not None:
+            raise UserError(f"column '{column}' in {source} has no value in row {row + 1}")
+
+
+def require_list_column(dataset: Dataset, column: str, source: str, item_types: tuple[str, ...]) -> None:
+    """Raise a `UserError` unless `column` holds one list per row of `item_types` ("string", "integer")."""
+    arrow_type = dataset.data.schema.field(column).type
+    ok = _is_list(arrow_type) and any(
+        (t == "string" and _is_string(arrow_type.value_type)) or (t == "integer" and pa.types.is_integer(arrow_type.value_type))
+        for t in item_types
+    )
+    if not ok:
+        raise UserError(f"column '{column}' in {source} must hold a list of {' or '.join(t + 's' for t in item_types)} "
+                        f"per row, found {describe(arrow_type)}")
+    row = first_null_row(dataset, column)
+    if row is None and dataset.data.column(column).combine_chunks().flatten().null_count:
+        values = dataset.data.column(column).combine_chunks()
+        row = next(i for i, v in enumerate(values.to_pylist()) if None in v)
+    if row is not None:
+        raise UserError(f"column '{column}' in {source} has a missing value in row {row + 1}")
+
+
+def require_scalar_column(dataset: Dataset, column: str, source: str, numeric: bool = False) -> None:
+    """Raise a `UserError` unless `column` holds one number (or, unless `numeric`, one string) per row."""
+    arrow_type = dataset.data.schema.field(column).type
+    kinds = [pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean] + ([] if numeric else [_is_string])
+    if not any(is_kind(arrow_type) for is_kind in kinds):
+        wanted = "a number" if numeric else "an id, a name or a number"
+        raise UserError(f"column '{column}' in {source} must hold {wanted} per row, found {describe(arrow_type)}")
 
 
 def load_hub_dataset(name: str, config_name: str | None, cache_dir: str | None, offline_hint: str,
@@ -167,13 +323,42 @@ def load_hub_dataset(name: str, config_name: str | None, cache_dir: str | None, 
 
 # ---- model
 
+# Files one of which every saved tokenizer has; a folder with none holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def local_folder(name: str, flag: str) -> Path | None:
+    """`name` as a local folder, None for a Hub name; a `UserError` for a path that is not a folder.
+
+    A name that exists locally, or is written as a path (`./x`, `../x`, `/x`, `~/x`, `x/` or more
+    than one `/`), is local; anything else (`bert-base-uncased`, `org/model`) goes to the Hub.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{flag} {name} is a file; give the model folder that holds it")
+        return path
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise UserError(f"{flag} folder not found: {name}")
+    return None
+
+
 def load_config(model_args: ModelArguments) -> PretrainedConfig:
     """The model config, from --config_name or else --model_name_or_path."""
+    flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     config_source = model_args.config_name or model_args.model_name_or_path
+    local = local_folder(model_args.model_name_or_path, "--model_name_or_path")
+    folder = local_folder(config_source, flag) if model_args.config_name else local
+    if folder is not None and not (folder / "config.json").is_file():
+        raise UserError(f"no config.json in {config_source}: a model folder needs config.json and its weights "
+                        "(model.safetensors or pytorch_model.bin)" + ("" if model_args.config_name else
+                                                                      ", or pass --config_name"))
     try:
         return AutoConfig.from_pretrained(config_source, **model_args.hub_kwargs())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from {config_source}: {one_line(e)}") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        hint = "" if folder is not None else f" (no local folder {config_source} either)"
+        raise UserError(f"cannot load a model config from {config_source}{hint}: {one_line(e)}") from None
 
 
 def load_tokenizer(model_args: ModelArguments, **tokenizer_kwargs) -> PreTrainedTokenizerBase:
@@ -181,14 +366,36 @@ def load_tokenizer(model_args: ModelArguments, **tokenizer_kwargs) -> PreTrained
 
     Its `name_or_path` is that source, for error messages.
     """
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
+    folder = local_folder(tokenizer_source, flag)
+    # transformers 5 builds an empty-vocabulary tokenizer from a folder without tokenizer files:
+    # every word would become [UNK], so such a folder is refused here.
+    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer files in {tokenizer_source} ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+                        + _tokenizer_hint(folder, flag))
     try:
         return AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs, **model_args.hub_kwargs())
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # many types for one cause: the tokenizer files cannot be read
         raise UserError(
             f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
-            "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
+            + ("a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
+               if flag == "--model_name_or_path" else "check --tokenizer_name")
         ) from None
+
+
+def _tokenizer_hint(folder: Path, flag: str) -> str:
+    """What to pass instead of a folder without tokenizer: the run's teacher if it is a distillation run."""
+    if flag == "--tokenizer_name":
+        return "give a tokenizer folder or name to --tokenizer_name, e.g. bert-base-uncased"
+    teacher = None
+    try:
+        teacher = json.loads((folder / "parameters.json").read_text()).get("teacher_name")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(teacher, str) and teacher:
+        return f"it is a distillation run folder, which holds no tokenizer: pass --tokenizer_name {teacher} (its teacher's)"
+    return "pass --tokenizer_name, e.g. bert-base-uncased (a distillation dump holds no tokenizer)"
 
 
 def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
@@ -206,8 +413,14 @@ def load_model(model_class: type, model_args: ModelArguments, config: Pretrained
     try:
         return model_class.from_pretrained(model_args.model_name_or_path, config=config, **model_kwargs,
                                            **model_args.hub_kwargs())
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load model {model_args.model_name_or_path}: {one_line(e)}") from None
+    except Exception as e:  # many types (OSError, SafetensorError, UnpicklingError, ...) for one cause: bad weights
+        if isinstance(e, pickle.UnpicklingError):
+            problem = "its pytorch_model.bin is corrupt or holds more than tensors (weights are read as data only)"
+        elif "ignore_mismatched_sizes" in str(e) and not model_kwargs.get("ignore_mismatched_sizes"):
+            problem = "a tensor in its weights does not have the shape its config.json gives (listed above)"
+        else:
+            problem = _cause(e)
+        raise UserError(f"cannot load model {model_args.model_name_or_path}: {problem}") from None
 
 
 def model_input_limit(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:

@@ -23,6 +23,8 @@ def read_squad_json(path: str | Path) -> list[dict] | None:
 
     The official files nest articles > paragraphs > questions under a top-level "data" key; a
     file of one example per row (JSON list or JSON lines) is not that format and gives None.
+    A file with a top-level "data" list that does not follow the nesting raises a ValueError
+    naming the first place that does not (e.g. `data[0].paragraphs[2] has no 'qas'`).
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -31,22 +33,46 @@ def read_squad_json(path: str | Path) -> list[dict] | None:
         return None  # JSON lines
     if not (isinstance(doc, dict) and isinstance(doc.get("data"), list)):
         return None
+
+    def get(obj: Any, key: str, kind: type, where: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise ValueError(f"{where} has no '{key}' (expected the SQuAD layout: data > paragraphs > qas)")
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise ValueError(f"{where}.{key} must be a {kind.__name__}, found {type(obj[key]).__name__}")
+        return obj[key]
+
     rows = []
-    for article in doc["data"]:
-        for paragraph in article.get("paragraphs", []):
-            for qa in paragraph["qas"]:
-                answers = qa.get("answers", [])
+    for a, article in enumerate(doc["data"]):
+        for p, paragraph in enumerate(get(article, "paragraphs", list, f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = get(paragraph, "context", str, where)
+            for q, qa in enumerate(get(paragraph, "qas", list, where)):
+                where_q = f"{where}.qas[{q}]"
+                qid = qa.get("id") if isinstance(qa, dict) else None
+                answers = get(qa, "answers", list, where_q) if isinstance(qa, dict) and "answers" in qa else []
                 rows.append({
-                    "id": qa["id"],
-                    "title": article.get("title", ""),
-                    "context": paragraph["context"],
-                    "question": qa["question"],
+                    "id": qid if isinstance(qid, str) else get(qa, "id", str, where_q),
+                    "title": str(article.get("title", "")),
+                    "context": context,
+                    "question": get(qa, "question", str, where_q),
                     "answers": {
-                        "text": [a["text"] for a in answers],
-                        "answer_start": [a["answer_start"] for a in answers],
+                        "text": [get(x, "text", str, f"{where_q}.answers[{i}]") for i, x in enumerate(answers)],
+                        "answer_start": [get(x, "answer_start", int, f"{where_q}.answers[{i}]")
+                                         for i, x in enumerate(answers)],
                     },
                 })
     return rows
+
+
+def answer_mismatch(row: dict) -> str | None:
+    """Why a row's answers do not sit in its context at their `answer_start`, or None if they do."""
+    answers, context = row["answers"], row["context"]
+    if len(answers["text"]) != len(answers["answer_start"]):
+        return f"{len(answers['text'])} answer texts but {len(answers['answer_start'])} answer_start values"
+    for text, start in zip(answers["text"], answers["answer_start"]):
+        if context[start:start + len(text)] != text or start < 0:
+            return f"answer {text!r} is not at character {start} of its context"
+    return None
 
 
 def postprocess_qa_predictions(

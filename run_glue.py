@@ -33,7 +33,7 @@ from transformers import (
 import eval_common
 import eval_metrics
 from eval_common import ModelArguments, where
-from utils import UserError, run_cli
+from utils import UserError, atomic_path, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
+    eval_common.check_run_flags(data_args, training_args)
+    eval_common.check_output_dir(training_args)
     eval_common.setup_logging(training_args, logger)
     last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -164,6 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     for split in raw_datasets:
         required = [sentence1_key, sentence2_key] + (["label"] if split in labelled_splits else [])
         eval_common.require_columns(raw_datasets[split], filter(None, required), where(split, files))
+        eval_common.require_text_columns(raw_datasets[split], filter(None, [sentence1_key, sentence2_key]),
+                                         where(split, files))
+        if "label" in raw_datasets[split].column_names:
+            eval_common.require_scalar_column(raw_datasets[split], "label", where(split, files),
+                                              numeric=task_name is not None and task_to_labels[task_name] is None)
+        row = eval_common.first_null_row(raw_datasets[split], "label") if split in labelled_splits else None
+        if row is not None:
+            raise UserError(f"column 'label' in {where(split, files)} has no value in row {row + 1}")
 
     if task_name is not None:
         label_list = task_to_labels[task_name]
@@ -293,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
             preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
             out_file = Path(training_args.output_dir) / f"predict_results_{task_name or 'custom'}{test_split_suffix[split]}.txt"
             if trainer.is_world_process_zero():
-                with open(out_file, "w") as writer:
+                with atomic_path(out_file) as tmp, open(tmp, "w") as writer:
                     writer.write("index\tprediction\n")
                     for i, pred in enumerate(preds):
                         writer.write(f"{i}\t{pred:.3f}\n" if is_regression else f"{i}\t{names[pred]}\n")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import (
@@ -64,6 +65,8 @@ class DataTrainingArguments:
     def __post_init__(self):
         if not 0.0 < self.mlm_probability < 1.0:
             raise UserError(f"--mlm_probability must be between 0 and 1, got {self.mlm_probability}")
+        if not 0 < self.validation_split_percentage < 100:
+            raise UserError(f"--validation_split_percentage must be between 1 and 99, got {self.validation_split_percentage}")
 
 
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
@@ -112,6 +115,10 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
+    if training_args.do_predict:
+        raise UserError("run_mlm.py has no --do_predict: score the data with --do_eval")
+    eval_common.check_run_flags(data_args, training_args, stages=("--do_train", "--do_eval"))
+    eval_common.check_output_dir(training_args)
     eval_common.setup_logging(training_args, logger)
     last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -127,6 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
     for split in splits:
         eval_common.require_columns(raw_datasets[split], [text_column], where(split, origin),
                                     hint="see --text_column_name")
+        arrow_type = raw_datasets[split].data.schema.field(text_column).type
+        if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_null(arrow_type)):
+            raise UserError(f"column '{text_column}' in {where(split, origin)} must hold text, found "
+                            f"{eval_common.describe(arrow_type)}; "
+                            "see --text_column_name")
 
     # ---- model
     config = eval_common.load_config(model_args)
@@ -141,13 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
     model_limit = eval_common.model_input_limit(tokenizer, config)
     max_seq_length = min(data_args.max_seq_length or model_limit, model_limit)
 
+    # A missing value (an empty csv cell, a json null) counts as a blank line.
     def tokenize_lines(examples: dict) -> dict:
         lines = [line for line in examples[text_column] if line and not line.isspace()]
         return tokenizer(lines, padding="max_length" if data_args.pad_to_max_length else False, truncation=True,
                          max_length=max_seq_length, return_special_tokens_mask=True)
 
     def tokenize_texts(examples: dict) -> dict:
-        return tokenizer(examples[text_column], return_special_tokens_mask=True)
+        return tokenizer([text or "" for text in examples[text_column]], return_special_tokens_mask=True)
 
     def group_texts(examples: dict) -> dict:
         """Concatenate the tokenised texts and cut them into blocks of max_seq_length (the rest is dropped)."""

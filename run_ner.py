@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from datasets import DatasetDict
 from transformers import (
     AutoModelForTokenClassification,
@@ -31,7 +32,7 @@ from transformers import (
 import eval_common
 import eval_metrics
 from eval_common import ModelArguments, where
-from utils import UserError, run_cli
+from utils import UserError, atomic_path, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,25 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
     return eval_common.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
 
 
+def check_tagged_words(dataset: datasets.Dataset, text_column: str, label_column: str | None, source: str) -> None:
+    """Raise a `UserError` unless each row holds a list of words and (if labelled) as many tags."""
+    eval_common.require_list_column(dataset, text_column, source, ("string",))
+    if label_column is None:
+        return
+    eval_common.require_list_column(dataset, label_column, source, ("string", "integer"))
+    words = pc.list_value_length(dataset.data.column(text_column))
+    tags = pc.list_value_length(dataset.data.column(label_column))
+    differ = pc.not_equal(words, tags)
+    if pc.any(differ).as_py():
+        row = pc.index(differ, True).as_py()
+        raise UserError(f"row {row + 1} of {source} has {words[row].as_py()} words in '{text_column}' but "
+                        f"{tags[row].as_py()} tags in '{label_column}'")
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
+    eval_common.check_run_flags(data_args, training_args)
+    eval_common.check_output_dir(training_args)
     tag_names = [name for arg in training_args.label_names or [] for name in arg.split(",") if name]
     training_args.label_names = None
     eval_common.setup_logging(training_args, logger)
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         required = [text_column] + ([label_column] if split != "test" else [])
         eval_common.require_columns(raw_datasets[split], required, where(split, files),
                                     hint="see --text_column_name/--label_column_name")
+        check_tagged_words(raw_datasets[split], text_column,
+                           label_column if label_column in raw_datasets[split].column_names else None, where(split, files))
     labelled_splits = [s for s in raw_datasets if label_column in raw_datasets[s].column_names]
 
     # Tag names, in id order: the data set's own, --label_names, or the tags the files spell out.
@@ -262,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
         pred_tags, _ = to_tags(np.argmax(output.predictions, axis=2), output.label_ids)
         if trainer.is_world_process_zero():
             out_file = Path(training_args.output_dir) / "predictions.txt"
-            out_file.write_text("".join(" ".join(tags) + "\n" for tags in pred_tags))
+            with atomic_path(out_file) as tmp:
+                tmp.write_text("".join(" ".join(tags) + "\n" for tags in pred_tags))
             logger.info(f"Predictions written to {out_file}")
     return results
 

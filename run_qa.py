@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
@@ -33,7 +34,7 @@ from transformers import (
 import eval_common
 import eval_metrics
 from eval_common import ModelArguments, where
-from qa_utils import postprocess_qa_predictions, read_squad_json
+from qa_utils import answer_mismatch, postprocess_qa_predictions, read_squad_json
 from utils import UserError, run_cli, write_json
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,41 @@ def load_squad_json(path: str, split: str, cache_dir: str | None) -> Dataset:
     if rows is not None:
         return Dataset.from_list(rows)
     return load_dataset("json", data_files={split: path}, cache_dir=cache_dir)[split]
+
+
+LAYOUT_HINT = ("expected the official SQuAD layout (data > paragraphs > qas) or one question per row "
+               "with id, context, question, answers")
+
+
+def check_questions(dataset: Dataset, source: str, offsets_used: bool) -> None:
+    """Raise a `UserError` for a split whose columns cannot be what they claim to be.
+
+    Ids must be unique (answers are matched to questions by id); context and question are text;
+    answers, when present, are {"text": [...], "answer_start": [...]}. Where the offsets are used
+    (`offsets_used`: the training split), each answer must sit at its answer_start in the context.
+    """
+    eval_common.require_text_columns(dataset, ["context", "question"], source)
+    ids = dataset.data.column("id").to_pylist()
+    if None in ids:
+        raise UserError(f"column 'id' in {source} has no value in row {ids.index(None) + 1}")
+    if len(set(ids)) != len(ids):
+        seen = set()
+        duplicate = next(i for i in ids if i in seen or seen.add(i))
+        raise UserError(f"question id {duplicate!r} appears more than once in {source}")
+    if "answers" not in dataset.column_names:
+        return
+    answers_type = dataset.data.schema.field("answers").type
+    fields = {answers_type.field(i).name: answers_type.field(i).type for i in range(answers_type.num_fields)} \
+        if pa.types.is_struct(answers_type) else {}
+    if not ({"text", "answer_start"} <= fields.keys()
+            and pa.types.is_list(fields["text"]) and pa.types.is_list(fields["answer_start"])):
+        raise UserError(f"column 'answers' in {source} must hold {{\"text\": [...], \"answer_start\": [...]}} "
+                        f"per row, found {eval_common.describe(answers_type)}")
+    if offsets_used:
+        for row in dataset.select_columns(["id", "context", "answers"]):
+            problem = answer_mismatch(row)
+            if problem is not None:
+                raise UserError(f"question {row['id']!r} in {source}: {problem}")
 
 
 # File suffix -> the `datasets` loader (or our reader) for it.
@@ -97,6 +133,11 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
+    eval_common.check_run_flags(data_args, training_args)
+    for name, least in (("doc_stride", 0), ("n_best_size", 1), ("max_answer_length", 1)):
+        if getattr(data_args, name) < least:
+            raise UserError(f"--{name} must be at least {least}, got {getattr(data_args, name)}")
+    eval_common.check_output_dir(training_args)
     eval_common.setup_logging(training_args, logger)
 
     if training_args.eval_strategy != "no":
@@ -114,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"{flag} needs a {split} split: pass --{split}_file (or --dataset_name with network)")
     for split in raw_datasets:
         required = ["id", "context", "question"] + (["answers"] if split != "test" else [])
-        eval_common.require_columns(raw_datasets[split], required, where(split, files))
+        eval_common.require_columns(raw_datasets[split], required, where(split, files), hint=LAYOUT_HINT)
+        check_questions(raw_datasets[split], where(split, files), offsets_used=split == "train")
     if training_args.do_train and not data_args.version_2_with_negative:
         unanswered = [row["id"] for row in raw_datasets["train"].select_columns(["id", "answers"])
                       if not row["answers"]["text"]]

@@ -27,8 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import run_glue  # noqa: E402  (needs the repository root on the path)
-from utils import UserError, run_cli, write_json  # noqa: E402
+import eval_common  # noqa: E402  (needs the repository root on the path)
+import run_glue  # noqa: E402
+from utils import UserError, atomic_path, run_cli, write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,14 @@ def main(argv: list[str] | None = None) -> str:
     if len(set(labels)) != len(labels):
         raise UserError(f"two --model entries share a label: {labels}")
     output_dir = Path(args.output_dir)
+    results_file = Path(args.results_file) if args.results_file else output_dir / "glue_results.md"
+    eval_common.check_writable_dir(output_dir, "--output_dir")  # before hours of fine-tuning, not after
+    eval_common.check_writable_dir(results_file.parent, "--results_file's folder")
     data_flags = {t: glue_dir_files(Path(args.glue_dir), t) if args.glue_dir else [] for t in args.tasks}
+    for label, path in models:  # a typo in the last model must not wait for the first ones to train
+        folder = eval_common.local_folder(path, f"--model {label}")
+        if folder is not None and not (folder / "config.json").is_file():
+            raise UserError(f"--model {label}={path}: no config.json in {path}")
 
     common = [
         "--do_train", "--do_eval", "--save_total_limit", "1",
@@ -149,9 +157,8 @@ def main(argv: list[str] | None = None) -> str:
             scores[label][task] = task_score(task, metrics)
 
     table = format_table(scores, args.tasks)
-    results_file = Path(args.results_file) if args.results_file else output_dir / "glue_results.md"
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(table)
+    with atomic_path(results_file) as tmp:
+        tmp.write_text(table)
     write_json({"scores": scores, "metrics": all_metrics}, output_dir / "glue_results.json")
     print(table, end="")
     logger.info(f"Table written to {results_file}")

@@ -465,3 +465,48 @@ def test_glue_suite_checks_the_glue_dir_before_training(tmp_path):
     with pytest.raises(UserError, match="no validation file for sst2"):
         eval_glue_suite.main(["--model", "x=/nowhere", "--tasks", "sst2", "--glue_dir", str(tmp_path / "glue"),
                               "--output_dir", str(tmp_path / "suite")])
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard by default
+
+def tensorboard_scalars(output_dir: Path) -> set[str]:
+    """Tags of the scalars in the event files under output_dir/runs/ (empty if there are none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in output_dir.glob("runs/*/events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_scripts_log_to_tensorboard_unless_report_to_says_otherwise(tmp_path, tokenizer_dir, dump_dir, monkeypatch):
+    pytest.importorskip("tensorboard")
+    rows = sentiment_rows(24)
+    train = write_csv(tmp_path / "train.csv", rows[:16])
+    validation = write_csv(tmp_path / "validation.csv", rows[16:])
+    args = ["--model_name_or_path", str(dump_dir), "--task_name", "sst2", "--train_file", str(train),
+            "--validation_file", str(validation), "--do_train", "--do_eval", "--max_seq_length", "16",
+            "--logging_steps", "1"]
+    default = [a for a in common_args(tmp_path, tokenizer_dir) if a not in ("--report_to", "none")]
+    run(run_glue, args + default, monkeypatch)
+    assert {"train/loss", "eval/accuracy"} <= tensorboard_scalars(tmp_path / "out")
+
+    quiet = tmp_path / "quiet"
+    run(run_glue, args + default + ["--output_dir", str(quiet / "out"), "--report_to", "none"], monkeypatch)
+    assert (quiet / "out" / "eval_results.json").is_file() and not (quiet / "out" / "runs").exists()
+
+
+def test_report_to_default_is_tensorboard_only_when_not_given(tmp_path):
+    pytest.importorskip("tensorboard")
+    base = ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--do_eval"]
+    assert run_mlm.parse_args(base)[2].report_to == ["tensorboard"]
+    assert run_mlm.parse_args(base + ["--report_to", "none"])[2].report_to == []
+    assert run_mlm.parse_args(base + ["--report_to=none"])[2].report_to == []
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"model_name_or_path": "m", "output_dir": str(tmp_path), "report_to": "none"}))
+    assert run_mlm.parse_args([str(args_file)])[2].report_to == []
+    args_file.write_text(json.dumps({"model_name_or_path": "m", "output_dir": str(tmp_path)}))
+    assert run_mlm.parse_args([str(args_file)])[2].report_to == ["tensorboard"]
