@@ -649,9 +649,10 @@ class Pipeline:
         labels = {m.key: m.label for m in self.recipe.metrics}
         scale = {m.key: 100.0 if m.percent else 1.0 for m in self.recipe.metrics}
         plot_runs.plot_paired(
-            {labels[k]: {VARIANT_LABELS[v]: [scale[k] * x for x in row[v]["values"]] for v in (BASELINE, CAUSAL)}
-             for k, row in results["paired"].items()},
-            self.seeds_plot, title=f"{len(self.seeds)} paired seeds: each point one seed, lines join a pair",
+            {labels[k]: {VARIANT_LABELS[v]: [scale[k] * x for x in results["paired"][k][v]["values"]]
+                         for v in (BASELINE, CAUSAL)} for k in labels},
+            self.seeds_plot, title=f"{len(self.seeds)} paired seed{'s' if len(self.seeds) > 1 else ''}: "
+                                   "each point one seed, lines join a pair, bars mean ± std",
         )
         if "data_efficiency" in results:
             eff = results["data_efficiency"]
@@ -661,7 +662,7 @@ class Pipeline:
                     VARIANT_LABELS[BASELINE]: {tokens[m]: [scale[k] * x for x in v["values"]]
                                                for m, v in row["plain"].items()},
                     VARIANT_LABELS[CAUSAL]: {tokens["1"]: [scale[k] * x for x in row[CAUSAL]["values"]]},
-                } for k, row in eff["metrics"].items()},
+                } for k, row in ((k, eff["metrics"][k]) for k in labels)},
                 self.data_plot, xlabel="training tokens (base sequences)",
                 title="Plain distillation with more data against DIITO at 1x",
             )
