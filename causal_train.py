@@ -25,7 +25,6 @@ import signal
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
@@ -35,9 +34,10 @@ import counterfactual_utils as cf
 # Per-family facts (classes, parts, framing, allowed pairs) are rows of architectures.ARCHITECTURES.
 from architectures import ARCHITECTURES, check_student_teacher, student_types, teacher_types
 from architectures import SPECIAL_TOKENS, max_positions, special_token_ids  # noqa: F401  (re-exported for scripts)
+import masking
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
-from token_store import check_vocab_range, load_sequences, safe_load_pickle
+from token_store import check_vocab_range, load_sequences
 from utils import UserError, require_file, run_cli, set_seed, write_json
 
 logger = logging.getLogger("causal_train")
@@ -327,13 +327,8 @@ def _tied_keys(model) -> set[str]:
 
 def token_probabilities(args: argparse.Namespace, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
     """(vocab,) MLM target weights: max(count, 1) ** -mlm_smoothing, special tokens 0."""
-    counts = safe_load_pickle(args.token_counts, "token counts file")
-    if not isinstance(counts, (list, np.ndarray)) or len(counts) != vocab_size:
-        n = len(counts) if hasattr(counts, "__len__") else type(counts).__name__
-        raise UserError(f"token counts {args.token_counts} has {n} entries, the vocabulary {vocab_size}")
-    probs = np.maximum(np.asarray(counts, dtype=np.float64), 1) ** -args.mlm_smoothing
-    probs[list(special_ids.values())] = 0.0
-    return torch.tensor(probs, dtype=torch.float32)
+    counts = masking.load_token_counts(args.token_counts, vocab_size)
+    return masking.token_probabilities(counts, args.mlm_smoothing, special_ids.values())
 
 
 def freeze_embeddings(student, args: argparse.Namespace) -> None:

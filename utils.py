@@ -14,9 +14,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-logger = logging.getLogger("diito")
-
-
 class UserError(Exception):
     """A mistake in the user's input (file, flag, value). The CLI prints it on one line and exits 2."""
 

