@@ -178,7 +178,8 @@ class Check:
     verifies: str
     command: list[str]  # what runs (a subprocess)
     shows: str = ""  # the command a user would type for the same thing
-    spec: dict = field(default_factory=dict)  # written to a JSON file the child reads
+    spec: dict = field(default_factory=dict)  # written to spec_path, which the child reads
+    spec_path: Path | None = None
     skip: str = ""  # reason, when the check cannot run here
 
 
@@ -201,6 +202,7 @@ def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) 
             me + ["--child", "train", "--spec", str(spec_dir / f"train_{name}.json")],
             shows="python causal_train.py " + shlex.join(argv),
             spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights)),
+            spec_path=spec_dir / f"train_{name}.json",
         ))
     backend = "nccl" if args.device == "cuda" else "gloo"
     argv = train_argv(ws, sizes, args.device, "torchrun", *(["--bf16"] if args.device == "cuda" else []))
@@ -209,6 +211,7 @@ def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) 
         torchrun + me[1:] + ["--child", "train", "--spec", str(spec_dir / "torchrun.json")],
         shows="torchrun --standalone --nproc_per_node 1 causal_train.py " + shlex.join(argv),
         spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights), process_group_smoke=backend),
+        spec_path=spec_dir / "torchrun.json",
     ))
     for batch, seq_len in sizes.bench_shapes:
         argv = ["--teacher_layers", str(sizes.teacher_layers), "--teacher_hidden", str(sizes.teacher_hidden),
@@ -220,6 +223,7 @@ def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) 
             name, f"bench_step.py at batch {batch}x{seq_len}: tokens/s and MFU per step variant",
             me + ["--child", "bench", "--spec", str(spec_dir / f"{name}.json")],
             shows="python benchmarks/bench_step.py " + shlex.join(argv), spec=dict(argv=argv, device=args.device),
+            spec_path=spec_dir / f"{name}.json",
         ))
     return checks
 
@@ -568,8 +572,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 if check.skip:
                     results.append(Result(check.name, "skip", notes=check.skip))
                     continue
-                if check.spec:
-                    Path(check.command[check.command.index("--spec") + 1]).write_text(json.dumps(check.spec))
+                if check.spec_path is not None:
+                    check.spec_path.write_text(json.dumps(check.spec))
                 logger.info("Running %s (timeout %d s)", check.name, timeout_s)
                 rc, text, seconds = run_check(check, timeout_s, log)
                 results.append(result_of(check, rc, text, seconds, timeout_s))
