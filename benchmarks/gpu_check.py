@@ -373,11 +373,18 @@ def environment(device: str) -> dict[str, str]:
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
-                   cuda=str(torch.version.cuda), nccl=".".join(map(str, torch.cuda.nccl.version())),
+                   cuda=str(torch.version.cuda), nccl=nccl_version(),
                    bf16=str(torch.cuda.is_bf16_supported()))
     else:
         env.update(device=f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     return env
+
+
+def nccl_version() -> str:
+    import torch
+
+    version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -402,7 +409,7 @@ def format_table(results: list[Result], env: dict[str, str]) -> str:
 def _peak_start() -> None:
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # else nothing was allocated yet
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -483,7 +490,7 @@ def process_group_smoke(backend: str, device: str) -> str:
         wrapped(data).square().mean().backward()
         for a, b in zip(plain.parameters(), wrapped.module.parameters()):
             torch.testing.assert_close(a.grad, b.grad)
-        version = f", NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}" if backend == "nccl" else ""
+        version = f", NCCL {nccl_version()}" if backend == "nccl" else ""
         return f"{backend}: all_reduce and DDP gradients ok (world size {dist.get_world_size()}{version})"
     finally:
         dist.destroy_process_group()

@@ -37,6 +37,7 @@ def workspace(tmp_path_factory) -> gpu_check.Workspace:
 
 def _train_on_cuda(ws: gpu_check.Workspace, name: str, *flags: str):
     """causal_train.main on cuda:0; returns (run folder, peak CUDA bytes allocated)."""
+    torch.cuda.init()
     torch.cuda.reset_peak_memory_stats()
     run = causal_train.main(gpu_check.train_argv(ws, SIZES, "cuda", name, "--checkpoint_interval", "4", *flags))
     return run, torch.cuda.max_memory_allocated()

@@ -49,7 +49,8 @@ def test_dry_run_lists_every_check_with_its_command(capsys, tmp_path):
     assert "--fp16 --teacher_fp16" in command["train_fp16"] and command["train_bf16"].endswith("--bf16")
     assert command["torchrun"].startswith("    $ torchrun --standalone --nproc_per_node 1 causal_train.py ")
     assert "nccl" in out and "--max_steps 60" in command["train_fp32"]
-    assert "--batch_size 16 --seq_len 512" in command["bench_step_16x512"] and "--device cuda" in command["bench_step_16x512"]
+    assert "--batch_size 16 --seq_len 512" in command["bench_step_16x512"]
+    assert "--device cuda" in command["bench_step_16x512"]
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
     quick = gpu_check.main(["--dry_run", "--quick", "--device", "cpu"])
