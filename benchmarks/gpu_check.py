@@ -1,0 +1,614 @@
+"""Run the checks that need a CUDA GPU, one subprocess each, and print one Markdown table.
+
+    python benchmarks/gpu_check.py --out runs/gpu_check          # about 6-8 minutes on one H100 / H200
+    python benchmarks/gpu_check.py --quick                       # about 3 minutes
+    python benchmarks/gpu_check.py --dry_run                     # print the plan (the commands), run nothing
+    python benchmarks/gpu_check.py --device cpu --quick          # everything that does not need CUDA, tiny sizes
+
+Checks, in order (each in its own subprocess with a timeout; a failure does not stop the others):
+
+- cuda_tests: `pytest tests/test_cuda.py` (bf16 / fp16 steps of the distiller, CUDA = CPU for the
+  interventions and losses in fp32, NCCL under torchrun);
+- train_fp32, train_fp16, train_bf16: `causal_train.main` on one device for a few optimizer steps
+  (fp32; `--fp16 --teacher_fp16` with a GradScaler; `--bf16`), DIITO recipe; the loss must stay
+  finite and the student's weights must change;
+- torchrun: the same training launched by `torchrun --standalone --nproc_per_node 1`, then an
+  all-reduce and a DDP step over the launcher's process group (NCCL on CUDA, gloo on CPU);
+- bench_step: `benchmarks/bench_step.py` at one or two shapes (tokens/s, MFU, x plain).
+
+Models are random and built here (BERT teacher, DistilBERT student, a 30522-word vocabulary with
+bert-base-uncased's special-token ids), so nothing is downloaded. The corpus is the real binarized
+sample in ../shared/data when it is there (`--data auto`), else synthetic full-length rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import pickle
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils import UserError, run_cli  # noqa: E402
+
+logger = logging.getLogger("gpu_check")
+
+RESULT_TAG = "GPU_CHECK_RESULT "
+VOCAB = 30522
+SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
+REAL_DATA = REPO.parent / "shared" / "data" / "binarized_text.train.bert-base-uncased.pickle"
+REAL_COUNTS = REPO.parent / "shared" / "data" / "binarized_text.train.token_counts.bert-base-uncased.pickle"
+# The README's recipe with DIITO on: ce + mlm + cos + causal_ce.
+RECIPE = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0",
+          "--alpha_causal_ce", "0.25", "--alpha_causal_cos", "0", "--interchange_prop", "0.3",
+          "--interchange_consecutive_only"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model and run sizes of one mode (device, --quick)."""
+
+    teacher_layers: int
+    teacher_hidden: int
+    teacher_heads: int
+    student_layers: int
+    batch_size: int
+    seq_len: int
+    train_steps: int
+    bench_shapes: tuple[tuple[int, int], ...]  # (batch, seq_len) per bench_step run
+    bench_reps: int
+    timeout_s: int  # per check
+
+
+def sizes_for(device: str, quick: bool) -> Sizes:
+    if device == "cpu":  # tiny: the CPU mode only shows the script works apart from CUDA
+        return Sizes(4, 32, 4, 2, 4, 32, 2 if quick else 4, ((2, 16),), 1, 300)
+    if quick:
+        return Sizes(12, 768, 12, 6, 32, 128, 20, ((32, 128),), 5, 240)
+    return Sizes(12, 768, 12, 6, 32, 128, 60, ((32, 128), (16, 512)), 10, 300)
+
+
+# --- the workspace: tokenizer, teacher, student, mapping, corpus ----------------------------------
+
+
+@dataclass
+class Workspace:
+    teacher: Path
+    student_config: Path
+    student_weights: Path
+    mapping: Path
+    corpus: Path
+    counts: Path
+    data: str  # what the corpus is, for the report
+
+
+def vocabulary() -> dict[str, int]:
+    """30522 entries with bert-base-uncased's special-token ids (0, 100-103), so its binarized ids fit."""
+    words = {f"w{i}": i for i in range(VOCAB)}
+    for name, i in SPECIAL.items():
+        del words[f"w{i}"]
+        words[{"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+               "mask_token": "[MASK]"}[name]] = i
+    return words
+
+
+def build_workspace(folder: Path, sizes: Sizes, data: str = "auto") -> Workspace:
+    """Write a random teacher (with tokenizer), a student config + initial weights, a mapping and a corpus."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer, DistilBertConfig, DistilBertForMaskedLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    h, heads = sizes.teacher_hidden, sizes.teacher_heads
+    teacher_dir = folder / "teacher"
+    BertForMaskedLM(BertConfig(
+        vocab_size=VOCAB, hidden_size=h, num_hidden_layers=sizes.teacher_layers, num_attention_heads=heads,
+        intermediate_size=4 * h, max_position_embeddings=512,
+    )).save_pretrained(teacher_dir)
+    BertTokenizer(vocab=vocabulary()).save_pretrained(teacher_dir)
+    student_config = dict(
+        vocab_size=VOCAB, dim=h, n_layers=sizes.student_layers, n_heads=heads, hidden_dim=4 * h,
+        max_position_embeddings=512, sinusoidal_pos_embds=False, model_type="distilbert",
+    )
+    (folder / "student.json").write_text(json.dumps(student_config))
+    student = DistilBertForMaskedLM(DistilBertConfig(**student_config))
+    torch.save(student.state_dict(), folder / "student.pth")
+    d = h // heads
+    (folder / "map.nm").write_text(json.dumps({"interchange_variable_mappings": [{
+        "teacher_variable_names": [f"$L:{sizes.teacher_layers // 2}$H:[0:{heads}]$[0:{d}]"],
+        "student_variable_names": [f"$L:{sizes.student_layers // 2}$H:[0:{heads}]$[0:{d}]"],
+    }]}))
+
+    if data == "auto":
+        data = str(REAL_DATA) if REAL_DATA.is_file() else "synthetic"
+    if data == "synthetic":
+        rng = np.random.default_rng(0)
+        n = sizes.batch_size * (sizes.train_steps + 2)
+        corpus = [np.concatenate([[SPECIAL["cls_token"]], rng.integers(1000, VOCAB, sizes.seq_len - 2),
+                                  [SPECIAL["sep_token"]]]).astype(np.uint16) for _ in range(n)]
+        what = f"synthetic, {n} rows of {sizes.seq_len} tokens"
+    else:
+        with open(data, "rb") as f:  # the project's own binarized sample (a list of uint16 arrays)
+            corpus = [np.asarray(s, dtype=np.uint16) for s in pickle.load(f)]
+        what = f"{Path(data).name}, {len(corpus)} sequences"
+    with open(folder / "corpus.pickle", "wb") as f:
+        pickle.dump(corpus, f)
+    counts = np.bincount(np.concatenate(corpus), minlength=VOCAB).tolist()
+    (folder / "counts.pickle").write_bytes(pickle.dumps(counts))
+    return Workspace(teacher_dir, folder / "student.json", folder / "student.pth", folder / "map.nm",
+                     folder / "corpus.pickle", folder / "counts.pickle", what)
+
+
+def train_argv(ws: Workspace, sizes: Sizes, device: str, run_name: str, *extra: str) -> list[str]:
+    """`causal_train.py` flags of one check: the DIITO recipe, one micro-batch per optimizer step."""
+    return [
+        "--force", "--n_gpu", "1" if device == "cuda" else "0", "--dump_path", str(ws.corpus.parent / "runs"),
+        "--run_name", run_name, "--data_file", str(ws.corpus), "--token_counts", str(ws.counts),
+        "--student_type", "distilbert", "--student_config", str(ws.student_config),
+        "--student_pretrained_weights", str(ws.student_weights),
+        "--teacher_type", "bert", "--teacher_name", str(ws.teacher), "--neuron_mapping", str(ws.mapping),
+        "--batch_size", str(sizes.batch_size), "--gradient_accumulation_steps", "1",
+        "--max_steps", str(sizes.train_steps), "--log_interval", "1", "--checkpoint_interval", "1000000",
+        "--seed", "0", *RECIPE, *extra,
+    ]
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    verifies: str
+    command: list[str]  # what runs (a subprocess)
+    shows: str = ""  # the command a user would type for the same thing
+    spec: dict = field(default_factory=dict)  # written to spec_path, which the child reads
+    spec_path: Path | None = None
+    skip: str = ""  # reason, when the check cannot run here
+
+
+def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) -> list[Check]:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    checks = [Check(
+        "cuda_tests", "the tests that need CUDA (tests/test_cuda.py)",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cuda.py")],
+        skip="" if args.device == "cuda" else "needs CUDA",
+    )]
+    # On CPU --teacher_fp16 keeps the teacher in bfloat16, which float16 autocast refuses (LayerNorm).
+    fp16 = ["--fp16", "--teacher_fp16"] if args.device == "cuda" else ["--fp16"]
+    precisions = {"fp32": [], "fp16": fp16, "bf16": ["--bf16"]}
+    for name, flags in precisions.items():
+        argv = train_argv(ws, sizes, args.device, f"train_{name}", *flags)
+        checks.append(Check(
+            f"train_{name}", f"{sizes.train_steps} optimizer steps of causal_train on one {args.device} device"
+            + (f" ({' '.join(flags)})" if flags else " (float32)") + ": finite losses, weights change",
+            me + ["--child", "train", "--spec", str(spec_dir / f"train_{name}.json")],
+            shows="python causal_train.py " + shlex.join(argv),
+            spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights)),
+            spec_path=spec_dir / f"train_{name}.json",
+        ))
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    argv = train_argv(ws, sizes, args.device, "torchrun", *(["--bf16"] if args.device == "cuda" else []))
+    checks.append(Check(
+        "torchrun", f"causal_train under torchrun (1 process), then all_reduce + a DDP step over {backend}",
+        torchrun + me[1:] + ["--child", "train", "--spec", str(spec_dir / "torchrun.json")],
+        shows="torchrun --standalone --nproc_per_node 1 causal_train.py " + shlex.join(argv),
+        spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights), process_group_smoke=backend),
+        spec_path=spec_dir / "torchrun.json",
+    ))
+    for batch, seq_len in sizes.bench_shapes:
+        argv = ["--teacher_layers", str(sizes.teacher_layers), "--teacher_hidden", str(sizes.teacher_hidden),
+                "--teacher_heads", str(sizes.teacher_heads), "--student_layers", str(sizes.student_layers),
+                "--batch_size", str(batch), "--seq_len", str(seq_len), "--reps", str(sizes.bench_reps), "--fast",
+                "--device", args.device]
+        name = f"bench_step_{batch}x{seq_len}"
+        checks.append(Check(
+            name, f"bench_step.py at batch {batch}x{seq_len}: tokens/s and MFU per step variant",
+            me + ["--child", "bench", "--spec", str(spec_dir / f"{name}.json")],
+            shows="python benchmarks/bench_step.py " + shlex.join(argv), spec=dict(argv=argv, device=args.device),
+            spec_path=spec_dir / f"{name}.json",
+        ))
+    return checks
+
+
+# --- running a check -----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # pass / fail / skip
+    seconds: float = 0.0
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_gib: float | None = None
+    loss: str = ""  # "first -> last"
+    notes: str = ""
+
+
+def run_check(check: Check, timeout_s: int, log) -> tuple[int | None, str, float]:
+    """(exit status or None on timeout, stdout + stderr, seconds). Kills the whole process group on timeout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(check.command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        rc: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        rc = None
+    seconds = time.perf_counter() - start
+    log.write(f"===== {check.name}: {shlex.join(check.command)}\n{out}\n===== exit {rc}, {seconds:.1f} s\n\n")
+    log.flush()
+    return rc, out, seconds
+
+
+def result_of(check: Check, rc: int | None, out: str, seconds: float, timeout_s: int) -> Result:
+    """Turn a check's exit status and output into a table row."""
+    r = Result(check.name, "pass" if rc == 0 else "fail", seconds)
+    if rc is None:
+        r.notes = f"timed out after {timeout_s} s"
+        return r
+    if check.name == "cuda_tests":
+        counts = parse_pytest_summary(out)
+        r.notes = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no pytest summary"
+        if rc == 0 and counts.get("skipped") and not counts.get("passed"):
+            r.status = "fail"  # on a GPU machine every CUDA test must run
+            r.notes += " (all skipped: CUDA not seen by pytest?)"
+        return r
+    child = parse_result_line(out)
+    if child is None:
+        r.status, r.notes = "fail", last_error_line(out) or f"exit {rc}, no result line"
+        return r
+    r.peak_gib = child.get("peak_gib")
+    problems = child.get("problems", [])
+    if problems or rc != 0:
+        r.status = "fail"
+    if check.name.startswith("bench_step"):
+        table = parse_bench_table(out)
+        peak = parse_bench_peak(out)
+        if "diito" in table:
+            r.tokens_per_s, r.mfu = table["diito"]["tokens_per_s"], table["diito"]["mfu"]
+        ratios = " / ".join(f"{name} {row['x_plain']:.2f}x ({row['mfu']:.0%})" for name, row in table.items())
+        r.notes = f"x plain (MFU): {ratios}" + (f"; matmul peak {peak:.0f} GFLOP/s" if peak else "")
+        if not table:
+            r.status, r.notes = "fail", "no bench_step table in the output"
+    else:
+        r.tokens_per_s = child.get("tokens_per_s")
+        if child.get("losses"):
+            r.loss = f"{child['losses'][0]:.3f} -> {child['losses'][-1]:.3f}"
+        r.notes = "; ".join(child.get("notes", []))
+    if problems:
+        r.notes = "; ".join(problems) + (f"; {r.notes}" if r.notes else "")
+    return r
+
+
+# --- parsing what the checks print ---------------------------------------------------------------
+
+
+def parse_result_line(text: str) -> dict | None:
+    """The last `GPU_CHECK_RESULT {json}` line a child printed (torchrun may prefix it), or None."""
+    found = None
+    for line in text.splitlines():
+        i = line.find(RESULT_TAG)
+        if i >= 0:
+            try:
+                found = json.loads(line[i + len(RESULT_TAG):])
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def parse_pytest_summary(text: str) -> dict[str, int]:
+    """Counts from pytest's last summary line, e.g. `4 passed, 1 skipped in 12.3s` -> {passed: 4, skipped: 1}."""
+    for line in reversed(text.splitlines()):
+        if re.search(r"\d+ (passed|failed|skipped|error|errors|deselected)\b", line) and " in " in line:
+            counts = {}
+            for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", line):
+                counts["errors" if kind.startswith("error") else kind] = int(n)
+            return counts
+    return {}
+
+
+def parse_bench_table(text: str) -> dict[str, dict[str, float]]:
+    """bench_step.py's step table: {variant: {seconds, tokens_per_s, x_plain, mfu}}."""
+    rows: dict[str, dict[str, float]] = {}
+    header: list[str] | None = None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| step |"):
+            header = cells
+            continue
+        if header is None or not line.startswith("|") or set(cells[0]) <= {"-"}:
+            if header is not None and rows and not line.startswith("|"):
+                break  # the end-to-end table that may follow has other columns
+            continue
+        row = dict(zip(header, cells))
+        rows[row["step"]] = dict(
+            seconds=float(row["s/step"]), tokens_per_s=float(row["tokens/s"].replace(",", "")),
+            x_plain=float(row["x plain"].rstrip("x")), mfu=float(row["MFU"].rstrip("%")) / 100,
+        )
+    return rows
+
+
+def parse_bench_peak(text: str) -> float | None:
+    m = re.search(r"matmul peak ([\d.]+) GFLOP/s", text)
+    return float(m.group(1)) if m else None
+
+
+def last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:") or re.match(r"\w+(Error|Exception)\b", line):
+            return line[:200]
+    return lines[-1][:200] if lines else ""
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict[str, str]:
+    import torch
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
+                   cuda=str(torch.version.cuda), nccl=nccl_version(),
+                   bf16=str(torch.cuda.is_bf16_supported()))
+    else:
+        env.update(device=f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    return env
+
+
+def nccl_version() -> str:
+    import torch
+
+    version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def format_table(results: list[Result], env: dict[str, str]) -> str:
+    lines = [", ".join(f"{k} {v}" for k, v in env.items()), "",
+             "| check | status | s | tokens/s | MFU | peak GiB | loss | notes |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {_fmt(r.tokens_per_s, ',.0f')} | "
+                     f"{_fmt(r.mfu, '.0%')} | {_fmt(r.peak_gib, '.2f')} | {r.loss} | {r.notes.replace('|', '/')} |")
+    lines += ["", "tokens/s: training, median over logged steps after the first; bench_step: the DIITO (exact) "
+              "step. MFU: bench_step's, against its measured matmul peak. peak GiB: torch.cuda.max_memory_allocated "
+              "(CPU: the process's peak RSS). loss: losses/loss at the first and last step."]
+    return "\n".join(lines)
+
+
+# --- children: what runs inside each check's subprocess -------------------------------------------
+
+
+def _peak_start() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # else nothing was allocated yet
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    """CUDA: the caching allocator's peak of allocated bytes; CPU: this process's peak RSS."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def child_train(spec: dict) -> dict:
+    """causal_train.main(argv) in this process; then its losses, throughput, peak memory, weight change."""
+    import torch
+    import torch.distributed as dist
+
+    import causal_train
+
+    backends: list[str] = []
+    init = dist.init_process_group
+
+    def recording_init(*a, **kw):
+        backends.append(str(kw.get("backend", a[0] if a else "default")))
+        return init(*a, **kw)
+
+    dist.init_process_group = recording_init
+    device = spec["device"]
+    _peak_start()
+    run = causal_train.main(spec["argv"])
+    dist.init_process_group = init
+    out: dict[str, Any] = dict(peak_gib=_peak_gib(device), problems=[], notes=[])
+    losses = _scalars(run, "losses/loss")
+    speeds = _scalars(run, "global/tokens_per_s")
+    out["losses"] = losses
+    if not losses:
+        out["problems"].append("no losses/loss in TensorBoard")
+    elif not all(math.isfinite(v) for v in losses):
+        out["problems"].append(f"non-finite loss: {losses}")
+    if len(speeds) > 1:
+        speeds = sorted(speeds[1:])  # the first interval holds the warm-up
+        out["tokens_per_s"] = speeds[len(speeds) // 2]
+    final = torch.load(run / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    initial = torch.load(spec["initial_weights"], map_location="cpu", weights_only=True)
+    if not all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point()):
+        out["problems"].append("non-finite weights")
+    changed = max((final[k].float() - v.float()).abs().max().item() for k, v in initial.items() if k in final)
+    out["notes"].append(f"largest weight change {changed:.1e}")
+    if not changed > 0:
+        out["problems"].append("the weights did not change")
+    if "process_group_smoke" in spec:
+        out["notes"].append("training process group: " + (", ".join(backends) or "none (world size 1)"))
+        out["notes"].append(process_group_smoke(spec["process_group_smoke"], device))
+    return out
+
+
+def process_group_smoke(backend: str, device: str) -> str:
+    """All-reduce a tensor and take one DDP step over `backend`; the DDP gradients must equal plain ones."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group(backend=backend)
+    try:
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device == "cuda" else "cpu")
+        x = torch.arange(4.0, device=dev)
+        dist.all_reduce(x)
+        if not torch.equal(x.cpu(), torch.arange(4.0) * dist.get_world_size()):
+            raise AssertionError(f"all_reduce gave {x.tolist()}")
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(8, 4).to(dev)
+        wrapped = DDP(torch.nn.Linear(8, 4).to(dev), device_ids=[dev.index] if dev.type == "cuda" else None)
+        wrapped.module.load_state_dict(plain.state_dict())
+        data = torch.randn(16, 8, device=dev)
+        plain(data).square().mean().backward()
+        wrapped(data).square().mean().backward()
+        for a, b in zip(plain.parameters(), wrapped.module.parameters()):
+            torch.testing.assert_close(a.grad, b.grad)
+        version = f", NCCL {nccl_version()}" if backend == "nccl" else ""
+        return f"{backend}: all_reduce and DDP gradients ok (world size {dist.get_world_size()}{version})"
+    finally:
+        dist.destroy_process_group()
+
+
+def child_bench(spec: dict) -> dict:
+    """bench_step.main(argv) in this process (it prints its table); then the peak memory over all variants."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_step
+
+    _peak_start()
+    bench_step.main(spec["argv"])
+    return dict(peak_gib=_peak_gib(spec["device"]), problems=[])
+
+
+def _scalars(run: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "log" / "train"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="Fewer steps and one bench shape (about 3 minutes on GPU).")
+    p.add_argument("--out", default=str(REPO / "runs" / "gpu_check"),
+                   help="Folder for table.md, results.json and log.txt (every check's output).")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: run everything that does not need CUDA, at tiny sizes.")
+    p.add_argument("--dry_run", action="store_true", help="Print the checks and their commands; run nothing.")
+    p.add_argument("--data", default="auto",
+                   help="auto (the real sample in ../shared/data if present, else synthetic), synthetic, or a "
+                        "binarized bert-base-uncased pickle.")
+    p.add_argument("--only", nargs="+", default=None, help="Run only these checks (names as in --dry_run).")
+    p.add_argument("--timeout", type=int, default=None, help="Seconds per check (default: by mode).")
+    p.add_argument("--child", choices=["train", "bench"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    """Run the checks (or print the plan with --dry_run); returns one Result per check."""
+    args = parse_args(argv)
+    if args.child:
+        spec = json.loads(Path(args.spec).read_text())
+        result = child_train(spec) if args.child == "train" else child_bench(spec)
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return []
+    if args.data not in ("auto", "synthetic") and not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: no such file")
+
+    import torch
+
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        raise UserError("no CUDA device visible to torch: run on a GPU machine, or pass --device cpu "
+                        "(everything but CUDA) or --dry_run (the plan)")
+    sizes = sizes_for(args.device, args.quick)
+    timeout_s = args.timeout or sizes.timeout_s
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        if args.dry_run:
+            ws = Workspace(work / "teacher", work / "student.json", work / "student.pth", work / "map.nm",
+                           work / "corpus.pickle", work / "counts.pickle", args.data)
+        else:
+            logger.info("Building the random models and the corpus in %s", work)
+            ws = build_workspace(work, sizes, args.data)
+        checks = plan(args, sizes, ws, work)
+        if args.only:
+            unknown = set(args.only) - {c.name for c in checks}
+            if unknown:
+                raise UserError(f"--only: unknown check(s) {sorted(unknown)}; known: {[c.name for c in checks]}")
+            checks = [c for c in checks if c.name in args.only]
+        if args.dry_run:
+            print(format_plan(checks, sizes, args, timeout_s))
+            return [Result(c.name, "skip" if c.skip else "planned", notes=c.skip) for c in checks]
+
+        out.mkdir(parents=True, exist_ok=True)
+        results = []
+        with open(out / "log.txt", "w") as log:
+            for check in checks:
+                if check.skip:
+                    results.append(Result(check.name, "skip", notes=check.skip))
+                    continue
+                if check.spec_path is not None:
+                    check.spec_path.write_text(json.dumps(check.spec))
+                logger.info("Running %s (timeout %d s)", check.name, timeout_s)
+                rc, text, seconds = run_check(check, timeout_s, log)
+                results.append(result_of(check, rc, text, seconds, timeout_s))
+                logger.info("%s: %s in %.0f s", check.name, results[-1].status, seconds)
+        env = environment(args.device)
+        env["data"] = ws.data
+        table = format_table(results, env)
+        (out / "table.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps(dict(environment=env, sizes=asdict(sizes),
+                                                          results=[asdict(r) for r in results]), indent=1))
+        print(table)
+    return results
+
+
+def format_plan(checks: list[Check], sizes: Sizes, args: argparse.Namespace, timeout_s: int) -> str:
+    lines = [f"gpu_check plan: device {args.device}{', quick' if args.quick else ''}, data {args.data}, "
+             f"timeout {timeout_s} s per check; sizes {asdict(sizes)}"]
+    for c in checks:
+        lines.append(f"- {c.name}: {c.verifies}" + (f" [skip: {c.skip}]" if c.skip else ""))
+        lines.append(f"    $ {c.shows or shlex.join(c.command)}")
+    return "\n".join(lines)
+
+
+def cli() -> None:
+    results = main()
+    if any(r.status == "fail" for r in results):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    run_cli(cli)
