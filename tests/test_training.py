@@ -10,28 +10,9 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 import causal_train
-from conftest import BERT_COUNTS, BERT_PICKLE
+from conftest import train_argv
 from scripts import extract_distilbert
 from utils import UserError
-
-
-def train_args(tmp_path: Path, teacher: Path, config: Path, mapping: Path, *extra: str, weights: Path | None = None):
-    args = [
-        "--force", "--n_gpu", "0", "--log_interval", "1", "--checkpoint_interval", "2",
-        "--student_type", "distilbert", "--student_config", str(config),
-        "--teacher_type", "bert", "--teacher_name", str(teacher),
-        "--neuron_mapping", str(mapping),
-        "--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
-        "--alpha_causal_ce", "0.25", "--alpha_causal_cos", "0.0",
-        "--interchange_prop", "0.3", "--interchange_max_token", "-1", "--interchange_consecutive_only",
-        "--freeze_pos_embs", "--dump_path", str(tmp_path / "results"), "--run_name", "run",
-        "--data_file", str(BERT_PICKLE), "--token_counts", str(BERT_COUNTS),
-        "--seed", "42", "--n_epoch", "1", "--gradient_accumulation_steps", "2", "--batch_size", "4",
-        "--max_steps", "3",
-    ]
-    if weights is not None:
-        args += ["--student_pretrained_weights", str(weights)]
-    return args + list(extra)
 
 
 @pytest.fixture
@@ -58,7 +39,7 @@ def test_extraction_copies_the_chosen_teacher_layers(extracted, tiny_bert_teache
 def test_readme_commands_train_a_student_that_loads_with_from_pretrained(
     shared_data, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, extracted
 ):
-    dump = causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping,
+    dump = causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping,
                                         weights=extracted))
     assert dump == tmp_path / "results" / "run"
     for name in ("parameters.json", "git_log.json", "config.json", "pytorch_model.bin", "checkpoint.pth",
@@ -107,7 +88,7 @@ def _tensorboard_tags(dump: Path) -> set[str]:
 def test_inconsistent_flags_are_refused_before_training(tmp_path, tiny_bert_teacher, tiny_student_config,
                                                          tiny_mapping, flags, message):
     with pytest.raises(UserError, match=message):
-        causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *flags))
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *flags))
     assert not (tmp_path / "results").exists()
 
 
@@ -117,7 +98,7 @@ def test_force_refuses_to_delete_a_folder_that_is_not_a_dump(shared_data, tmp_pa
     precious.mkdir(parents=True)
     (precious / "thesis.tex").write_text("months of work")
     with pytest.raises(UserError, match="not a run's dump"):
-        causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping))
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping))
     assert (precious / "thesis.tex").read_text() == "months of work"
 
 
@@ -125,7 +106,7 @@ def test_student_teacher_vocab_mismatch_is_refused(shared_data, tmp_path, tiny_b
     config = tmp_path / "small_vocab.json"
     config.write_text(json.dumps(dict(dim=32, n_heads=4, hidden_dim=64, n_layers=2, vocab_size=1000)))
     with pytest.raises(UserError, match="vocab size 1000"):
-        causal_train.main(train_args(tmp_path, tiny_bert_teacher, config, tiny_mapping))
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, config, tiny_mapping))
 
 
 def test_every_training_flag_is_documented_in_the_readme():
