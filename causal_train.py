@@ -73,7 +73,7 @@ TOKEN_TYPE_EMBEDDINGS = {"roberta": "roberta.embeddings.token_type_embeddings"}
 SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token")
 
 
-EXAMPLE = """example (the quickstart's student, on CPU):
+EXAMPLE = """example (the paper's recipe: a 6-layer DistilBERT from bert-base-uncased, on CPU):
   python causal_train.py --force --n_gpu 0 --student_type distilbert \\
       --student_config training_configs/distilbert-base-uncased-large.json \\
       --teacher_type bert --teacher_name bert-base-uncased \\

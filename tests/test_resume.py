@@ -98,13 +98,14 @@ def test_sigkill_while_writing_a_state_keeps_the_previous_one_for_resume(tmp_pat
     assert not list(folder.glob(".state_*.tmp"))  # the next complete write removed the partial one
 
 
-def poison_loss_at(monkeypatch, micro_batch: int) -> None:
-    """Make the loss of the given micro-batch (1-based) NaN."""
+def poison_loss_at(monkeypatch, micro_batch: int | None) -> None:
+    """Make the loss of the given micro-batch (1-based; None: of every one) NaN."""
     loss_step = CausalDistiller._loss_step
 
     def poisoned(self, batch):
         loss, metrics = loss_step(self, batch)
-        return (loss * float("nan") if self.state.n_total_iter + 1 == micro_batch else loss), metrics
+        hit = micro_batch is None or self.state.n_total_iter + 1 == micro_batch
+        return (loss * float("nan") if hit else loss), metrics
 
     monkeypatch.setattr(CausalDistiller, "_loss_step", poisoned)
 
@@ -133,3 +134,114 @@ def test_skip_nonfinite_loss_skips_that_optimizer_step_and_counts_it(monkeypatch
     assert not torch.equal(step[6]["student"]["vocab_projector.bias"], step[4]["student"]["vocab_projector.bias"])
     skipped = scalars(dump, "global/skipped_steps")
     assert skipped[2] == 0 and skipped[4] == 1 and skipped[6] == 1
+
+
+# --- resume rules ---------------------------------------------------------------------------------------
+# One finished run (3 optimizer steps of 2 micro-batches, states at micro-batches 2, 4, 6) is copied
+# into each test's folder, which then damages, replaces or resumes it.
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_bert_teacher, tiny_student_config, tiny_mapping, small_corpus):
+    root = tmp_path_factory.mktemp("finished")
+    causal_train.main(train_argv(root, tiny_bert_teacher, tiny_student_config, tiny_mapping,
+                                 "--save_total_limit", "3", data_file=small_corpus))
+    return root / "results"
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path, small_run_argv):
+    """(argv of the finished run, its run folder), copied to this test's tmp_path."""
+    import shutil
+
+    shutil.copytree(finished_run, tmp_path / "results")
+    return small_run_argv("--save_total_limit", "3"), tmp_path / "results" / "run"
+
+
+class Payload:
+    """Pickles as a call that creates a file: what a tampered state would run if it were unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_tampered_state_is_refused_and_its_code_never_runs(copied_run, tmp_path):
+    argv, run = copied_run
+    newest, marker = run / "checkpoints" / "state_0000000006_rank0.pth", tmp_path / "payload_ran"
+    torch.save({**load(newest), "state": Payload(marker)}, newest)
+    with pytest.raises(UserError, match=r"refused .*state_0000000006_rank0\.pth: it holds objects"):
+        causal_train.main(resume_argv(argv))
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_training_state_is_refused(copied_run):
+    argv, run = copied_run
+    torch.save({"weight": torch.ones(3)}, run / "checkpoints" / "state_0000000006_rank0.pth")
+    with pytest.raises(UserError, match=r"state_0000000006_rank0\.pth: it is not a rank-0 training state"):
+        causal_train.main(resume_argv(argv))
+
+
+def test_a_truncated_newest_state_falls_back_to_the_previous_one_with_a_warning(copied_run, finished_run, caplog):
+    argv, run = copied_run
+    newest = run / "checkpoints" / "state_0000000006_rank0.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (run / "pytorch_model.bin").unlink()
+    causal_train.main(resume_argv(argv))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot read" in w and "state_0000000006_rank0.pth" in w for w in warnings), warnings
+    assert any("resuming from micro-batch 4" in w for w in warnings), warnings
+    # Steps 3 done again from the state of micro-batch 4: the run ends where it had ended.
+    expected = torch.load(finished_run / "run" / "pytorch_model.bin", weights_only=True)
+    got = torch.load(run / "pytorch_model.bin", weights_only=True)
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+
+
+def test_a_new_learning_rate_on_resume_applies_from_the_resumed_step(copied_run):
+    argv, run = copied_run
+    (run / "checkpoints" / "state_0000000006_rank0.pth").unlink()  # resume from micro-batch 4: step 3 left
+    causal_train.main(resume_argv(argv, "--learning_rate", "1e-3"))
+    # 3 steps, 1 of warm-up: step 3 runs at peak * (3 - 2) / (3 - 1), with the new peak.
+    assert scalars(run, "learning_rate/lr")[5] == pytest.approx(1e-3 * 0.5)
+    saved = load(run / "checkpoints" / "state_0000000006_rank0.pth")
+    assert saved["scheduler"]["base_lrs"] == [1e-3, 1e-3]
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [0.0, 0.0]  # the schedule's end
+    assert json.loads((run / "parameters.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_a_finished_run_extended_with_more_steps_continues_on_the_schedule_for_the_new_total(copied_run):
+    argv, run = copied_run
+    causal_train.main(resume_argv(argv, "--max_steps", "5"))
+    lr = scalars(run, "learning_rate/lr")
+    # 5 steps, 1 of warm-up, peak 5e-4: step 4 at (5 - 3) / 4 of the peak, step 5 at 1 / 4 (the old
+    # schedule had ended at 0).
+    assert lr[7] == pytest.approx(5e-4 * 2 / 4) and lr[8] == pytest.approx(5e-4 * 1 / 4)
+    before, after = (load(run / "checkpoints" / f"state_{n:010d}_rank0.pth") for n in (6, 10))
+    assert after["state"]["n_optim_steps"] == 5
+    assert not torch.equal(before["student"]["vocab_projector.bias"], after["student"]["vocab_projector.bias"])
+
+
+def test_resume_on_another_corpus_with_as_many_sequences_is_refused(copied_run, small_corpus, tmp_path):
+    import pickle
+
+    import numpy as np
+
+    argv, run = copied_run
+    rng = np.random.default_rng(0)
+    # Same sequences count and lengths, same framing; the words inside are shuffled.
+    other = [np.concatenate([s[:1], rng.permutation(s[1:-1]), s[-1:]]) for s in pickle.loads(small_corpus.read_bytes())]
+    other_path = tmp_path / "other.train.bert-base-uncased.pickle"
+    other_path.write_bytes(pickle.dumps(other))
+    with pytest.raises(UserError, match="saved on another corpus"):
+        causal_train.main(resume_argv(argv, "--data_file", str(other_path)))
+
+
+def test_skipping_most_steps_warns_on_the_console_and_sums_up_at_the_end(monkeypatch, small_run_argv, caplog):
+    poison_loss_at(monkeypatch, None)
+    causal_train.main(small_run_argv("--skip_nonfinite_loss", "--gradient_accumulation_steps", "1",
+                                     "--max_steps", "10", "--checkpoint_interval", "100"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("10 of the 10 optimizer steps so far were skipped" in w for w in warnings), warnings
+    assert "10 of 10 optimizer steps were skipped for a non-finite loss or gradient" in warnings
