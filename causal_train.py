@@ -510,7 +510,7 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
     config = TrainingConfig.from_args(args)
     run_dir = Path(args.dump_path) / (args.run_name or default_run_name(args, context.world_size))
     on_master(context, lambda: check_run_dir(run_dir, args))  # before the long work, nothing written
-    set_seed(config.seed)
+    set_seed(args.seed)
     if args.fp16 and args.fp16_opt_level != "O1" and context.is_master:
         logger.info("--fp16_opt_level %s: torch.amp has one mixed-precision mode, apex's O1", args.fp16_opt_level)
 
@@ -524,16 +524,16 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
             f"cos losses need equal hidden sizes: student {cf.hidden_size(student)}, teacher {cf.hidden_size(teacher)}"
         )
     mapping = None
-    if config.causal and not config.data_augment:
+    if (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0) and not args.data_augment:
         mapping = cf.load_neuron_mapping(args.neuron_mapping)
         cf.validate_neuron_mapping(mapping, teacher.config, student.config, path=args.neuron_mapping)
 
     store = load_sequences(args.data_file)
     check_vocab_range(store, teacher.config.vocab_size, args.data_file)
     dataset = LmSeqsDataset(
-        DatasetParams(context.max_model_input_size, config.mlm, special_ids, seed=config.seed), store
+        DatasetParams(context.max_model_input_size, args.mlm, special_ids, seed=args.seed), store
     )
-    token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if config.mlm else None
+    token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
 
     prepare_dump_path(run_dir, args, context)
     if not args.resume:  # at once, beside the marker: the folder is one --force may replace
