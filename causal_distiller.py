@@ -2,18 +2,16 @@
 
 One step (`CausalDistiller._loss_step`) reads like the method:
 
-1. prepare the batch: MLM-corrupt base and dual independently (or CLM labels), choose the
-   interchange positions and, for this step, one mapping entry with one teacher and one
-   student variable;
-2. teacher (no grad): base run, source run on the dual, counterfactual run on the base;
-3. student: the same three runs, with gradients through all of them;
-4. losses: ce / mlm / clm / mse / cos on the base runs, causal_ce / causal_cos between the
-   counterfactual runs, each weighted by its alpha; terms whose alpha is 0 are not computed,
-   and with both causal alphas at 0 no counterfactual run happens at all.
+1. plan (`_plan`): MLM-corrupt base and dual independently (or CLM labels), pick the rows the
+   losses read and, for a DIITO step, the mode of its counterfactual run, the interchanged
+   positions and one mapping entry with one teacher and one student variable;
+2. teacher (no grad): base run, and the counterfactual run the plan's mode calls for;
+3. student: the same runs, with gradients through all of them;
+4. losses: the terms of `LOSS_TERMS` whose alpha is non-zero, weighted and summed; with both
+   causal alphas at 0 no counterfactual run happens at all.
 
-The LM head runs only on the positions a loss reads. Everything needed to resume a run --
-student, optimizer, scheduler, grad scaler, RNGs, epoch and position -- is one checkpoint per
-step (one file per rank: rank 0's holds the shared part, each its own RNGs and gradients).
+The LM head runs only on the positions a loss reads. Saving and resuming the training state is
+`checkpointing.py`'s.
 """
 
 from __future__ import annotations
@@ -25,68 +23,72 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
-import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+import checkpointing
 import counterfactual_utils as cf
-import losses as L
+import losses
+from checkpointing import SkipBatches, TrainState, save_atomically
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from lm_seqs_dataset import LmSeqsDataset
 from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows, swap_tokens
-from utils import UserError, atomic_path
+from training_config import RunContext, TrainingConfig
+from utils import follow_umask
 
 logger = logging.getLogger(__name__)
 
-LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
-STATE_DIR = "checkpoints"
-# Settings a resumed run must share with the run that saved the state.
-RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size")
-
-
-@dataclass
-class TrainState:
-    """Counters of a run; saved in every checkpoint."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    n_total_iter: int = 0  # micro-batches since the start (TensorBoard step, as in the original)
-    n_optim_steps: int = 0  # optimizer steps, skipped ones included (the scheduler counts them too)
-    n_skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
-    window_skipped: bool = False  # the current accumulation window saw a non-finite loss
-    n_tokens: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    last_loss: dict[str, float] = field(default_factory=dict)
+# The counterfactual run of a step (StepPlan.mode).
+PLAIN = "plain"  # no counterfactual run (both causal alphas 0)
+INTERCHANGE = "interchange"  # hidden states from a source run on the dual (the method)
+FAST_INTERCHANGE = "fast_interchange"  # --fast_mode: source values from other rows of the base run
+TOKEN_SWAP = "token_swap"  # --data_augment: a plain run on the base with dual tokens swapped in
+# Share of skipped optimizer steps (after SKIP_WARN_AFTER steps) that earns a console warning.
+SKIP_WARN_SHARE, SKIP_WARN_AFTER = 0.5, 10
 
 
 @dataclass
 class StepPlan:
-    """What one step intervenes on: variables per model, and the paired positions.
+    """What one step computes, decided before any model runs. bs rows of L tokens; N selected rows.
 
-    source_rows (bs,) long, fast mode only: the dual of base row r is base row source_rows[r] of the
-    same batch, so both models read the source values from their base runs (no source run).
+    Every mode: input_ids (bs, L) long model input; attention_mask (bs, L) long or None (CLM);
+    select (bs, L) bool, the rows that get logits; hidden_rows (bs, L) bool or None, the rows of
+    last hidden states (cos losses); labels (N,) long, the selected rows' MLM targets or next
+    tokens (-100: none); lm_rows (N,) bool or None, the selected rows the mlm / clm loss reads.
+    Counterfactual modes: interchange_mask (bs, L) bool over the base and dual_interchange_mask
+    (bs, L') bool over the dual, the paired positions. INTERCHANGE: dual_ids (bs, L') and
+    dual_attention_mask, and the variables per model. FAST_INTERCHANGE: source_rows (bs,) long,
+    the base row whose values row r receives, and the variables. TOKEN_SWAP: swapped_ids (bs, L).
     """
 
-    teacher_variables: list[str]
-    student_variables: list[str]
-    interchange_mask: torch.Tensor  # (bs, L) bool over the base
-    dual_interchange_mask: torch.Tensor  # (bs, L) bool over the dual
+    mode: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    select: torch.Tensor
+    hidden_rows: torch.Tensor | None
+    labels: torch.Tensor
+    lm_rows: torch.Tensor | None = None
+    interchange_mask: torch.Tensor | None = None
+    dual_interchange_mask: torch.Tensor | None = None
+    teacher_variables: list[str] | None = None
+    student_variables: list[str] | None = None
+    dual_ids: torch.Tensor | None = None
+    dual_attention_mask: torch.Tensor | None = None
     source_rows: torch.Tensor | None = None
+    swapped_ids: torch.Tensor | None = None
 
 
 @dataclass
 class ModelRuns:
-    """Selected rows of one model's runs. logits (N, V), hidden (N_real, D)."""
+    """Selected rows of one model's runs. logits (N, V), hidden (N_real, D); cf_*: the counterfactual run."""
 
     logits: torch.Tensor
     hidden: torch.Tensor | None
@@ -94,150 +96,183 @@ class ModelRuns:
     cf_hidden: torch.Tensor | None = None
 
 
+@dataclass
+class LossInputs:
+    """What the loss terms read: both models' runs, the LM rows and labels, the temperature."""
+
+    s: ModelRuns
+    t: ModelRuns
+    lm_logits: torch.Tensor  # (N_lm, V) student logits of the rows with an LM label
+    lm_labels: torch.Tensor  # (N_lm,)
+    temperature: float
+
+
+# Loss name -> term; the step sums alpha * term over the non-zero alphas.
+LOSS_TERMS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "ce": lambda x: losses.ce_loss(x.s.logits, x.t.logits, x.temperature),
+    "mlm": lambda x: losses.mlm_loss(x.lm_logits, x.lm_labels),
+    "clm": lambda x: losses.mlm_loss(x.lm_logits, x.lm_labels),  # next-token labels: the same cross-entropy
+    "mse": lambda x: losses.mse_loss(x.s.logits, x.t.logits),
+    "cos": lambda x: losses.cos_loss(x.s.hidden, x.t.hidden),
+    "causal_ce": lambda x: losses.ce_loss(x.s.cf_logits, x.t.cf_logits, x.temperature),
+    "causal_cos": lambda x: losses.cos_loss(x.s.cf_hidden, x.t.cf_hidden),
+}
+
+
 class StopTraining(Exception):
     """Raised inside the loop to end training on a non-finite loss or gradient (a signal only sets a flag)."""
 
 
 class DiitoRuns(nn.Module):
-    """All passes of one model for one step, in a single forward.
+    """All runs of one model for one step, in a single forward: one method per `StepPlan.mode`.
 
     The student is wrapped in this module (then in DDP), so DDP sees exactly one forward per
-    backward however many passes DIITO makes. The teacher uses it too, under no_grad.
+    backward however many runs DIITO makes. The teacher uses it too, under no_grad.
 
-    The passes: the base run; the source run on the dual, which stops after the deepest intervened
-    block; the counterfactual run on the base. The LM head runs on the selected rows only. Below
-    the lowest intervened block the counterfactual run computes what the base run computed, so it
-    restarts from the base run's recorded output of that block when that is exact -- the model is
-    in eval mode (the teacher: no dropout) -- or when fast mode allows it (a training student then
-    shares the base run's dropout masks below the intervention). In fast mode the duals are rows of
-    the base batch (`plan.source_rows`), so the source values come from the base run as well.
+    The runs: the base run; for an interchange, the source run on the dual, which stops after the
+    deepest intervened block, and the counterfactual run on the base. The LM head runs on the
+    selected rows only. Below the lowest intervened block the counterfactual run computes what the
+    base run computed, so it restarts from the base run's recorded output of that block when that
+    is exact -- the model is in eval mode (the teacher: no dropout) -- or when fast mode allows it
+    (a training student then shares the base run's dropout masks below the intervention).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def _base(self, input_ids, attention_mask, select, hidden_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = cf.backbone(self.model)(
-            input_ids=input_ids, attention_mask=attention_mask, **cf.get_adapter(self.model).forward_kwargs
-        )
-        return self._rows(out.last_hidden_state, select, hidden_rows)
+    def forward(self, plan: StepPlan, variables: list[str] | None) -> ModelRuns:
+        """The runs `plan.mode` calls for; `variables`: this model's intervened variables."""
+        run = {PLAIN: self.plain, INTERCHANGE: self.interchange, FAST_INTERCHANGE: self.fast_interchange,
+               TOKEN_SWAP: self.token_swap}[plan.mode]
+        return run(plan, variables)
 
-    def _rows(self, h: torch.Tensor, select, hidden_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return cf.lm_head_logits(self.model, h[select]), (h[hidden_rows] if hidden_rows is not None else None)
+    def plain(self, plan: StepPlan, variables: None = None) -> ModelRuns:
+        """The base run alone."""
+        return ModelRuns(*self._run(plan.input_ids, plan))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        select: torch.Tensor,
-        hidden_rows: torch.Tensor | None,
-        plan: StepPlan | None = None,
-        dual_ids: torch.Tensor | None = None,
-        dual_attention_mask: torch.Tensor | None = None,
-        cf_input_ids: torch.Tensor | None = None,
-        variables: list[str] | None = None,
-    ) -> ModelRuns:
-        """select (bs, L) bool: rows that get logits; hidden_rows (bs, L) bool or None: rows of hidden states.
-
-        With `plan`: also the counterfactual run, either a hidden-state interchange of `variables`
-        (source run on `dual_ids`, or base rows `plan.source_rows`) or, with `cf_input_ids`, a plain
-        run on token-swapped input.
-        """
-        if plan is None or cf_input_ids is not None:
-            runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
-            if plan is not None:
-                runs.cf_logits, runs.cf_hidden = self._base(cf_input_ids, attention_mask, select, hidden_rows)
-            return runs
-        masks = (plan.interchange_mask, plan.dual_interchange_mask)
-        fast = plan.source_rows is not None
-        if not fast and self.model.training:
-            # Dropout draws new masks in every run: the counterfactual run recomputes every block.
-            # The three runs' token embeddings come from one lookup (one embedding backward).
-            with cf.shared_token_embeddings(self.model, [input_ids, dual_ids]):
-                runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
-                source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
-                out = cf.interchange_with_activation_at(
-                    self.model, input_ids, attention_mask, source, variables, *masks, compute_logits=False
-                )
-        else:
-            layers = sorted({cf.parse_variable_name(name)[0] for name in variables})
-            # Recorded: the lowest intervened block's output (where the restart begins) and, in fast
-            # mode, every intervened block's output (the source values).
-            record = {layers[0] + 1} | ({k + 1 for k in layers} if fast else set())
-            with cf.record_block_inputs(self.model, record) as cache:
-                runs = ModelRuns(*self._base(input_ids, attention_mask, select, hidden_rows))
-            if fast:
-                source = cf.activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
-            else:
-                source = cf.get_activation_at(self.model, dual_ids, dual_attention_mask, variables)
-            out = cf.run_blocks_above(self.model, cache, layers[0], source, variables, *masks, compute_logits=False)
-        runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, select, hidden_rows)
+    def token_swap(self, plan: StepPlan, variables: None = None) -> ModelRuns:
+        """The base run, and a plain run on the token-swapped base as the counterfactual run."""
+        runs = self.plain(plan)
+        runs.cf_logits, runs.cf_hidden = self._run(plan.swapped_ids, plan)
         return runs
+
+    def interchange(self, plan: StepPlan, variables: list[str]) -> ModelRuns:
+        """Base run, source run on the dual, counterfactual run with the source values interchanged."""
+        if not self.model.training:
+            return self._restart_above(plan, variables, fast=False)
+        # Dropout draws new masks in every run: the counterfactual run recomputes every block.
+        # The three runs' token embeddings come from one lookup (one embedding backward).
+        with cf.shared_token_embeddings(self.model, [plan.input_ids, plan.dual_ids]):
+            runs = self.plain(plan)
+            source = cf.get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
+            out = cf.interchange_with_activation_at(
+                self.model, plan.input_ids, plan.attention_mask, source, variables, plan.interchange_mask,
+                plan.dual_interchange_mask, compute_logits=False,
+            )
+        runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, plan)
+        return runs
+
+    def fast_interchange(self, plan: StepPlan, variables: list[str]) -> ModelRuns:
+        """Base run, and the counterfactual run with source values from rows `plan.source_rows` of it."""
+        return self._restart_above(plan, variables, fast=True)
+
+    def _restart_above(self, plan: StepPlan, variables: list[str], fast: bool) -> ModelRuns:
+        layers = sorted({cf.parse_variable_name(name)[0] for name in variables})
+        # Recorded: the lowest intervened block's output (where the restart begins) and, in fast
+        # mode, every intervened block's output (the source values).
+        record = {layers[0] + 1} | ({k + 1 for k in layers} if fast else set())
+        with cf.record_block_inputs(self.model, record) as cache:
+            runs = self.plain(plan)
+        if fast:
+            source = cf.activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
+        else:
+            source = cf.get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
+        out = cf.run_blocks_above(self.model, cache, layers[0], source, variables, plan.interchange_mask,
+                                  plan.dual_interchange_mask, compute_logits=False)
+        runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, plan)
+        return runs
+
+    def _run(self, input_ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = cf.backbone(self.model)(
+            input_ids=input_ids, attention_mask=plan.attention_mask, **cf.get_adapter(self.model).forward_kwargs
+        )
+        return self._rows(out.last_hidden_state, plan)
+
+    def _rows(self, h: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = h[plan.hidden_rows] if plan.hidden_rows is not None else None
+        return cf.lm_head_logits(self.model, h[plan.select]), hidden
 
 
 class CausalDistiller:
-    """Trains `student` to imitate `teacher`'s outputs and counterfactual behaviour."""
+    """Trains `student` to imitate `teacher`'s outputs and counterfactual behaviour.
+
+    dataset: the corpus with its dual pairing; token_probs (vocab,): MLM target weights (None for
+    CLM); neuron_mapping: (teacher variables, student variables) entries, one drawn per step
+    (None without interchange runs, e.g. with --data_augment).
+    """
 
     def __init__(
         self,
-        params: Any,
+        config: TrainingConfig,
+        context: RunContext,
         dataset: LmSeqsDataset,
         token_probs: torch.Tensor | None,
         student: nn.Module,
         teacher: nn.Module,
         neuron_mapping: list[tuple[list[str], list[str]]] | None,
     ):
-        self.params = params
-        self.dump_path = Path(params.dump_path)
-        self.is_master = params.is_master
-        self.multi_gpu = params.multi_gpu
-        self.device = torch.device(params.device)
-        self.mlm = params.mlm
+        self.config, self.context = config, context
+        self.dump_path = context.run_dir
+        self.is_master = context.is_master
+        self.multi_gpu = context.multi_process
+        self.device = torch.device(context.device)
+        self.mlm = config.mlm
         self.dataset = dataset
+        self.corpus_fingerprint = checkpointing.corpus_fingerprint(dataset.store)
         self.student = student
         self.teacher = teacher.eval()
         self.mapping = neuron_mapping
-        self.alphas = {name: float(getattr(params, f"alpha_{name}")) for name in LOSS_NAMES}
-        self.causal = self.alphas["causal_ce"] > 0 or self.alphas["causal_cos"] > 0
-        self.temperature = params.temperature
-        self.special = params.special_tok_ids
+        self.alphas = config.alphas
+        self.causal = config.causal
+        self.temperature = config.temperature
+        self.special = context.special_token_ids
         self.vocab_size = student.config.vocab_size
 
         # Data: every rank shards each epoch; the sampler reshuffles per epoch (set_epoch).
         self.sampler = DistributedSampler(
-            dataset, num_replicas=params.world_size, rank=params.global_rank, shuffle=True, seed=params.seed
+            dataset, num_replicas=context.world_size, rank=context.global_rank, shuffle=True, seed=config.seed
         )
-        groups = create_lengths_groups(dataset.lengths, k=0 if params.group_by_size else 1)
-        self.batch_sampler = GroupedBatchSampler(self.sampler, groups, params.batch_size)
+        groups = create_lengths_groups(dataset.lengths, k=0 if config.group_by_size else 1)
+        self.batch_sampler = GroupedBatchSampler(self.sampler, groups, config.batch_size)
         self.batches_per_epoch = len(self.batch_sampler)
 
         if self.mlm:
             self.masker = MlmMasker(
                 token_probs=token_probs.float().to(self.device),
-                pred_probs=torch.tensor([params.word_mask, params.word_keep, params.word_rand], device=self.device),
-                mask_prop=params.mlm_mask_prop,
+                pred_probs=torch.tensor([config.word_mask, config.word_keep, config.word_rand], device=self.device),
+                mask_prop=config.mlm_mask_prop,
                 mask_id=self.special["mask_token"],
                 vocab_size=self.vocab_size,
             )
         # Positions and MLM corruption draw from this generator; rank-specific (data differs).
-        self.generator = torch.Generator(device=self.device).manual_seed(params.seed + params.global_rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + context.global_rank)
         # The mapping entry of a step must be the same on every rank: its own seeded stream.
-        self.mapping_rng = random.Random(params.seed)
+        self.mapping_rng = random.Random(config.seed)
 
         self.state = TrainState()
-        self.accum = params.gradient_accumulation_steps
+        self.accum = config.gradient_accumulation_steps
         self.num_steps_total = (
-            params.max_steps if params.max_steps > 0 else math.ceil(self.batches_per_epoch / self.accum) * params.n_epoch
+            config.max_steps if config.max_steps > 0 else math.ceil(self.batches_per_epoch / self.accum) * config.n_epoch
         )
         self.optimizer = self._build_optimizer()
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer,
-            num_warmup_steps=math.ceil(self.num_steps_total * params.warmup_prop),
+            num_warmup_steps=math.ceil(self.num_steps_total * config.warmup_prop),
             num_training_steps=self.num_steps_total,
         )
-        self.amp_dtype = torch.float16 if params.fp16 else torch.bfloat16 if params.bf16 else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(params.fp16))
+        self.amp_dtype = torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
 
         self.student_runs = DiitoRuns(student)
         self.teacher_runs = DiitoRuns(self.teacher)
@@ -249,15 +284,18 @@ class CausalDistiller:
             # trainable parameter, LM head included (alpha_mlm or alpha_clm is always > 0), and
             # frozen embeddings have requires_grad False, so every backward reaches them all.
             # Should a change leave one out, DDP fails loudly at the next step rather than silently.
+            on_cuda = self.device.type == "cuda"
             self.student_runs = DistributedDataParallel(
                 self.student_runs,
-                device_ids=[params.local_rank] if self.device.type == "cuda" else None,
-                output_device=params.local_rank if self.device.type == "cuda" else None,
+                device_ids=[context.local_rank] if on_cuda else None,
+                output_device=context.local_rank if on_cuda else None,
             )
 
         self._stop_requested: str | None = None  # set by this process's signal handler
         self.stop_reason: str | None = None  # the same on every rank: set when all ranks agree
+        self._warned_skips = False
         self.tensorboard = None  # opened by train(), once the resume step is known
+        self.run_description: dict = {}  # logged as TensorBoard text (causal_train: parameters.json's content)
         self.last_log_time = time.time()
         self.last_log_tokens = 0
 
@@ -271,10 +309,10 @@ class CausalDistiller:
                 continue
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [
-            {"params": decay, "weight_decay": self.params.weight_decay},
+            {"params": decay, "weight_decay": self.config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.params.learning_rate, eps=self.params.adam_epsilon, betas=(0.9, 0.98))
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate, eps=self.config.adam_epsilon, betas=(0.9, 0.98))
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -282,101 +320,94 @@ class CausalDistiller:
         """(bs, L) ids and lengths -> model input ids and labels (MLM targets or CLM next tokens)."""
         if self.mlm:
             return self.masker(token_ids, lengths, self.generator)
-        labels = token_ids.masked_fill(~real_token_mask(lengths, token_ids.size(1)), L.IGNORE_INDEX)
+        labels = token_ids.masked_fill(~real_token_mask(lengths, token_ids.size(1)), losses.IGNORE_INDEX)
         return token_ids, labels
 
-    def _loss_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
-        """One (base, dual) batch -> (weighted total loss, named float metrics)."""
+    def _plan(self, batch: tuple[torch.Tensor, ...]) -> StepPlan:
+        """A (base, dual) batch -> what this step runs. Draws, in this order: the base's MLM corruption,
+        the dual's (or the source rows in fast mode), the mapping entry, the interchanged positions."""
+        cfg = self.config
         token_ids, lengths, dual_ids, dual_lengths = (t.to(self.device, non_blocking=True) for t in batch)
         seq_len, dual_len = token_ids.size(1), dual_ids.size(1)
         attn = real_token_mask(lengths, seq_len)
         input_ids, labels = self._prepare(token_ids, lengths)
         # Rows that get logits: the CE positions (all real tokens, or MLM targets only).
+        lm_rows = None
         if self.mlm:
-            select = labels != L.IGNORE_INDEX if self.params.restrict_ce_to_mask else attn
+            select = labels != losses.IGNORE_INDEX if cfg.restrict_ce_to_mask else attn
             sel_labels = labels[select]
+            if not cfg.restrict_ce_to_mask:
+                # About 15% of the rows are MLM targets: no log-softmax over the vocabulary for the others.
+                lm_rows = sel_labels != losses.IGNORE_INDEX
         else:
             select = attn
             # Next-token labels aligned with each position (the last real token has none).
-            next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), L.IGNORE_INDEX)], 1)
+            next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), losses.IGNORE_INDEX)], 1)
             sel_labels = next_labels[select]
         need_hidden = self.alphas["cos"] > 0 or self.alphas["causal_cos"] > 0
-        hidden_rows = attn if need_hidden else None
-        model_mask = attn.long() if self.mlm else None  # CLM batches run without a mask, as in HF
+        plan = StepPlan(
+            mode=PLAIN, input_ids=input_ids, attention_mask=attn.long() if self.mlm else None,  # CLM: no mask, as in HF
+            select=select, hidden_rows=attn if need_hidden else None, labels=sel_labels, lm_rows=lm_rows,
+        )
+        if not self.causal:
+            return plan
 
-        plan, cf_kwargs_t, cf_kwargs_s = None, {}, {}
-        if self.causal:
-            fast_mode, source_rows = getattr(self.params, "fast_mode", False), None
-            if fast_mode:
-                # Not the original: the duals are other rows of this batch, as the base runs saw them.
-                source_rows = sample_source_rows(lengths.size(0), self.generator)
-                dual_input_ids, dual_lengths, dual_len = input_ids[source_rows], lengths[source_rows], seq_len
-            else:
-                dual_input_ids, _ = self._prepare(dual_ids, dual_lengths)
-            t_vars, s_vars = cf.sample_interchange_variables(self.mapping, self.mapping_rng)
-            imask, dmask = sample_interchange_masks(
-                lengths, dual_lengths, seq_len, dual_len,
-                prop=self.params.interchange_prop,
-                max_token=self.params.interchange_max_token,
-                consecutive=self.params.interchange_consecutive_only,
-                masked_tokens=(labels != L.IGNORE_INDEX) if self.params.interchange_masked_token_only else None,
-                generator=self.generator,
+        if cfg.fast_mode:
+            # Not the original: the duals are other rows of this batch, as the base runs saw them.
+            plan.source_rows = sample_source_rows(lengths.size(0), self.generator)
+            dual_input_ids, dual_lengths, dual_len = input_ids[plan.source_rows], lengths[plan.source_rows], seq_len
+        else:
+            dual_input_ids, _ = self._prepare(dual_ids, dual_lengths)
+        if not cfg.data_augment:
+            plan.teacher_variables, plan.student_variables = cf.sample_interchange_variables(
+                self.mapping, self.mapping_rng
             )
-            plan = StepPlan(t_vars, s_vars, imask, dmask, source_rows)
-            if self.params.data_augment:
-                swapped = swap_tokens(input_ids, dual_input_ids, imask, dmask)
-                cf_kwargs_t = cf_kwargs_s = dict(cf_input_ids=swapped)
-            else:
-                dual_model_mask = real_token_mask(dual_lengths, dual_len).long() if self.mlm else None
-                common = {} if fast_mode else dict(dual_ids=dual_input_ids, dual_attention_mask=dual_model_mask)
-                cf_kwargs_t = dict(common, variables=t_vars)
-                cf_kwargs_s = dict(common, variables=s_vars)
+        plan.interchange_mask, plan.dual_interchange_mask = sample_interchange_masks(
+            lengths, dual_lengths, seq_len, dual_len,
+            prop=cfg.interchange_prop,
+            max_token=cfg.interchange_max_token,
+            consecutive=cfg.interchange_consecutive_only,
+            masked_tokens=(labels != losses.IGNORE_INDEX) if cfg.interchange_masked_token_only else None,
+            generator=self.generator,
+        )
+        if cfg.data_augment:
+            plan.mode = TOKEN_SWAP
+            plan.swapped_ids = swap_tokens(input_ids, dual_input_ids, plan.interchange_mask, plan.dual_interchange_mask)
+        elif cfg.fast_mode:
+            plan.mode = FAST_INTERCHANGE
+        else:
+            plan.mode = INTERCHANGE
+            plan.dual_ids = dual_input_ids
+            plan.dual_attention_mask = real_token_mask(dual_lengths, dual_len).long() if self.mlm else None
+        return plan
 
+    def _loss_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        """One (base, dual) batch -> (weighted total loss, named float metrics)."""
+        plan = self._plan(batch)
         with self._autocast():
             with torch.no_grad():
-                t = self.teacher_runs(input_ids, model_mask, select, hidden_rows, plan, **cf_kwargs_t)
-            s = self.student_runs(input_ids, model_mask, select, hidden_rows, plan, **cf_kwargs_s)
+                t = self.teacher_runs(plan, plan.teacher_variables)
+            s = self.student_runs(plan, plan.student_variables)
 
-        terms = self._loss_terms(s, t, sel_labels)
-        total = sum(self.alphas[k] * v for k, v in terms.items())
+        lm_logits, lm_labels = (s.logits, plan.labels) if plan.lm_rows is None else (
+            s.logits[plan.lm_rows], plan.labels[plan.lm_rows])
+        inputs = LossInputs(s, t, lm_logits, lm_labels, self.temperature)
+        terms = {name: LOSS_TERMS[name](inputs) for name, alpha in self.alphas.items() if alpha > 0}
+        total = sum(self.alphas[name] * term for name, term in terms.items())
         metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
         metrics["loss"] = float(total.detach())
-        if self.causal:
-            metrics["interchange_accuracy"] = self._interchange_accuracy(s, t, sel_labels)
-        self.state.n_tokens += int(lengths.sum()) * self.params.world_size
+        if plan.mode != PLAIN:
+            metrics["interchange_accuracy"] = self._interchange_accuracy(s, t, plan.labels)
+        self.state.n_tokens += int(batch[1].sum()) * self.context.world_size
         return total, metrics
-
-    def _loss_terms(self, s: ModelRuns, t: ModelRuns, sel_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        a, T = self.alphas, self.temperature
-        terms: dict[str, torch.Tensor] = {}
-        if a["ce"] > 0:
-            terms["ce"] = L.ce_loss(s.logits, t.logits, T)
-        lm_logits, lm_labels = s.logits, sel_labels
-        if self.mlm and not self.params.restrict_ce_to_mask:
-            # About 15% of the rows are MLM targets: no log-softmax over the vocabulary for the others.
-            targets = sel_labels != L.IGNORE_INDEX
-            lm_logits, lm_labels = s.logits[targets], sel_labels[targets]
-        if a["mlm"] > 0:
-            terms["mlm"] = L.mlm_loss(lm_logits, lm_labels)
-        if a["clm"] > 0:
-            terms["clm"] = L.mlm_loss(lm_logits, lm_labels)  # next-token labels: the same cross-entropy
-        if a["mse"] > 0:
-            terms["mse"] = L.mse_loss(s.logits, t.logits)
-        if a["cos"] > 0:
-            terms["cos"] = L.cos_loss(s.hidden, t.hidden)
-        if a["causal_ce"] > 0:
-            terms["causal_ce"] = L.ce_loss(s.cf_logits, t.cf_logits, T)
-        if a["causal_cos"] > 0:
-            terms["causal_cos"] = L.cos_loss(s.cf_hidden, t.cf_hidden)
-        return terms
 
     def _interchange_accuracy(self, s: ModelRuns, t: ModelRuns, sel_labels: torch.Tensor) -> float:
         """Top-1 agreement of the counterfactual runs where a prediction is made.
 
         MLM: the base's masked positions; CLM: every real position (each predicts a token).
         """
-        rows = sel_labels != L.IGNORE_INDEX
-        return float(L.top1_agreement(s.cf_logits.detach()[rows], t.cf_logits[rows]))
+        rows = sel_labels != losses.IGNORE_INDEX
+        return float(losses.top1_agreement(s.cf_logits.detach()[rows], t.cf_logits[rows]))
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -416,7 +447,7 @@ class CausalDistiller:
     def _nonfinite(self, what: str) -> None:
         """Stop with a message, or (--skip_nonfinite_loss) drop the current accumulation window."""
         st = self.state
-        if not self.params.skip_nonfinite_loss:
+        if not self.config.skip_nonfinite_loss:
             raise StopTraining(
                 f"non-finite {what} (epoch {st.epoch}, optimizer step {st.n_optim_steps}); the last good "
                 "checkpoint is kept. Lower the learning rate, use --bf16 instead of --fp16, "
@@ -436,13 +467,14 @@ class CausalDistiller:
         norm = None
         if not st.window_skipped:
             self.scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm))
+            norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm))
             # GradScaler skips an fp16 step with inf gradients itself (and lowers the scale); without
             # it, a non-finite norm would write NaN into the weights. Gradients are all-reduced, so
             # every rank sees the same norm and decides alike.
             if not self.scaler.is_enabled() and not math.isfinite(norm):
                 self._nonfinite("gradient norm")
-        if st.window_skipped:
+        skipped = st.window_skipped
+        if skipped:
             st.n_skipped_steps += 1
             st.window_skipped = False
         else:
@@ -451,7 +483,20 @@ class CausalDistiller:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         st.n_optim_steps += 1
+        if skipped:
+            self._warn_if_most_steps_skipped()
         return norm
+
+    def _warn_if_most_steps_skipped(self) -> None:
+        st = self.state
+        if (self.is_master and not self._warned_skips and st.n_optim_steps >= SKIP_WARN_AFTER
+                and st.n_skipped_steps > SKIP_WARN_SHARE * st.n_optim_steps):
+            self._warned_skips = True
+            logger.warning(
+                "%d of the %d optimizer steps so far were skipped for a non-finite loss or gradient: the run is "
+                "hardly training (lower the learning rate, or use --bf16 instead of --fp16)",
+                st.n_skipped_steps, st.n_optim_steps,
+            )
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -459,19 +504,19 @@ class CausalDistiller:
         self.batch_sampler.set_epoch(epoch)
         loader = DataLoader(
             self.dataset,
-            batch_sampler=_SkipBatches(self.batch_sampler, skip),
+            batch_sampler=SkipBatches(self.batch_sampler, skip),
             collate_fn=self.dataset.batch_sequences,
-            num_workers=self.params.num_workers,
+            num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             # Its own generator: otherwise each epoch's iterator draws a worker seed from the global
             # torch RNG (dropout's), and a run resumed mid-epoch would draw it at another point.
-            generator=torch.Generator().manual_seed(self.params.seed + epoch),
+            generator=torch.Generator().manual_seed(self.config.seed + epoch),
         )
         yield from loader
 
     def train(self) -> str | None:
         """Train to the end, or until a signal: then the state is saved and its name returned."""
-        p, st = self.params, self.state
+        cfg, st, world = self.config, self.state, self.context.world_size
         if self.is_master:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -481,8 +526,8 @@ class CausalDistiller:
             )
             logger.info(
                 "Training: %d sequences, %d batches/epoch/process, effective batch %d x %d x %d = %d sequences, "
-                "%d optimizer steps", len(self.dataset), self.batches_per_epoch, p.batch_size, self.accum,
-                p.world_size, p.batch_size * self.accum * p.world_size, self.num_steps_total,
+                "%d optimizer steps", len(self.dataset), self.batches_per_epoch, cfg.batch_size, self.accum,
+                world, cfg.batch_size * self.accum * world, self.num_steps_total,
             )
             if st.n_total_iter == 0:
                 self._log_configs()
@@ -495,10 +540,17 @@ class CausalDistiller:
                 signal.signal(sig, handler)
             if self.tensorboard is not None:
                 self.tensorboard.close()
+            self._log_skip_summary()
+
+    def _log_skip_summary(self) -> None:
+        st = self.state
+        if self.is_master and st.n_skipped_steps:
+            logger.warning("%d of %d optimizer steps were skipped for a non-finite loss or gradient",
+                           st.n_skipped_steps, st.n_optim_steps)
 
     def _train_loop(self) -> str | None:
-        p, st = self.params, self.state
-        while st.epoch < p.n_epoch and not self._reached_max_steps():
+        cfg, st = self.config, self.state
+        while st.epoch < cfg.n_epoch and not self._reached_max_steps():
             batches = self._epoch_batches(st.epoch, st.batch_in_epoch)
             bar = tqdm(
                 batches, desc=f"epoch {st.epoch}", initial=st.batch_in_epoch, total=self.batches_per_epoch,
@@ -514,7 +566,7 @@ class CausalDistiller:
             if self._reached_max_steps():
                 break
             if self.stop_reason:
-                self.save_state()
+                checkpointing.save_state(self)
                 if self.is_master:
                     logger.warning(
                         "Stopped by %s after micro-batch %d; the state is saved: continue with --resume.",
@@ -529,10 +581,10 @@ class CausalDistiller:
         return None
 
     def _train_micro_batch(self, batch) -> None:
-        p, st = self.params, self.state
+        cfg, st = self.config, self.state
         # The last micro-batch of a window, or of the epoch, all-reduces and steps.
         sync = (st.batch_in_epoch + 1) % self.accum == 0 or st.batch_in_epoch + 1 == self.batches_per_epoch
-        if p.include_crossway:
+        if cfg.include_crossway:
             # Second sub-step with roles swapped: (dual, base). Both add to the same gradients.
             metrics = self._forward_backward(batch, sync=False)
             metrics_back = self._forward_backward(_crossway(*batch), sync=sync)
@@ -544,19 +596,19 @@ class CausalDistiller:
         st.last_loss = {k: v for k, v in metrics.items() if k.startswith("loss")}
         st.epoch_loss_sum += metrics["loss"]
         st.epoch_loss_count += 1
-        log_now = self.is_master and st.n_total_iter % p.log_interval == 0
+        log_now = self.is_master and st.n_total_iter % cfg.log_interval == 0
         if log_now:
             self._log_parameters()  # before the step zeroes the gradients
         grad_norm = self._optimizer_step() if sync else None
         if log_now:
             self._log(metrics, grad_norm)
-        if st.n_total_iter % p.checkpoint_interval == 0:
-            self.save_state()
+        if st.n_total_iter % cfg.checkpoint_interval == 0:
+            checkpointing.save_state(self)
             if self.is_master:
                 self._save_student("checkpoint.pth")
 
     def _reached_max_steps(self) -> bool:
-        return self.params.max_steps > 0 and self.state.n_optim_steps >= self.params.max_steps
+        return self.config.max_steps > 0 and self.state.n_optim_steps >= self.config.max_steps
 
     def _end_epoch(self) -> None:
         st = self.state
@@ -587,7 +639,8 @@ class CausalDistiller:
 
     def _log_configs(self) -> None:
         tb = self.tensorboard
-        tb.add_text("config", f"<pre>{_json(vars(self.params))}</pre>", 0)
+        description = self.run_description or {"config": vars(self.config), "context": self.context.describe()}
+        tb.add_text("config", f"<pre>{_json(description)}</pre>", 0)
         tb.add_text("config/student", f"<pre>{self.student.config.to_json_string()}</pre>", 0)
 
     def _log_parameters(self) -> None:
@@ -615,7 +668,7 @@ class CausalDistiller:
         tb.add_scalar("global/skipped_steps", st.n_skipped_steps, step)
         self.last_log_time, self.last_log_tokens = now, st.n_tokens
 
-    # --- saving and resuming ------------------------------------------------------------------
+    # --- the student's files ------------------------------------------------------------------
 
     def _save_student(self, name: str) -> None:
         save_atomically(self.student.state_dict(), self.dump_path / name)
@@ -623,149 +676,17 @@ class CausalDistiller:
     def save_final(self) -> None:
         """`pytorch_model.bin` (state dict, original name) and a `from_pretrained` folder."""
         self.student.config.save_pretrained(self.dump_path)
+        before = set(self.dump_path.iterdir())
         self.student.save_pretrained(self.dump_path)
+        # save_pretrained writes the weights through a private temporary file (mode 0600): give
+        # them the permissions every other output has (the umask's).
+        for path in set(self.dump_path.iterdir()) - before | {self.dump_path / "model.safetensors"}:
+            if path.is_file():
+                follow_umask(path)
         self._save_student("pytorch_model.bin")
         if self.tensorboard is not None:
             self.tensorboard.flush()
         logger.info("Saved the student in %s", self.dump_path)
-
-    def _run_settings(self) -> dict[str, Any]:
-        """What a resumed run must share with the run that saved the state: the batches, their
-        order and the random streams follow from these."""
-        return {**{k: getattr(self.params, k) for k in RESUME_MUST_MATCH}, "n_sequences": len(self.dataset)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's training state.
-
-        Every rank's holds its own random streams (masking and positions are drawn per rank,
-        dropout differs with the data) and, mid-accumulation, its gradients not yet all-reduced:
-        both are needed to continue exactly. Rank 0's also holds what the ranks share (student,
-        optimizer, scheduler, grad scaler), written once rather than once per rank.
-        """
-        grads = None
-        if self.state.batch_in_epoch % self.accum != 0:  # mid-accumulation: keep the partial sum
-            grads = [p.grad for p in self.student.parameters()]
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "generator": self.generator.get_state(),
-            "mapping": self.mapping_rng.getstate(),
-        }
-        out = {
-            "grads": grads,
-            "rng": rng,
-            "state": asdict(self.state),
-            "run": self._run_settings(),
-            "global_rank": self.params.global_rank,
-        }
-        if self.params.global_rank == 0:
-            out.update(
-                student=self.student.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(),
-            )
-        return out
-
-    def save_state(self) -> None:
-        """Write this rank's state atomically; once every rank has, keep the newest `save_total_limit`."""
-        folder, rank = self.dump_path / STATE_DIR, self.params.global_rank
-        save_atomically(self.state_dict(), folder / state_file_name(self.state.n_total_iter, rank))
-        if self.multi_gpu:
-            dist.barrier()  # a kill before every rank has the new state must leave a common older one
-        for old in sorted(folder.glob(f"state_*_rank{rank}.pth"))[: -self.params.save_total_limit]:
-            old.unlink()
-        for partial in folder.glob(f".state_*_rank{rank}.pth.*.tmp"):  # left by a killed write
-            partial.unlink()
-
-    def resume(self) -> None:
-        """Load the newest state that every rank has saved (UserError if there is none).
-
-        Each rank reads its own file and rank 0's (the shared part), so the run folder must be on
-        a file system all nodes see, as it is for the launch itself on a cluster.
-        """
-        folder, rank = self.dump_path / STATE_DIR, self.params.global_rank
-        steps = saved_steps(folder, rank)
-        if self.multi_gpu:
-            everyone: list[Any] = [None] * self.params.world_size
-            dist.all_gather_object(everyone, steps)
-            steps = sorted(set.intersection(*(set(s) for s in everyone)))
-        if not steps:
-            raise UserError(f"--resume: no state in {folder} that all {self.params.world_size} process(es) saved")
-        own_path, shared_path = (folder / state_file_name(steps[-1], r) for r in (rank, 0))
-        try:
-            own = torch.load(own_path, map_location="cpu", weights_only=False)
-            shared = own if rank == 0 else torch.load(shared_path, map_location="cpu", weights_only=False)
-        except FileNotFoundError as e:
-            raise UserError(f"--resume: cannot read {e.filename}: is {folder} shared by all nodes?") from None
-        now = self._run_settings()
-        mismatch = [f"{k}={v} (this run: {now.get(k)})" for k, v in shared["run"].items() if now.get(k) != v]
-        if mismatch:
-            raise UserError(f"--resume: {shared_path} was saved with {', '.join(mismatch)}; resume with those")
-        self.student.load_state_dict(shared["student"])
-        self.optimizer.load_state_dict(shared["optimizer"])
-        self.scheduler.load_state_dict(shared["scheduler"])
-        if shared["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
-            self.scaler.load_state_dict(shared["scaler"])
-        if own["grads"] is not None:
-            for p, g in zip(self.student.parameters(), own["grads"]):
-                p.grad = None if g is None else g.to(p.device)
-        rng = own["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.generator.set_state(rng["generator"])
-        self.mapping_rng.setstate(rng["mapping"])
-        self.state = TrainState(**own["state"])
-        self.last_log_tokens = self.state.n_tokens
-        if self.is_master:
-            logger.info(
-                "Resumed from %s: epoch %d, micro-batch %d of the epoch, %d optimizer steps",
-                own_path, self.state.epoch, self.state.batch_in_epoch, self.state.n_optim_steps,
-            )
-
-
-def state_file_name(n_total_iter: int, global_rank: int) -> str:
-    return f"state_{n_total_iter:010d}_rank{global_rank}.pth"
-
-
-def saved_steps(folder: Path, global_rank: int) -> list[int]:
-    """Micro-batch counts at which this rank has a complete state file in `folder`, ascending.
-
-    Partial writes are hidden temporary files (`.state_...tmp`) and never match.
-    """
-    return sorted(int(path.name.split("_")[1]) for path in folder.glob(f"state_*_rank{global_rank}.pth"))
-
-
-def save_atomically(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, synced to disk, then renamed onto `path`.
-
-    A kill or a crash at any point leaves either the previous file or the complete new one.
-    """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class _SkipBatches(Sampler[list[int]]):
-    """A batch sampler that drops the first `skip` batches of an epoch (resuming mid-epoch)."""
-
-    def __init__(self, batch_sampler: GroupedBatchSampler, skip: int):
-        self.batch_sampler = batch_sampler
-        self.skip = skip
-
-    def __iter__(self):
-        for i, b in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield b
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
 
 
 def _crossway(token_ids, lengths, dual_ids, dual_lengths):

@@ -18,18 +18,24 @@ with a launcher that sets WORLD_SIZE / RANK / LOCAL_RANK).
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import logging
 import os
 import shutil
 import signal
+import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import transformers
 from transformers import AutoTokenizer
 
+import checkpointing
 import counterfactual_utils as cf
 # Per-family facts (classes, parts, framing, allowed pairs) are rows of architectures.ARCHITECTURES.
 from architectures import ARCHITECTURES, check_student_teacher, student_types, teacher_types
@@ -38,15 +44,33 @@ import masking
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from token_store import check_vocab_range, load_sequences
+from training_config import RunContext, TrainingConfig
 from utils import UserError, require_file, run_cli, set_seed, write_json
 
 logger = logging.getLogger("causal_train")
 
+EXAMPLE = """example (the paper's recipe: a 6-layer DistilBERT from bert-base-uncased, on CPU):
+  python causal_train.py --force --n_gpu 0 --student_type distilbert \\
+      --student_config training_configs/distilbert-base-uncased-large.json \\
+      --teacher_type bert --teacher_name bert-base-uncased \\
+      --neuron_mapping training_configs/single_middle_layer_6.nm \\
+      --mlm --alpha_ce 0.25 --alpha_mlm 0.25 --alpha_cos 0.25 --alpha_clm 0 --alpha_causal_ce 0.25 \\
+      --dump_path results/ --data_file data/binarized_text.train.bert-base-uncased.tokens.npy \\
+      --token_counts data/binarized_text.train.token_counts.bert-base-uncased.pickle
+multi-GPU: torchrun --nproc_per_node N causal_train.py --n_gpu N ...
+"""
+# Help of the two flags whose lines the architecture table owns.
+TYPE_HELP = {"student_type": "Student architecture.", "teacher_type": "Teacher architecture."}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLE,
+                                formatter_class=_HelpFormatter)
     a = p.add_argument
-    a("--force", action="store_true", help="Overwrite dump_path/run_name if it holds a previous run's dump.")
-    a("--resume", action="store_true", help="Continue the run in dump_path/run_name from its latest checkpoint.")
+    d = TrainingConfig.default  # the distiller's settings take their defaults from TrainingConfig
+    a("--force", action="store_true",
+      help="Replace dump_path/run_name if it is a previous run's folder (never any other folder).")
+    a("--resume", action="store_true", help="Continue the run in dump_path/run_name from its latest intact state.")
     a("--dump_path", type=str, required=True, help="Folder under which the run folder is created.")
     a("--run_name", type=str, default=None, help="Run folder name (default: built from the main settings).")
     a("--data_file", type=str, required=True, help="Binarized corpus: *.pickle or *.tokens.npy.")
@@ -58,20 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher_name", type=str, required=True, help="Teacher: Hub name or local folder.")
     a("--teacher_fp16", action="store_true", help="Keep the teacher's weights in half precision (GPU).")
 
-    a("--temperature", default=2.0, type=float, help="Softmax temperature of the ce losses.")
-    a("--alpha_ce", default=0.5, type=float, help="Weight of the distillation (KL) loss.")
-    a("--alpha_mlm", default=0.0, type=float, help="Weight of the MLM loss (with --mlm).")
-    a("--alpha_clm", default=0.5, type=float, help="Weight of the CLM loss (without --mlm).")
-    a("--alpha_mse", default=0.0, type=float, help="Weight of the logits MSE loss.")
-    a("--alpha_cos", default=0.0, type=float, help="Weight of the last-hidden-state cosine loss.")
-    a("--alpha_causal_ce", default=0.0, type=float, help="Weight of the counterfactual (DIITO) ce loss.")
-    a("--alpha_causal_cos", default=0.0, type=float, help="Weight of the counterfactual cosine loss.")
+    a("--temperature", default=d("temperature"), type=float, help="Softmax temperature of the ce losses.")
+    a("--alpha_ce", default=d("alpha_ce"), type=float, help="Weight of the distillation (KL) loss.")
+    a("--alpha_mlm", default=d("alpha_mlm"), type=float, help="Weight of the MLM loss (with --mlm).")
+    a("--alpha_clm", default=d("alpha_clm"), type=float, help="Weight of the CLM loss (without --mlm).")
+    a("--alpha_mse", default=d("alpha_mse"), type=float, help="Weight of the logits MSE loss.")
+    a("--alpha_cos", default=d("alpha_cos"), type=float, help="Weight of the last-hidden-state cosine loss.")
+    a("--alpha_causal_ce", default=d("alpha_causal_ce"), type=float,
+      help="Weight of the counterfactual (DIITO) ce loss.")
+    a("--alpha_causal_cos", default=d("alpha_causal_cos"), type=float,
+      help="Weight of the counterfactual cosine loss.")
 
     a("--mlm", action="store_true", help="Masked LM objective (else causal LM).")
-    a("--mlm_mask_prop", default=0.15, type=float, help="Share of tokens chosen as MLM targets.")
-    a("--word_mask", default=0.8, type=float, help="Share of targets replaced by [MASK].")
-    a("--word_keep", default=0.1, type=float, help="Share of targets kept.")
-    a("--word_rand", default=0.1, type=float, help="Share of targets replaced by a random token.")
+    a("--mlm_mask_prop", default=d("mlm_mask_prop"), type=float, help="Share of tokens chosen as MLM targets.")
+    a("--word_mask", default=d("word_mask"), type=float, help="Share of targets replaced by [MASK].")
+    a("--word_keep", default=d("word_keep"), type=float, help="Share of targets kept.")
+    a("--word_rand", default=d("word_rand"), type=float, help="Share of targets replaced by a random token.")
     a("--mlm_smoothing", default=0.7, type=float, help="Target sampling weight is count ** -mlm_smoothing.")
     a("--token_counts", type=str, help="Token counts pickle (list of vocab_size ints); required with --mlm.")
     a("--restrict_ce_to_mask", action="store_true", help="ce (and causal_ce) only on MLM targets.")
@@ -79,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--freeze_token_type_embds", action="store_true", help="Freeze token type embeddings (roberta).")
 
     a("--neuron_mapping", type=str, default=None, help="Teacher/student variable mapping (.nm JSON).")
-    a("--interchange_prop", type=float, default=0.3, help="Share of min(base, dual) length interchanged.")
-    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions (-1: none).")
+    a("--interchange_prop", type=float, default=d("interchange_prop"),
+      help="Share of min(base, dual) length interchanged.")
+    a("--interchange_max_token", type=int, default=d("interchange_max_token"),
+      help="Cap on interchanged positions (-1: none).")
     a("--interchange_consecutive_only", action="store_true", help="Interchange one contiguous span.")
     a("--interchange_masked_token_only", action="store_true", help="Interchange at the base's MLM targets.")
     a("--data_augment", action="store_true", help="Swap token ids instead of hidden states.")
@@ -90,18 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
       help="Faster DIITO, not identical to the original: duals are other rows of the same batch (no source "
            "runs), and the student's counterfactual run reuses its base run below the intervention.")
 
-    a("--n_epoch", type=int, default=3)
-    a("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (-1: n_epoch epochs).")
-    a("--batch_size", type=int, default=5, help="Sequences per process per micro-batch.")
-    a("--group_by_size", dest="group_by_size", action="store_true", default=True,
-      help="Batch sequences of similar length (default: on).")
+    a("--n_epoch", type=int, default=d("n_epoch"), help="Epochs over the corpus (the limit when --max_steps is set).")
+    a("--max_steps", type=int, default=d("max_steps"),
+      help="Stop after this many optimizer steps (-1: n_epoch epochs; else > 0).")
+    a("--batch_size", type=int, default=d("batch_size"), help="Sequences per process per micro-batch.")
+    a("--group_by_size", dest="group_by_size", action="store_true", default=d("group_by_size"),
+      help="Batch sequences of similar length.")
     a("--no_group_by_size", dest="group_by_size", action="store_false", help="Turn length grouping off.")
-    a("--gradient_accumulation_steps", type=int, default=50)
-    a("--warmup_prop", default=0.05, type=float, help="Share of the steps with linear warm-up.")
-    a("--weight_decay", default=0.0, type=float)
-    a("--learning_rate", default=5e-4, type=float)
-    a("--adam_epsilon", default=1e-6, type=float)
-    a("--max_grad_norm", default=5.0, type=float)
+    a("--gradient_accumulation_steps", type=int, default=d("gradient_accumulation_steps"),
+      help="Micro-batches per optimizer step.")
+    a("--warmup_prop", default=d("warmup_prop"), type=float, help="Share of the steps with linear warm-up.")
+    a("--weight_decay", default=d("weight_decay"), type=float, help="AdamW weight decay (not on biases and norms).")
+    a("--learning_rate", default=d("learning_rate"), type=float,
+      help="Peak learning rate of the linear schedule (a new value on --resume applies from there on).")
+    a("--adam_epsilon", default=d("adam_epsilon"), type=float, help="AdamW epsilon.")
+    a("--max_grad_norm", default=d("max_grad_norm"), type=float, help="Gradient norm clipping threshold.")
     a("--initializer_range", default=0.02, type=float, help="Std of the student's random init.")
     a("--skip_nonfinite_loss", action="store_true", help="Skip a step whose loss is NaN/inf instead of stopping.")
 
@@ -110,18 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bf16", action="store_true", help="Mixed precision bfloat16 (torch.amp).")
     a("--n_gpu", type=int, default=1, help="GPUs per node; 0 runs on CPU.")
     a("--local_rank", "--local-rank", type=int, default=-1, help="Set by the launcher.")
-    a("--num_workers", type=int, default=0, help="DataLoader worker processes.")
-    a("--seed", type=int, default=56)
-    a("--log_interval", type=int, default=500, help="Micro-batches between TensorBoard logs.")
-    a("--checkpoint_interval", type=int, default=4000, help="Micro-batches between checkpoints.")
-    a("--save_total_limit", type=int, default=1, help="Full training states kept in checkpoints/.")
+    a("--num_workers", type=int, default=d("num_workers"), help="DataLoader worker processes.")
+    a("--seed", type=int, default=d("seed"), help="Seeds python, numpy and torch; dual pairing and draws follow.")
+    a("--log_interval", type=int, default=d("log_interval"), help="Micro-batches between TensorBoard logs.")
+    a("--checkpoint_interval", type=int, default=d("checkpoint_interval"),
+      help="Micro-batches between checkpoints.")
+    a("--save_total_limit", type=int, default=d("save_total_limit"), help="Full training states kept in checkpoints/.")
+    for action in p._actions:
+        action.help = action.help or TYPE_HELP.get(action.dest)
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in --help, and the example epilog kept as written."""
 
 
 def sanity_checks(args: argparse.Namespace) -> None:
     """The original's asserts, as errors that say what to change."""
     if args.parallel_crossway:
         raise UserError("--parallel_crossway was abandoned in the original and is not supported; use --include_crossway")
+    if args.resume and args.force:
+        raise UserError("choose one of --resume (continue the run) and --force (replace it)")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"--max_steps must be > 0, or -1 for --n_epoch epochs; got {args.max_steps}")
     if args.fp16 and args.bf16:
         raise UserError("choose one of --fp16 and --bf16")
     alphas = {k: getattr(args, f"alpha_{k}") for k in ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")}
@@ -170,42 +212,38 @@ def sanity_checks(args: argparse.Namespace) -> None:
         require_file(args.neuron_mapping, "neuron mapping")
 
 
-def init_distributed(args: argparse.Namespace) -> None:
-    """Fill world_size / global_rank / local_rank / device / is_master from the launcher's environment.
+def init_distributed(args: argparse.Namespace) -> RunContext:
+    """This process's rank, world size and device, from the launcher's environment.
 
     torchrun sets WORLD_SIZE, RANK, LOCAL_RANK; torch.distributed.launch passes --local-rank and
     the original recipe also set N_GPU_NODE / N_NODES / NODE_RANK. Either way works.
     """
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    args.global_rank = int(os.environ.get("RANK", 0))
-    if args.local_rank == -1:
-        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    args.multi_gpu = args.world_size > 1  # the original's name; also true for multi-process CPU runs
-    args.is_master = args.global_rank == 0
-    if not args.is_master:  # only rank 0 reports progress; warnings still come from every rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    global_rank = int(os.environ.get("RANK", 0))
+    local_rank = args.local_rank if args.local_rank != -1 else int(os.environ.get("LOCAL_RANK", 0))
+    multi_process, is_master = world_size > 1, global_rank == 0
+    if not is_master:  # only rank 0 reports progress; warnings still come from every rank
         logging.getLogger().setLevel(logging.WARNING)
         transformers.utils.logging.disable_progress_bar()
     use_cuda = args.n_gpu > 0 and torch.cuda.is_available()
-    if args.n_gpu > 0 and not use_cuda and args.is_master:
+    if args.n_gpu > 0 and not use_cuda and is_master:
         warnings.warn("no CUDA device found: training on CPU", stacklevel=1)
         logger.warning("No CUDA device found: training on CPU (pass --n_gpu 0 to silence this).")
-    if args.n_gpu > 1 and not args.multi_gpu and use_cuda:
+    if args.n_gpu > 1 and not multi_process and use_cuda:
         raise UserError(
             f"--n_gpu {args.n_gpu} needs one process per GPU: launch with "
             f"`torchrun --nproc_per_node {args.n_gpu} causal_train.py ...`"
         )
     if use_cuda:
-        torch.cuda.set_device(args.local_rank)
-        args.device = f"cuda:{args.local_rank}"
-    else:
-        args.device = "cpu"
-    if args.multi_gpu and not dist.is_initialized():
+        torch.cuda.set_device(local_rank)
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if multi_process and not dist.is_initialized():
         # Rendezvous from the launcher's MASTER_ADDR / MASTER_PORT (torchrun sets them on every node).
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    args.n_gpu = 1 if use_cuda else 0  # GPUs per process from here on
+    return RunContext(global_rank=global_rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def default_run_name(args: argparse.Namespace) -> str:
+def default_run_name(args: argparse.Namespace, world_size: int) -> str:
     data = Path(args.data_file).name.split(".")[0]
     nm = Path(args.neuron_mapping).stem if args.neuron_mapping else "none"
     mode = "consec" if args.interchange_consecutive_only else "masked" if args.interchange_masked_token_only else "rand"
@@ -215,43 +253,95 @@ def default_run_name(args: argparse.Namespace) -> str:
         f"_causal-ce_{args.alpha_causal_ce}_causal-cos_{args.alpha_causal_cos}_nm_{nm}"
         f"_int-prop_{args.interchange_prop}_int-max_{args.interchange_max_token}_int-{mode}"
         f"_aug_{args.data_augment}_crossway_{args.include_crossway}"
-        f"_eff-bs_{args.batch_size * args.gradient_accumulation_steps * args.world_size}"
+        f"_eff-bs_{args.batch_size * args.gradient_accumulation_steps * world_size}"
     )
 
 
-def prepare_dump_path(args: argparse.Namespace) -> Path:
-    """dump_path/run_name: new, resumed (--resume) or replaced (--force, only a previous dump).
+# Written first into every run folder: what lets --force recognise a folder as a previous run.
+RUN_MARKER = ".causal_train_run"
+RUN_MARKER_TEXT = "A run folder of causal_train.py (DIITO). --force may replace it.\n"
+# What a run folder of this code holds; a folder made before the marker existed is recognised when
+# its parameters.json has the training flags and it holds nothing else.
+RUN_FILES = ("parameters.json", "git_log.json", "config.json", "generation_config.json", "model.safetensors",
+             "pytorch_model.bin", "checkpoint.pth", "model_epoch_*.pth", "checkpoints", "log", RUN_MARKER)
+RUN_PARAMETER_KEYS = ("student_type", "teacher_type", "teacher_name", "data_file", "dump_path", "alpha_ce")
 
-    Rank 0 alone checks and creates it and tells the other ranks the outcome: checking on every
-    rank would race with rank 0 creating or emptying the folder.
+
+def on_master(context: RunContext, check: Callable[[], None]) -> None:
+    """Run `check` on rank 0 alone and raise its UserError on every rank.
+
+    Checking on every rank would race with rank 0 creating or emptying the run folder.
     """
-    path = Path(args.dump_path) / args.run_name
     problem = None
-    if args.is_master:
+    if context.is_master:
         try:
-            _claim_dump_path(path, args)
+            check()
         except UserError as e:
             problem = str(e)
-    if args.multi_gpu:
+    if context.multi_process:
         outcome = [problem]
-        dist.broadcast_object_list(outcome, src=0)  # also a barrier: past it, the folder is ready
+        dist.broadcast_object_list(outcome, src=0)  # also a barrier: past it, rank 0 is done
         problem = outcome[0]
     if problem is not None:
         raise UserError(problem)
-    return path
 
 
-def _claim_dump_path(path: Path, args: argparse.Namespace) -> None:
+def check_run_dir(path: Path, args: argparse.Namespace) -> None:
+    """Refuse, before any work, a run folder that this run could not create, continue or replace."""
     if args.resume and not path.is_dir():
         raise UserError(f"--resume: {path} does not exist")
     if path.exists() and not args.resume:
         if not args.force:
             raise UserError(f"{path} already exists: pass --force to overwrite it or --resume to continue it")
-        if not (path / "parameters.json").is_file():
-            raise UserError(f"--force refuses to delete {path}: it has no parameters.json, so it is not a run's dump")
+        if not is_previous_run(path):
+            raise UserError(
+                f"--force refuses to delete {path}: it is not a run's dump (no {RUN_MARKER} written by causal_train.py)"
+            )
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--dump_path: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--dump_path: cannot write in {existing} ({e.strerror})") from None
+
+
+def is_previous_run(path: Path) -> bool:
+    """Whether `path` is a run folder this code wrote: it holds the marker, or (older runs) a
+    parameters.json with the training flags and nothing but the files a run writes."""
+    if not path.is_dir():
+        return False
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        try:
+            return marker.read_text() == RUN_MARKER_TEXT
+        except (OSError, UnicodeDecodeError):
+            return False
+    try:
+        params = json.loads((path / "parameters.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(params, dict) or not all(k in params for k in RUN_PARAMETER_KEYS):
+        return False
+    return all(any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_FILES) for p in path.iterdir())
+
+
+def prepare_dump_path(path: Path, args: argparse.Namespace, context: RunContext) -> None:
+    """Create the run folder (new, or replacing a previous run with --force), or keep it (--resume)."""
+    on_master(context, lambda: _claim_dump_path(path, args))
+
+
+def _claim_dump_path(path: Path, args: argparse.Namespace) -> None:
+    check_run_dir(path, args)  # again: the folder may have changed while the models loaded
+    if args.resume:
+        return
+    if path.exists():
         logger.info("Overwriting %s (--force)", path)
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True)
+    (path / RUN_MARKER).write_text(RUN_MARKER_TEXT)
 
 
 def git_log(folder: Path) -> dict:
@@ -338,12 +428,18 @@ def freeze_embeddings(student, args: argparse.Namespace) -> None:
             student.get_submodule(path).weight.requires_grad = False
 
 
-def write_run_info(args: argparse.Namespace, student) -> None:
-    """parameters.json, git_log.json and config.json of the run (rank 0)."""
-    if args.is_master:
-        write_json(vars(args), Path(args.dump_path) / "parameters.json")
-        write_json(git_log(Path(args.dump_path)), Path(args.dump_path) / "git_log.json")
-        student.config.to_json_file(str(Path(args.dump_path) / "config.json"))
+def write_run_info(args: argparse.Namespace, context: RunContext, student) -> None:
+    """parameters.json (the arguments as given, and what the run derived from them), git_log.json and
+    config.json of the run (rank 0)."""
+    if context.is_master:
+        write_json(run_description(args, context), context.run_dir / "parameters.json")
+        write_json(git_log(context.run_dir), context.run_dir / "git_log.json")
+        student.config.to_json_file(str(context.run_dir / "config.json"))
+
+
+def run_description(args: argparse.Namespace, context: RunContext) -> dict:
+    """Every argument as the user gave it, plus `run`: the context the run derived from them."""
+    return {**vars(args), "run": {"run_name": context.run_dir.name, **context.describe()}}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -355,26 +451,27 @@ def main(argv: list[str] | None = None) -> Path:
     """
     args = build_parser().parse_args(argv)
     sanity_checks(args)
-    init_distributed(args)
+    context = init_distributed(args)
     try:
-        return train(args)
+        return train(args, context)
     finally:
-        if args.multi_gpu and dist.is_initialized():
+        if context.multi_process and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(args: argparse.Namespace, context: RunContext) -> Path:
     """Data, teacher, student, distiller, training: everything after the launcher's set-up."""
+    config = TrainingConfig.from_args(args)
+    run_dir = Path(args.dump_path) / (args.run_name or default_run_name(args, context.world_size))
+    on_master(context, lambda: check_run_dir(run_dir, args))  # before the long work, nothing written
     set_seed(args.seed)
-    if args.fp16 and args.fp16_opt_level != "O1" and args.is_master:
+    if args.fp16 and args.fp16_opt_level != "O1" and context.is_master:
         logger.info("--fp16_opt_level %s: torch.amp has one mixed-precision mode, apex's O1", args.fp16_opt_level)
-    if args.run_name is None:
-        args.run_name = default_run_name(args)
 
     tokenizer, teacher = load_teacher(args)
     special_ids = special_token_ids(tokenizer)
-    args.special_tok_ids = special_ids
-    args.max_model_input_size = max_positions(teacher.config)
+    context = replace(context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config),
+                      run_dir=run_dir)
     student = load_student(args, teacher.config)
     if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and cf.hidden_size(student) != cf.hidden_size(teacher):
         raise UserError(
@@ -388,22 +485,22 @@ def train(args: argparse.Namespace) -> Path:
     store = load_sequences(args.data_file)
     check_vocab_range(store, teacher.config.vocab_size, args.data_file)
     dataset = LmSeqsDataset(
-        DatasetParams(args.max_model_input_size, args.mlm, special_ids, seed=args.seed), store
+        DatasetParams(context.max_model_input_size, args.mlm, special_ids, seed=args.seed, family=args.teacher_type), store
     )
     token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
 
-    args.dump_path = str(prepare_dump_path(args))
-    if not args.resume:  # at once: a folder holding parameters.json is one --force may replace
-        write_run_info(args, student)
+    prepare_dump_path(run_dir, args, context)
+    if not args.resume:  # at once, beside the marker: the folder is one --force may replace
+        write_run_info(args, context, student)
 
     freeze_embeddings(student, args)
-    device = torch.device(args.device)
+    device = context.device
     student.to(device)
     teacher_dtype = None
     if args.teacher_fp16:
         # float16 matmuls are slow (or missing) on CPU; bfloat16 halves the memory as well.
         teacher_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        if device.type != "cuda" and args.is_master:
+        if device.type != "cuda" and context.is_master:
             logger.warning("--teacher_fp16 on CPU: the teacher is kept in bfloat16")
     teacher.to(device, dtype=teacher_dtype)
     for p in teacher.parameters():
@@ -411,18 +508,19 @@ def train(args: argparse.Namespace) -> Path:
 
     # Every rank built the same student from the same seed (DDP also broadcasts rank 0's weights);
     # from here on each rank draws its own dropout masks instead of the same ones on different data.
-    torch.manual_seed(args.seed + args.global_rank)
-    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mapping)
+    torch.manual_seed(config.seed + context.global_rank)
+    distiller = CausalDistiller(config, context, dataset, token_probs, student, teacher, mapping)
+    distiller.run_description = run_description(args, context)
     if args.resume:
-        distiller.resume()
-        write_run_info(args, student)  # only once the state is accepted, as this run's settings
+        checkpointing.resume(distiller)
+        write_run_info(args, context, student)  # only once the state is accepted, as this run's settings
     try:
         stopped_by = distiller.train()
     except StopTraining as e:
         raise UserError(str(e)) from None
     if stopped_by is not None:
         raise SystemExit(128 + (signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM))
-    return Path(args.dump_path)
+    return run_dir
 
 
 if __name__ == "__main__":

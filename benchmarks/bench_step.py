@@ -40,14 +40,16 @@ from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBe
 
 import causal_train  # noqa: E402
 import counterfactual_utils as cf  # noqa: E402
-import losses as L  # noqa: E402
+import losses  # noqa: E402
 from causal_distiller import CausalDistiller  # noqa: E402
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset  # noqa: E402
 from masking import real_token_mask, sample_interchange_masks  # noqa: E402
+from training_config import RunContext, TrainingConfig  # noqa: E402
 
 SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
-RECIPE = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0",
-          "--alpha_causal_cos", "0", "--interchange_prop", "0.3", "--interchange_consecutive_only"]
+# The README recipe's settings (causal_ce is set per variant).
+RECIPE = dict(mlm=True, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_clm=0.0, alpha_causal_cos=0.0,
+              interchange_prop=0.3, interchange_consecutive_only=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,22 +123,16 @@ def synthetic_batch(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
 
 def make_distiller(args, teacher, student, causal: bool, fast: bool, dump: Path) -> CausalDistiller:
     """A CausalDistiller as causal_train.main builds it, with the README recipe's losses."""
-    argv = ["--dump_path", str(dump), "--data_file", "-", "--student_type", "distilbert", "--student_config", "-",
-            "--teacher_type", "bert", "--teacher_name", "-", "--n_gpu", "0", "--seed", "0",
-            "--batch_size", str(args.batch_size), "--max_steps", "1000000",
-            "--alpha_causal_ce", "0.25" if causal else "0", *RECIPE]
-    argv += ["--fast_mode"] if fast else []
-    argv += ["--bf16"] if args.device.startswith("cuda") else []
-    params = causal_train.build_parser().parse_args(argv)
-    params.world_size, params.global_rank, params.local_rank = 1, 0, 0
-    params.multi_gpu, params.is_master, params.device = False, True, args.device
-    params.special_tok_ids = SPECIAL
+    config = TrainingConfig(**RECIPE, seed=0, batch_size=args.batch_size, max_steps=1000000,
+                            alpha_causal_ce=0.25 if causal else 0.0, fast_mode=fast,
+                            bf16=args.device.startswith("cuda"))
+    context = RunContext(device=torch.device(args.device), special_token_ids=SPECIAL, run_dir=dump)
     rng = np.random.default_rng(0)
     corpus = [np.concatenate([[101], rng.integers(200, args.vocab, 30), [102]]) for _ in range(8)]
     dataset = LmSeqsDataset(DatasetParams(512, True, SPECIAL), corpus)
     token_probs = torch.ones(args.vocab)
     token_probs[list(SPECIAL.values())] = 0.0
-    return CausalDistiller(params, dataset, token_probs, student, teacher, mapping_of(args))
+    return CausalDistiller(config, context, dataset, token_probs, student, teacher, mapping_of(args))
 
 
 def distiller_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) -> None:
@@ -178,11 +174,11 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
         vocab = s_out.logits.size(-1)
         full = attn[..., None].expand_as(s_out.logits)
         terms = [
-            L.ce_loss(s_out.logits.masked_select(full).view(-1, vocab), t_out.logits.masked_select(full).view(-1, vocab),
+            losses.ce_loss(s_out.logits.masked_select(full).view(-1, vocab), t_out.logits.masked_select(full).view(-1, vocab),
                       d.temperature),
-            L.mlm_loss(s_out.logits.view(-1, vocab), labels.view(-1)),
-            L.cos_loss(s_out.hidden_states[-1][attn], t_out.hidden_states[-1][attn]),
-            L.ce_loss(s_cf.logits.masked_select(full).view(-1, vocab), t_cf.logits.masked_select(full).view(-1, vocab),
+            losses.mlm_loss(s_out.logits.view(-1, vocab), labels.view(-1)),
+            losses.cos_loss(s_out.hidden_states[-1][attn], t_out.hidden_states[-1][attn]),
+            losses.ce_loss(s_cf.logits.masked_select(full).view(-1, vocab), t_cf.logits.masked_select(full).view(-1, vocab),
                       d.temperature),
         ]
     (0.25 * sum(terms)).backward()
@@ -370,7 +366,7 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
         "--teacher_type", "bert", "--teacher_name", str(folder / "teacher"), "--neuron_mapping", str(folder / "map.nm"),
         "--freeze_pos_embs", "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
         "--max_steps", str(args.train_steps), "--n_epoch", "1", "--log_interval", "5", "--checkpoint_interval",
-        "1000000", "--seed", "0", *RECIPE, *(["--bf16"] if args.device.startswith("cuda") else []),
+        "1000000", "--seed", "0", *_flags(RECIPE), *(["--bf16"] if args.device.startswith("cuda") else []),
     ]
     runs = {"plain": ["--alpha_causal_ce", "0"], "diito": ["--alpha_causal_ce", "0.25"]}
     if args.fast:
@@ -391,6 +387,14 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
             CausalDistiller._train_micro_batch = original
         seconds[name] = statistics.median(np.diff(done))
     return seconds
+
+
+def _flags(settings: dict) -> list[str]:
+    """TrainingConfig settings as causal_train.py flags."""
+    out = []
+    for name, value in settings.items():
+        out += [f"--{name}"] if value is True else [] if value is False else [f"--{name}", str(value)]
+    return out
 
 
 def collate_ms(args: argparse.Namespace, batches: int = 50) -> float:

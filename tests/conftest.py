@@ -155,3 +155,149 @@ def save_tiny_decoder_teacher(family: str, folder: Path, vocab: int = 200, layer
     row.lm_cls()(tiny_decoder_config(family, vocab=vocab, layers=layers)).save_pretrained(folder)
     save_word_level_tokenizer(folder, vocab, with_bos=row.start_token is not None)
     return folder
+
+
+# --- training builders: argv for causal_train.main, a small corpus, tiny models, distiller settings ----------
+
+
+def train_argv(root: Path, teacher: Path, config: Path, mapping: Path, *extra: str, weights: Path | None = None,
+               data_file: Path = BERT_PICKLE) -> list[str]:
+    """causal_train.py flags of the README's MLM recipe at test size: the run folder is root/results/run.
+
+    3 optimizer steps of 2 micro-batches of 4 sequences, a TensorBoard log every micro-batch and a
+    state every 2. `extra` flags come last and so override these.
+    """
+    args = [
+        "--force", "--n_gpu", "0", "--log_interval", "1", "--checkpoint_interval", "2",
+        "--student_type", "distilbert", "--student_config", str(config),
+        "--teacher_type", "bert", "--teacher_name", str(teacher),
+        "--neuron_mapping", str(mapping),
+        "--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
+        "--alpha_causal_ce", "0.25", "--alpha_causal_cos", "0.0",
+        "--interchange_prop", "0.3", "--interchange_max_token", "-1", "--interchange_consecutive_only",
+        "--freeze_pos_embs", "--dump_path", str(root / "results"), "--run_name", "run",
+        "--data_file", str(data_file), "--token_counts", str(BERT_COUNTS),
+        "--seed", "42", "--n_epoch", "1", "--gradient_accumulation_steps", "2", "--batch_size", "4",
+        "--max_steps", "3",
+    ]
+    if weights is not None:
+        args += ["--student_pretrained_weights", str(weights)]
+    return args + list(extra)
+
+
+def resume_argv(argv: list[str], *extra: str) -> list[str]:
+    """The same run continued: `argv` without --force (refused with --resume), plus --resume and `extra`."""
+    return [a for a in argv if a != "--force"] + ["--resume", *extra]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """50 short sequences (12-39 tokens) of the real binarized sample, in its format: quick epochs."""
+    import pickle
+
+    if not BERT_PICKLE.is_file():
+        pytest.skip(f"real data not found at {BERT_PICKLE}")
+    with open(BERT_PICKLE, "rb") as f:
+        seqs = pickle.load(f)
+    short = [s for s in seqs if 12 <= len(s) <= 40 and (s == 100).mean() < 0.5][:50]
+    path = tmp_path_factory.mktemp("corpus") / "small.train.bert-base-uncased.pickle"
+    with open(path, "wb") as f:
+        pickle.dump(short, f)
+    return path
+
+
+@pytest.fixture
+def small_run_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, small_corpus):
+    """train_argv(...) on the small corpus, run folder tmp_path/results/run: small_run_argv(*extra)."""
+
+    def build(*extra: str) -> list[str]:
+        return train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *extra,
+                          data_file=small_corpus)
+
+    return build
+
+
+def load_state(path: Path) -> dict:
+    """A training state file, read as --resume reads it (no code runs)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+    """TensorBoard scalar `tag` of a run folder, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "log" / "train"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+STEP_VOCAB, STEP_DIM, STEP_HEADS, STEP_TEACHER_LAYERS, STEP_STUDENT_LAYERS = 150, 32, 4, 4, 2
+GPT2_SPECIAL_IDS = dict(bos_token=0, eos_token=0, unk_token=0)
+
+
+def tiny_teacher_and_student(arch: str, dropout: float = 0.0):
+    """A 4-layer teacher (eval, frozen) and a 2-layer student, width 32, vocabulary 150, 64 positions.
+
+    arch "bert": BERT teacher, DistilBERT student; "gpt2": both GPT-2. `dropout`: the student's.
+    """
+    import torch
+    import transformers as tr
+
+    torch.manual_seed(0)
+    v, d, h = STEP_VOCAB, STEP_DIM, STEP_HEADS
+    if arch == "bert":
+        teacher = tr.BertForMaskedLM(tr.BertConfig(
+            vocab_size=v, hidden_size=d, num_hidden_layers=STEP_TEACHER_LAYERS, num_attention_heads=h,
+            intermediate_size=64, max_position_embeddings=64,
+        ))
+        student = tr.DistilBertForMaskedLM(tr.DistilBertConfig(
+            vocab_size=v, dim=d, n_layers=STEP_STUDENT_LAYERS, n_heads=h, hidden_dim=64, max_position_embeddings=64,
+            dropout=dropout, attention_dropout=dropout,
+        ))
+    else:
+        teacher = tr.GPT2LMHeadModel(tr.GPT2Config(
+            vocab_size=v, n_embd=d, n_layer=STEP_TEACHER_LAYERS, n_head=h, n_positions=64, bos_token_id=0,
+            eos_token_id=0,
+        ))
+        student = tr.GPT2LMHeadModel(tr.GPT2Config(
+            vocab_size=v, n_embd=d, n_layer=STEP_STUDENT_LAYERS, n_head=h, n_positions=64, bos_token_id=0,
+            eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        ))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher, student
+
+
+def tiny_distiller(tmp_path: Path, arch: str, mapping: list | None, dropout: float = 0.0, **settings):
+    """A CausalDistiller on tiny_teacher_and_student(arch) and 8 random sequences of 22 tokens.
+
+    `settings` override TrainingConfig fields; the default objective is ce + lm + cos + mse +
+    both causal losses (MLM for "bert", CLM for "gpt2"). The run folder is tmp_path.
+    """
+    import numpy as np
+    import torch
+
+    from causal_distiller import CausalDistiller
+    from lm_seqs_dataset import DatasetParams, LmSeqsDataset
+    from training_config import RunContext, TrainingConfig
+
+    teacher, student = tiny_teacher_and_student(arch, dropout)
+    special = BERT_SPECIAL_IDS if arch == "bert" else GPT2_SPECIAL_IDS
+    objective = dict(mlm=True, alpha_mlm=0.25, alpha_clm=0.0) if arch == "bert" else dict(alpha_clm=0.25)
+    config = TrainingConfig(**{
+        **dict(seed=3, batch_size=4, max_steps=10, alpha_ce=0.25, alpha_cos=0.25, alpha_mse=0.1,
+               alpha_causal_ce=0.25, alpha_causal_cos=0.25, interchange_prop=0.4),
+        **objective, **settings,
+    })
+    context = RunContext(special_token_ids=special, max_model_input_size=64, run_dir=tmp_path)
+    start, end = (special["cls_token"], special["sep_token"]) if arch == "bert" else (0, 0)
+    rng = np.random.default_rng(0)
+    corpus = [np.concatenate([[start], rng.integers(104, STEP_VOCAB, 20), [end]]) for _ in range(8)]
+    dataset = LmSeqsDataset(DatasetParams(64, arch == "bert", special), corpus)
+    token_probs = torch.ones(STEP_VOCAB)
+    token_probs[list(special.values())] = 0.0
+    return CausalDistiller(config, context, dataset, token_probs if arch == "bert" else None, student, teacher,
+                           mapping)

@@ -14,7 +14,6 @@ import os
 import pickle
 import re
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,13 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import causal_train
-from conftest import BERT_SPECIAL_IDS
+from conftest import BERT_SPECIAL_IDS, resume_argv, train_argv
+from conftest import load_state as load
+from conftest import tensorboard_scalars as scalars
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from launch import TORCHRUN, finish, launch, processes, wait_for
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
-# `launcher` and `small_corpus` are fixtures (imported to be used here).
-from test_resume import finish, launch, launcher, load, processes, scalars, small_corpus, wait_for  # noqa: F401
-from test_training import train_args
 
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "3")
 # 50 sequences, 2 ranks, batch 4: 7 micro-batches per rank and epoch; accumulation 2.
 FLAGS = ("--n_epoch", "2", "--max_steps", "-1", "--gradient_accumulation_steps", "2", "--checkpoint_interval", "4")
 
@@ -50,19 +48,19 @@ def records(folder: Path, rank: int) -> dict:
 
 
 def test_torchrun_two_processes_shard_the_data_agree_on_everything_and_resume_exactly(
-    small_corpus, launcher, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping
+    small_corpus, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping
 ):
     def args(folder: str, *extra: str) -> list[str]:
-        return train_args(tmp_path / folder, tiny_bert_teacher, tiny_student_config, tiny_mapping,
-                          "--data_file", str(small_corpus), *FLAGS, *extra)
+        return train_argv(tmp_path / folder, tiny_bert_teacher, tiny_student_config, tiny_mapping, *FLAGS, *extra,
+                          data_file=small_corpus)
 
     rec = tmp_path / "record"
     rec.mkdir()
     marker, log = tmp_path / "paused", {name: tmp_path / f"{name}.log" for name in ("whole", "cut", "resumed")}
     with processes() as started:
-        whole = launch(started, launcher, args("whole"), log["whole"], TORCHRUN, record=rec)
+        whole = launch(started, args("whole"), log["whole"], TORCHRUN, record=rec)
         # Only rank 1 gets the signal; rank 0 must stop with it at the same micro-batch.
-        cut = launch(started, launcher, args("cut"), log["cut"], TORCHRUN, pause_after=4, pause_rank=1, marker=marker)
+        cut = launch(started, args("cut"), log["cut"], TORCHRUN, pause_after=4, pause_rank=1, marker=marker)
         wait_for(marker, cut, log["cut"])
         os.kill(int(marker.read_text()), signal.SIGTERM)
         assert finish(cut, log["cut"]) != 0  # torchrun reports its workers' status 143 as a failure
@@ -74,7 +72,7 @@ def test_torchrun_two_processes_shard_the_data_agree_on_everything_and_resume_ex
         grads = [load(cut_states / name)["grads"] for name in names]
         pairs = [(a, b) for a, b in zip(*grads) if a is not None]  # frozen position embeddings have none
         assert pairs and any(not torch.equal(a, b) for a, b in pairs)
-        resumed = launch(started, launcher, args("cut", "--resume"), log["resumed"], TORCHRUN)
+        resumed = launch(started, resume_argv(args("cut")), log["resumed"], TORCHRUN)
         assert finish(resumed, log["resumed"]) == 0, log["resumed"].read_text()[-3000:]
         assert finish(whole, log["whole"]) == 0, log["whole"].read_text()[-3000:]
 
@@ -126,13 +124,9 @@ def test_torchrun_two_processes_shard_the_data_agree_on_everything_and_resume_ex
 
 
 @pytest.mark.parametrize("flags", [["--fp16"], ["--bf16", "--teacher_fp16"]], ids=["fp16", "bf16"])
-def test_mixed_precision_trains_on_cpu_with_finite_losses(
-    small_corpus, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, flags
-):
+def test_mixed_precision_trains_on_cpu_with_finite_losses(small_run_argv, flags):
     # Two optimizer steps of one micro-batch each (float16 matmuls are slow on CPU).
-    dump = causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping,
-                                        "--data_file", str(small_corpus), "--gradient_accumulation_steps", "1",
-                                        "--max_steps", "2", *flags))
+    dump = causal_train.main(small_run_argv("--gradient_accumulation_steps", "1", "--max_steps", "2", *flags))
     losses = scalars(dump, "losses/loss")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
     state = torch.load(dump / "pytorch_model.bin", weights_only=True)

@@ -12,78 +12,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers as tr
 
-import causal_train
-import losses as L
 import counterfactual_utils as cu
+import losses
 from causal_distiller import CausalDistiller
-from conftest import BERT_SPECIAL_IDS
-from lm_seqs_dataset import DatasetParams, LmSeqsDataset
+from conftest import STEP_DIM, STEP_HEADS, STEP_VOCAB, tiny_distiller
 from masking import real_token_mask, sample_interchange_masks, sample_source_rows
 
-VOCAB, DIM, HEADS, T_LAYERS, S_LAYERS = 150, 32, 4, 4, 2
-GPT2_SPECIAL_IDS = dict(bos_token=0, eos_token=0, unk_token=0)
+VOCAB, DIM, HEADS = STEP_VOCAB, STEP_DIM, STEP_HEADS
 
 
-def _models(arch: str, dropout: float) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    if arch == "bert":
-        teacher = tr.BertForMaskedLM(tr.BertConfig(
-            vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=T_LAYERS, num_attention_heads=HEADS,
-            intermediate_size=64, max_position_embeddings=64,
-        ))
-        student = tr.DistilBertForMaskedLM(tr.DistilBertConfig(
-            vocab_size=VOCAB, dim=DIM, n_layers=S_LAYERS, n_heads=HEADS, hidden_dim=64, max_position_embeddings=64,
-            dropout=dropout, attention_dropout=dropout,
-        ))
-    else:
-        teacher = tr.GPT2LMHeadModel(tr.GPT2Config(
-            vocab_size=VOCAB, n_embd=DIM, n_layer=T_LAYERS, n_head=HEADS, n_positions=64, bos_token_id=0, eos_token_id=0,
-        ))
-        student = tr.GPT2LMHeadModel(tr.GPT2Config(
-            vocab_size=VOCAB, n_embd=DIM, n_layer=S_LAYERS, n_head=HEADS, n_positions=64, bos_token_id=0, eos_token_id=0,
-            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        ))
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad = False
-    return teacher, student
-
-
-def _distiller(tmp_path: Path, arch: str, mapping: list, *flags: str, dropout: float = 0.0,
-               student_mode: str = "train") -> CausalDistiller:
-    teacher, student = _models(arch, dropout)
-    if arch == "bert":
-        objective = ["--mlm", "--alpha_mlm", "0.25", "--alpha_clm", "0", "--student_type", "distilbert",
-                     "--teacher_type", "bert"]
-        special = BERT_SPECIAL_IDS
-    else:
-        objective = ["--alpha_clm", "0.25", "--student_type", "gpt2", "--teacher_type", "gpt2"]
-        special = GPT2_SPECIAL_IDS
-    argv = ["--dump_path", str(tmp_path), "--data_file", "-", "--student_config", "-", "--teacher_name", "-",
-            "--n_gpu", "0", "--seed", "3", "--batch_size", "4", "--max_steps", "10",
-            "--alpha_ce", "0.25", "--alpha_cos", "0.25", "--alpha_mse", "0.1", "--alpha_causal_ce", "0.25",
-            "--alpha_causal_cos", "0.25", "--interchange_prop", "0.4", *objective, *flags]
-    params = causal_train.build_parser().parse_args(argv)
-    causal_train.init_distributed(params)
-    params.special_tok_ids = special
-    start, end = (special["cls_token"], special["sep_token"]) if arch == "bert" else (0, 0)
-    rng = np.random.default_rng(0)
-    corpus = [np.concatenate([[start], rng.integers(104, VOCAB, 20), [end]]) for _ in range(8)]
-    dataset = LmSeqsDataset(DatasetParams(64, arch == "bert", special), corpus)
-    token_probs = torch.ones(VOCAB)
-    token_probs[list(special.values())] = 0.0
+def _distiller(tmp_path: Path, arch: str, mapping: list, dropout: float = 0.0, student_mode: str = "train",
+               **settings) -> CausalDistiller:
+    """tiny_distiller with `mapping` [(teacher names, student names)] read as a .nm file."""
     mapping_path = tmp_path / "m.nm"
     mapping_path.write_text(json.dumps({"interchange_variable_mappings": [
         {"teacher_variable_names": t, "student_variable_names": s} for t, s in mapping]}))
-    distiller = CausalDistiller(params, dataset, token_probs if arch == "bert" else None, student, teacher,
-                                cu.load_neuron_mapping(mapping_path))
+    distiller = tiny_distiller(tmp_path, arch, cu.load_neuron_mapping(mapping_path), dropout=dropout, **settings)
     distiller.student.train(student_mode == "train")
     return distiller
 
@@ -108,7 +58,7 @@ def _reference_loss(d: CausalDistiller, batch) -> torch.Tensor:
 
     Draws its randomness in the distiller's order from the distiller's generators.
     """
-    p, T = d.params, d.temperature
+    p, T = d.config, d.temperature
     token_ids, lengths, dual_ids, dual_lengths = batch
     n = token_ids.size(1)
     attn = real_token_mask(lengths, n)
@@ -196,24 +146,24 @@ MAPPINGS = {
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
 def test_exact_step_equals_the_straightforward_step(tmp_path, mapping, student_mode):
     # eval: the student restarts its counterfactual run too; train (dropout 0): it recomputes every block.
-    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], "--interchange_consecutive_only", student_mode=student_mode)
+    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], interchange_consecutive_only=True, student_mode=student_mode)
     assert_step_equals_reference(d, _batch("bert"))
 
 
-@pytest.mark.parametrize("flags", [
-    ["--interchange_masked_token_only", "--restrict_ce_to_mask"],
-    [],  # random positions
-    ["--data_augment"],
-    ["--interchange_consecutive_only", "--interchange_max_token", "2"],
+@pytest.mark.parametrize("settings", [
+    dict(interchange_masked_token_only=True, restrict_ce_to_mask=True),
+    {},  # random positions
+    dict(data_augment=True),
+    dict(interchange_consecutive_only=True, interchange_max_token=2),
 ])
-def test_exact_step_equals_the_straightforward_step_in_every_position_mode(tmp_path, flags):
-    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], *flags)
+def test_exact_step_equals_the_straightforward_step_in_every_position_mode(tmp_path, settings):
+    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], **settings)
     assert_step_equals_reference(d, _batch("bert"))
 
 
 @pytest.mark.parametrize("mapping", ["middle", "last blocks"])
 def test_exact_step_equals_the_straightforward_step_for_gpt2(tmp_path, mapping):
-    d = _distiller(tmp_path, "gpt2", MAPPINGS[mapping], "--interchange_consecutive_only", student_mode="eval")
+    d = _distiller(tmp_path, "gpt2", MAPPINGS[mapping], interchange_consecutive_only=True, student_mode="eval")
     assert_step_equals_reference(d, _batch("gpt2"))
 
 
@@ -224,13 +174,13 @@ def test_exact_step_equals_the_straightforward_step_for_gpt2(tmp_path, mapping):
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
 def test_fast_mode_equals_full_runs_on_duals_drawn_from_the_batch(tmp_path, mapping, student_mode):
     # Without dropout, reading sources from the base run and sharing its prefix changes no number.
-    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], "--fast_mode", "--interchange_consecutive_only",
+    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], fast_mode=True, interchange_consecutive_only=True,
                    student_mode=student_mode)
     assert_step_equals_reference(d, _batch("bert"))
 
 
 def test_fast_mode_with_dropout_trains_every_student_parameter(tmp_path):
-    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], "--fast_mode", dropout=0.1)
+    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], fast_mode=True, dropout=0.1)
     loss, metrics = d._loss_step(_batch("bert"))
     loss.backward()
     assert torch.isfinite(loss) and "loss_causal_ce" in metrics
@@ -261,7 +211,7 @@ def _count_block_calls(model: nn.Module) -> tuple[list[int], list]:
 @pytest.mark.parametrize("fast", [False, True])
 def test_each_block_runs_only_where_the_step_needs_it(tmp_path, fast):
     # Teacher block 1 <-> student block 0, students trained with dropout.
-    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], *(["--fast_mode"] if fast else []), dropout=0.1)
+    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], fast_mode=fast, dropout=0.1)
     t_counts, t_handles = _count_block_calls(d.teacher)
     s_counts, s_handles = _count_block_calls(d.student)
     d._loss_step(_batch("bert"))
@@ -278,7 +228,7 @@ def test_each_block_runs_only_where_the_step_needs_it(tmp_path, fast):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_the_vocabulary_projection_sees_only_selected_rows(tmp_path, fast):
-    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], "--restrict_ce_to_mask", *(["--fast_mode"] if fast else []))
+    d = _distiller(tmp_path, "bert", MAPPINGS["middle"], restrict_ce_to_mask=True, fast_mode=fast)
     rows = {"teacher": [], "student": []}
     handles = [
         d.teacher.cls.predictions.decoder.register_forward_hook(lambda m, a, o: rows["teacher"].append(a[0].shape[0])),
@@ -365,15 +315,15 @@ def test_activations_from_cache_equal_get_activation_at_on_the_chosen_rows():
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_ce_loss_value_and_gradient_equal_autograd_through_kl_div(temperature, chunk_elements, monkeypatch):
     if chunk_elements is not None:
-        monkeypatch.setattr(L, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(0)
     s = (3 * torch.randn(6, 50, generator=g)).requires_grad_()
     t = 3 * torch.randn(6, 50, generator=g)
     expected = nn.KLDivLoss(reduction="batchmean")(
         F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)) * temperature**2
     (expected_grad,) = torch.autograd.grad(expected, s)
-    loss = L.ce_loss(s, t, temperature)
+    loss = losses.ce_loss(s, t, temperature)
     (grad,) = torch.autograd.grad(loss, s)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
-    assert L.ce_loss(s[:0], t[:0], temperature) == 0
+    assert losses.ce_loss(s[:0], t[:0], temperature) == 0

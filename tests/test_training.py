@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,28 +13,9 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 import causal_train
-from conftest import BERT_COUNTS, BERT_PICKLE
+from conftest import tensorboard_scalars, train_argv
 from scripts import extract_distilbert
 from utils import UserError
-
-
-def train_args(tmp_path: Path, teacher: Path, config: Path, mapping: Path, *extra: str, weights: Path | None = None):
-    args = [
-        "--force", "--n_gpu", "0", "--log_interval", "1", "--checkpoint_interval", "2",
-        "--student_type", "distilbert", "--student_config", str(config),
-        "--teacher_type", "bert", "--teacher_name", str(teacher),
-        "--neuron_mapping", str(mapping),
-        "--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
-        "--alpha_causal_ce", "0.25", "--alpha_causal_cos", "0.0",
-        "--interchange_prop", "0.3", "--interchange_max_token", "-1", "--interchange_consecutive_only",
-        "--freeze_pos_embs", "--dump_path", str(tmp_path / "results"), "--run_name", "run",
-        "--data_file", str(BERT_PICKLE), "--token_counts", str(BERT_COUNTS),
-        "--seed", "42", "--n_epoch", "1", "--gradient_accumulation_steps", "2", "--batch_size", "4",
-        "--max_steps", "3",
-    ]
-    if weights is not None:
-        args += ["--student_pretrained_weights", str(weights)]
-    return args + list(extra)
 
 
 @pytest.fixture
@@ -58,7 +42,7 @@ def test_extraction_copies_the_chosen_teacher_layers(extracted, tiny_bert_teache
 def test_readme_commands_train_a_student_that_loads_with_from_pretrained(
     shared_data, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, extracted
 ):
-    dump = causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping,
+    dump = causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping,
                                         weights=extracted))
     assert dump == tmp_path / "results" / "run"
     for name in ("parameters.json", "git_log.json", "config.json", "pytorch_model.bin", "checkpoint.pth",
@@ -84,6 +68,10 @@ def test_readme_commands_train_a_student_that_loads_with_from_pretrained(
         assert tag in tags, tag
 
 
+def _scalars(dump: Path, tag: str) -> list[float]:
+    return list(tensorboard_scalars(dump, tag).values())
+
+
 def _tensorboard_tags(dump: Path) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -102,12 +90,15 @@ def _tensorboard_tags(dump: Path) -> set[str]:
         (["--token_counts", "/nonexistent/counts.pickle"], "token counts file not found"),
         (["--neuron_mapping", "/nonexistent/map.nm"], "neuron mapping not found"),
         (["--interchange_masked_token_only"], "choose one of"),
+        (["--resume"], "choose one of --resume .* and --force"),
+        (["--max_steps", "0"], "--max_steps must be > 0, or -1"),
+        (["--max_steps", "-2"], "--max_steps must be > 0, or -1"),
     ],
 )
 def test_inconsistent_flags_are_refused_before_training(tmp_path, tiny_bert_teacher, tiny_student_config,
                                                          tiny_mapping, flags, message):
     with pytest.raises(UserError, match=message):
-        causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *flags))
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *flags))
     assert not (tmp_path / "results").exists()
 
 
@@ -117,7 +108,7 @@ def test_force_refuses_to_delete_a_folder_that_is_not_a_dump(shared_data, tmp_pa
     precious.mkdir(parents=True)
     (precious / "thesis.tex").write_text("months of work")
     with pytest.raises(UserError, match="not a run's dump"):
-        causal_train.main(train_args(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping))
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping))
     assert (precious / "thesis.tex").read_text() == "months of work"
 
 
@@ -125,7 +116,7 @@ def test_student_teacher_vocab_mismatch_is_refused(shared_data, tmp_path, tiny_b
     config = tmp_path / "small_vocab.json"
     config.write_text(json.dumps(dict(dim=32, n_heads=4, hidden_dim=64, n_layers=2, vocab_size=1000)))
     with pytest.raises(UserError, match="vocab size 1000"):
-        causal_train.main(train_args(tmp_path, tiny_bert_teacher, config, tiny_mapping))
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, config, tiny_mapping))
 
 
 def test_every_training_flag_is_documented_in_the_training_docs():
@@ -133,3 +124,85 @@ def test_every_training_flag_is_documented_in_the_training_docs():
     flags = {s for action in causal_train.build_parser()._actions for s in action.option_strings if s.startswith("--")}
     missing = sorted(f for f in flags - {"--help"} if f"`{f}`" not in readme and f"{f} " not in readme)
     assert not missing, f"flags missing from docs/training.md: {missing}"
+    
+
+
+def test_force_keeps_a_user_folder_whose_parameters_json_is_any_json(tmp_path, tiny_bert_teacher,
+                                                                      tiny_student_config, tiny_mapping):
+    precious = tmp_path / "results" / "run"
+    precious.mkdir(parents=True)
+    (precious / "parameters.json").write_text("{}")
+    (precious / "thesis.tex").write_text("months of work")
+    with pytest.raises(UserError, match="not a run's dump"):
+        causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping))
+    assert (precious / "thesis.tex").read_text() == "months of work"
+    assert (precious / "parameters.json").read_text() == "{}"
+
+
+def test_force_recognises_a_run_by_its_marker_or_an_older_run_by_its_parameters_and_files(tmp_path):
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / causal_train.RUN_MARKER).write_text(causal_train.RUN_MARKER_TEXT)
+    assert causal_train.is_previous_run(marked)
+    (marked / causal_train.RUN_MARKER).write_text("{}")
+    assert not causal_train.is_previous_run(marked)
+
+    older = tmp_path / "older"  # written before the marker existed
+    (older / "checkpoints").mkdir(parents=True)
+    params = {k: "x" for k in causal_train.RUN_PARAMETER_KEYS}
+    (older / "parameters.json").write_text(json.dumps(params))
+    (older / "model_epoch_0.pth").write_bytes(b"")
+    assert causal_train.is_previous_run(older)
+    (older / "notes.txt").write_text("mine")
+    assert not causal_train.is_previous_run(older)
+
+
+def test_force_replaces_a_previous_run(small_run_argv, tmp_path):
+    dump = causal_train.main(small_run_argv("--max_steps", "2"))
+    assert sorted(p.name for p in (dump / "checkpoints").iterdir()) == ["state_0000000004_rank0.pth"]
+    causal_train.main(small_run_argv("--max_steps", "1"))
+    assert sorted(p.name for p in (dump / "checkpoints").iterdir()) == ["state_0000000002_rank0.pth"]
+
+
+def test_every_output_follows_the_umask(small_run_argv):
+    previous = os.umask(0o027)
+    try:
+        dump = causal_train.main(small_run_argv("--max_steps", "1"))
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(dump)): stat.S_IMODE(p.stat().st_mode) for p in dump.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and "checkpoints/state_0000000002_rank0.pth" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o640} == {}
+
+
+def test_an_unwritable_dump_path_is_refused_before_any_model_or_data_loads(monkeypatch, small_run_argv, tmp_path):
+    monkeypatch.setattr(causal_train, "load_teacher", lambda args: pytest.fail("the teacher was loaded"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"--dump_path: .*a_file is not a folder"):
+        causal_train.main(small_run_argv("--dump_path", str(tmp_path / "a_file" / "results")))
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match=r"--dump_path: cannot write in .*locked"):
+            causal_train.main(small_run_argv("--dump_path", str(locked / "results")))
+        assert list(locked.iterdir()) == []
+
+
+def test_data_augment_trains_from_the_command_line(small_run_argv):
+    dump = causal_train.main(small_run_argv("--data_augment", "--max_steps", "2"))
+    for tag in ("losses/loss_causal_ce", "metrics/interchange_accuracy"):
+        values = _scalars(dump, tag)
+        assert len(values) == 4 and all(math.isfinite(v) for v in values), tag
+    assert (dump / "model.safetensors").is_file()
+
+
+def test_help_shows_every_flag_with_its_default_and_an_example(capsys):
+    parser = causal_train.build_parser()
+    undocumented = [a.dest for a in parser._actions if not a.help]
+    assert not undocumented
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--alpha_ce ALPHA_CE Weight of the distillation (KL) loss. (default: 0.5)" in " ".join(text.split())
+    assert text.count("(default:") >= len([a for a in parser._actions if a.dest != "help"])
+    assert "example" in text and "python causal_train.py --force" in text

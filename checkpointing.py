@@ -1,0 +1,339 @@
+"""Training states: what a run saves to continue exactly, and how `--resume` reads it back.
+
+Every `--checkpoint_interval` micro-batches each process writes
+``checkpoints/state_{micro-batch:010d}_rank{rank}.pth`` atomically. Every rank's file holds its RNG
+states, the counters (`TrainState`), the settings a resumed run must share and, mid-accumulation,
+its partial gradients; rank 0's also holds the shared part (student, optimizer, scheduler, scaler).
+
+States hold only tensors and plain Python values (the numpy RNG state is stored as a tensor and
+ints), so they are read with ``torch.load(weights_only=True)``: loading one never runs code. A file
+that holds anything else (a pickle payload, another program's objects) is refused; a truncated or
+unreadable newest state makes `--resume` fall back to the newest intact state all ranks have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from grouped_batch_sampler import GroupedBatchSampler
+from token_store import TokenSequences
+from utils import UserError, atomic_path
+
+if TYPE_CHECKING:
+    from causal_distiller import CausalDistiller
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "checkpoints"
+# Settings a resumed run must share with the run that saved the state: the batches, their order and
+# the random streams follow from them (and from the corpus, compared by fingerprint).
+RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size")
+_RANK_KEYS = {"grads", "rng", "state", "run", "global_rank"}
+_SHARED_KEYS = {"student", "optimizer", "scheduler", "scaler"}
+
+
+@dataclass
+class TrainState:
+    """Counters of a run; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    n_total_iter: int = 0  # micro-batches since the start (TensorBoard step, as in the original)
+    n_optim_steps: int = 0  # optimizer steps, skipped ones included (the scheduler counts them too)
+    n_skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    window_skipped: bool = False  # the current accumulation window saw a non-finite loss
+    n_tokens: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    last_loss: dict[str, float] = field(default_factory=dict)
+
+
+# --- file names and writing ------------------------------------------------------------------------
+
+
+def state_file_name(n_total_iter: int, global_rank: int) -> str:
+    return f"state_{n_total_iter:010d}_rank{global_rank}.pth"
+
+
+def saved_steps(folder: Path, global_rank: int) -> list[int]:
+    """Micro-batch counts at which this rank has a state file in `folder`, ascending.
+
+    Partial writes are hidden temporary files (`.state_...tmp`) and never match.
+    """
+    return sorted(int(path.name.split("_")[1]) for path in folder.glob(f"state_*_rank{global_rank}.pth"))
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, synced to disk, then renamed onto `path`.
+
+    A kill or a crash at any point leaves either the previous file or the complete new one.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SkipBatches(Sampler[list[int]]):
+    """A batch sampler that drops the first `skip` batches of an epoch (resuming mid-epoch)."""
+
+    def __init__(self, batch_sampler: GroupedBatchSampler, skip: int):
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+
+    def __iter__(self):
+        for i, b in enumerate(self.batch_sampler):
+            if i >= self.skip:
+                yield b
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+
+# --- what must match ---------------------------------------------------------------------------------
+
+
+def corpus_fingerprint(store: TokenSequences, blocks: int = 4096, block_len: int = 64) -> str:
+    """A hash of a corpus: every sequence boundary, and `blocks` runs of `block_len` tokens at evenly
+    spaced positions.
+
+    Cheap on a memory-mapped corpus of billions of tokens: it reads the offsets and a few thousand
+    pages of tokens. Any change of a sequence's length is caught, and so is another corpus with the
+    same lengths; an edit of a few tokens between the sampled blocks is not.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(store.offsets, dtype=np.int64).tobytes())
+    flat = store.flat
+    block_len = min(block_len, len(flat))
+    starts = np.unique(np.linspace(0, len(flat) - block_len, num=blocks).astype(np.int64))
+    sample = flat[(starts[:, None] + np.arange(block_len)).ravel()]
+    h.update(np.ascontiguousarray(sample, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def run_settings(d: CausalDistiller) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state."""
+    settings = {k: getattr(d.config, k) for k in RESUME_MUST_MATCH if k != "world_size"}
+    return {"world_size": d.context.world_size, **settings, "n_sequences": len(d.dataset),
+            "corpus": d.corpus_fingerprint}
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+
+def _rng_state(d: CausalDistiller) -> dict[str, Any]:
+    """Every random stream of this rank, as tensors and plain Python values."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None,
+        "generator": d.generator.get_state(),
+        "mapping": d.mapping_rng.getstate(),
+    }
+
+
+def _restore_rng(d: CausalDistiller, rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and d.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], d.device)
+    d.generator.set_state(rng["generator"])
+    d.mapping_rng.setstate(rng["mapping"])
+
+
+def state_dict(d: CausalDistiller) -> dict[str, Any]:
+    """This rank's training state.
+
+    Every rank's holds its own random streams (masking and positions are drawn per rank, dropout
+    differs with the data) and, mid-accumulation, its gradients not yet all-reduced: both are needed
+    to continue exactly. Rank 0's also holds what the ranks share (student, optimizer, scheduler,
+    grad scaler), written once rather than once per rank.
+    """
+    grads = None
+    if d.state.batch_in_epoch % d.accum != 0:  # mid-accumulation: keep the partial sum
+        grads = [p.grad for p in d.student.parameters()]
+    out = {
+        "grads": grads,
+        "rng": _rng_state(d),
+        "state": asdict(d.state),
+        "run": run_settings(d),
+        "global_rank": d.context.global_rank,
+    }
+    if d.context.global_rank == 0:
+        out.update(
+            student=d.student.state_dict(),
+            optimizer=d.optimizer.state_dict(),
+            scheduler=d.scheduler.state_dict(),
+            scaler=d.scaler.state_dict(),
+        )
+    return out
+
+
+def save_state(d: CausalDistiller) -> None:
+    """Write this rank's state atomically; once every rank has, keep the newest `save_total_limit`."""
+    folder, rank = d.context.run_dir / STATE_DIR, d.context.global_rank
+    save_atomically(state_dict(d), folder / state_file_name(d.state.n_total_iter, rank))
+    if d.context.multi_process:
+        dist.barrier()  # a kill before every rank has the new state must leave a common older one
+    for old in sorted(folder.glob(f"state_*_rank{rank}.pth"))[: -d.config.save_total_limit]:
+        old.unlink()
+    for partial in folder.glob(f".state_*_rank{rank}.pth.*.tmp"):  # left by a killed write
+        partial.unlink()
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+class UnreadableState(Exception):
+    """A state file that cannot be read: truncated, empty, or not a torch file."""
+
+
+def load_state_file(path: Path, rank: int) -> dict[str, Any]:
+    """Read one state file without running code.
+
+    Raises UnreadableState for a damaged file, and UserError for a file that reads but is not a
+    training state of this code: a pickle payload (objects beyond tensors and plain values) or
+    another program's file.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(
+                f"--resume: refused {path}: it holds objects a training state never has (tampered, or not "
+                "written by causal_train.py); nothing in it was run"
+            ) from None
+        raise UnreadableState(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # truncated zip, bad CRC, empty or foreign bytes
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnreadableState(f"{path}: {message}") from None
+    needed = _RANK_KEYS | (_SHARED_KEYS if rank == 0 else set())
+    if not isinstance(obj, dict) or not needed <= set(obj) or obj["global_rank"] != rank:
+        raise UserError(f"--resume: refused {path}: it is not a rank-{rank} training state of causal_train.py")
+    return obj
+
+
+def _read_step(folder: Path, step: int, rank: int) -> tuple[dict, dict] | str | None:
+    """(own, shared) states of `step`; None if a file is damaged; a message if one must be refused."""
+    try:
+        own = load_state_file(folder / state_file_name(step, rank), rank)
+        shared = own if rank == 0 else load_state_file(folder / state_file_name(step, 0), 0)
+    except UnreadableState as e:
+        logger.warning("--resume: cannot read %s; trying an older state", e)
+        return None
+    except UserError as e:
+        return str(e)
+    except FileNotFoundError as e:
+        return f"--resume: cannot read {e.filename}: is {folder} shared by all nodes?"
+    return own, shared
+
+
+def resume(d: CausalDistiller) -> None:
+    """Load the newest state that every rank has saved and can read (UserError if there is none).
+
+    Each rank reads its own file and rank 0's (the shared part), so the run folder must be on a
+    file system all nodes see, as it is for the launch itself on a cluster. The ranks decide
+    together: a damaged file on any rank moves all of them to the next older step.
+    """
+    ctx = d.context
+    folder, rank = ctx.run_dir / STATE_DIR, ctx.global_rank
+    steps = saved_steps(folder, rank)
+    if ctx.multi_process:
+        everyone: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(everyone, steps)
+        steps = sorted(set.intersection(*(set(s) for s in everyone)))
+    if not steps:
+        raise UserError(f"--resume: no state in {folder} that all {ctx.world_size} process(es) saved")
+    for step in reversed(steps):
+        result = _read_step(folder, step, rank)
+        outcomes = [result if isinstance(result, str) else result is not None]
+        if ctx.multi_process:
+            outcomes = [None] * ctx.world_size
+            dist.all_gather_object(outcomes, result if isinstance(result, str) else result is not None)
+        refused = [o for o in outcomes if isinstance(o, str)]
+        if refused:
+            raise UserError(refused[0])
+        if all(outcomes):
+            own, shared = result
+            break
+        if ctx.is_master:
+            logger.warning("--resume: the state of micro-batch %d is damaged on some rank; falling back", step)
+    else:
+        raise UserError(f"--resume: no intact state in {folder} (every saved state is damaged)")
+    if step != steps[-1] and ctx.is_master:
+        logger.warning("--resume: resuming from micro-batch %d, the newest intact state (newest saved: %d)",
+                       step, steps[-1])
+    _check_run_settings(d, shared["run"], folder / state_file_name(step, 0))
+    d.student.load_state_dict(shared["student"])
+    d.optimizer.load_state_dict(shared["optimizer"])
+    d.scheduler.load_state_dict(shared["scheduler"])
+    if shared["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
+        d.scaler.load_state_dict(shared["scaler"])
+    if own["grads"] is not None:
+        for p, g in zip(d.student.parameters(), own["grads"]):
+            p.grad = None if g is None else g.to(p.device)
+    _restore_rng(d, own["rng"])
+    d.state = TrainState(**own["state"])
+    d.last_log_tokens = d.state.n_tokens
+    _apply_optimisation_settings(d)
+    if ctx.is_master:
+        logger.info(
+            "Resumed from %s: epoch %d, micro-batch %d of the epoch, %d optimizer steps",
+            folder / state_file_name(step, rank), d.state.epoch, d.state.batch_in_epoch, d.state.n_optim_steps,
+        )
+
+
+def _check_run_settings(d: CausalDistiller, saved: dict[str, Any], path: Path) -> None:
+    now = run_settings(d)
+    if "corpus" in saved and saved["corpus"] != now["corpus"]:
+        raise UserError(f"--resume: {path} was saved on another corpus (its fingerprint differs from "
+                        "--data_file's); resume on the corpus the run was trained on")
+    mismatch = [f"{k}={v} (this run: {now.get(k)})" for k, v in saved.items() if k != "corpus" and now.get(k) != v]
+    if mismatch:
+        raise UserError(f"--resume: {path} was saved with {', '.join(mismatch)}; resume with those")
+
+
+def _apply_optimisation_settings(d: CausalDistiller) -> None:
+    """Make this run's optimisation flags hold from the resumed step on.
+
+    The optimizer and scheduler states carry the saving run's learning rate, weight decay and
+    epsilon; the flags of this run replace them. The schedule is this run's (rebuilt for its
+    total of steps, with its warm-up), evaluated at the resumed step, so a longer run continues
+    with the learning rate the new schedule gives there rather than the old one's final 0.
+    """
+    cfg, sched, opt = d.config, d.scheduler, d.optimizer
+    old_lr = list(sched.base_lrs)
+    if any(lr != cfg.learning_rate for lr in old_lr):
+        logger.warning("--learning_rate %g (the state's: %g) applies from optimizer step %d on",
+                       cfg.learning_rate, old_lr[0], d.state.n_optim_steps)
+    sched.base_lrs = [cfg.learning_rate] * len(opt.param_groups)
+    before = [g["lr"] for g in opt.param_groups]
+    for group, decay, lr_lambda in zip(opt.param_groups, (cfg.weight_decay, 0.0), sched.lr_lambdas):
+        group["initial_lr"] = cfg.learning_rate
+        group["lr"] = cfg.learning_rate * lr_lambda(sched.last_epoch)
+        group["weight_decay"] = decay
+        group["eps"] = cfg.adam_epsilon
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    if before != sched._last_lr and d.context.is_master:
+        logger.info("Learning rate at the resumed step: %g (the saved schedule's: %g), for %d steps in all",
+                    sched._last_lr[0], before[0], d.num_steps_total)
