@@ -124,7 +124,6 @@ def test_every_training_flag_is_documented_in_the_training_docs():
     flags = {s for action in causal_train.build_parser()._actions for s in action.option_strings if s.startswith("--")}
     missing = sorted(f for f in flags - {"--help"} if f"`{f}`" not in readme and f"{f} " not in readme)
     assert not missing, f"flags missing from docs/training.md: {missing}"
-    
 
 
 def test_force_keeps_a_user_folder_whose_parameters_json_is_any_json(tmp_path, tiny_bert_teacher,
