@@ -103,6 +103,15 @@ def load_gguf(path: Path, dtype: str):
     return model, tokenizer
 
 
+def follow_umask(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors a 0600 file: give them the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.iterdir():
+        p.chmod(0o666 & ~umask)
+
+
 def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -124,6 +133,7 @@ def convert(gguf_file: str, output_dir: str | os.PathLike, dtype: str = "float32
             tokenizer.save_pretrained(tmp)
         except OSError as e:
             raise UserError(f"cannot write --output_dir {output_dir}: {e.strerror or e}") from None
+        follow_umask(tmp)
         if output_dir.is_dir():
             output_dir.rmdir()  # empty (checked above); fails, as it should, if something appeared meanwhile
         os.replace(tmp, output_dir)
