@@ -93,9 +93,13 @@ def load_gguf(path: Path, dtype: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
-    except (ValueError, OSError, KeyError, TypeError, IndexError, RuntimeError, NotImplementedError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot convert GGUF file {path}: {first}") from None
+    except Exception as e:  # a truncated or foreign file fails deep in the GGUF reader (struct.error, ValueError, ...)
+        text, kind = str(e).strip(), type(e).__name__
+        if type(e).__module__ not in ("builtins", None):
+            kind = f"{type(e).__module__}.{kind}"
+        first = f"{kind}: {text.splitlines()[0]}" if text else kind
+        raise UserError(f"cannot convert GGUF file {path} (truncated, corrupt or an unsupported architecture?): "
+                        f"{first}") from None
     # The weights are dequantized on load; only the GGUF marker in the config stops save_pretrained.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
