@@ -170,7 +170,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _check_integer_array(a: object, what: str) -> np.ndarray:
     if not isinstance(a, np.ndarray) or a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-        raise UserError(f"{what} is not a 1-D integer numpy array ({type(a).__name__})")
+        found = f"{a.ndim}-D {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise UserError(f"{what} is not a 1-D integer numpy array ({found})")
     return a
 
 
@@ -256,13 +257,32 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
 
 
 @contextmanager
+def new_folders(folder: str | os.PathLike) -> Iterator[None]:
+    """Create `folder` (and missing parents); if the body fails, remove again those it created (if empty)."""
+    missing, f = [], Path(folder)
+    while not f.exists() and f != f.parent:
+        missing.append(f)
+        f = f.parent
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for f in missing:  # deepest first
+            try:
+                f.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
 def output_file(path: str | os.PathLike) -> Iterator[Path]:
     """`utils.atomic_path` whose write errors (no space left, file too large, ...) become one UserError.
 
-    On failure nothing is left at `path` but the previous file, if there was one.
+    On failure nothing is left at `path` but the previous file, if there was one (nor a folder made for it).
     """
     try:
-        with atomic_path(path) as tmp:
+        with new_folders(Path(path).parent), atomic_path(path) as tmp:
             yield tmp
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}; nothing was written") from None

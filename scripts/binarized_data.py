@@ -35,6 +35,7 @@ from token_store import (  # noqa: E402
     TOKENS_SUFFIX,
     TokenSequences,
     check_writable,
+    new_folders,
     offsets_path_for,
     save_sequences,
     token_dtype,
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
         raise UserError(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative number, got {args.seed}")
     started = time.time()
     out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
     for path in (out, offsets_path_for(out)) if args.format == "memmap" else (out,):
@@ -349,21 +352,21 @@ def main(argv: list[str] | None = None) -> Path:
                 args.tokenizer_name, start, end, dtype,
                 f"in batches, {args.preprocessing_num_workers or 1} process(es)" if args.fast_process
                 else "line by line")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".binarize-", dir=out.parent) as work_dir:
-            if args.fast_process:
-                store = encode_fast(data, args.field_name, tokenizer, start, end, args.preprocessing_num_workers,
-                                    dtype, work_dir)
-            else:
-                store = encode_slow(data, args.field_name, tokenizer, start, end, dtype)
-            store = shuffled(store, args.seed)  # a copy: nothing refers to the Arrow files in work_dir after this
-    except OSError as e:  # the Arrow work files of --fast_process: no space left, file too large
-        raise UserError(f"cannot write work files in {out.parent}: {e.strerror or first_line(e)}; "
-                        "nothing was written") from None
-    if out.exists():
-        logger.info("Replacing %s", out)
-    save_sequences(store, out)
+    with new_folders(out.parent):  # removed again if anything below fails
+        try:
+            with tempfile.TemporaryDirectory(prefix=".binarize-", dir=out.parent) as work_dir:
+                if args.fast_process:
+                    store = encode_fast(data, args.field_name, tokenizer, start, end,
+                                        args.preprocessing_num_workers, dtype, work_dir)
+                else:
+                    store = encode_slow(data, args.field_name, tokenizer, start, end, dtype)
+                store = shuffled(store, args.seed)  # a copy: nothing refers to the Arrow files after this
+        except OSError as e:  # the Arrow work files of --fast_process: no space left, file too large
+            raise UserError(f"cannot write work files in {out.parent}: {e.strerror or first_line(e)}; "
+                            "nothing was written") from None
+        if out.exists():
+            logger.info("Replacing %s", out)
+        save_sequences(store, out)
     logger.info("%d sequences, %d tokens (mean length %.1f), %s -> %s in %.1fs", len(store), store.n_tokens,
                 store.n_tokens / len(store), dtype, out, time.time() - started)
     return out

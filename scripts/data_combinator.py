@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=56, help="Seed of the shuffle.")
     p.add_argument("--format", choices=["pickle", "memmap"], default="pickle", help="Output format.")
     args = p.parse_args(argv)
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative number, got {args.seed}")
     out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
     companion = out.with_name(out.name[: -len(TOKENS_SUFFIX)] + OFFSETS_SUFFIX) if args.format == "memmap" else out
     for given in (args.file_path_left, args.file_path_right):

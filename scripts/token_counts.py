@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> list[int]:
     args = p.parse_args(argv)
     if args.vocab_size < 1:
         raise UserError(f"--vocab_size must be positive, got {args.vocab_size}")
+    if args.vocab_size > 1 << 31:
+        raise UserError(f"--vocab_size {args.vocab_size} is larger than any token id can be (2**31)")
     dump = Path(args.token_counts_dump)
     if dump.exists() and dump.resolve() == Path(args.data_file).resolve():
         raise UserError(f"--token_counts_dump {args.token_counts_dump} is the data file itself")
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> list[int]:
     if store.n_tokens == 0:
         raise UserError(f"{args.data_file} holds no tokens")
     check_vocab_range(store, args.vocab_size, args.data_file)
-    counts = count_tokens(store.flat, args.vocab_size)
+    try:
+        counts = count_tokens(store.flat, args.vocab_size)
+    except MemoryError:
+        raise UserError(f"not enough memory to count {args.vocab_size} ids (--vocab_size)") from None
     with output_file(args.token_counts_dump) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(counts.tolist(), f, protocol=4)  # a list of Python ints, as the original wrote
