@@ -285,7 +285,9 @@ def output_file(path: str | os.PathLike) -> Iterator[Path]:
         with new_folders(Path(path).parent), atomic_path(path) as tmp:
             yield tmp
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; nothing was written") from None
+        # numpy reports a short write without an errno ("N requested and M written").
+        cause = e.strerror or f"{e} (disk full or over a file size limit?)"
+        raise UserError(f"cannot write {path}: {cause}; nothing was written") from None
 
 
 def save_pickle(seqs: Sequence[np.ndarray], path: str | os.PathLike) -> None:
