@@ -41,10 +41,14 @@ ID_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))  # what this project write
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The dtype of the ids of a vocabulary of `vocab_size`: uint16 below 65,536 ids, else int32."""
-    for dtype in ID_DTYPES:
-        if vocab_size <= int(np.iinfo(dtype).max) + 1:
-            return dtype
+    """The dtype of the ids of a vocabulary of `vocab_size`: uint16 below 65,536 ids, else int32.
+
+    The boundary is the original's (``vocab_size < 1 << 16``), although 65,536 ids would fit in uint16.
+    """
+    if vocab_size < 1 << 16:
+        return ID_DTYPES[0]
+    if vocab_size <= 1 << 31:
+        return ID_DTYPES[1]
     raise UserError(f"a vocabulary of {vocab_size} ids does not fit in {ID_DTYPES[-1]} token ids")
 
 

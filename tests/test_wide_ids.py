@@ -77,8 +77,8 @@ def test_ids_above_65535_survive_binarize_count_and_load(tmp_path, wide_tokenize
 
 
 def test_width_rule_is_uint16_below_65536_ids_else_int32():
-    assert token_store.token_dtype(30_522) == np.uint16 and token_store.token_dtype(65_536) == np.uint16
-    assert token_store.token_dtype(65_537) == np.int32 and token_store.token_dtype(128_256) == np.int32
+    assert token_store.token_dtype(30_522) == np.uint16 and token_store.token_dtype(65_535) == np.uint16
+    assert token_store.token_dtype(65_536) == np.int32 and token_store.token_dtype(128_256) == np.int32
     with pytest.raises(UserError, match="does not fit in int32"):
         token_store.token_dtype(2**31 + 1)
 
