@@ -2,15 +2,20 @@
 
 Two formats hold the same thing, a corpus of token-id sequences:
 
-* ``*.pickle`` -- the original format: a pickled Python ``list`` of 1-D numpy arrays
-  (``uint16`` for vocabularies under 65,536 ids, else ``int32``). It is read with a
-  restricted unpickler that only rebuilds lists of integer numpy arrays, so a file can
-  never execute code on load.
+* ``*.pickle`` -- the original format: a pickled Python ``list`` of 1-D numpy arrays. It is
+  read with a restricted unpickler that only rebuilds lists of integer numpy arrays, so a
+  file can never execute code on load.
 * ``*.tokens.npy`` + ``*.offsets.npy`` -- a flat array of all tokens and an ``int64``
   array of ``n + 1`` sequence boundaries. It is opened with ``np.memmap`` semantics, so
   N training processes share one page cache instead of N private copies.
 
 Both load into a `TokenSequences`: ``flat`` + ``offsets``, indexable like a list.
+
+Id width (both formats, as the original pipeline did): ``uint16`` when the vocabulary has fewer
+than 65,536 ids, else ``int32`` (`token_dtype`); ``int32`` holds any vocabulary below 2**31, so a
+128k Llama-3 vocabulary fits. Readers accept any integer dtype (files written by other tools) and
+refuse the rest; a cast to a narrower dtype that would wrap an id is refused (`cast_ids`), never
+done silently; ids are checked against the model's vocabulary before use (`check_vocab_range`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -30,9 +37,43 @@ OFFSETS_SUFFIX = ".offsets.npy"
 PICKLE_SUFFIXES = (".pickle", ".pkl")
 
 
+ID_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))  # what this project writes, narrow to wide
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest dtype the original used for ids of a vocabulary of `vocab_size`."""
-    return np.dtype(np.uint16) if vocab_size < (1 << 16) else np.dtype(np.int32)
+    """The dtype of the ids of a vocabulary of `vocab_size`: uint16 below 65,536 ids, else int32.
+
+    The boundary is the original's (``vocab_size < 1 << 16``), although 65,536 ids would fit in uint16.
+    """
+    if vocab_size < 1 << 16:
+        return ID_DTYPES[0]
+    if vocab_size <= 1 << 31:
+        return ID_DTYPES[1]
+    raise UserError(f"a vocabulary of {vocab_size} ids does not fit in {ID_DTYPES[-1]} token ids")
+
+
+def common_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
+    """One integer dtype holding every id of arrays of `dtypes` (int64 where numpy would pick a float:
+    uint64 mixed with a signed type)."""
+    dtypes = [np.dtype(d) for d in dtypes]
+    if not dtypes:
+        return ID_DTYPES[0]
+    dtype = np.result_type(*dtypes)
+    return dtype if np.issubdtype(dtype, np.integer) else np.dtype(np.int64)
+
+
+def cast_ids(flat: np.ndarray, dtype: np.dtype, what: str = "token ids") -> np.ndarray:
+    """`flat` as `dtype`, refusing (never wrapping) ids that `dtype` cannot hold."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise UserError(f"cannot store {what} as {dtype}: token ids need an integer dtype")
+    if flat.dtype == dtype or np.can_cast(flat.dtype, dtype, "safe") or len(flat) == 0:
+        return flat.astype(dtype, copy=False)
+    lo, hi = int(flat.min()), int(flat.max())
+    info = np.iinfo(dtype)
+    if lo < info.min or hi > info.max:
+        raise UserError(f"{what} span [{lo}, {hi}], which {dtype} cannot hold")
+    return flat.astype(dtype)
 
 
 class TokenSequences(Sequence[np.ndarray]):
@@ -53,8 +94,8 @@ class TokenSequences(Sequence[np.ndarray]):
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         if dtype is None:
-            dtype = seqs[0].dtype if seqs else np.dtype(np.uint16)
-        flat = np.concatenate(seqs).astype(dtype, copy=False) if seqs else np.zeros(0, dtype)
+            dtype = common_dtype(s.dtype for s in seqs)
+        flat = np.concatenate([cast_ids(s, dtype) for s in seqs]) if seqs else np.zeros(0, dtype)
         return cls(flat, offsets)
 
     def __len__(self) -> int:
@@ -133,7 +174,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _check_integer_array(a: object, what: str) -> np.ndarray:
     if not isinstance(a, np.ndarray) or a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-        raise UserError(f"{what} is not a 1-D integer numpy array ({type(a).__name__})")
+        found = f"{a.ndim}-D {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise UserError(f"{what} is not a 1-D integer numpy array ({found})")
     return a
 
 
@@ -157,8 +199,7 @@ def load_pickle_sequences(path: str | os.PathLike) -> TokenSequences:
         raise UserError(f"binarized data file {path} holds a {type(obj).__name__}, expected a list of arrays")
     for i, a in enumerate(obj):
         _check_integer_array(a, f"entry {i} of {path}")
-    dtype = np.result_type(*{a.dtype for a in obj}) if obj else np.dtype(np.uint16)
-    return TokenSequences.from_list(obj, dtype=dtype)
+    return TokenSequences.from_list(obj, dtype=common_dtype({a.dtype for a in obj}))
 
 
 # --- memory-mapped store -----------------------------------------------------------------
@@ -199,29 +240,83 @@ def load_sequences(path: str | os.PathLike) -> TokenSequences:
     raise UserError(f"unknown binarized data format for {path}: expected *.pickle or *{TOKENS_SUFFIX}")
 
 
+# --- writing ---------------------------------------------------------------------------------
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output `path` that cannot be written: its folder (or the nearest
+    existing folder above it, where the rest will be created) must take a new file. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder, not a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {flag} {path}: {folder} is not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {folder} is not writable ({e.strerror or e})") from None
+
+
+@contextmanager
+def new_folders(folder: str | os.PathLike) -> Iterator[None]:
+    """Create `folder` (and missing parents); if the body fails, remove again those it created (if empty)."""
+    missing, f = [], Path(folder)
+    while not f.exists() and f != f.parent:
+        missing.append(f)
+        f = f.parent
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for f in missing:  # deepest first
+            try:
+                f.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
+def output_file(path: str | os.PathLike) -> Iterator[Path]:
+    """`utils.atomic_path` whose write errors (no space left, file too large, ...) become one UserError.
+
+    On failure nothing is left at `path` but the previous file, if there was one (nor a folder made for it).
+    """
+    try:
+        with new_folders(Path(path).parent), atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        # numpy reports a short write without an errno ("N requested and M written").
+        cause = e.strerror or f"{e} (disk full or over a file size limit?)"
+        raise UserError(f"cannot write {path}: {cause}; nothing was written") from None
+
+
 def save_pickle(seqs: Sequence[np.ndarray], path: str | os.PathLike) -> None:
     """Write the original format (a pickled list of arrays), atomically."""
     payload = seqs.to_list() if isinstance(seqs, TokenSequences) else [np.asarray(s) for s in seqs]
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(payload, f, protocol=4)  # readable by the original's Python 3.7
 
 
 def save_memmap(seqs: Sequence[np.ndarray], path: str | os.PathLike, dtype: np.dtype | None = None) -> None:
-    """Write ``path`` (must end in .tokens.npy) and its .offsets.npy sibling, each atomically.
+    """Write ``path`` (must end in .tokens.npy) and its .offsets.npy sibling, atomically.
 
-    The offsets are written first: a tokens file therefore only ever appears next to its
-    offsets, and a reader validates that both agree.
+    Both are written to temporary files first; only when both are complete are they renamed
+    (offsets, then tokens), so a failed write (a full disk) keeps the previous pair intact, and
+    a reader validates that the two agree.
     """
     if not str(path).endswith(TOKENS_SUFFIX):
         raise UserError(f"memory-mapped store path must end in {TOKENS_SUFFIX}: {path}")
     store = seqs if isinstance(seqs, TokenSequences) else TokenSequences.from_list(seqs, dtype=dtype)
-    flat = store.flat if dtype is None else store.flat.astype(dtype, copy=False)
-    with atomic_path(offsets_path_for(path)) as tmp:
-        with open(tmp, "wb") as f:
+    flat = store.flat if dtype is None else cast_ids(store.flat, dtype, f"the ids written to {path}")
+    with output_file(path) as tokens_tmp, output_file(offsets_path_for(path)) as offsets_tmp:
+        with open(offsets_tmp, "wb") as f:
             np.save(f, np.asarray(store.offsets, dtype=np.int64))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
+        with open(tokens_tmp, "wb") as f:
             np.save(f, np.asarray(flat))
 
 
@@ -231,7 +326,7 @@ def save_sequences(seqs: Sequence[np.ndarray], path: str | os.PathLike, dtype: n
         save_memmap(seqs, path, dtype=dtype)
     else:
         if dtype is not None:
-            seqs = [np.asarray(s).astype(dtype, copy=False) for s in seqs]
+            seqs = [cast_ids(np.asarray(s), dtype, f"the ids written to {path}") for s in seqs]
         save_pickle(seqs, path)
 
 
@@ -240,5 +335,7 @@ def check_vocab_range(store: TokenSequences, vocab_size: int, path: str | os.Pat
     if store.n_tokens == 0:
         return
     hi, lo = int(store.flat.max()), int(store.flat.min())
-    if lo < 0 or hi >= vocab_size:
+    if lo < 0:
+        raise UserError(f"{path} has negative token ids (down to {lo}): not ids of any vocabulary")
+    if hi >= vocab_size:
         raise UserError(f"{path} has token ids in [{lo}, {hi}], outside the vocabulary of size {vocab_size}")

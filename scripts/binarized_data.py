@@ -3,18 +3,21 @@
     python scripts/binarized_data.py --file_path data/wikitext-15M --split train --field_name text \
         --tokenizer_type bert --tokenizer_name bert-base-uncased --dump_file data/binarized_text
 
-Each example becomes ``[CLS] text [SEP]`` (bert), ``<s> text </s>`` (roberta) or
-``<|endoftext|> text <|endoftext|>`` (gpt2) ids: like the original, the string
+Each example becomes ``[CLS] text [SEP]`` (bert), ``<s> text </s>`` (roberta),
+``<|endoftext|> text <|endoftext|>`` (gpt2), ``bos text eos`` (llama, mistral, gemma) or
+``eos text eos`` (qwen2, qwen3: no bos token) ids: like the original, the string
 ``f"{start} {text.strip()} {end}"`` is encoded without adding special tokens, so the ids are the
 original pipeline's. Empty and whitespace-only lines are kept (as ``[CLS] [SEP]``), as there; the
 training set drops them with every other sequence of 11 tokens or fewer. The corpus is shuffled with
---seed and written, atomically, to ``{dump_file}.{split}.{tokenizer}.pickle`` (a list of
-uint16/int32 arrays), or with --format memmap to ``.tokens.npy`` + ``.offsets.npy``.
+--seed and written, atomically, to ``{dump_file}.{split}.{tokenizer}.pickle`` (a list of arrays:
+uint16 ids for vocabularies under 65,536, else int32), or with --format memmap to ``.tokens.npy`` +
+``.offsets.npy``. The output is checked to be writable before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -28,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from token_store import TOKENS_SUFFIX, TokenSequences, save_sequences, token_dtype  # noqa: E402
+from token_store import (  # noqa: E402
+    TOKENS_SUFFIX,
+    TokenSequences,
+    check_writable,
+    new_folders,
+    offsets_path_for,
+    save_sequences,
+    token_dtype,
+)
 from utils import UserError, run_cli  # noqa: E402
 
 if TYPE_CHECKING:
@@ -37,11 +48,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("binarized_data")
 
-# --tokenizer_type -> (tokenizer class in transformers, start token attribute, end token attribute)
+# --tokenizer_type -> (tokenizer class in transformers, start token attribute, end token attribute).
+# The decoder families read whatever class their tokenizer_config.json names (AutoTokenizer); Qwen
+# tokenizers define no bos token, so their sequences start and end with eos, as gpt2's do.
 TOKENIZER_TYPES = {
     "bert": ("BertTokenizer", "cls_token", "sep_token"),
     "roberta": ("RobertaTokenizer", "cls_token", "sep_token"),
     "gpt2": ("GPT2Tokenizer", "bos_token", "eos_token"),
+    "llama": ("AutoTokenizer", "bos_token", "eos_token"),
+    "mistral": ("AutoTokenizer", "bos_token", "eos_token"),
+    "gemma": ("AutoTokenizer", "bos_token", "eos_token"),
+    "qwen2": ("AutoTokenizer", "eos_token", "eos_token"),
+    "qwen3": ("AutoTokenizer", "eos_token", "eos_token"),
 }
 # A folder holds a tokenizer if it has one of these file sets (tokenizer.json, or the older per-model files).
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
@@ -95,8 +113,21 @@ def tokenizer_folder(name: str, cache_dir: str | None) -> Path:
             raise UserError(f"cannot get tokenizer {name!r}: no such local folder, and from the Hugging Face Hub: "
                             f"{str(e).splitlines()[0]}") from None
     if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILE_SETS):
-        raise UserError(f"{name} holds no tokenizer (expected tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
+        raise UserError(f"tokenizer folder {path} holds no tokenizer files (expected tokenizer.json, vocab.txt, "
+                        "or vocab.json + merges.txt)")
     return path
+
+
+def declared_added_tokens(folder: Path) -> set[str]:
+    """Tokens the folder's tokenizer.json declares as added tokens (Llama-3-style special tokens live
+    there, above the model vocabulary, rather than in it)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return set()
+    try:
+        return {t["content"] for t in json.loads(path.read_text()).get("added_tokens") or []}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"tokenizer file {path} is corrupt: {e}") from None
 
 
 def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[PreTrainedTokenizerBase, str, str]:
@@ -105,10 +136,11 @@ def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[
 
     class_name, start_attr, end_attr = TOKENIZER_TYPES[kind]
     folder = tokenizer_folder(name, cache_dir)
+    declared = declared_added_tokens(folder)
     try:
         tokenizer = getattr(transformers, class_name).from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UserError(f"cannot load tokenizer {name}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # the Rust tokenizers library raises a plain Exception for a file it cannot parse
+        raise UserError(f"cannot load tokenizer {name}: {first_line(e)}") from None
     # Binarization keeps long lines whole (the training set cuts them): no length warning.
     tokenizer.model_max_length = sys.maxsize
     backend = tokenizer.backend_tokenizer
@@ -117,7 +149,7 @@ def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[
     for attr, token in tokens.items():
         # A token the folder does not define was added by the class default: the wrong --tokenizer_type.
         token_id = backend.token_to_id(str(token)) if token is not None else None
-        if token_id is None or token_id >= model_vocab:
+        if token_id is None or (token_id >= model_vocab and str(token) not in declared):
             raise UserError(f"tokenizer {name} defines no {attr} ({token}) in its vocabulary: "
                             f"is --tokenizer_type {kind} right for it?")
     start, end = str(tokens[start_attr]), str(tokens[end_attr])
@@ -125,6 +157,15 @@ def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[
     if ids[0] != backend.token_to_id(start) or ids[-1] != backend.token_to_id(end):
         raise UserError(f"tokenizer {name} splits {start!r} / {end!r} into pieces: they are not special tokens there")
     return tokenizer, start, end
+
+
+def first_line(e: BaseException) -> str:
+    """The innermost cause's first line: `datasets` wraps a parse error in "An error occurred while
+    generating the dataset", which names neither the file nor the problem."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def frame(text: str | None, start: str, end: str) -> str:
@@ -161,7 +202,7 @@ def load_from_file_path(path: Path, split: str, cache_dir: str | None) -> datase
         # A plain file has no splits: --split only names the output.
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
     except Exception as e:  # parse errors come from pyarrow, json and pandas in many types
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def load_from_hub(names: str, split: str, field: str, cache_dir: str | None) -> datasets.Dataset:
@@ -279,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_parsing_example", type=int, default=-1,
                    help="Read at most the first N examples (-1: all).")
     p.add_argument("--tokenizer_type", type=str, default="bert", choices=sorted(TOKENIZER_TYPES),
-                   help="Framing: bert [CLS]..[SEP], roberta <s>..</s>, gpt2 <|endoftext|>..<|endoftext|>.")
+                   help="Framing: bert [CLS]..[SEP], roberta <s>..</s>, gpt2 <|endoftext|>..<|endoftext|>; "
+                        "llama/mistral/gemma bos..eos, qwen2/qwen3 eos..eos.")
     p.add_argument("--tokenizer_name", type=str, default="bert-base-uncased", help="Hub name or local folder.")
     p.add_argument("--dump_file", type=str, default="data/dump", help="Output prefix.")
     p.add_argument("--cache_dir", type=str, default=None, help="Cache folder for Hub downloads.")
@@ -297,26 +339,34 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
         raise UserError(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative number, got {args.seed}")
     started = time.time()
+    out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
+    for path in (out, offsets_path_for(out)) if args.format == "memmap" else (out,):
+        check_writable(path, "--dump_file")
     tokenizer, start, end = load_tokenizer(args.tokenizer_type, args.tokenizer_name, args.cache_dir)
     data = load_texts(args)
     dtype = token_dtype(len(tokenizer))
-    out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
     logger.info("Tokenizing %d examples of %r (%s, %s ... %s, %s ids) %s", len(data), args.field_name,
                 args.tokenizer_name, start, end, dtype,
                 f"in batches, {args.preprocessing_num_workers or 1} process(es)" if args.fast_process
                 else "line by line")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".binarize-", dir=out.parent) as work_dir:
-        if args.fast_process:
-            store = encode_fast(data, args.field_name, tokenizer, start, end, args.preprocessing_num_workers, dtype,
-                                work_dir)
-        else:
-            store = encode_slow(data, args.field_name, tokenizer, start, end, dtype)
-        store = shuffled(store, args.seed)  # a copy: nothing refers to the Arrow files in work_dir after this
-    if out.exists():
-        logger.info("Replacing %s", out)
-    save_sequences(store, out)
+    with new_folders(out.parent):  # removed again if anything below fails
+        try:
+            with tempfile.TemporaryDirectory(prefix=".binarize-", dir=out.parent) as work_dir:
+                if args.fast_process:
+                    store = encode_fast(data, args.field_name, tokenizer, start, end,
+                                        args.preprocessing_num_workers, dtype, work_dir)
+                else:
+                    store = encode_slow(data, args.field_name, tokenizer, start, end, dtype)
+                store = shuffled(store, args.seed)  # a copy: nothing refers to the Arrow files after this
+        except OSError as e:  # the Arrow work files of --fast_process: no space left, file too large
+            raise UserError(f"cannot write work files in {out.parent}: {e.strerror or first_line(e)}; "
+                            "nothing was written") from None
+        if out.exists():
+            logger.info("Replacing %s", out)
+        save_sequences(store, out)
     logger.info("%d sequences, %d tokens (mean length %.1f), %s -> %s in %.1fs", len(store), store.n_tokens,
                 store.n_tokens / len(store), dtype, out, time.time() - started)
     return out

@@ -7,7 +7,7 @@
 
 Either input may be a pickle or a memory-mapped store. Both must come from the same tokenizer:
 sequences framed by different start/end ids are refused. Ids of different widths (uint16 and
-int32) are written in the wider type, with a warning. The output is named as binarized_data.py
+int32, or any other integer dtypes) are written in the wider type, with a warning. The output is named as binarized_data.py
 names its own: ``{dump_file}.{split}.{tokenizer_name}.pickle`` (or ``.tokens.npy``).
 """
 
@@ -23,7 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 import numpy as np  # noqa: E402
 
 from scripts.binarized_data import output_path, shuffled  # noqa: E402
-from token_store import OFFSETS_SUFFIX, TOKENS_SUFFIX, TokenSequences, load_sequences, save_sequences  # noqa: E402
+from token_store import (  # noqa: E402
+    OFFSETS_SUFFIX,
+    TOKENS_SUFFIX,
+    TokenSequences,
+    cast_ids,
+    check_writable,
+    common_dtype,
+    load_sequences,
+    save_sequences,
+)
 from utils import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("data_combinator")
@@ -48,7 +57,7 @@ def check_compatible(left: TokenSequences, right: TokenSequences, left_path: str
     if left_frame != right_frame:
         raise UserError(f"{left_path} frames its sequences with ids {left_frame} and {right_path} with "
                         f"{right_frame} (start, end): they were binarized with different tokenizers")
-    dtype = np.result_type(left.flat.dtype, right.flat.dtype)
+    dtype = common_dtype([left.flat.dtype, right.flat.dtype])
     if left.flat.dtype != right.flat.dtype:
         logger.warning("%s holds %s ids and %s %s ids: writing %s. Files binarized by this project with one "
                        "tokenizer share a dtype, so check that both used the same vocabulary.",
@@ -59,7 +68,7 @@ def check_compatible(left: TokenSequences, right: TokenSequences, left_path: str
 def combine(left: TokenSequences, right: TokenSequences, seed: int, dtype: np.dtype) -> TokenSequences:
     """Both corpora in one corpus, shuffled with `seed`."""
     both = TokenSequences(
-        np.concatenate([left.flat.astype(dtype, copy=False), right.flat.astype(dtype, copy=False)]),
+        np.concatenate([cast_ids(left.flat, dtype), cast_ids(right.flat, dtype)]),
         np.concatenate([left.offsets, right.offsets[1:] + left.offsets[-1]]),
     )
     return shuffled(both, seed)
@@ -80,11 +89,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=56, help="Seed of the shuffle.")
     p.add_argument("--format", choices=["pickle", "memmap"], default="pickle", help="Output format.")
     args = p.parse_args(argv)
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative number, got {args.seed}")
     out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
     companion = out.with_name(out.name[: -len(TOKENS_SUFFIX)] + OFFSETS_SUFFIX) if args.format == "memmap" else out
     for given in (args.file_path_left, args.file_path_right):
         if same_file(out, given) or same_file(companion, given):
             raise UserError(f"the output {out} would overwrite the input {given}: choose another --dump_file")
+    for path in (out, companion):
+        check_writable(path, "--dump_file")
     left, right = load_sequences(args.file_path_left), load_sequences(args.file_path_right)
     dtype = check_compatible(left, right, args.file_path_left, args.file_path_right)
     combined = combine(left, right, args.seed, dtype)

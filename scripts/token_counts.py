@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 
 import numpy as np  # noqa: E402
 
-from token_store import check_vocab_range, load_sequences  # noqa: E402
-from utils import UserError, atomic_path, run_cli  # noqa: E402
+from token_store import check_vocab_range, check_writable, load_sequences, output_file  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("token_counts")
 
@@ -28,10 +28,13 @@ BLOCK = 1 << 24  # tokens counted at once: bincount widens to int64, so this bou
 
 
 def count_tokens(flat: np.ndarray, vocab_size: int) -> np.ndarray:
-    """(vocab_size,) int64 occurrences of each id in `flat` (ids already checked to be < vocab_size)."""
+    """(vocab_size,) int64 occurrences of each id in `flat` (ids already checked to be in [0, vocab_size)).
+
+    Any integer dtype: bincount refuses uint64, so each block goes through intp (the ids fit).
+    """
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(flat), BLOCK):
-        counts += np.bincount(flat[start : start + BLOCK], minlength=vocab_size)
+        counts += np.bincount(flat[start : start + BLOCK].astype(np.intp, copy=False), minlength=vocab_size)
     return counts
 
 
@@ -45,15 +48,21 @@ def main(argv: list[str] | None = None) -> list[int]:
     args = p.parse_args(argv)
     if args.vocab_size < 1:
         raise UserError(f"--vocab_size must be positive, got {args.vocab_size}")
+    if args.vocab_size > 1 << 31:
+        raise UserError(f"--vocab_size {args.vocab_size} is larger than any token id can be (2**31)")
     dump = Path(args.token_counts_dump)
     if dump.exists() and dump.resolve() == Path(args.data_file).resolve():
         raise UserError(f"--token_counts_dump {args.token_counts_dump} is the data file itself")
+    check_writable(dump, "--token_counts_dump")
     store = load_sequences(args.data_file)
     if store.n_tokens == 0:
         raise UserError(f"{args.data_file} holds no tokens")
     check_vocab_range(store, args.vocab_size, args.data_file)
-    counts = count_tokens(store.flat, args.vocab_size)
-    with atomic_path(args.token_counts_dump) as tmp:
+    try:
+        counts = count_tokens(store.flat, args.vocab_size)
+    except MemoryError:
+        raise UserError(f"not enough memory to count {args.vocab_size} ids (--vocab_size)") from None
+    with output_file(args.token_counts_dump) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(counts.tolist(), f, protocol=4)  # a list of Python ints, as the original wrote
     logger.info("Counted %d tokens of %d sequences (%d distinct ids of %d) -> %s", store.n_tokens, len(store),
