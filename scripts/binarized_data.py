@@ -5,8 +5,8 @@
 
 Each example becomes ``[CLS] text [SEP]`` (bert), ``<s> text </s>`` (roberta),
 ``<|endoftext|> text <|endoftext|>`` (gpt2), ``bos text eos`` (llama, mistral, gemma) or
-``eos text eos`` (qwen2, qwen3: no bos token) ids: like the original, the string
-``f"{start} {text.strip()} {end}"`` is encoded without adding special tokens, so the ids are the
+``text eos`` (qwen2, qwen3: no start token) ids, the framing of the family's row in
+architectures.py: like the original, the string ``f"{start} {text.strip()} {end}"`` is encoded without adding special tokens, so the ids are the
 original pipeline's. Empty and whitespace-only lines are kept (as ``[CLS] [SEP]``), as there; the
 training set drops them with every other sequence of 11 tokens or fewer. The corpus is shuffled with
 --seed and written, atomically, to ``{dump_file}.{split}.{tokenizer}.pickle`` (a list of arrays:
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from architectures import teacher_types, tokenizer_framing  # noqa: E402
 from token_store import (  # noqa: E402
     TOKENS_SUFFIX,
     TokenSequences,
@@ -48,19 +49,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("binarized_data")
 
-# --tokenizer_type -> (tokenizer class in transformers, start token attribute, end token attribute).
-# The decoder families read whatever class their tokenizer_config.json names (AutoTokenizer); Qwen
-# tokenizers define no bos token, so their sequences start and end with eos, as gpt2's do.
-TOKENIZER_TYPES = {
-    "bert": ("BertTokenizer", "cls_token", "sep_token"),
-    "roberta": ("RobertaTokenizer", "cls_token", "sep_token"),
-    "gpt2": ("GPT2Tokenizer", "bos_token", "eos_token"),
-    "llama": ("AutoTokenizer", "bos_token", "eos_token"),
-    "mistral": ("AutoTokenizer", "bos_token", "eos_token"),
-    "gemma": ("AutoTokenizer", "bos_token", "eos_token"),
-    "qwen2": ("AutoTokenizer", "eos_token", "eos_token"),
-    "qwen3": ("AutoTokenizer", "eos_token", "eos_token"),
-}
+# --tokenizer_type -> (tokenizer class in transformers, start token attribute or None, end token
+# attribute), read from the architecture table so that binarization and the training set frame
+# sequences with the same tokens. Qwen tokenizers define no start token: their lines end with eos.
+TOKENIZER_TYPES = {family: tokenizer_framing(family) for family in teacher_types()}
 # A folder holds a tokenizer if it has one of these file sets (tokenizer.json, or the older per-model files).
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -130,7 +122,7 @@ def declared_added_tokens(folder: Path) -> set[str]:
         raise UserError(f"tokenizer file {path} is corrupt: {e}") from None
 
 
-def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[PreTrainedTokenizerBase, str, str]:
+def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[PreTrainedTokenizerBase, str | None, str]:
     """The tokenizer and its (start, end) tokens for --tokenizer_type `kind`."""
     import transformers
 
@@ -145,16 +137,17 @@ def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[
     tokenizer.model_max_length = sys.maxsize
     backend = tokenizer.backend_tokenizer
     model_vocab = backend.get_vocab_size(with_added_tokens=False)
-    tokens = {attr: getattr(tokenizer, attr) for attr in (start_attr, end_attr)}
+    tokens = {attr: getattr(tokenizer, attr) for attr in (start_attr, end_attr) if attr is not None}
     for attr, token in tokens.items():
         # A token the folder does not define was added by the class default: the wrong --tokenizer_type.
         token_id = backend.token_to_id(str(token)) if token is not None else None
         if token_id is None or (token_id >= model_vocab and str(token) not in declared):
             raise UserError(f"tokenizer {name} defines no {attr} ({token}) in its vocabulary: "
                             f"is --tokenizer_type {kind} right for it?")
-    start, end = str(tokens[start_attr]), str(tokens[end_attr])
+    start = None if start_attr is None else str(tokens[start_attr])
+    end = str(tokens[end_attr])
     ids = tokenizer.encode(frame("x", start, end), add_special_tokens=False)
-    if ids[0] != backend.token_to_id(start) or ids[-1] != backend.token_to_id(end):
+    if (start is not None and ids[0] != backend.token_to_id(start)) or ids[-1] != backend.token_to_id(end):
         raise UserError(f"tokenizer {name} splits {start!r} / {end!r} into pieces: they are not special tokens there")
     return tokenizer, start, end
 
@@ -168,9 +161,10 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def frame(text: str | None, start: str, end: str) -> str:
-    """The string the original encoded for one example."""
-    return f"{start} {(text or '').strip()} {end}"
+def frame(text: str | None, start: str | None, end: str) -> str:
+    """The string the original encoded for one example (without a start token: text and end)."""
+    body = (text or "").strip()
+    return f"{body} {end}" if start is None else f"{start} {body} {end}"
 
 
 # --- text ----------------------------------------------------------------------------------
@@ -321,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Read at most the first N examples (-1: all).")
     p.add_argument("--tokenizer_type", type=str, default="bert", choices=sorted(TOKENIZER_TYPES),
                    help="Framing: bert [CLS]..[SEP], roberta <s>..</s>, gpt2 <|endoftext|>..<|endoftext|>; "
-                        "llama/mistral/gemma bos..eos, qwen2/qwen3 eos..eos.")
+                        "llama/mistral/gemma bos..eos, qwen2/qwen3 text..eos (no start token).")
     p.add_argument("--tokenizer_name", type=str, default="bert-base-uncased", help="Hub name or local folder.")
     p.add_argument("--dump_file", type=str, default="data/dump", help="Output prefix.")
     p.add_argument("--cache_dir", type=str, default=None, help="Cache folder for Hub downloads.")

@@ -133,3 +133,25 @@ def test_freeze_pos_embs_is_refused_for_rotary_students(tmp_path):
     with pytest.raises(UserError, match="--freeze_pos_embs does not apply to a llama student .*rotary"):
         causal_train.main(_train_args(tmp_path, "llama", teacher, tmp_path / "student", "--freeze_pos_embs"))
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["line_by_line", "fast_process"])
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_binarization_frames_each_line_with_the_tokens_the_training_set_expects(tmp_path, family, fast):
+    from conftest import save_word_level_tokenizer
+    from scripts import binarized_data
+    from token_store import load_sequences
+
+    # A tokenizer-only folder: beside a tiny model's config, AutoTokenizer would pick the family's own
+    # (BPE) tokenizer class over the word-level test tokenizer.
+    start = [BOS] if ARCHITECTURES[family].start_token is not None else []
+    special = save_word_level_tokenizer(tmp_path / "tokenizer", VOCAB, with_bos=bool(start))
+    text = tmp_path / "corpus.txt"
+    text.write_text("w5 w6 w7\nw8 w9\n")
+    out = binarized_data.main(["--file_path", str(text), "--tokenizer_type", family, "--tokenizer_name",
+                               str(tmp_path / "tokenizer"), "--dump_file", str(tmp_path / "data" / "bin"),
+                               *(["--fast_process"] if fast else [])])
+    params = DatasetParams(64, False, special, family=family)
+    got = sorted(seq.tolist() for seq in load_sequences(out))
+    assert got == sorted([start + [5, 6, 7, EOS], start + [8, 9, EOS]])
+    assert (params.start_id is None) == (not start)
