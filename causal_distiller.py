@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from lm_seqs_dataset import LmSeqsDataset
 from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows, swap_tokens
 from training_config import RunContext, TrainingConfig
-from utils import follow_umask
+from utils import follow_umask, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class StepPlan:
     dual_attention_mask: torch.Tensor | None = None
     source_rows: torch.Tensor | None = None
     swapped_ids: torch.Tensor | None = None
+    # The drawn inputs, roles swapped, for an --include_crossway sub-step: (ids, labels, lengths,
+    # dual ids, dual lengths, interchange mask, dual mask) of the (dual, base) pair.
+    mirror: tuple[torch.Tensor | None, ...] | None = None
 
 
 @dataclass
@@ -296,8 +300,19 @@ class CausalDistiller:
         self._warned_skips = False
         self.tensorboard = None  # opened by train(), once the resume step is known
         self.run_description: dict = {}  # logged as TensorBoard text (causal_train: parameters.json's content)
+        self.tokenizer = None  # saved into every checkpoint-<step>/ folder when set (causal_train: the teacher's)
+        self.wandb = None  # a Weights & Biases run the logged scalars also go to (causal_train --is_wandb)
         self.last_log_time = time.time()
         self.last_log_tokens = 0
+        # (micro-batch, non-finite flag, metrics) of the micro-batches not read back yet: device tensors.
+        self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self.last_metrics: dict[str, float] = {}
+        # Stop signals are agreed on every micro-batch over a host (gloo) group: no device wait.
+        self._host_group = None
+        if self.multi_gpu and dist.get_backend() != "gloo":
+            self._host_group = dist.new_group(backend="gloo")
+        self._pad_id = self.special.get("pad_token", self.special.get("unk_token", 0))
+        self._start_time, self._start_tokens = time.time(), 0
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -328,9 +343,48 @@ class CausalDistiller:
         the dual's (or the source rows in fast mode), the mapping entry, the interchanged positions."""
         cfg = self.config
         token_ids, lengths, dual_ids, dual_lengths = (t.to(self.device, non_blocking=True) for t in batch)
-        seq_len, dual_len = token_ids.size(1), dual_ids.size(1)
-        attn = real_token_mask(lengths, seq_len)
+        if cfg.fp16:  # as the original did for float16 kernels: widths a multiple of 8 (padding only)
+            token_ids, dual_ids = _pad_to_multiple(token_ids, 8, self._pad_id), _pad_to_multiple(dual_ids, 8, self._pad_id)
         input_ids, labels = self._prepare(token_ids, lengths)
+        if not self.causal:
+            return self._build_plan(input_ids, labels, lengths)
+        source_rows = dual_labels = None
+        if cfg.fast_mode:
+            # Not the original: the duals are other rows of this batch, as the base runs saw them.
+            source_rows = sample_source_rows(lengths.size(0), self.generator)
+            dual_input_ids, dual_lengths = input_ids[source_rows], lengths[source_rows]
+        else:
+            dual_input_ids, dual_labels = self._prepare(dual_ids, dual_lengths)
+        variables = None if cfg.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
+        imask, dmask = sample_interchange_masks(
+            lengths, dual_lengths, input_ids.size(1), dual_input_ids.size(1),
+            prop=cfg.interchange_prop,
+            max_token=cfg.interchange_max_token,
+            consecutive=cfg.interchange_consecutive_only,
+            masked_tokens=(labels != losses.IGNORE_INDEX) if cfg.interchange_masked_token_only else None,
+            generator=self.generator,
+        )
+        plan = self._build_plan(input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables,
+                                source_rows)
+        if not cfg.fast_mode:
+            # What the crossway sub-step reuses, roles swapped, as the original did.
+            plan.mirror = (dual_input_ids, dual_labels, dual_lengths, input_ids, lengths, dmask, imask)
+        return plan
+
+    def _mirrored_plan(self, plan: StepPlan) -> StepPlan:
+        """The crossway sub-step of `plan`: (dual, base) with the same corruption and mirrored positions;
+        the mapping entry is drawn anew (the original drew one per sub-step)."""
+        input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask = plan.mirror
+        variables = None if self.config.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
+        return self._build_plan(input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables)
+
+    def _build_plan(self, input_ids, labels, lengths, dual_input_ids=None, dual_lengths=None, imask=None, dmask=None,
+                    variables=None, source_rows=None) -> StepPlan:
+        """The StepPlan of drawn inputs: ids and labels (bs, L), lengths (bs,); for a DIITO step the dual's
+        ids (bs, L') and lengths, the paired masks and the (teacher, student) variables."""
+        cfg = self.config
+        seq_len = input_ids.size(1)
+        attn = real_token_mask(lengths, seq_len)
         # Rows that get logits: the CE positions (all real tokens, or MLM targets only).
         lm_rows = None
         if self.mlm:
@@ -349,27 +403,11 @@ class CausalDistiller:
             mode=PLAIN, input_ids=input_ids, attention_mask=attn.long() if self.mlm else None,  # CLM: no mask, as in HF
             select=select, hidden_rows=attn if need_hidden else None, labels=sel_labels, lm_rows=lm_rows,
         )
-        if not self.causal:
+        if dual_input_ids is None:
             return plan
-
-        if cfg.fast_mode:
-            # Not the original: the duals are other rows of this batch, as the base runs saw them.
-            plan.source_rows = sample_source_rows(lengths.size(0), self.generator)
-            dual_input_ids, dual_lengths, dual_len = input_ids[plan.source_rows], lengths[plan.source_rows], seq_len
-        else:
-            dual_input_ids, _ = self._prepare(dual_ids, dual_lengths)
-        if not cfg.data_augment:
-            plan.teacher_variables, plan.student_variables = cf.sample_interchange_variables(
-                self.mapping, self.mapping_rng
-            )
-        plan.interchange_mask, plan.dual_interchange_mask = sample_interchange_masks(
-            lengths, dual_lengths, seq_len, dual_len,
-            prop=cfg.interchange_prop,
-            max_token=cfg.interchange_max_token,
-            consecutive=cfg.interchange_consecutive_only,
-            masked_tokens=(labels != losses.IGNORE_INDEX) if cfg.interchange_masked_token_only else None,
-            generator=self.generator,
-        )
+        plan.source_rows, plan.interchange_mask, plan.dual_interchange_mask = source_rows, imask, dmask
+        if variables is not None:
+            plan.teacher_variables, plan.student_variables = variables
         if cfg.data_augment:
             plan.mode = TOKEN_SWAP
             plan.swapped_ids = swap_tokens(input_ids, dual_input_ids, plan.interchange_mask, plan.dual_interchange_mask)
@@ -378,12 +416,16 @@ class CausalDistiller:
         else:
             plan.mode = INTERCHANGE
             plan.dual_ids = dual_input_ids
-            plan.dual_attention_mask = real_token_mask(dual_lengths, dual_len).long() if self.mlm else None
+            plan.dual_attention_mask = real_token_mask(dual_lengths, dual_input_ids.size(1)).long() if self.mlm else None
         return plan
 
-    def _loss_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
-        """One (base, dual) batch -> (weighted total loss, named float metrics)."""
-        plan = self._plan(batch)
+    def _loss_step(self, batch: tuple[torch.Tensor, ...] | StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One (base, dual) batch, or a plan already drawn -> (weighted total loss, named metrics).
+
+        The metrics are detached float32 scalars on the device: reading them would wait for the
+        device, so they are read once per accumulation window (`_settle_window`).
+        """
+        plan = batch if isinstance(batch, StepPlan) else self._plan(batch)
         with self._autocast():
             with torch.no_grad():
                 t = self.teacher_runs(plan, plan.teacher_variables)
@@ -394,20 +436,22 @@ class CausalDistiller:
         inputs = LossInputs(s, t, lm_logits, lm_labels, self.temperature)
         terms = {name: LOSS_TERMS[name](inputs) for name, alpha in self.alphas.items() if alpha > 0}
         total = sum(self.alphas[name] * term for name, term in terms.items())
-        metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
-        metrics["loss"] = float(total.detach())
+        metrics = {f"loss_{k}": v.detach().float() for k, v in terms.items()}
+        metrics["loss"] = total.detach().float()
         if plan.mode != PLAIN:
             metrics["interchange_accuracy"] = self._interchange_accuracy(s, t, plan.labels)
-        self.state.n_tokens += int(batch[1].sum()) * self.context.world_size
         return total, metrics
 
-    def _interchange_accuracy(self, s: ModelRuns, t: ModelRuns, sel_labels: torch.Tensor) -> float:
+    def _interchange_accuracy(self, s: ModelRuns, t: ModelRuns, sel_labels: torch.Tensor) -> torch.Tensor:
         """Top-1 agreement of the counterfactual runs where a prediction is made.
 
-        MLM: the base's masked positions; CLM: every real position (each predicts a token).
+        MLM: the base's masked positions; CLM: every real position, the last one included (each
+        predicts a next token, whether or not the corpus has it).
         """
+        if not self.mlm:
+            return losses.top1_agreement(s.cf_logits.detach(), t.cf_logits).float()
         rows = sel_labels != losses.IGNORE_INDEX
-        return float(losses.top1_agreement(s.cf_logits.detach()[rows], t.cf_logits[rows]))
+        return losses.top1_agreement(s.cf_logits.detach()[rows], t.cf_logits[rows]).float()
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -416,33 +460,61 @@ class CausalDistiller:
 
     # --- optimisation ------------------------------------------------------------------------
 
-    def _forward_backward(self, batch: tuple[torch.Tensor, ...], sync: bool) -> dict[str, float]:
+    def _forward_backward(self, batch: tuple[torch.Tensor, ...] | StepPlan, sync: bool
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Loss and backward of one (sub-)step; gradients are all-reduced across ranks only if `sync`.
 
+        Returns the metrics and a (device) flag: the loss was not finite. Its gradients are then
+        in the window's sum, which `_settle_window` drops before any optimizer step.
         DDP arms its all-reduce in the forward, so `no_sync` has to cover the forward too.
         """
         no_sync = self.student_runs.no_sync() if self.multi_gpu and not sync else contextlib.nullcontext()
         with no_sync:
             loss, metrics = self._loss_step(batch)
-            if self._agree(finite=bool(torch.isfinite(loss.detach()))):
-                self.scaler.scale(loss / self.accum).backward()
-            else:
-                self._nonfinite(f"loss at micro-batch {self.state.n_total_iter + 1}")
-        return metrics
+            self.scaler.scale(loss / self._window_size()).backward()
+        return metrics, ~torch.isfinite(loss.detach())
 
-    def _agree(self, finite: bool) -> bool:
-        """What every rank decides together, in one all-reduce per sub-step.
+    def _window_size(self) -> int:
+        """Micro-batches in the current accumulation window: the full window, or what the epoch has left."""
+        start = self.state.batch_in_epoch // self.accum * self.accum
+        return min(self.accum, self.batches_per_epoch - start)
 
-        Returns whether the loss is finite on all ranks, and turns a stop signal received by any
-        rank into `stop_reason` on all of them, so no rank waits alone at the next collective.
+    def _agree_on_stop(self) -> None:
+        """Turn a stop signal received by any rank into `stop_reason` on all of them (every micro-batch).
+
+        A host-side all-reduce (gloo): it waits for the other ranks, not for the device.
         """
-        flags = torch.tensor([float(not finite), float(self._stop_requested is not None)], device=self.device)
+        stop = self._stop_requested is not None
         if self.multi_gpu:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        any_bad, any_stop = flags.tolist()
-        if any_stop and self.stop_reason is None:
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
+            stop = bool(flag[0])
+        if stop and self.stop_reason is None:
             self.stop_reason = self._stop_requested or "a signal on another rank"
-        return any_bad == 0.0
+
+    def _settle_window(self) -> None:
+        """Read the pending micro-batches' metrics and non-finite flags: one all-reduce, one device read.
+
+        Called at the end of each accumulation window, before a state is saved and at log steps.
+        A non-finite loss on any rank stops the run, or (--skip_nonfinite_loss) drops the window.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        bad = torch.stack([flag for _, flag, _ in pending]).float()
+        if self.multi_gpu:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        names = [list(metrics) for _, _, metrics in pending]
+        values = torch.cat([bad, *(torch.stack(list(m.values())) for _, _, m in pending)]).tolist()
+        st, flags, values = self.state, values[: len(pending)], values[len(pending):]
+        for (micro_batch, _, _), keys, flag in zip(pending, names, flags):
+            metrics, values = dict(zip(keys, values[: len(keys)])), values[len(keys):]
+            if flag:
+                self._nonfinite(f"loss at micro-batch {micro_batch}")
+            st.last_loss = {k: v for k, v in metrics.items() if k.startswith("loss")}
+            st.epoch_loss_sum += metrics["loss"]
+            st.epoch_loss_count += 1
+            self.last_metrics = metrics
 
     def _nonfinite(self, what: str) -> None:
         """Stop with a message, or (--skip_nonfinite_loss) drop the current accumulation window."""
@@ -464,6 +536,7 @@ class CausalDistiller:
         A skipped window still advances the scheduler and the step count, so --max_steps ends.
         """
         st = self.state
+        self._settle_window()
         norm = None
         if not st.window_skipped:
             self.scaler.unscale_(self.optimizer)
@@ -532,6 +605,7 @@ class CausalDistiller:
             if st.n_total_iter == 0:
                 self._log_configs()
         self.student.train()
+        self._start_time, self._start_tokens = time.time(), st.n_tokens
         previous_handlers = self._install_signal_handlers()
         try:
             return self._train_loop()
@@ -566,6 +640,7 @@ class CausalDistiller:
             if self._reached_max_steps():
                 break
             if self.stop_reason:
+                self._settle_window()
                 checkpointing.save_state(self)
                 if self.is_master:
                     logger.warning(
@@ -585,27 +660,40 @@ class CausalDistiller:
         # The last micro-batch of a window, or of the epoch, all-reduces and steps.
         sync = (st.batch_in_epoch + 1) % self.accum == 0 or st.batch_in_epoch + 1 == self.batches_per_epoch
         if cfg.include_crossway:
-            # Second sub-step with roles swapped: (dual, base). Both add to the same gradients.
-            metrics = self._forward_backward(batch, sync=False)
-            metrics_back = self._forward_backward(_crossway(*batch), sync=sync)
-            metrics = {k: (metrics[k] + metrics_back[k]) / 2 for k in metrics}
+            # Second sub-step with roles swapped: (dual, base), on the first one's corrupted inputs and
+            # mirrored positions (fast mode draws its own). Both add to the same gradients.
+            plan = self._plan(batch)
+            metrics, bad = self._forward_backward(plan, sync=False)
+            mirrored = self._mirrored_plan(plan) if plan.mirror is not None else _crossway(*batch)
+            back, bad_back = self._forward_backward(mirrored, sync=sync)
+            metrics = {k: (metrics[k] + back[k]) / 2 for k in metrics}
+            bad = bad | bad_back
+            st.n_tokens += int(batch[3].sum()) * self.context.world_size
         else:
-            metrics = self._forward_backward(batch, sync=sync)
+            metrics, bad = self._forward_backward(batch, sync=sync)
+        st.n_tokens += int(batch[1].sum()) * self.context.world_size  # host lengths: no device wait
         st.batch_in_epoch += 1
         st.n_total_iter += 1
-        st.last_loss = {k: v for k, v in metrics.items() if k.startswith("loss")}
-        st.epoch_loss_sum += metrics["loss"]
-        st.epoch_loss_count += 1
-        log_now = self.is_master and st.n_total_iter % cfg.log_interval == 0
+        self._pending.append((st.n_total_iter, bad, metrics))
+        self._agree_on_stop()
+        log_now = st.n_total_iter % cfg.log_interval == 0
         if log_now:
+            self._settle_window()  # on every rank: it may all-reduce
+        if log_now and self.is_master:
             self._log_parameters()  # before the step zeroes the gradients
         grad_norm = self._optimizer_step() if sync else None
-        if log_now:
-            self._log(metrics, grad_norm)
+        if log_now and self.is_master:
+            self._log(self.last_metrics, grad_norm)
         if st.n_total_iter % cfg.checkpoint_interval == 0:
-            checkpointing.save_state(self)
-            if self.is_master:
-                self._save_student("checkpoint.pth")
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        """The training state (every rank), checkpoint.pth and a checkpoint-<step>/ model folder (rank 0)."""
+        self._settle_window()  # a window that saw a non-finite loss stops here, not in a saved state
+        checkpointing.save_state(self)
+        if self.is_master:
+            self._save_student("checkpoint.pth")
+            self._save_model_folder()
 
     def _reached_max_steps(self) -> bool:
         return self.config.max_steps > 0 and self.state.n_optim_steps >= self.config.max_steps
@@ -653,19 +741,29 @@ class CausalDistiller:
                 tb.add_scalar(f"grad_std/{name}", param.grad.data.std(), step)
 
     def _log(self, metrics: dict[str, float], grad_norm: float | None) -> None:
-        tb, step, st = self.tensorboard, self.state.n_total_iter, self.state
-        tb.add_scalar("losses/cum_avg_loss_epoch", st.epoch_loss_sum / max(st.epoch_loss_count, 1), step)
+        """One metrics dict per log step: to TensorBoard (and wandb), and one line on the console."""
+        step, st = self.state.n_total_iter, self.state
+        now = time.time()
+        tokens_per_s = (st.n_tokens - self.last_log_tokens) / max(now - self.last_log_time, 1e-9)
+        scalars = {"losses/cum_avg_loss_epoch": st.epoch_loss_sum / max(st.epoch_loss_count, 1)}
         for key, value in metrics.items():
             tag = "losses/loss" if key == "loss" else f"losses/{key}" if key.startswith("loss_") else f"metrics/{key}"
-            tb.add_scalar(tag, value, step)
-        tb.add_scalar("learning_rate/lr", self.scheduler.get_last_lr()[0], step)
+            scalars[tag] = value
+        lr = self.scheduler.get_last_lr()[0]
+        scalars["learning_rate/lr"] = lr
         if grad_norm is not None:
-            tb.add_scalar("global/grad_norm", grad_norm, step)
-        tb.add_scalar("global/memory_usage", psutil.Process(os.getpid()).memory_info().rss / 1e6, step)
-        now = time.time()
-        tb.add_scalar("global/speed", now - self.last_log_time, step)
-        tb.add_scalar("global/tokens_per_s", (st.n_tokens - self.last_log_tokens) / max(now - self.last_log_time, 1e-9), step)
-        tb.add_scalar("global/skipped_steps", st.n_skipped_steps, step)
+            scalars["global/grad_norm"] = grad_norm
+        scalars["global/memory_usage"] = psutil.Process(os.getpid()).memory_info().rss / 1e6
+        scalars["global/speed"] = now - self.last_log_time
+        scalars["global/tokens_per_s"] = tokens_per_s
+        scalars["global/skipped_steps"] = st.n_skipped_steps
+        for tag, value in scalars.items():
+            self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+        logger.info("step %d/%d | micro-batch %d | loss %.4f | %s | lr %.3g | %.0f tokens/s",
+                    st.n_optim_steps, self.num_steps_total, step, metrics["loss"], terms, lr, tokens_per_s)
         self.last_log_time, self.last_log_tokens = now, st.n_tokens
 
     # --- the student's files ------------------------------------------------------------------
@@ -673,8 +771,41 @@ class CausalDistiller:
     def _save_student(self, name: str) -> None:
         save_atomically(self.student.state_dict(), self.dump_path / name)
 
+    def _save_model_folder(self) -> None:
+        """checkpoint-<micro-batch>/: config, weights and tokenizer, loadable with from_pretrained.
+
+        Written as a hidden folder, then renamed; only the newest `save_total_limit` are kept.
+        """
+        name = f"checkpoint-{self.state.n_total_iter}"
+        final, tmp = self.dump_path / name, self.dump_path / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.student.save_pretrained(tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            follow_umask(path)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        folders = sorted((p for p in self.dump_path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[1]))
+        for old in folders[: -self.config.save_total_limit]:
+            shutil.rmtree(old)
+
+    def train_results(self) -> dict[str, float | int]:
+        """The end-of-run summary written to train_results.json (runtime and speed: this process's run)."""
+        st = self.state
+        runtime = time.time() - self._start_time
+        return {
+            "epoch": st.epoch, "optimizer_steps": st.n_optim_steps, "micro_batches": st.n_total_iter,
+            "skipped_steps": st.n_skipped_steps, "train_tokens": st.n_tokens,
+            "train_runtime": round(runtime, 3),
+            "train_tokens_per_second": round((st.n_tokens - self._start_tokens) / max(runtime, 1e-9), 3),
+            **{f"train_{k}": v for k, v in st.last_loss.items()},
+        }
+
     def save_final(self) -> None:
-        """`pytorch_model.bin` (state dict, original name) and a `from_pretrained` folder."""
+        """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder and train_results.json."""
+        write_json(self.train_results(), self.dump_path / "train_results.json")
         self.student.config.save_pretrained(self.dump_path)
         before = set(self.dump_path.iterdir())
         self.student.save_pretrained(self.dump_path)
@@ -687,6 +818,12 @@ class CausalDistiller:
         if self.tensorboard is not None:
             self.tensorboard.flush()
         logger.info("Saved the student in %s", self.dump_path)
+
+
+def _pad_to_multiple(ids: torch.Tensor, multiple: int, pad_id: int) -> torch.Tensor:
+    """(bs, L) ids padded on the right with `pad_id` to a width that is a multiple of `multiple`."""
+    extra = -ids.size(1) % multiple
+    return ids if extra == 0 else torch.cat([ids, ids.new_full((ids.size(0), extra), pad_id)], 1)
 
 
 def _crossway(token_ids, lengths, dual_ids, dual_lengths):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import json
 import logging
 import os
@@ -26,7 +27,9 @@ import shutil
 import signal
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +46,7 @@ from architectures import SPECIAL_TOKENS, max_positions, special_token_ids  # no
 import masking
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
-from token_store import check_vocab_range, load_sequences
+from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
 from training_config import RunContext, TrainingConfig
 from utils import UserError, require_file, run_cli, set_seed, write_json
 
@@ -80,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--student_pretrained_weights", type=str, default=None, help="Student initial state dict (.pth).")
     a("--teacher_type", choices=teacher_types(), required=True)
     a("--teacher_name", type=str, required=True, help="Teacher: Hub name or local folder.")
-    a("--teacher_fp16", action="store_true", help="Keep the teacher's weights in half precision (GPU).")
+    a("--teacher_fp16", action="store_true",
+      help="Keep the teacher's weights in half precision: bfloat16 under --bf16, float16 under --fp16; without "
+           "mixed precision float16 on GPU, bfloat16 on CPU.")
+    a("--cache_dir", type=str, default=None, help="Hugging Face cache folder for the teacher and its tokenizer.")
 
     a("--temperature", default=d("temperature"), type=float, help="Softmax temperature of the ce losses.")
     a("--alpha_ce", default=d("alpha_ce"), type=float, help="Weight of the distillation (KL) loss.")
@@ -113,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--interchange_masked_token_only", action="store_true", help="Interchange at the base's MLM targets.")
     a("--data_augment", action="store_true", help="Swap token ids instead of hidden states.")
     a("--include_crossway", action="store_true", help="Also train the (dual, base) direction each batch.")
+    a("--interchange_mlm", action="store_true",
+      help="Accepted for compatibility: the original stored it and never read it; no effect (a warning says so).")
     a("--parallel_crossway", action="store_true", help="Abandoned in the original; refused.")
     a("--fast_mode", action="store_true",
       help="Faster DIITO, not identical to the original: duals are other rows of the same batch (no source "
@@ -139,14 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp16", action="store_true", help="Mixed precision float16 (torch.amp + GradScaler).")
     a("--fp16_opt_level", type=str, default="O1", help="Accepted for compatibility; apex levels map to --fp16.")
     a("--bf16", action="store_true", help="Mixed precision bfloat16 (torch.amp).")
+    a("--tf32", action="store_true",
+      help="Let float32 matmuls and convolutions use TF32 on Ampere and newer GPUs (faster, ~10 mantissa bits); "
+           "off keeps exact float32.")
+    a("--ddp_timeout", type=int, default=1800,
+      help="Seconds a collective waits for the other processes (e.g. while rank 0 writes a large checkpoint) "
+           "before the run fails.")
     a("--n_gpu", type=int, default=1, help="GPUs per node; 0 runs on CPU.")
     a("--local_rank", "--local-rank", type=int, default=-1, help="Set by the launcher.")
     a("--num_workers", type=int, default=d("num_workers"), help="DataLoader worker processes.")
     a("--seed", type=int, default=d("seed"), help="Seeds python, numpy and torch; dual pairing and draws follow.")
-    a("--log_interval", type=int, default=d("log_interval"), help="Micro-batches between TensorBoard logs.")
+    a("--log_interval", type=int, default=d("log_interval"), help="Micro-batches between TensorBoard logs and a console loss line.")
     a("--checkpoint_interval", type=int, default=d("checkpoint_interval"),
-      help="Micro-batches between checkpoints.")
-    a("--save_total_limit", type=int, default=d("save_total_limit"), help="Full training states kept in checkpoints/.")
+      help="Micro-batches between checkpoints: the training state, checkpoint.pth and a checkpoint-<step>/ "
+           "model folder.")
+    a("--save_total_limit", type=int, default=d("save_total_limit"),
+      help="Full training states kept in checkpoints/, and checkpoint-<step>/ model folders kept.")
+    a("--is_wandb", action="store_true",
+      help="Also log the TensorBoard scalars to Weights & Biases (needs the wandb package); the wandb run is "
+           "named after the run folder.")
+    a("--wandb_project", type=str, default="Causal-BERT-Distillation", help="Weights & Biases project (--is_wandb).")
     for action in p._actions:
         action.help = action.help or TYPE_HELP.get(action.dest)
     return p
@@ -218,6 +238,7 @@ def init_distributed(args: argparse.Namespace) -> RunContext:
     torchrun sets WORLD_SIZE, RANK, LOCAL_RANK; torch.distributed.launch passes --local-rank and
     the original recipe also set N_GPU_NODE / N_NODES / NODE_RANK. Either way works.
     """
+    refuse_bare_slurm_tasks(os.environ)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     global_rank = int(os.environ.get("RANK", 0))
     local_rank = args.local_rank if args.local_rank != -1 else int(os.environ.get("LOCAL_RANK", 0))
@@ -239,8 +260,80 @@ def init_distributed(args: argparse.Namespace) -> RunContext:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if multi_process and not dist.is_initialized():
         # Rendezvous from the launcher's MASTER_ADDR / MASTER_PORT (torchrun sets them on every node).
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=args.ddp_timeout))
     return RunContext(global_rank=global_rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def refuse_bare_slurm_tasks(env: Mapping[str, str]) -> None:
+    """Refuse several SLURM tasks started without a launcher (`srun python causal_train.py`).
+
+    Without WORLD_SIZE / RANK each task would train alone as rank 0 into the same run folder (and
+    with --force delete the others' files). Reading SLURM's ranks would also need MASTER_ADDR,
+    which SLURM does not set: torchrun does all of it.
+    """
+    if "WORLD_SIZE" in env:
+        return
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    if tasks.isdigit() and int(tasks) > 1:
+        raise UserError(
+            f"SLURM started {tasks} tasks of causal_train.py without a launcher (WORLD_SIZE and RANK are unset), "
+            "so each would train alone as rank 0 into the same folder: launch one torchrun per node, e.g. "
+            "`srun --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES --nproc_per_node N --rdzv_backend c10d "
+            "--rdzv_endpoint $MASTER_ADDR:29500 causal_train.py ...`"
+        )
+
+
+def cluster_checks(args: argparse.Namespace) -> None:
+    """Checks of the launch, precision and logging flags (before any work)."""
+    if args.ddp_timeout < 1:
+        raise UserError(f"--ddp_timeout must be >= 1 (seconds), got {args.ddp_timeout}")
+    if args.is_wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("--is_wandb: the wandb package is not installed (pip install wandb), or drop --is_wandb")
+    if args.interchange_mlm:
+        logger.warning("--interchange_mlm has no effect: the original accepted it and never used it")
+
+
+def set_precision_backends(args: argparse.Namespace) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions only with --tf32 (exact float32 otherwise)."""
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = args.tf32
+
+
+def teacher_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """The teacher's weight dtype: None (float32) without --teacher_fp16, else the autocast dtype.
+
+    Under --bf16 bfloat16, under --fp16 float16: the teacher then runs in the dtype the autocast
+    region computes in (a bfloat16 teacher under float16 autocast fails in LayerNorm on CPU).
+    Without mixed precision: float16 on GPU, bfloat16 on CPU (float16 matmuls are slow there).
+    """
+    if not args.teacher_fp16:
+        return None
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def warn_pickle_in_multi_process(data_file: str, context: RunContext) -> bool:
+    """Warn (rank 0) that every process of a multi-process run unpickles a whole pickle corpus."""
+    if not (context.multi_process and Path(data_file).suffix in PICKLE_SUFFIXES):
+        return False
+    if context.is_master:
+        logger.warning(
+            "%s is a pickle: each of the %d processes unpickles the whole corpus into its own memory; convert it "
+            "once with `python scripts/binarized_data.py ... --format memmap` and pass the .tokens.npy file, "
+            "which all processes share", data_file, context.world_size,
+        )
+    return True
+
+
+def start_wandb(args: argparse.Namespace, description: dict):
+    """A Weights & Biases run (rank 0) named after the run folder, with the run's parameters as config."""
+    import wandb
+
+    return wandb.init(project=args.wandb_project, name=description["run"]["run_name"],
+                      config=json.loads(json.dumps(description, default=str)))
 
 
 def default_run_name(args: argparse.Namespace, world_size: int) -> str:
@@ -362,8 +455,8 @@ def git_log(folder: Path) -> dict:
 def load_teacher(args: argparse.Namespace):
     model_class = ARCHITECTURES[args.teacher_type].lm_cls()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher_name)
-        teacher = model_class.from_pretrained(args.teacher_name)
+        tokenizer = AutoTokenizer.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
+        teacher = model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
     except OSError as e:
         raise UserError(f"cannot load teacher {args.teacher_name!r}: {str(e).splitlines()[0]}") from None
     if teacher.config.model_type != args.teacher_type:
@@ -451,6 +544,8 @@ def main(argv: list[str] | None = None) -> Path:
     """
     args = build_parser().parse_args(argv)
     sanity_checks(args)
+    cluster_checks(args)
+    set_precision_backends(args)
     context = init_distributed(args)
     try:
         return train(args, context)
@@ -482,6 +577,7 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
         mapping = cf.load_neuron_mapping(args.neuron_mapping)
         cf.validate_neuron_mapping(mapping, teacher.config, student.config, path=args.neuron_mapping)
 
+    warn_pickle_in_multi_process(args.data_file, context)
     store = load_sequences(args.data_file)
     check_vocab_range(store, teacher.config.vocab_size, args.data_file)
     dataset = LmSeqsDataset(
@@ -492,17 +588,16 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
     prepare_dump_path(run_dir, args, context)
     if not args.resume:  # at once, beside the marker: the folder is one --force may replace
         write_run_info(args, context, student)
+    if context.is_master:  # evaluation scripts then need no --tokenizer_name
+        tokenizer.save_pretrained(run_dir)
 
     freeze_embeddings(student, args)
     device = context.device
     student.to(device)
-    teacher_dtype = None
-    if args.teacher_fp16:
-        # float16 matmuls are slow (or missing) on CPU; bfloat16 halves the memory as well.
-        teacher_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        if device.type != "cuda" and context.is_master:
-            logger.warning("--teacher_fp16 on CPU: the teacher is kept in bfloat16")
-    teacher.to(device, dtype=teacher_dtype)
+    dtype = teacher_dtype(args, device)
+    if dtype is not None and context.is_master:
+        logger.info("--teacher_fp16: the teacher is kept in %s", str(dtype).removeprefix("torch."))
+    teacher.to(device, dtype=dtype)
     for p in teacher.parameters():
         p.requires_grad = False
 
@@ -511,13 +606,19 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
     torch.manual_seed(config.seed + context.global_rank)
     distiller = CausalDistiller(config, context, dataset, token_probs, student, teacher, mapping)
     distiller.run_description = run_description(args, context)
+    distiller.tokenizer = tokenizer
     if args.resume:
         checkpointing.resume(distiller)
         write_run_info(args, context, student)  # only once the state is accepted, as this run's settings
+    if args.is_wandb and context.is_master:
+        distiller.wandb = start_wandb(args, distiller.run_description)
     try:
         stopped_by = distiller.train()
     except StopTraining as e:
         raise UserError(str(e)) from None
+    finally:
+        if distiller.wandb is not None:
+            distiller.wandb.finish()
     if stopped_by is not None:
         raise SystemExit(128 + (signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM))
     return run_dir
