@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
@@ -436,7 +437,7 @@ def check_student_config(path: str, student_type: str):
             raise UserError(f"student config {path}: {key!r} must be in [0, 1], got {value!r}")
     try:
         config = config_class.from_dict(raw)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:  # transformers' own validation
         raise UserError(f"student config {path}: {_one_line(e)}") from None
     sizes = [aliases.get(k, k) for k in SIZE_KEYS if aliases.get(k, k) in known]
     for key in sizes:
@@ -453,8 +454,6 @@ def check_student_config(path: str, student_type: str):
     kv = getattr(config, "num_key_value_heads", None)
     if kv is not None and n % kv:
         raise UserError(f"student config {path}: {heads!r} {n} is not divisible by 'num_key_value_heads' {kv}")
-    if ARCHITECTURES[student_type].position_kind == "rotary" and (head_dim or h // n) % 2:
-        raise UserError(f"student config {path}: rotary positions need an even head width, got {head_dim or h // n}")
     others = {k for row in ARCHITECTURES.values() if row.name != student_type for k in _config_keys(row)}
     # A key the config neither knows nor converts (a legacy name such as Llama's rope_theta) stays a
     # plain attribute that no model reads.
