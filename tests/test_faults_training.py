@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import causal_train
-from conftest import REPO, TINY, resume_argv, save_tokenizer_files
+from conftest import REPO, TINY, resume_argv, save_tokenizer_files, train_argv
 from scripts import extract, extract_distilbert
 from utils import UserError
 
@@ -294,24 +294,18 @@ def test_impossible_numeric_flags_are_refused_before_any_work(monkeypatch, small
     monkeypatch.setattr(causal_train, "load_teacher", lambda args: pytest.fail("the teacher was loaded"))
     with pytest.raises(UserError) as e:
         causal_train.main(small_run_argv(*flags))
-    assert message in str(e.value)
-    assert not (tmp_path / "results").exists()
-
-
-def test_temperature_zero_through_the_cli_is_not_called_a_learning_rate_problem(small_run_argv, tmp_path):
-    result = run_train(small_run_argv("--temperature", "0"), tmp_path)
-    assert_one_error_line(result, "--temperature must be > 0")
-    assert "learning rate" not in result.stderr
+    assert message in str(e.value) and "learning rate" not in str(e.value).replace("--learning_rate", "")
     assert not (tmp_path / "results").exists()
 
 
 # --- full outputs ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def finished_run(small_run_argv) -> tuple[list[str], Path]:
-    """A 1-step run (state at micro-batch 2, final model files) and its argv."""
-    argv = small_run_argv("--max_steps", "1")
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_bert_teacher, tiny_student_config, tiny_mapping, small_corpus):
+    """A 1-step run (state at micro-batch 2, final model files) and its argv; the tests below leave it as it was."""
+    argv = train_argv(tmp_path_factory.mktemp("finished"), tiny_bert_teacher, tiny_student_config, tiny_mapping,
+                      "--max_steps", "1", data_file=small_corpus)
     return argv, causal_train.main(argv)
 
 
@@ -342,16 +336,22 @@ def test_a_full_disk_at_the_final_save_keeps_the_previous_model(finished_run, tm
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["state_0000000002_rank0.pth"]
 
 
-def test_a_full_disk_during_extraction_keeps_the_previous_checkpoint(tiny_bert_teacher, tmp_path):
+def test_a_full_disk_during_extraction_keeps_the_previous_checkpoint(monkeypatch, tiny_bert_teacher, tmp_path):
+    import errno
+
+    import checkpointing
+
+    def write_half_then_fail(self, data):  # the disk fills up in the middle of the file
+        self.f.write(bytes(data)[: len(data) // 2])
+        self.error = OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
+
     out = tmp_path / "student.pth"
     out.write_bytes(b"previous checkpoint")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "extract_distilbert.py"), "--model_name", str(tiny_bert_teacher),
-         "--dump_checkpoint", str(out), "--num_layers", "2"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT)),
-    )
-    assert_one_error_line(result, f"cannot write {out}: File too large")
+    monkeypatch.setattr(checkpointing._RecordingWriter, "write", write_half_then_fail)
+    with pytest.raises(UserError, match=f"cannot write {out}: No space left on device"):
+        extract_distilbert.main(["--model_name", str(tiny_bert_teacher), "--dump_checkpoint", str(out),
+                                 "--num_layers", "2"])
     assert out.read_bytes() == b"previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pth"]
 
