@@ -22,7 +22,9 @@ import fnmatch
 import importlib.util
 import json
 import logging
+import math
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -36,6 +38,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 import checkpointing
@@ -220,9 +224,12 @@ def sanity_checks(args: argparse.Namespace) -> None:
                  "save_total_limit"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_numeric_flags(args)
     if abs(args.word_mask + args.word_keep + args.word_rand - 1) > 1e-6:
         raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
     require_file(args.student_config, "student config")
+    check_student_config(args.student_config, args.student_type)
+    check_teacher_folder(args.teacher_name)
     require_file(args.data_file, "data file")
     if args.token_counts is not None:
         require_file(args.token_counts, "token counts file")
@@ -230,6 +237,35 @@ def sanity_checks(args: argparse.Namespace) -> None:
         require_file(args.student_pretrained_weights, "student pretrained weights")
     if args.neuron_mapping is not None:
         require_file(args.neuron_mapping, "neuron mapping")
+
+
+# Flag -> (lowest, highest, whether the bounds themselves are allowed) of the numeric flags whose
+# impossible values would otherwise show up later as another problem (a temperature of 0 as a
+# non-finite loss, a negative learning rate as a diverging run).
+FLAG_RANGES = {
+    "temperature": (0, None, False), "learning_rate": (0, None, True), "adam_epsilon": (0, None, True),
+    "weight_decay": (0, None, True), "max_grad_norm": (0, None, False), "warmup_prop": (0, 1, True),
+    "word_mask": (0, 1, True), "word_keep": (0, 1, True), "word_rand": (0, 1, True),
+    "initializer_range": (0, None, True), "num_workers": (0, None, True),
+}
+
+
+def check_numeric_flags(args: argparse.Namespace) -> None:
+    """Refuse numeric flags outside the values they can take (UserError naming the flag and value)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    for name, (low, high, inclusive) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        below = value < low if inclusive else value <= low
+        above = high is not None and value > high
+        if below or above:
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}" if inclusive else f"> {low}"
+            raise UserError(f"--{name} must be {bounds}, got {value}")
+    if not 0 < args.mlm_mask_prop <= 1:
+        raise UserError(f"--mlm_mask_prop must be in (0, 1], got {args.mlm_mask_prop}")
+    if args.interchange_max_token == 0 or args.interchange_max_token < -1:
+        raise UserError(f"--interchange_max_token must be >= 1, or -1 for no cap; got {args.interchange_max_token}")
 
 
 def init_distributed(args: argparse.Namespace) -> RunContext:
@@ -452,47 +488,165 @@ def git_log(folder: Path) -> dict:
         return {"repo_id": None, "repo_sha": None, "repo_branch": None, "error": f"{type(e).__name__}: {e}"}
 
 
+# Size settings every family names (through its config's attribute_map: DistilBERT's `dim`, GPT-2's
+# `n_embd`...), plus the families' own names for the feed-forward width.
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings",
+             "intermediate_size", "num_key_value_heads", "head_dim", "hidden_dim", "n_inner")
+# Sizes a config may leave null: the model derives them (GPT-2's 4 * n_embd, Llama's hidden / heads).
+DERIVED_SIZES = ("n_inner", "head_dim", "num_key_value_heads")
+# Keys a saved config carries that are no setting (written by save_pretrained, or by the original's configs).
+BOOKKEEPING_KEYS = ("transformers_version", "architectures", "_name_or_path", "tie_weights_")
+
+
+def check_student_config(path: str, student_type: str):
+    """The student's `transformers` config from its file; UserError (naming the file and the key) unless
+    it makes a `student_type` model: a JSON object whose model_type (if any) is the student type,
+    every known setting of its default's type, sizes positive and consistent, no other family's setting."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"student config {path} is not JSON text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"student config {path} is not JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read student config {path}: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"student config {path} must be a JSON object of settings, not a {type(raw).__name__}")
+    model_type = raw.get("model_type", student_type)
+    if model_type != student_type:
+        raise UserError(f"student config {path} has model_type {model_type!r}, but --student_type is {student_type}")
+    config_class = ARCHITECTURES[student_type].config_cls()
+    default = config_class()
+    known = default.to_dict()
+    aliases = dict(getattr(config_class, "attribute_map", {}) or {})
+    settings = {aliases.get(k, k): v for k, v in raw.items()}
+    for key, value in settings.items():
+        expected = type(known.get(key))
+        ok = {int: type(value) is int, bool: type(value) is bool,
+              float: isinstance(value, (int, float)) and type(value) is not bool}.get(expected, True)
+        if value is not None and not ok:
+            raise UserError(f"student config {path}: {key!r} must be {expected.__name__}, got {value!r}")
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, (int, float)) and not 0 <= value <= 1:
+            raise UserError(f"student config {path}: {key!r} must be in [0, 1], got {value!r}")
+    try:
+        config = config_class.from_dict(raw)
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:  # transformers' own validation
+        raise UserError(f"student config {path}: {_one_line(e)}") from None
+    sizes = [aliases.get(k, k) for k in SIZE_KEYS if aliases.get(k, k) in known]
+    for key in sizes:
+        value = getattr(config, key)
+        if value is None and key in DERIVED_SIZES:
+            continue
+        if type(value) is not int or value < 1:
+            raise UserError(f"student config {path}: {key!r} must be a positive integer, got {value!r}")
+    hidden, heads = (aliases.get(k, k) for k in ("hidden_size", "num_attention_heads"))
+    h, n = getattr(config, hidden), getattr(config, heads)
+    head_dim = getattr(config, "head_dim", None)
+    if h % n and head_dim in (None, h // n):  # a head width derived from the hidden size must divide it
+        raise UserError(f"student config {path}: {hidden!r} {h} is not divisible by {heads!r} {n}")
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv is not None and n % kv:
+        raise UserError(f"student config {path}: {heads!r} {n} is not divisible by 'num_key_value_heads' {kv}")
+    others = {k for row in ARCHITECTURES.values() if row.name != student_type for k in _config_keys(row)}
+    # A key the config neither knows nor converts (a legacy name such as Llama's rope_theta) stays a
+    # plain attribute that no model reads.
+    kept = config.to_dict()
+    unknown = [k for k in raw if aliases.get(k, k) not in known and k not in aliases and k in kept
+               and k not in BOOKKEEPING_KEYS]
+    foreign = [k for k in unknown if k in others]
+    if foreign:
+        raise UserError(f"student config {path}: {foreign[0]!r} is not a {student_type} setting (it would be ignored); "
+                        f"the {student_type} sizes are {', '.join(sizes)}")
+    if unknown:
+        logger.warning("Student config %s: %s not %s settings (ignored)", path, ", ".join(map(repr, unknown)),
+                       student_type)
+    return config
+
+
+def _config_keys(row) -> set[str]:
+    """Every setting name (and alias) of a family's config."""
+    config_class = row.config_cls()
+    return set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}) or {})
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (transformers' validation errors span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# Files one of which a model folder's tokenizer needs (fast, WordPiece, BPE or SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether --teacher_name names a folder rather than a Hub id (`name` or `org/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or os.path.exists(name)
+
+
+def check_teacher_folder(name: str) -> None:
+    """Refuse a local teacher that is not a model folder with a config and a tokenizer (no loading)."""
+    if not _is_local_path(name):
+        return
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise UserError(f"--teacher_name: the folder {name} does not exist (a Hub id is `name` or `org/name`)")
+    if not folder.is_dir():
+        raise UserError(f"--teacher_name: {folder} is a file, not a model folder")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--teacher_name: {folder} has no config.json (save the teacher with save_pretrained)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"--teacher_name: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): "
+                        "save the teacher's tokenizer into it with tokenizer.save_pretrained")
+
+
 def load_teacher(args: argparse.Namespace):
-    model_class = ARCHITECTURES[args.teacher_type].lm_cls()
+    """The teacher's tokenizer and LM, refused unless every weight of the LM (its head included) was trained."""
+    check_teacher_folder(args.teacher_name)
+    row = ARCHITECTURES[args.teacher_type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
-        teacher = model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of teacher {args.teacher_name!r}: {str(e).splitlines()[0]}") from None
+    try:
+        teacher, info = row.lm_cls().from_pretrained(args.teacher_name, cache_dir=args.cache_dir, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load teacher {args.teacher_name!r}: {str(e).splitlines()[0]}") from None
     if teacher.config.model_type != args.teacher_type:
         raise UserError(f"--teacher_name {args.teacher_name} is a {teacher.config.model_type}, not a {args.teacher_type}")
+    tied = _tied_sources(teacher)
+    missing = sorted(k for k in info["missing_keys"] if k not in tied or tied[k] in info["missing_keys"])
+    head = [k for k in missing if not k.startswith(row.backbone + ".")]
+    if head:
+        raise UserError(
+            f"teacher {args.teacher_name} has no trained LM head (missing {', '.join(head[:3])}"
+            f"{'...' if len(head) > 3 else ''}): a bare encoder is not a teacher; see scripts/fit_mlm_head.py"
+        )
+    if missing:
+        raise UserError(f"teacher {args.teacher_name} lacks {len(missing)} weights (e.g. {missing[0]}): "
+                        "they would be random")
     return tokenizer, teacher
 
 
+def _tied_sources(model) -> dict[str, str]:
+    """Tied parameter name -> the name it shares its tensor with (a tied copy is never saved)."""
+    keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return dict(keys) if isinstance(keys, dict) else {k: k for k in keys}
+
+
 def load_student(args: argparse.Namespace, teacher_config):
+    """A student built from --student_config (and --student_pretrained_weights), sized for the teacher."""
     row = ARCHITECTURES[args.student_type]
-    config_class, model_class = row.config_cls(), row.lm_cls()
-    try:
-        config = config_class.from_json_file(args.student_config)
-    except (ValueError, OSError) as e:
-        raise UserError(f"student config {args.student_config} is not a valid JSON config: {e}") from None
+    config = check_student_config(args.student_config, args.student_type)
     config.output_hidden_states = False
     if row.init_range_from_flag:
         config.initializer_range = args.initializer_range
-    student = model_class(config)
+    try:
+        student = row.lm_cls()(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"student config {args.student_config}: cannot build a {args.student_type}: {_one_line(e)}") from None
     if args.student_pretrained_weights is not None:
-        try:
-            state = torch.load(args.student_pretrained_weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read student weights {args.student_pretrained_weights}: {e}") from None
-        if not isinstance(state, dict):
-            raise UserError(f"{args.student_pretrained_weights} is not a state dict")
-        result = student.load_state_dict(state, strict=False)
-        loaded = set(state) - set(result.unexpected_keys)
-        if not loaded:
-            raise UserError(
-                f"none of the weights in {args.student_pretrained_weights} match a {args.student_type} student "
-                f"(e.g. {next(iter(state), '?')})"
-            )
-        missing = [k for k in result.missing_keys if k not in _tied_keys(student)]
-        if missing or result.unexpected_keys:
-            logger.warning("Student weights: %d missing (%s...), %d unexpected", len(missing), missing[:3],
-                           len(result.unexpected_keys))
+        load_student_weights(student, args.student_pretrained_weights, args.student_type)
     s_vocab, t_vocab = student.config.vocab_size, teacher_config.vocab_size
     if s_vocab != t_vocab:
         raise UserError(f"student vocab size {s_vocab} != teacher vocab size {t_vocab}")
@@ -503,9 +657,35 @@ def load_student(args: argparse.Namespace, teacher_config):
     return student
 
 
-def _tied_keys(model) -> set[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    return set(keys if not isinstance(keys, dict) else keys.keys())
+def load_student_weights(student, path: str, student_type: str) -> None:
+    """Load a state dict (read without running code) into `student`; UserError for a file that is not
+    one, or a tensor whose shape differs from the student's."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"refused student weights {path}: it holds objects a state dict never has "
+                            "(tampered, or not a state dict); nothing in it was run") from None
+        raise UserError(f"cannot read student weights {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # truncated zip, bad CRC, empty or foreign bytes
+        raise UserError(f"cannot read student weights {path} (truncated or not a torch file): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"student weights {path} is not a state dict (a dict of parameter name -> tensor)")
+    own = student.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise UserError(f"student weights {path}: {key} has shape {tuple(tensor.shape)}, the student's "
+                            f"(--student_config) {tuple(own[key].shape)}")
+    result = student.load_state_dict(state, strict=False)
+    loaded = set(state) - set(result.unexpected_keys)
+    if not loaded:
+        raise UserError(f"none of the weights in {path} match a {student_type} student (e.g. {next(iter(state), '?')})")
+    missing = [k for k in result.missing_keys if k not in _tied_sources(student)]
+    if missing or result.unexpected_keys:
+        logger.warning("Student weights: %d missing (%s...), %d unexpected", len(missing), missing[:3],
+                       len(result.unexpected_keys))
 
 
 def token_probabilities(args: argparse.Namespace, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
@@ -577,13 +757,13 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
         mapping = cf.load_neuron_mapping(args.neuron_mapping)
         cf.validate_neuron_mapping(mapping, teacher.config, student.config, path=args.neuron_mapping)
 
+    token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
     warn_pickle_in_multi_process(args.data_file, context)
     store = load_sequences(args.data_file)
     check_vocab_range(store, teacher.config.vocab_size, args.data_file)
     dataset = LmSeqsDataset(
         DatasetParams(context.max_model_input_size, args.mlm, special_ids, seed=args.seed, family=args.teacher_type), store
     )
-    token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
 
     prepare_dump_path(run_dir, args, context)
     if not args.resume:  # at once, beside the marker: the folder is one --force may replace
@@ -616,6 +796,9 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
         stopped_by = distiller.train()
     except StopTraining as e:
         raise UserError(str(e)) from None
+    except (OSError, SafetensorError) as e:  # the final save_pretrained (states and .pth files: save_atomically)
+        raise UserError(f"cannot write the student into {run_dir}: {_one_line(e)}; what was there before is "
+                        "kept") from None
     finally:
         if distiller.wandb is not None:
             distiller.wandb.finish()

@@ -78,12 +78,38 @@ def saved_steps(folder: Path, global_rank: int) -> list[int]:
 def save_atomically(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, synced to disk, then renamed onto `path`.
 
-    A kill or a crash at any point leaves either the previous file or the complete new one.
+    A kill or a crash at any point leaves either the previous file or the complete new one; a write
+    that fails (disk full, file size limit) is a UserError naming the file and the cause.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    writer = None
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError without the cause: the writer kept it.
+        cause = writer.error if writer is not None and writer.error is not None else e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+        raise UserError(f"cannot write {path}: {reason}; the previous {path.name} (if any) is kept") from None
+
+
+class _RecordingWriter:
+    """A binary file that remembers the OSError of a failed write (torch.save hides it)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class SkipBatches(Sampler[list[int]]):

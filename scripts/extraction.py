@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
+from safetensors import SafetensorError
 
 from architectures import Architecture, ExtractionLayout
-from utils import UserError, atomic_path
+from checkpointing import save_atomically
+from utils import UserError
 
 # The original's picks from a 12-layer teacher.
 LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
@@ -116,9 +117,14 @@ def load_teacher(model_class, name: str, head_prefix: str):
     from_pretrained silently initialises missing weights at random; a student extracted
     from such a head would start from noise.
     """
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)  # else a Hub id
+    if local and not Path(name).expanduser().is_dir():
+        raise UserError(f"--model_name: the folder {name} does not exist (a Hub id is `name` or `org/name`)")
+    if local and not (Path(name).expanduser() / "config.json").is_file():
+        raise UserError(f"--model_name: {name} has no config.json (save the teacher with save_pretrained)")
     try:
         model, info = model_class.from_pretrained(name, output_loading_info=True)
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
     missing = [k for k in info.get("missing_keys", []) if k.startswith(head_prefix)]
     if missing:
@@ -181,8 +187,8 @@ def student_config(teacher_config, layers: list[int]):
 
 
 def save_state_dict(state: dict, path: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write `state` atomically (UserError naming the file if the write fails: the previous file is kept)."""
+    save_atomically(state, Path(path))
 
 
 def save_student_folder(row: Architecture, teacher, state: dict, layers: list[int], teacher_name: str,
@@ -201,7 +207,11 @@ def save_student_folder(row: Architecture, teacher, state: dict, layers: list[in
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        student.save_pretrained(tmp)
+        try:
+            student.save_pretrained(tmp)
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"--dump_folder {dst}: cannot write the student: {' '.join(str(e).split())}; "
+                            "nothing was written") from None
         src = Path(teacher_name)
         if src.is_dir():
             for name in TOKENIZER_FILES:
