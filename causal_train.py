@@ -473,8 +473,9 @@ def _claim_dump_path(path: Path, args: argparse.Namespace) -> None:
     (path / RUN_MARKER).write_text(RUN_MARKER_TEXT)
 
 
-def git_log(folder: Path) -> dict:
-    """Repository id, commit and branch of this code (recorded, not required)."""
+def git_log() -> dict:
+    """Repository id, commit and branch of the code that runs (recorded, not required): the
+    repository this file lives in, wherever the run folder is."""
     try:
         import git
 
@@ -706,7 +707,7 @@ def write_run_info(args: argparse.Namespace, context: RunContext, student) -> No
     config.json of the run (rank 0)."""
     if context.is_master:
         write_json(run_description(args, context), context.run_dir / "parameters.json")
-        write_json(git_log(context.run_dir), context.run_dir / "git_log.json")
+        write_json(git_log(), context.run_dir / "git_log.json")
         student.config.to_json_file(str(context.run_dir / "config.json"))
 
 

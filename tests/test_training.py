@@ -205,3 +205,13 @@ def test_help_shows_every_flag_with_its_default_and_an_example(capsys):
     assert "--alpha_ce ALPHA_CE Weight of the distillation (KL) loss. (default: 0.5)" in " ".join(text.split())
     assert text.count("(default:") >= len([a for a in parser._actions if a.dest != "help"])
     assert "example" in text and "python causal_train.py --force" in text
+
+
+def test_git_log_records_the_commit_of_the_code_that_runs():
+    import subprocess
+
+    repo = Path(causal_train.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert causal_train.git_log()["repo_sha"] == head.stdout.strip()
