@@ -100,6 +100,7 @@ class _RecordingWriter:
 
     def __init__(self, f):
         self.f, self.error = f, None
+        self.name = f.name  # what the file is, as for the file itself
 
     def write(self, data) -> int:
         try:
