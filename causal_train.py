@@ -27,7 +27,6 @@ import os
 import pickle
 import shutil
 import signal
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
@@ -52,7 +51,7 @@ from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
 from training_config import RunContext, TrainingConfig
-from utils import UserError, require_file, run_cli, set_seed, write_json
+from utils import UserError, cannot_write_in, nearest_existing, require_file, run_cli, set_seed, write_json
 
 logger = logging.getLogger("causal_train")
 
@@ -426,15 +425,12 @@ def check_run_dir(path: Path, args: argparse.Namespace) -> None:
             raise UserError(
                 f"--force refuses to delete {path}: it is not a run's dump (no {RUN_MARKER} written by causal_train.py)"
             )
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise UserError(f"--dump_path: {existing} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--dump_path: cannot write in {existing} ({e.strerror})") from None
+    problem = cannot_write_in(existing)
+    if problem is not None:
+        raise UserError(f"--dump_path: cannot write in {existing} ({problem})")
 
 
 def is_previous_run(path: Path) -> bool:

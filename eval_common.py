@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -36,7 +35,7 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
-from utils import UserError, require_file
+from utils import UserError, cannot_write_in, nearest_existing, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +117,13 @@ def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
     Nothing is created: the folder itself is probed if it exists, else its nearest existing parent.
     """
     folder = Path(folder)
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(folder)
     if not probe.is_dir():
         raise UserError(f"{flag} {folder} cannot be created: {probe} is not a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
+    problem = cannot_write_in(probe)
+    if problem is not None:
         blocked = "" if probe == folder else f" ({probe} is not writable)"
-        raise UserError(f"{flag} {folder} cannot be written{blocked}: {e.strerror or one_line(e)}") from None
+        raise UserError(f"{flag} {folder} cannot be written{blocked}: {problem}")
 
 
 def check_output_dir(training_args: TrainingArguments) -> None:

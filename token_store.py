@@ -23,14 +23,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, cannot_write_in, nearest_existing
 
 TOKENS_SUFFIX = ".tokens.npy"
 OFFSETS_SUFFIX = ".offsets.npy"
@@ -249,15 +248,12 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder, not a file name")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise UserError(f"cannot write {flag} {path}: {folder} is not a folder")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"cannot write {flag} {path}: {folder} is not writable ({e.strerror or e})") from None
+    problem = cannot_write_in(folder)
+    if problem is not None:
+        raise UserError(f"cannot write {flag} {path}: {folder} is not writable ({problem})")
 
 
 @contextmanager

@@ -62,6 +62,29 @@ def follow_umask(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else its nearest existing parent (where creating it would start)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def cannot_write_in(folder: str | os.PathLike) -> str | None:
+    """Why a new file cannot be created in `folder`, or None if it can. Leaves nothing behind.
+
+    Output checks call it before any work, so a run never fails at its last write.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def write_json(obj: object, path: str | os.PathLike) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

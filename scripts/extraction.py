@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 
 from architectures import Architecture, ExtractionLayout
 from checkpointing import save_atomically
-from utils import UserError
+from utils import UserError, cannot_write_in, nearest_existing
 
 # The original's picks from a 12-layer teacher.
 LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
@@ -229,20 +229,12 @@ def save_student_folder(row: Architecture, teacher, state: dict, layers: list[in
     return missing
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _probe(folder: Path, flag: str, target: Path) -> None:
     if not folder.is_dir():
         raise UserError(f"{flag} {target}: {folder} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {target}: cannot write in {folder}: {e.strerror or e}") from None
+    problem = cannot_write_in(folder)
+    if problem is not None:
+        raise UserError(f"{flag} {target}: cannot write in {folder}: {problem}")
 
 
 def check_writable_file(path: str, flag: str) -> None:
@@ -250,7 +242,7 @@ def check_writable_file(path: str, flag: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {p} is a folder, not a file")
-    _probe(_nearest_existing(p.parent), flag, p)
+    _probe(nearest_existing(p.parent), flag, p)
 
 
 def check_writable_folder(path: str, flag: str) -> None:
@@ -260,4 +252,4 @@ def check_writable_folder(path: str, flag: str) -> None:
         raise UserError(f"{flag} {p} is a file, not a folder")
     if p.is_dir() and any(p.iterdir()):
         raise UserError(f"{flag} {p} already exists and is not empty")
-    _probe(_nearest_existing(p) if p.is_dir() else _nearest_existing(p.parent), flag, p)
+    _probe(nearest_existing(p) if p.is_dir() else nearest_existing(p.parent), flag, p)
