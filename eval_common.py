@@ -388,8 +388,8 @@ def _tokenizer_hint(folder: Path, flag: str) -> str:
     except (OSError, ValueError, AttributeError):
         pass
     if isinstance(teacher, str) and teacher:
-        return f"it is a distillation run folder, which holds no tokenizer: pass --tokenizer_name {teacher} (its teacher's)"
-    return "pass --tokenizer_name, e.g. bert-base-uncased (a distillation dump holds no tokenizer)"
+        return f"it is a distillation run folder without a tokenizer (made before runs saved one): pass --tokenizer_name {teacher} (its teacher's)"
+    return "pass --tokenizer_name, e.g. bert-base-uncased (distillation dumps made before runs saved their teacher's tokenizer hold none)"
 
 
 def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:

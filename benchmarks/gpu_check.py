@@ -191,9 +191,8 @@ def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) 
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cuda.py")],
         skip="" if args.device == "cuda" else "needs CUDA",
     )]
-    # On CPU --teacher_fp16 keeps the teacher in bfloat16, which float16 autocast refuses (LayerNorm).
-    fp16 = ["--fp16", "--teacher_fp16"] if args.device == "cuda" else ["--fp16"]
-    precisions = {"fp32": [], "fp16": fp16, "bf16": ["--bf16"]}
+    # --teacher_fp16 keeps the teacher in the autocast dtype (float16 under --fp16), on CPU too.
+    precisions = {"fp32": [], "fp16": ["--fp16", "--teacher_fp16"], "bf16": ["--bf16"]}
     for name, flags in precisions.items():
         argv = train_argv(ws, sizes, args.device, f"train_{name}", *flags)
         checks.append(Check(

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="a model to evaluate: dump folder or Hub name, optionally labelled (repeatable)")
     parser.add_argument("--output_dir", required=True, help="runs go to OUTPUT_DIR/<label>/<task>/")
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="GLUE tasks (default: the README's eight)")
-    parser.add_argument("--tokenizer_name", help="tokenizer name or path (a distillation dump has none)")
+    parser.add_argument("--tokenizer_name", help="tokenizer name or path (needed only for distillation dumps made before runs saved their tokenizer)")
     parser.add_argument("--glue_dir", help="local data: GLUE_DIR/<task>/train.csv, validation.csv, ...")
     parser.add_argument("--results_file", help="markdown table (default: OUTPUT_DIR/glue_results.md)")
     parser.add_argument("--cache_dir", help="cache for downloaded models and data sets")

@@ -57,7 +57,7 @@ def test_dry_run_lists_every_check_with_its_command(capsys, tmp_path):
     out = capsys.readouterr().out
     assert [r.name for r in quick] == ["cuda_tests", "train_fp32", "train_fp16", "train_bf16", "torchrun",
                                       "bench_step_2x16"]
-    assert quick[0].status == "skip" and "gloo" in out and "--n_gpu 0" in out and "--teacher_fp16" not in out
+    assert quick[0].status == "skip" and "gloo" in out and "--n_gpu 0" in out and "--fp16 --teacher_fp16" in out
 
 
 def test_without_cuda_the_cli_says_so_in_one_line_and_exits_2(monkeypatch, capsys):
