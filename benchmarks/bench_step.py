@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     median = {name: statistics.median(t) for name, t in times.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     kv = f", {args.kv_heads} kv heads, MLP {args.intermediate}" if args.family == "llama" else ""
-    print(f"{args.family}: teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads{kv}) -> student "
+    print(f"{args.family}: teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads{kv}) "
+          f"-> student "
           f"{args.student_layers} layers, vocab {args.vocab}, batch {args.batch_size}x{args.seq_len}, mapped blocks "
           f"{args.teacher_map_layer} -> {args.student_map_layer}; {args.device}, {torch.get_num_threads()} threads, "
           f"{args.reps} steps per variant; matmul peak {peak / 1e9:.0f} GFLOP/s")
@@ -490,7 +491,8 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
         (folder / "teacher" / name).write_bytes((tokenizer / name).read_bytes())
     h = args.teacher_hidden
     (folder / "student.json").write_text(json.dumps(dict(
-        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads, hidden_dim=4 * h,
+        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads,
+        hidden_dim=args.intermediate,
         max_position_embeddings=512, sinusoidal_pos_embds=False,
     )))
     (t_names,), (s_names,) = mapping_of(args)[0]
