@@ -3,9 +3,14 @@
     python benchmarks/bench_step.py                          # teacher 12x768 -> student 6 layers, batch 4x128
     python benchmarks/bench_step.py --teacher_layers 6 --teacher_hidden 384 --teacher_heads 6 \\
         --student_layers 3 --batch_size 8 --fast
+    python benchmarks/bench_step.py --family llama --batch_size 8 --fast   # SmolLM2-135M 30x576 -> 10 layers
 
-Random models of the given shapes (BERT teacher, DistilBERT student, the README recipe's losses:
-ce + mlm + cos, and causal_ce for DIITO) step on one synthetic batch of full-length sequences.
+Random models of the given shapes step on one synthetic batch of full-length sequences:
+`--family bert` (default), a BERT teacher and a DistilBERT student with the README recipe's losses
+(ce + mlm + cos, and causal_ce for DIITO); `--family llama`, a Llama teacher and a Llama student of
+the teacher's width (grouped-query attention, SwiGLU MLP, tied embeddings; defaults: SmolLM2-135M's
+shape and the shipped 10-block student with its mapping 16 <-> 5) with the CLM recipe
+(ce + clm + cos over every real token, and causal_ce for DIITO).
 The variants run interleaved, one step each per repetition, so their ratios are measured under the
 same machine load:
 
@@ -13,7 +18,11 @@ same machine load:
 - diito: the DIITO step as this project runs it (exact mode), the same call with causal_ce on;
 - fast: the same with `--fast_mode` (with `--fast`);
 - original: the original's pass structure: three full passes per model (base, source,
-  counterfactual), full-vocabulary logits on every position of every pass, student passes with grad.
+  counterfactual), full-vocabulary logits on every position of every pass, student passes with grad;
+- restart (with `--student_restart`): exact DIITO with the student's counterfactual run restarted
+  above its intervened block, as the teacher's is. Exact only for a student without dropout (the
+  Llama family's default); the distiller does this today only for a model in eval mode, so the
+  benchmark runs this variant with the student in eval mode.
 
 A step is forward + backward (no optimizer update: it is the same in every variant). FLOPs are
 the matmul FLOPs of the passes each variant runs, counted analytically; MFU is those FLOPs per
@@ -36,7 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import causal_train  # noqa: E402
 import counterfactual_utils as cf  # noqa: E402
@@ -47,22 +63,45 @@ from masking import real_token_mask, sample_interchange_masks  # noqa: E402
 from training_config import RunContext, TrainingConfig  # noqa: E402
 
 SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
+DECODER_SPECIAL = dict(unk_token=0, bos_token=1, eos_token=2, pad_token=2)
 # The README recipe's settings (causal_ce is set per variant).
 RECIPE = dict(mlm=True, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_clm=0.0, alpha_causal_cos=0.0,
               interchange_prop=0.3, interchange_consecutive_only=True)
+# The decoder recipe: CLM, ce and causal_ce on every real token.
+CLM_RECIPE = dict(mlm=False, alpha_ce=0.25, alpha_mlm=0.0, alpha_cos=0.25, alpha_clm=0.25, alpha_causal_cos=0.0,
+                  interchange_prop=0.3, interchange_consecutive_only=True)
+# Shape defaults per family (a flag given on the command line wins). llama: SmolLM2-135M and the
+# shipped student (training_configs/smollm2-135m-10-layers.json, smollm2-135m_single_middle_layer_10.nm).
+FAMILY_DEFAULTS = {
+    "bert": dict(teacher_layers=12, teacher_hidden=768, teacher_heads=12, kv_heads=None, intermediate=None,
+                 vocab=30522, student_layers=6, teacher_map_layer=None, student_map_layer=None),
+    "llama": dict(teacher_layers=30, teacher_hidden=576, teacher_heads=9, kv_heads=3, intermediate=1536,
+                  vocab=49152, student_layers=10, teacher_map_layer=16, student_map_layer=5),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher_layers", type=int, default=12)
-    p.add_argument("--teacher_hidden", type=int, default=768)
-    p.add_argument("--teacher_heads", type=int, default=12)
-    p.add_argument("--student_layers", type=int, default=6, help="The student has the teacher's width.")
-    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--family", choices=sorted(FAMILY_DEFAULTS), default="bert",
+                   help="bert: BERT teacher, DistilBERT student, MLM recipe; llama: Llama teacher and student, "
+                        "CLM recipe. Sets the shape defaults below (bert: 12x768 -> 6; llama: SmolLM2-135M -> 10).")
+    p.add_argument("--teacher_layers", type=int, default=None)
+    p.add_argument("--teacher_hidden", type=int, default=None)
+    p.add_argument("--teacher_heads", type=int, default=None)
+    p.add_argument("--kv_heads", type=int, default=None, help="llama: key-value heads (grouped-query attention).")
+    p.add_argument("--head_dim", type=int, default=None, help="llama: default teacher_hidden // teacher_heads.")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (bert: default 4 x hidden).")
+    p.add_argument("--student_layers", type=int, default=None, help="The student has the teacher's width.")
+    p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--teacher_map_layer", type=int, default=None, help="Default: teacher_layers // 2.")
-    p.add_argument("--student_map_layer", type=int, default=None, help="Default: student_layers // 2.")
+    p.add_argument("--teacher_map_layer", type=int, default=None, help="bert default: teacher_layers // 2.")
+    p.add_argument("--student_map_layer", type=int, default=None, help="bert default: student_layers // 2.")
+    p.add_argument("--student_restart", action="store_true",
+                   help="Also time exact DIITO with the student's counterfactual run restarted above its "
+                        "intervened block (exact for a student without dropout; llama only).")
+    p.add_argument("--eager_attention", action="store_true",
+                   help="llama: eager attention instead of SDPA (FlopCounterMode counts its matmuls on CPU).")
     p.add_argument("--reps", type=int, default=5, help="Timed steps per variant (after one warm-up step).")
     p.add_argument("--fast", action="store_true", help="Also time --fast_mode.")
     p.add_argument("--no_original", action="store_true", help="Skip the original's pass structure.")
@@ -73,27 +112,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Also run causal_train.main for this many optimizer steps per variant (plain, diito, and "
                         "fast with --fast) on a synthetic corpus, and time its steps end to end.")
     args = p.parse_args(argv)
+    for name, default in FAMILY_DEFAULTS[args.family].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.teacher_map_layer is None:
         args.teacher_map_layer = args.teacher_layers // 2
     if args.student_map_layer is None:
         args.student_map_layer = args.student_layers // 2
+    if args.intermediate is None:
+        args.intermediate = 4 * args.teacher_hidden
+    if args.kv_heads is None:
+        args.kv_heads = args.teacher_heads
+    if args.head_dim is None:
+        args.head_dim = args.teacher_hidden // args.teacher_heads
+    if args.family == "bert" and (args.kv_heads != args.teacher_heads or args.head_dim * args.teacher_heads
+                                  != args.teacher_hidden or args.student_restart or args.eager_attention):
+        p.error("--kv_heads, --head_dim, --student_restart and --eager_attention are for --family llama")
+    if args.train_steps and args.family != "bert":
+        p.error("--train_steps runs the BERT setup only")
     return args
 
 
 # --- models and the batch --------------------------------------------------------------------
 
 
+def llama_config(args: argparse.Namespace, layers: int) -> LlamaConfig:
+    """A SmolLM2-style Llama config of the benchmark's shape (tied embeddings, no dropout)."""
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.teacher_hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=layers, num_attention_heads=args.teacher_heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=True,
+        rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    if args.eager_attention:
+        config._attn_implementation = "eager"
+    return config
+
+
 def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     h = args.teacher_hidden
-    teacher = BertForMaskedLM(BertConfig(
-        vocab_size=args.vocab, hidden_size=h, num_hidden_layers=args.teacher_layers,
-        num_attention_heads=args.teacher_heads, intermediate_size=4 * h, max_position_embeddings=512,
-    ))
-    student = DistilBertForMaskedLM(DistilBertConfig(
-        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads, hidden_dim=4 * h,
-        max_position_embeddings=512,
-    ))
+    if args.family == "llama":
+        teacher = LlamaForCausalLM(llama_config(args, args.teacher_layers))
+        student = LlamaForCausalLM(llama_config(args, args.student_layers))
+    else:
+        teacher = BertForMaskedLM(BertConfig(
+            vocab_size=args.vocab, hidden_size=h, num_hidden_layers=args.teacher_layers,
+            num_attention_heads=args.teacher_heads, intermediate_size=args.intermediate, max_position_embeddings=512,
+        ))
+        student = DistilBertForMaskedLM(DistilBertConfig(
+            vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads,
+            hidden_dim=args.intermediate, max_position_embeddings=512,
+        ))
     teacher.to(args.device).eval()
     for p in teacher.parameters():
         p.requires_grad = False
@@ -107,14 +177,20 @@ def mapping_of(args: argparse.Namespace) -> list[tuple[list[str], list[str]]]:
              [f"$L:{args.student_map_layer}$H:[0:{heads}]$[0:{d}]"])]
 
 
+def special_ids(args: argparse.Namespace) -> dict[str, int]:
+    return DECODER_SPECIAL if args.family == "llama" else SPECIAL
+
+
 def synthetic_batch(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    """(token_ids, lengths, dual_ids, dual_lengths) of full-length [CLS] ... [SEP] rows."""
+    """(token_ids, lengths, dual_ids, dual_lengths) of full-length rows: [CLS] ... [SEP] (bert),
+    <s> ... </s> (llama)."""
     g = torch.Generator().manual_seed(1)
     bs, n = args.batch_size, args.seq_len
+    start, end = ("bos_token", "eos_token") if args.family == "llama" else ("cls_token", "sep_token")
 
     def rows() -> torch.Tensor:
-        ids = torch.randint(200, args.vocab, (bs, n), generator=g)
-        ids[:, 0], ids[:, -1] = SPECIAL["cls_token"], SPECIAL["sep_token"]
+        ids = torch.randint(min(200, args.vocab // 2), args.vocab, (bs, n), generator=g)
+        ids[:, 0], ids[:, -1] = special_ids(args)[start], special_ids(args)[end]
         return ids
 
     lengths = torch.full((bs,), n, dtype=torch.long)
@@ -122,16 +198,22 @@ def synthetic_batch(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
 
 
 def make_distiller(args, teacher, student, causal: bool, fast: bool, dump: Path) -> CausalDistiller:
-    """A CausalDistiller as causal_train.main builds it, with the README recipe's losses."""
-    config = TrainingConfig(**RECIPE, seed=0, batch_size=args.batch_size, max_steps=1000000,
-                            alpha_causal_ce=0.25 if causal else 0.0, fast_mode=fast,
+    """A CausalDistiller as causal_train.main builds it, with the family's recipe of losses."""
+    decoder = args.family == "llama"
+    special = special_ids(args)
+    config = TrainingConfig(**(CLM_RECIPE if decoder else RECIPE), seed=0, batch_size=args.batch_size,
+                            max_steps=1000000, alpha_causal_ce=0.25 if causal else 0.0, fast_mode=fast,
                             bf16=args.device.startswith("cuda"))
-    context = RunContext(device=torch.device(args.device), special_token_ids=SPECIAL, run_dir=dump)
+    context = RunContext(device=torch.device(args.device), special_token_ids=special, run_dir=dump)
     rng = np.random.default_rng(0)
-    corpus = [np.concatenate([[101], rng.integers(200, args.vocab, 30), [102]]) for _ in range(8)]
-    dataset = LmSeqsDataset(DatasetParams(512, True, SPECIAL), corpus)
-    token_probs = torch.ones(args.vocab)
-    token_probs[list(SPECIAL.values())] = 0.0
+    start, end = (special["bos_token"], special["eos_token"]) if decoder else (101, 102)
+    corpus = [np.concatenate([[start], rng.integers(min(200, args.vocab // 2), args.vocab, 30), [end]])
+              for _ in range(8)]
+    dataset = LmSeqsDataset(DatasetParams(512, not decoder, special, family=args.family if decoder else None), corpus)
+    token_probs = None
+    if not decoder:
+        token_probs = torch.ones(args.vocab)
+        token_probs[list(SPECIAL.values())] = 0.0
     return CausalDistiller(config, context, dataset, token_probs, student, teacher, mapping_of(args))
 
 
@@ -139,6 +221,24 @@ def distiller_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) 
     loss, _ = distiller._loss_step(batch)
     loss.backward()
     distiller.student.zero_grad(set_to_none=True)
+
+
+def restart_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) -> None:
+    """The exact step with the student in eval mode: its counterfactual run restarts above the
+    intervened block from its base run, as the teacher's does (exact for a student without dropout)."""
+    assert not _has_dropout(distiller.student), "the restart is exact only without dropout"
+    distiller.student.eval()
+    try:
+        distiller_step(distiller, batch)
+    finally:
+        distiller.student.train()
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    config = model.config
+    rates = [getattr(config, name, 0.0) or 0.0 for name in ("attention_dropout", "hidden_dropout", "dropout")]
+    return any(rate > 0 for rate in rates) or any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 # --- the original's pass structure -------------------------------------------------------------
@@ -159,6 +259,9 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
     imask, dmask = sample_interchange_masks(lengths, dual_lengths, n, dual_ids.size(1), prop=0.3, consecutive=True,
                                             generator=d.generator)
     mask, dual_mask = attn.long(), real_token_mask(dual_lengths, dual_ids.size(1)).long()
+    if not d.mlm:  # CLM: full-length rows, no mask (as the distiller runs decoders); next-token labels
+        mask = dual_mask = None
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), losses.IGNORE_INDEX)], 1)
 
     def three_passes(model, names):
         out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
@@ -176,7 +279,7 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
         terms = [
             losses.ce_loss(s_out.logits.masked_select(full).view(-1, vocab), t_out.logits.masked_select(full).view(-1, vocab),
                       d.temperature),
-            losses.mlm_loss(s_out.logits.view(-1, vocab), labels.view(-1)),
+            losses.mlm_loss(s_out.logits.view(-1, vocab), labels.view(-1)),  # mlm, or clm on next tokens
             losses.cos_loss(s_out.hidden_states[-1][attn], t_out.hidden_states[-1][attn]),
             losses.ce_loss(s_cf.logits.masked_select(full).view(-1, vocab), t_cf.logits.masked_select(full).view(-1, vocab),
                       d.temperature),
@@ -204,7 +307,11 @@ class Pass:
     backward_head_rows: int = 0
 
 
+VARIANTS = ("plain", "diito", "fast", "original", "restart")
+
+
 def step_passes(args: argparse.Namespace, variant: str) -> list[Pass]:
+    """The passes `variant` runs (forward, and the blocks / head rows its backward reaches)."""
     lt, ls, kt, ks = args.teacher_layers, args.student_layers, args.teacher_map_layer, args.student_map_layer
     tokens = args.batch_size * args.seq_len  # every token is real here
     sel = tokens  # ce on every real token
@@ -217,17 +324,44 @@ def step_passes(args: argparse.Namespace, variant: str) -> list[Pass]:
                         Pass(False, ks + 1, 0, ks + 1, 0), Pass(False, ls, sel, ls, sel)]
     if variant == "fast":
         return plain + [Pass(True, lt - kt - 1, sel), Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)]
+    if variant == "restart":
+        # As diito, but the student's counterfactual run restarts above its block ks too.
+        return plain + [Pass(True, kt + 1, 0), Pass(True, lt - kt - 1, sel),
+                        Pass(False, ks + 1, 0, ks + 1, 0), Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)]
+    assert variant == "original", variant
     # original: full passes with full logits; gradients reach the source run only below its site.
     return ([Pass(True, lt, tokens)] * 3 + [Pass(False, ls, tokens, ls, tokens)] * 2
             + [Pass(False, ls, tokens, ks + 1, 0)])
 
 
+def block_flops_per_token(args: argparse.Namespace) -> float:
+    """Forward matmul FLOPs of one block per token (2 per multiply-add), attention over all `seq_len` keys.
+
+    bert: q, k, v, o (h x h each), the MLP (h x intermediate, twice), scores and weighted sum.
+    llama: q (h x heads*head_dim), k and v (h x kv_heads*head_dim: grouped-query attention), o
+    (heads*head_dim x h), the SwiGLU MLP (gate, up, down: three h x intermediate), scores and
+    weighted sum per query head. RMSNorm, rotary, softmax and activations are not matmuls. Causal
+    attention is counted over every key, as FlopCounterMode counts it (a causal kernel may skip the
+    masked half: at 128 tokens and 576 hidden that is 2 % of a block).
+    """
+    h, n, i = args.teacher_hidden, args.seq_len, args.intermediate
+    if args.family == "llama":
+        q, kv = args.teacher_heads * args.head_dim, args.kv_heads * args.head_dim
+        return 2 * (h * q + 2 * h * kv + q * h + 3 * h * i) + 2 * 2 * n * q
+    return 2 * (4 * h * h + 2 * h * i) + 2 * 2 * n * h
+
+
+def head_flops_per_row(args: argparse.Namespace) -> float:
+    """Forward matmul FLOPs of the LM head per row: bert's transform (h x h) + the vocabulary projection."""
+    h, v = args.teacher_hidden, args.vocab
+    return 2 * h * v + (0 if args.family == "llama" else 2 * h * h)
+
+
 def step_flops(args: argparse.Namespace, variant: str) -> float:
     """Matmul FLOPs of one step: 2 per multiply-add forward, twice that backward (input + weight grads)."""
-    h, n, v = args.teacher_hidden, args.seq_len, args.vocab
-    tokens = args.batch_size * n
-    block = tokens * (8 * h * h + 2 * 2 * h * 4 * h + 4 * n * h)  # q, k, v, o; ffn; scores and weighted sum
-    head = 2 * h * h + 2 * h * v  # transform + vocabulary projection, per row
+    tokens = args.batch_size * args.seq_len
+    block = tokens * block_flops_per_token(args)
+    head = head_flops_per_row(args)
     total = 0.0
     for p in step_passes(args, variant):
         total += p.blocks * block + p.head_rows * head + 2 * (p.backward_blocks * block + p.backward_head_rows * head)
@@ -274,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             variants["fast"] = lambda: distiller_step(fast, batch)
         if not args.no_original:
             variants["original"] = lambda: original_step(diito, batch, args)
+        if args.student_restart:
+            variants["restart"] = lambda: restart_step(diito, batch)
 
         peak = matmul_peak(args.device)
         times: dict[str, list[float]] = {name: [] for name in variants}
@@ -293,7 +429,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokens = args.batch_size * args.seq_len
     median = {name: statistics.median(t) for name, t in times.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
-    print(f"teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads) -> student "
+    kv = f", {args.kv_heads} kv heads, MLP {args.intermediate}" if args.family == "llama" else ""
+    print(f"{args.family}: teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads{kv}) "
+          f"-> student "
           f"{args.student_layers} layers, vocab {args.vocab}, batch {args.batch_size}x{args.seq_len}, mapped blocks "
           f"{args.teacher_map_layer} -> {args.student_map_layer}; {args.device}, {torch.get_num_threads()} threads, "
           f"{args.reps} steps per variant; matmul peak {peak / 1e9:.0f} GFLOP/s")
@@ -353,7 +491,8 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
         (folder / "teacher" / name).write_bytes((tokenizer / name).read_bytes())
     h = args.teacher_hidden
     (folder / "student.json").write_text(json.dumps(dict(
-        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads, hidden_dim=4 * h,
+        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads,
+        hidden_dim=args.intermediate,
         max_position_embeddings=512, sinusoidal_pos_embds=False,
     )))
     (t_names,), (s_names,) = mapping_of(args)[0]

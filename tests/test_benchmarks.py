@@ -39,3 +39,54 @@ def test_kl_benchmark_prints_three_variants(capsys):
     out = capsys.readouterr().out
     for name in ("autograd", "closed form", "losses.ce_loss"):
         assert f"| {name} |" in out
+
+
+# A tiny Llama teacher and student (grouped-query attention, SwiGLU, tied embeddings, CLM recipe).
+TINY_DECODER = ["--family", "llama", "--teacher_layers", "4", "--teacher_hidden", "32", "--teacher_heads", "4",
+                "--kv_heads", "2", "--intermediate", "48", "--vocab", "120", "--student_layers", "3",
+                "--teacher_map_layer", "2", "--student_map_layer", "1", "--batch_size", "2", "--seq_len", "16"]
+
+
+def test_decoder_step_benchmark_prints_every_variant(capsys):
+    ratios = bench_step.main(TINY_DECODER + ["--reps", "1", "--fast", "--student_restart"])
+    out = capsys.readouterr().out
+    assert set(ratios) == {"plain", "diito", "fast", "original", "restart"} and ratios["plain"] == 1.0
+    assert "llama: teacher 4x32 (4 heads, 2 kv heads, MLP 48) -> student 3 layers" in out
+    for name in ratios:
+        assert f"| {name} |" in out
+
+
+def test_decoder_block_flops_equal_a_hand_count_and_flop_counter_mode():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = bench_step.parse_args(TINY_DECODER + ["--eager_attention"])
+    # By hand, per token: q 32x32, k and v 32x(2 kv heads x 8), o 32x32, gate/up/down 32x48, and
+    # scores + weighted sum over 16 keys for 4 heads of 8 dims; 2 FLOPs per multiply-add.
+    hand = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48) + 2 * 2 * 16 * 32
+    assert bench_step.block_flops_per_token(args) == hand
+    assert bench_step.head_flops_per_row(args) == 2 * 32 * 120
+    teacher, _ = bench_step.build_models(args)
+    x = torch.randn(args.batch_size, args.seq_len, args.teacher_hidden)
+    positions = teacher.model.rotary_emb(x, torch.arange(args.seq_len)[None])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        teacher.model.layers[0](x, attention_mask=None, position_embeddings=positions)
+    assert counter.get_total_flops() == args.batch_size * args.seq_len * hand
+
+
+def test_decoder_step_flops_equal_flop_counter_mode_for_every_variant(tmp_path):
+    """The analytic floor of each variant's passes, forward and backward, is what the step runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = bench_step.parse_args(TINY_DECODER + ["--eager_attention"])
+    teacher, student = bench_step.build_models(args)
+    batch = bench_step.synthetic_batch(args)
+    for variant in bench_step.VARIANTS:
+        d = bench_step.make_distiller(args, teacher, student, causal=variant != "plain", fast=variant == "fast",
+                                      dump=tmp_path)
+        step = {"restart": lambda: bench_step.restart_step(d, batch),
+                "original": lambda: bench_step.original_step(d, batch, args)}.get(
+            variant, lambda: bench_step.distiller_step(d, batch))
+        with FlopCounterMode(display=False) as counter:
+            step()
+        assert counter.get_total_flops() == bench_step.step_flops(args, variant), variant
