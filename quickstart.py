@@ -276,6 +276,7 @@ class MiniLmRecipe:
     tiny: dict = {}
     teacher_needs_data = True  # the head is fitted on the training text: the teacher stage follows the data
     takes_teacher_dir = False  # the teacher is made by the quickstart
+    log_points = 60  # TensorBoard logs per run
     unigram_label = "context ignored: corpus word frequencies (top-1 always `{top}`)"
     metrics = (
         Metric("mlm_loss", "held-out MLM loss", higher_is_better=False),
@@ -450,8 +451,9 @@ class SmolLm2Recipe:
     # Sizes for 2 CPU cores: the teacher's 30 blocks and the 49,152-word heads (the students' too, at
     # every position: causal distillation reads them all) cost most of a step. The student: 10 of the
     # 30 blocks, evenly spaced, keeping the first and the last (scripts/extract.py).
-    defaults = dict(max_words=40, max_heldout_docs=160, steps=40, batch_size=8, learning_rate=3e-4,
+    defaults = dict(max_words=40, max_heldout_docs=160, steps=30, batch_size=8, learning_rate=3e-4,
                     student_layers=10)
+    log_points = 15  # TensorBoard logs per run (each also logs every parameter's mean and std)
     tiny = dict(max_words=20, max_heldout_docs=12, steps=2, batch_size=2, student_layers=2)
     teacher_needs_data = False
     takes_teacher_dir = True  # --teacher_dir: a folder converted already
@@ -802,7 +804,7 @@ class Pipeline:
             "--dump_path", str(run.parent), "--run_name", run.name,
             "--batch_size", str(s.batch_size), "--gradient_accumulation_steps", "1",
             "--learning_rate", str(s.learning_rate), "--max_steps", str(steps), "--n_epoch", "1000",
-            "--log_interval", str(max(1, steps // 60)), "--checkpoint_interval", str(max(1, steps // 3)),
+            "--log_interval", str(max(1, steps // self.recipe.log_points)), "--checkpoint_interval", str(max(1, steps // 3)),
         ]
         causal_train.main(argv)
         if not (run / "pytorch_model.bin").exists():
