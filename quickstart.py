@@ -700,9 +700,6 @@ class Pipeline:
         self.ran: set[str] = set()  # stages run in this call
         self.corpus = {split: out / "corpus" / f"{split}.txt" for split in ("train", "heldout")}
         self.recipe = RECIPES[s.teacher](self)
-        self.data = {split: binarized_data.output_path(str(out / "data" / "binarized_text"), split,
-                                                        str(self.recipe.source), "pickle")
-                     for split in ("train", "heldout")}
         self.counts = out / "data" / "binarized_text.train.token_counts.pickle"
         self.keys = [RunKey(v, seed) for seed in seeds for v in (BASELINE, CAUSAL)]
         self.keys += [RunKey(BASELINE, seed, m) for seed in seeds for m in multiples if m != 1]
@@ -712,6 +709,14 @@ class Pipeline:
         self.seeds_plot = out / "seeds.png"
         self.data_plot = out / "data_efficiency.png"
         self.summary = out / "summary.md"
+
+    @property
+    def data(self) -> dict[str, Path]:
+        """The binarized splits, named after the tokenizer's folder as scripts/binarized_data.py names them
+        (known once that folder exists: a converted teacher is made before the data)."""
+        return {split: binarized_data.output_path(str(self.out / "data" / "binarized_text"), split,
+                                                  str(self.recipe.source), "pickle")
+                for split in ("train", "heldout")}
 
     def run_dir(self, key: RunKey) -> Path:
         return self.out / "runs" / key.path
@@ -1007,8 +1012,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         extra = {"choices": sorted(RECIPES)} if f.name == "teacher" else {}
         others = "".join(f"; --teacher {name}: {r.defaults[f.name]}" for name, r in RECIPES.items()
                          if f.name in r.defaults)
+        tiny = "".join(f", --teacher {name}: {r.tiny[f.name]}" for name, r in RECIPES.items() if f.name in r.tiny)
         p.add_argument(f"--{f.name}", type=type(default), default=None,
-                       help=f"(default {default}{others}; --tiny: {TINY.get(f.name, '=')})", **extra)
+                       help=f"(default {default}{others}; --tiny: {TINY.get(f.name, '=')}{tiny})", **extra)
     args = p.parse_args(argv)
     recipe = RECIPES[args.teacher or defaults.teacher]
     values = {**dataclasses.asdict(defaults), **recipe.defaults}

@@ -185,12 +185,24 @@ SMOLLM2_METRICS = {m.key: m for m in quickstart.SmolLm2Recipe.metrics}
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(smollm2_dir, tmp_path_factory) -> tuple[Path, dict, dict]:  # noqa: F811
+def smollm2_run(smollm2_dir, tmp_path_factory) -> tuple[Path, dict, list]:  # noqa: F811
+    """`quickstart.py --teacher smollm2 --tiny` as a user runs it: the teacher is converted into the output
+    folder -- here by linking the files of the cached conversion, the one step the test does not redo."""
     out = tmp_path_factory.mktemp("quickstart_smollm2") / "out"
-    teacher_files = {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()}
-    results = quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir),
-                               "--output_dir", str(out)])
-    return out, results, teacher_files
+    calls = []
+
+    def convert(argv):
+        calls.append(argv)
+        folder = Path(argv[argv.index("--output_dir") + 1])
+        folder.mkdir(parents=True)
+        for p in smollm2_dir.iterdir():
+            (folder / p.name).symlink_to(p)
+        return folder
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quickstart.convert_gguf, "main", convert)
+        results = quickstart.main(["--teacher", "smollm2", "--tiny", "--output_dir", str(out)])
+    return out, results, calls
 
 
 def test_tiny_decoder_quickstart_reports_consistent_held_out_numbers(smollm2_run):
@@ -236,14 +248,28 @@ def test_tiny_decoder_quickstart_trains_both_variants_causally_from_one_student(
             "batch_size", "learning_rate", "neuron_mapping")
     assert {k: params["plain"][k] for k in same} == {k: params["diito"][k] for k in same}
     mapping = json.loads(Path(params["diito"]["neuron_mapping"]).read_text())["interchange_variable_mappings"]
-    assert mapping[0]["student_variable_names"] == [f"$L:1$H:[0:9]$[0:64]"]  # 2 blocks at --tiny: 0 and 29
-    assert mapping[0]["teacher_variable_names"] == [f"$L:29$H:[0:9]$[0:64]"]
+    assert mapping[0]["student_variable_names"] == ["$L:1$H:[0:9]$[0:64]"]  # 2 blocks at --tiny: 0 and 29
+    assert mapping[0]["teacher_variable_names"] == ["$L:29$H:[0:9]$[0:64]"]
 
 
-def test_tiny_decoder_quickstart_only_reads_the_given_teacher_folder(smollm2_run, smollm2_dir):  # noqa: F811
-    out, _, teacher_files = smollm2_run
-    assert {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()} == teacher_files
-    assert not (out / "teacher").exists()
+def test_tiny_decoder_quickstart_converts_the_teacher_once_before_the_data(smollm2_run):
+    out, _, calls = smollm2_run
+    teacher = out / "teacher" / "smollm2-135m-instruct"
+    assert calls == [["--gguf_file", "smollm2", "--output_dir", str(teacher)]]
+    params = json.loads((out / "runs" / "seed_56" / "diito" / "parameters.json").read_text())
+    assert params["teacher_name"] == str(teacher)
+    assert Path(params["data_file"]).name == "binarized_text.train.smollm2-135m-instruct.pickle"
+
+
+def test_a_converted_teacher_dir_is_only_read_and_refused_when_it_is_not_one(smollm2_run, smollm2_dir):  # noqa: F811
+    out, results, calls = smollm2_run
+    # The same teacher given as a folder: its data file has the same name, so every stage is done already.
+    teacher_files = {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "settings.json"}
+    assert quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir),
+                            "--output_dir", str(out)]) == results
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "settings.json"} == before
+    assert {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()} == teacher_files and len(calls) == 1
     with pytest.raises(UserError, match="--teacher_dir .* is not a model folder .no config.json."):
         quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(out / "nothing"),
                          "--output_dir", str(out.parent / "other")])
