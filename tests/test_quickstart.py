@@ -179,13 +179,12 @@ def test_full_quickstart_finishes_in_15_minutes_with_a_teacher_better_than_unigr
 
 # --- --teacher smollm2: the decoder quickstart at --tiny size, on the converted real teacher ---------
 
-from test_convert_gguf import smollm2_dir  # noqa: E402,F401  (the conversion, cached in pytest's cache folder)
 
 SMOLLM2_METRICS = {m.key: m for m in quickstart.SmolLm2Recipe.metrics}
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(smollm2_dir, tmp_path_factory) -> tuple[Path, dict, list]:  # noqa: F811
+def smollm2_run(smollm2_dir, tmp_path_factory) -> tuple[Path, dict, list]:
     """`quickstart.py --teacher smollm2 --tiny` as a user runs it: the teacher is converted into the output
     folder -- here by linking the files of the cached conversion, the one step the test does not redo."""
     out = tmp_path_factory.mktemp("quickstart_smollm2") / "out"
