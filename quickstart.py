@@ -70,6 +70,8 @@ import logging
 import math
 import re
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -79,7 +81,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-import causal_train
 import counterfactual_utils as cf
 import lm_eval
 import mlm_eval
@@ -688,6 +689,20 @@ def data_efficiency(runs: dict, seeds: list[int], multiples: list[float], metric
 # --- the pipeline -------------------------------------------------------------------------------
 
 
+def run_training(argv: list[str]) -> int:
+    """`python causal_train.py ARGV` in a child process; its exit status.
+
+    The quickstart drives the training CLI as a user would, rather than importing the entry point.
+    Ctrl-C reaches the child too, which saves its state and stops: wait for it instead of killing it.
+    """
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "causal_train.py"), *argv])
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
+
+
 class Pipeline:
     """The stages, in order, sharing the output folder layout."""
 
@@ -811,9 +826,10 @@ class Pipeline:
             "--learning_rate", str(s.learning_rate), "--max_steps", str(steps), "--n_epoch", "1000",
             "--log_interval", str(max(1, steps // self.recipe.log_points)), "--checkpoint_interval", str(max(1, steps // 3)),
         ]
-        causal_train.main(argv)
-        if not (run / "pytorch_model.bin").exists():
-            raise UserError(f"training {key.path} stopped before the end; run the same command again to resume it")
+        status = run_training(argv)
+        if status != 0 or not (run / "pytorch_model.bin").exists():
+            raise UserError(f"training {key.path} stopped before the end (exit status {status}; its message is above); "
+                            "run the same command again to resume it")
 
     def evaluate(self, key: RunKey) -> None:
         """One run's held-out scores, also as TensorBoard scalars of the run (the plot's bars)."""
