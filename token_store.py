@@ -188,7 +188,8 @@ def safe_load_pickle(path: str | os.PathLike, what: str = "binarized data file")
             return _RestrictedUnpickler(io.BufferedReader(f)).load()
     except _ForbiddenGlobal as e:
         raise UserError(f"{what} {path} is not a safe pickle of integer arrays: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+            OverflowError, RecursionError) as e:  # what arbitrary bytes make the unpickler raise
         raise UserError(f"{what} {path} is empty, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 

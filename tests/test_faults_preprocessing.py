@@ -284,3 +284,16 @@ def test_a_tokenizer_folder_without_usable_files_is_named(tmp_path, inputs, file
                                               "--dump_file", tmp_path / "out" / "bin"], tmp_path)
     assert_one_error_line(result, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_arbitrary_bytes_are_refused_as_a_corrupt_pickle_never_a_traceback(tmp_path):
+    import random
+
+    from token_store import safe_load_pickle
+
+    huge_bytearray = b"\x80\x05\x96" + (2**63 - 1).to_bytes(8, "little")  # BYTEARRAY8 of 2**63-1 bytes
+    cases = [huge_bytearray] + [random.Random(seed).randbytes(256) for seed in range(300)]
+    for i, data in enumerate(cases):
+        (path := tmp_path / f"c{i}.pickle").write_bytes(data)
+        with pytest.raises(UserError, match="is empty, truncated or corrupt|is not a safe pickle"):
+            safe_load_pickle(path)
