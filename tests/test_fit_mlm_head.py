@@ -167,6 +167,32 @@ def test_fitting_lowers_the_heldout_loss(encoder_and_corpus, fitted):
     assert after["mlm_accuracy"] > before["mlm_accuracy"]
 
 
+def test_encoder_adaptation_trains_every_used_tensor_at_its_group_learning_rate(encoder_and_corpus, tmp_path):
+    """One AdamW step from zero moments moves each weight with a clear gradient by about its
+    group's learning rate (m / sqrt(v) = g / |g|): the head at --learning_rate, the rest at
+    --encoder_learning_rate. The decoder stays the (now trained) word embedding matrix."""
+    encoder, corpus = encoder_and_corpus
+    out = tmp_path / "adapted"
+    head_lr, encoder_lr = 0.3, 0.002
+    results = fit_mlm_head.main(fit_args(encoder, corpus, out, "--steps", "1", "--learning_rate", str(head_lr),
+                                         "--encoder_learning_rate", str(encoder_lr)))
+    start = start_model(encoder).state_dict()
+    model = BertForMaskedLM.from_pretrained(out)
+    saved = model.state_dict()
+    report = json.loads((out / fit_mlm_head.RESULTS_FILE).read_text())
+    assert report["trained_parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["heldout"] == results
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.encoder.layer.1.output.dense.weight", "cls.predictions.transform.dense.weight",
+                "cls.predictions.bias"):
+        step = (saved[key] - start[key]).abs()
+        moved = step[step > 0]
+        lr = head_lr if _is_head(key) else encoder_lr
+        assert moved.numel() > 0, f"{key} did not train"
+        assert moved.median().item() == pytest.approx(lr, rel=0.05), key
+    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+
+
 # --- refused runs ----------------------------------------------------------------------------------
 
 
@@ -204,6 +230,7 @@ def test_cli_refuses_smoothing_without_counts_and_writes_nothing(encoder_and_cor
         (["--data_file", "{tmp}/missing.pickle"], "binarized data file not found"),
         (["--heldout_size", "60"], "has 60 sequences: too few to hold out 60"),
         (["--mlm_smoothing", "0.7"], "pass --token_counts"),
+        (["--encoder_learning_rate", "-0.001"], "--encoder_learning_rate must be >= 0, got -0.001"),
     ],
 )
 def test_refused_runs_exit_2_with_one_error_line_and_no_output(encoder_and_corpus, tmp_path, monkeypatch, capfd,

@@ -38,7 +38,7 @@ def test_tiny_quickstart_writes_a_plot_and_a_summary_with_numbers(tiny_run):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
 
     models = results["models"]
-    assert set(models) == {"teacher", "extracted", "plain", "diito"}
+    assert set(models) == {"teacher", "extracted", "mlm_only", "plain", "diito"}
     for name, row in models.items():
         assert math.isfinite(row["mlm_loss"]) and row["mlm_loss"] > 0
         assert 0 <= row["mlm_accuracy"] <= 1 and row["n_predictions"] > 0
@@ -49,10 +49,35 @@ def test_tiny_quickstart_writes_a_plot_and_a_summary_with_numbers(tiny_run):
     summary = (out / "summary.md").read_text()
     main_table = summary.split("\n## ")[0]  # the paired-seeds sections follow
     rows = [line for line in main_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 5  # the unigram baseline and four models
+    assert len(rows) == 6  # the unigram baseline and five models
     for row in rows:
         assert re.search(r"\| \d+\.\d{3} \| \d+\.\d{2} \|", row), row  # MLM loss and accuracy
     assert "comparison.png" in summary
+
+
+def test_the_teacher_is_adapted_and_checked_against_a_student_trained_without_it(tiny_run):
+    out, results = tiny_run
+    s = results["settings"]
+    fit = json.loads((out / "teacher" / "head_fit.json").read_text())
+    assert fit["args"]["encoder_learning_rate"] == s["teacher_encoder_learning_rate"] > 0
+    assert fit["args"]["steps"] == s["teacher_steps"] and fit["args"]["learning_rate"] == s["teacher_learning_rate"]
+    assert fit["heldout"]["mlm_accuracy"] == results["models"]["teacher"]["mlm_accuracy"]  # the same held-out masks
+
+    # The control: the plain run's student, seed and steps, with the MLM loss as its only term.
+    params = {v: json.loads((out / "runs" / "seed_56" / v / "parameters.json").read_text())
+              for v in ("plain", "mlm_only")}
+    assert params["mlm_only"]["alpha_mlm"] == params["plain"]["alpha_mlm"] > 0
+    assert params["mlm_only"]["alpha_ce"] == params["mlm_only"]["alpha_cos"] == params["mlm_only"]["alpha_causal_ce"] == 0
+    for key in ("seed", "max_steps", "batch_size", "student_pretrained_weights", "learning_rate"):
+        assert params["mlm_only"][key] == params["plain"][key], key
+
+    check, models = results["teacher_check"], results["models"]
+    assert check["teacher"] == models["teacher"]["mlm_accuracy"] and check["control"] == models["mlm_only"]["mlm_accuracy"]
+    assert check["ratio_to_baseline"] == pytest.approx(
+        models["teacher"]["mlm_accuracy"] / results["unigram_baseline"]["mlm_accuracy"])
+    assert check["teacher_beats_control"] == (models["teacher"]["mlm_accuracy"] > models["mlm_only"]["mlm_accuracy"])
+    summary = (out / "summary.md").read_text()
+    assert f"Teacher check: held-out MLM accuracy (%) {100 * check['teacher']:.2f} = {check['ratio_to_baseline']:.1f}x" in summary
 
 
 def test_rerun_skips_every_finished_stage(tiny_run):
@@ -102,7 +127,8 @@ def seeds_run(tiny_run) -> tuple[Path, dict, dict]:
 def test_more_seeds_train_only_the_missing_runs(seeds_run):
     out, results, first_seed = seeds_run
     assert results["seeds"] == [56, 57] and results["data_multiples"] == [1.0, 2.0]
-    assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")}
+    assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")} | {
+        "seed_56/mlm_only"}  # the control: the first seed only
     assert first_seed and all(p.stat().st_mtime_ns == t for p, t in first_seed.items())  # seed 56: not redone
     for seed in (56, 57):
         params = {r: json.loads((out / "runs" / f"seed_{seed}" / r / "parameters.json").read_text())
@@ -165,14 +191,16 @@ def test_data_efficiency_states_the_multiple_plain_distillation_needs(seeds_run)
 
 @pytest.mark.full_quickstart
 @pytest.mark.skipif(not os.environ.get("QUICKSTART_FULL"), reason="full-size quickstart: set QUICKSTART_FULL=1")
-def test_full_quickstart_finishes_in_15_minutes_with_a_teacher_better_than_unigram(tmp_path):
-    # The README's command 1 at its default size. The teacher's fitted head must beat always
-    # answering the most frequent training token, and both students must have learnt.
+def test_full_quickstart_finishes_in_15_minutes_with_a_teacher_worth_distilling(tmp_path):
+    # The README's command 1 at its default size. The adapted teacher must reach 3x the accuracy of
+    # always answering the most frequent training token, and beat the student trained without it;
+    # both distilled students must have learnt.
     start = time.perf_counter()
     results = quickstart.main(["--output_dir", str(tmp_path / "out")])
     assert time.perf_counter() - start < 15 * 60
     models = results["models"]
-    assert models["teacher"]["mlm_accuracy"] > results["unigram_baseline"]["mlm_accuracy"]
+    assert models["teacher"]["mlm_accuracy"] >= 3 * results["unigram_baseline"]["mlm_accuracy"]
+    assert models["teacher"]["mlm_accuracy"] > models["mlm_only"]["mlm_accuracy"]
     for name in ("plain", "diito"):
         assert models[name]["mlm_loss"] < models["extracted"]["mlm_loss"]
 
@@ -275,3 +303,24 @@ def test_a_converted_teacher_dir_is_only_read_and_refused_when_it_is_not_one(smo
     with pytest.raises(UserError, match="--teacher_dir is for --teacher smollm2"):
         quickstart.main(["--tiny", "--teacher_dir", str(smollm2_dir), "--output_dir", str(out.parent / "third")])
     assert not (out.parent / "other").exists() and not (out.parent / "third").exists()  # refused before writing
+
+
+def test_decoder_paired_seeds_and_data_multiples_report_the_causal_metrics(smollm2_run, smollm2_dir):  # noqa: F811
+    """#14's evidence for the decoder teacher: the --tiny folder continued with --seeds 2 --data_multiples 1,2
+    trains only the new runs, and the statistics are over perplexity, accuracy, agreement and interchange."""
+    out, _, _ = smollm2_run
+    results = quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir), "--seeds", "2",
+                               "--data_multiples", "1,2", "--output_dir", str(out)])
+    assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")}
+    assert set(results["paired"]) == set(results["data_efficiency"]["metrics"]) == set(SMOLLM2_METRICS)
+    summary = (out / "summary.md").read_text()
+    for key, metric in SMOLLM2_METRICS.items():
+        plain = np.array([results["runs"][f"seed_{s}/plain"][key] for s in (56, 57)])
+        diito = np.array([results["runs"][f"seed_{s}/diito"][key] for s in (56, 57)])
+        d = results["paired"][key]["difference"]
+        assert d["mean"] == pytest.approx((diito - plain).mean())
+        half = stats.t.ppf(0.975, 1) * (diito - plain).std(ddof=1) / math.sqrt(2)
+        assert d["ci"] == pytest.approx([d["mean"] - half, d["mean"] + half])
+        assert f"- {results['data_efficiency']['metrics'][key]['statement']}" in summary
+    assert results["teacher_check"]["metric"] == "accuracy" and "control" not in results["teacher_check"]
+    assert (out / "data_efficiency.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
