@@ -67,11 +67,8 @@ class ClmBatch:
 def heldout_batches(dataset: LmSeqsDataset, batch_size: int, seed: int, interchange_prop: float) -> list[ClmBatch]:
     """The held-out set in length order (little padding), every base paired with its dataset dual."""
     generator = torch.Generator().manual_seed(seed)
-    order = np.argsort(dataset.lengths, kind="stable")
     batches = []
-    for start in range(0, len(order), batch_size):
-        ids, lengths, dual_ids, dual_lengths = dataset.batch_sequences(
-            [dataset[int(i)] for i in order[start : start + batch_size]])
+    for ids, lengths, dual_ids, dual_lengths in dataset.length_ordered_batches(batch_size):
         width = ids.size(1)
         has_next = real_token_mask(lengths - 1, width)  # positions 0 .. length - 2
         targets = torch.cat([ids[:, 1:], ids.new_full((ids.size(0), 1), IGNORE_INDEX)], 1)

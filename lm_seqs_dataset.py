@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -192,6 +193,13 @@ class LmSeqsDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, np.ndarray, int]:
         j = int(self.dual_index[i])
         return self.sequence(i), int(self.lengths[i]), self.sequence(j), int(self.lengths[j])
+
+    def length_ordered_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Every sequence once, shortest first (stable: little padding, and the same batches each
+        time), each batch collated by `batch_sequences`. Held-out scoring reads the set this way."""
+        order = np.argsort(self.lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            yield self.batch_sequences([self[int(i)] for i in order[start : start + batch_size]])
 
     def batch_sequences(self, batch: list[tuple[np.ndarray, int, np.ndarray, int]]):
         """Collate items into padded tensors.

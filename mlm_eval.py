@@ -80,10 +80,8 @@ def masked_heldout_batches(
     """
     masker = eval_masker(vocab_size, dataset.params.special_tok_ids, mask_prop)
     generator = torch.Generator().manual_seed(seed)
-    order = np.argsort(dataset.lengths, kind="stable")
     batches = []
-    for start in range(0, len(order), batch_size):
-        ids, lengths = collate(dataset, order[start : start + batch_size])
+    for ids, lengths, _, _ in dataset.length_ordered_batches(batch_size):
         input_ids, labels = masker(ids, lengths, generator)
         batches.append((input_ids, real_token_mask(lengths, ids.size(1)).long(), labels))
     return batches
@@ -108,11 +106,8 @@ def heldout_pairs(dataset: LmSeqsDataset, vocab_size: int, batch_size: int, seed
     both masked (uniformly, [MASK] only), one consecutive span of `interchange_prop` of the tokens."""
     masker = eval_masker(vocab_size, dataset.params.special_tok_ids)
     generator = torch.Generator().manual_seed(seed)
-    order = np.argsort(dataset.lengths, kind="stable")
     batches = []
-    for start in range(0, len(order), batch_size):
-        ids, lengths, dual_ids, dual_lengths = dataset.batch_sequences(
-            [dataset[int(i)] for i in order[start : start + batch_size]])
+    for ids, lengths, dual_ids, dual_lengths in dataset.length_ordered_batches(batch_size):
         input_ids, labels = masker(ids, lengths, generator)
         dual_input_ids, _ = masker(dual_ids, dual_lengths, generator)
         imask, dmask = sample_interchange_masks(

@@ -92,6 +92,21 @@ def test_collation_pads_base_and_cuts_dual_to_base_length():
     assert dual[1, :12].tolist() == ds.sequence(0).tolist() and (dual[1, 12:] == PAD).all()
 
 
+def test_length_ordered_batches_cover_every_sequence_once_shortest_first():
+    lengths = [19, 13, 17, 13, 22, 15, 17]  # ties kept in corpus order (a stable sort)
+    seqs = [np.array([CLS, *range(1000 + 20 * i, 1000 + 20 * i + k), SEP], dtype=np.uint16)
+            for i, k in enumerate(lengths)]
+    ds = LmSeqsDataset(bert_params(), seqs)
+    batches = list(ds.length_ordered_batches(3))
+    assert [b[0].size(0) for b in batches] == [3, 3, 1]
+    order = [1, 3, 5, 2, 6, 0, 4]
+    for n, (ids, lens, dual, dual_lens) in enumerate(batches):
+        expected = ds.batch_sequences([ds[i] for i in order[3 * n : 3 * n + 3]])
+        for got, want in zip((ids, lens, dual, dual_lens), expected):
+            assert torch.equal(got, want)
+    assert torch.cat([b[1] for b in batches]).tolist() == sorted(k + 2 for k in lengths)
+
+
 def test_badly_framed_or_empty_corpus_is_refused():
     with pytest.raises(UserError, match="does not start with id 101"):
         LmSeqsDataset(bert_params(), [np.arange(5, 20, dtype=np.uint16)])
