@@ -126,23 +126,12 @@ def load_encoder_with_head(encoder: str) -> tuple[BertForMaskedLM, object]:
 
 
 def head_and_encoder_parameters(model: BertForMaskedLM) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(the head's transform and bias, every other parameter), all left trainable."""
+    """(the head's transform and bias, every other parameter)."""
     head, encoder = [], []
     for name, p in model.named_parameters():
         (head if name.startswith(TRAINED) else encoder).append(p)
     assert head, "no head parameter found"
     return head, encoder
-
-
-def freeze_all_but_head(model: BertForMaskedLM) -> list[nn.Parameter]:
-    """Freeze every parameter except the head's transform and bias; return those."""
-    trained = []
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(TRAINED)
-        if p.requires_grad:
-            trained.append(p)
-    assert trained, "no head parameter found"
-    return trained
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -187,13 +176,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.tensor([0.8, 0.1, 0.1]), args.mlm_mask_prop, special["mask_token"], vocab_size,
     )
     adapt = args.encoder_learning_rate > 0
+    head, encoder_params = head_and_encoder_parameters(model)
+    groups = [{"params": head, "lr": args.learning_rate}]
     if adapt:
-        head, encoder_params = head_and_encoder_parameters(model)
-        trained = head + encoder_params
-        groups = [{"params": head, "lr": args.learning_rate}, {"params": encoder_params, "lr": args.encoder_learning_rate}]
-    else:
-        trained = freeze_all_but_head(model)
-        groups = [{"params": trained, "lr": args.learning_rate}]
+        groups.append({"params": encoder_params, "lr": args.encoder_learning_rate})
+    else:  # frozen
+        for p in encoder_params:
+            p.requires_grad = False
+    trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_prop * args.steps), args.steps)
     logger.info(
