@@ -14,8 +14,9 @@ state-dict key prefixes of the LM model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,10 +135,21 @@ class Architecture:
 def _decoder(name: str, prefix: str, teachers: tuple[str, ...], start_token: str | None = "bos_token") -> Architecture:
     """A Llama-style decoder: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`, rotary positions."""
     return Architecture(
-        name=name, config_class=f"{prefix}Config", lm_class=f"{prefix}ForCausalLM", objective="clm",
-        teachers=teachers, backbone="model", blocks="layers", final_norm="norm", head=_lm_head,
-        token_embeddings="model.embed_tokens", position_kind="rotary", position_embeddings=None,
-        start_token=start_token, end_token="eos_token", tokenizer_class="AutoTokenizer",
+        name=name,
+        config_class=f"{prefix}Config",
+        lm_class=f"{prefix}ForCausalLM",
+        objective="clm",
+        teachers=teachers,
+        backbone="model",
+        blocks="layers",
+        final_norm="norm",
+        head=_lm_head,
+        token_embeddings="model.embed_tokens",
+        position_kind="rotary",
+        position_embeddings=None,
+        start_token=start_token,
+        end_token="eos_token",
+        tokenizer_class="AutoTokenizer",
         forward_kwargs={"use_cache": False},
         extraction=ExtractionLayout("model.layers", ("model.embed_tokens",), ("model.norm",), ("lm_head",)),
     )
@@ -145,41 +157,87 @@ def _decoder(name: str, prefix: str, teachers: tuple[str, ...], start_token: str
 
 _ROWS = [
     Architecture(
-        name="bert", config_class="BertConfig", lm_class="BertForMaskedLM", objective="mlm", teachers=(),
-        backbone="bert", blocks="encoder.layer", final_norm=None, head=_bert_head,
-        token_embeddings="bert.embeddings.word_embeddings", position_kind="learned",
+        name="bert",
+        config_class="BertConfig",
+        lm_class="BertForMaskedLM",
+        objective="mlm",
+        teachers=(),
+        backbone="bert",
+        blocks="encoder.layer",
+        final_norm=None,
+        head=_bert_head,
+        token_embeddings="bert.embeddings.word_embeddings",
+        position_kind="learned",
         position_embeddings="bert.embeddings.position_embeddings",
         token_type_embeddings="bert.embeddings.token_type_embeddings",
-        start_token="cls_token", end_token="sep_token", tokenizer_class="BertTokenizer",
+        start_token="cls_token",
+        end_token="sep_token",
+        tokenizer_class="BertTokenizer",
     ),
     Architecture(
         # position_kind "learned": a config with sinusoidal_pos_embds=True fills the same table with fixed values.
-        name="distilbert", config_class="DistilBertConfig", lm_class="DistilBertForMaskedLM", objective="mlm",
-        teachers=("bert",), backbone="distilbert", blocks="transformer.layer", final_norm=None,
-        head=_distilbert_head, token_embeddings="distilbert.embeddings.word_embeddings", position_kind="learned",
+        name="distilbert",
+        config_class="DistilBertConfig",
+        lm_class="DistilBertForMaskedLM",
+        objective="mlm",
+        teachers=("bert",),
+        backbone="distilbert",
+        blocks="transformer.layer",
+        final_norm=None,
+        head=_distilbert_head,
+        token_embeddings="distilbert.embeddings.word_embeddings",
+        position_kind="learned",
         position_embeddings="distilbert.embeddings.position_embeddings",
-        start_token="cls_token", end_token="sep_token", tokenizer_class="BertTokenizer", init_range_from_flag=True,
+        start_token="cls_token",
+        end_token="sep_token",
+        tokenizer_class="BertTokenizer",
+        init_range_from_flag=True,
     ),
     Architecture(
-        name="roberta", config_class="RobertaConfig", lm_class="RobertaForMaskedLM", objective="mlm",
-        teachers=("roberta",), backbone="roberta", blocks="encoder.layer", final_norm=None, head=_lm_head,
-        token_embeddings="roberta.embeddings.word_embeddings", position_kind="learned",
+        name="roberta",
+        config_class="RobertaConfig",
+        lm_class="RobertaForMaskedLM",
+        objective="mlm",
+        teachers=("roberta",),
+        backbone="roberta",
+        blocks="encoder.layer",
+        final_norm=None,
+        head=_lm_head,
+        token_embeddings="roberta.embeddings.word_embeddings",
+        position_kind="learned",
         position_embeddings="roberta.embeddings.position_embeddings",
         token_type_embeddings="roberta.embeddings.token_type_embeddings",
-        start_token="cls_token", end_token="sep_token", tokenizer_class="RobertaTokenizer", positions_reserved=True,
+        start_token="cls_token",
+        end_token="sep_token",
+        tokenizer_class="RobertaTokenizer",
+        positions_reserved=True,
         extraction=ExtractionLayout(
-            "roberta.encoder.layer", ("roberta.embeddings",), head=("lm_head.decoder.weight", "lm_head.bias"),
+            "roberta.encoder.layer",
+            ("roberta.embeddings",),
+            head=("lm_head.decoder.weight", "lm_head.bias"),
             head_transform=("lm_head.dense", "lm_head.layer_norm"),
         ),
     ),
     Architecture(
-        name="gpt2", config_class="GPT2Config", lm_class="GPT2LMHeadModel", objective="clm", teachers=("gpt2",),
-        backbone="transformer", blocks="h", final_norm="ln_f", head=_lm_head, token_embeddings="transformer.wte",
-        position_kind="learned", position_embeddings="transformer.wpe",
-        start_token="bos_token", end_token="eos_token", tokenizer_class="GPT2Tokenizer",
+        name="gpt2",
+        config_class="GPT2Config",
+        lm_class="GPT2LMHeadModel",
+        objective="clm",
+        teachers=("gpt2",),
+        backbone="transformer",
+        blocks="h",
+        final_norm="ln_f",
+        head=_lm_head,
+        token_embeddings="transformer.wte",
+        position_kind="learned",
+        position_embeddings="transformer.wpe",
+        start_token="bos_token",
+        end_token="eos_token",
+        tokenizer_class="GPT2Tokenizer",
         forward_kwargs={"use_cache": False},
-        extraction=ExtractionLayout("transformer.h", ("transformer.wte", "transformer.wpe"), ("transformer.ln_f",),
-                                    ("lm_head",)),
+        extraction=ExtractionLayout(
+            "transformer.h", ("transformer.wte", "transformer.wpe"), ("transformer.ln_f",), ("lm_head",)
+        ),
     ),
     _decoder("llama", "Llama", ("llama",)),
     _decoder("mistral", "Mistral", ("mistral",)),
@@ -261,7 +319,7 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 def max_positions(config: Any) -> int:
     """Longest input the model accepts (RoBERTa reserves padding_idx + 1 position ids)."""
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    n = getattr(config, "max_position_embeddings", None) or config.n_positions
     row = ARCHITECTURES.get(config.model_type)
     if row is not None and row.positions_reserved:
         n -= config.pad_token_id + 1

@@ -24,8 +24,8 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import psutil
 import torch
@@ -147,8 +147,12 @@ class DiitoRuns(nn.Module):
 
     def forward(self, plan: StepPlan, variables: list[str] | None) -> ModelRuns:
         """The runs `plan.mode` calls for; `variables`: this model's intervened variables."""
-        run = {PLAIN: self.plain, INTERCHANGE: self.interchange, FAST_INTERCHANGE: self.fast_interchange,
-               TOKEN_SWAP: self.token_swap}[plan.mode]
+        run = {
+            PLAIN: self.plain,
+            INTERCHANGE: self.interchange,
+            FAST_INTERCHANGE: self.fast_interchange,
+            TOKEN_SWAP: self.token_swap,
+        }[plan.mode]
         return run(plan, variables)
 
     def plain(self, plan: StepPlan, variables: None = None) -> ModelRuns:
@@ -171,8 +175,14 @@ class DiitoRuns(nn.Module):
             runs = self.plain(plan)
             source = cf.get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
             out = cf.interchange_with_activation_at(
-                self.model, plan.input_ids, plan.attention_mask, source, variables, plan.interchange_mask,
-                plan.dual_interchange_mask, compute_logits=False,
+                self.model,
+                plan.input_ids,
+                plan.attention_mask,
+                source,
+                variables,
+                plan.interchange_mask,
+                plan.dual_interchange_mask,
+                compute_logits=False,
             )
         runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, plan)
         return runs
@@ -192,8 +202,16 @@ class DiitoRuns(nn.Module):
             source = cf.activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
         else:
             source = cf.get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
-        out = cf.run_blocks_above(self.model, cache, layers[0], source, variables, plan.interchange_mask,
-                                  plan.dual_interchange_mask, compute_logits=False)
+        out = cf.run_blocks_above(
+            self.model,
+            cache,
+            layers[0],
+            source,
+            variables,
+            plan.interchange_mask,
+            plan.dual_interchange_mask,
+            compute_logits=False,
+        )
         runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, plan)
         return runs
 
@@ -267,7 +285,9 @@ class CausalDistiller:
         self.state = TrainState()
         self.accum = config.gradient_accumulation_steps
         self.num_steps_total = (
-            config.max_steps if config.max_steps > 0 else math.ceil(self.batches_per_epoch / self.accum) * config.n_epoch
+            config.max_steps
+            if config.max_steps > 0
+            else math.ceil(self.batches_per_epoch / self.accum) * config.n_epoch
         )
         self.optimizer = self._build_optimizer()
         self.scheduler = get_linear_schedule_with_warmup(
@@ -344,7 +364,10 @@ class CausalDistiller:
         cfg = self.config
         token_ids, lengths, dual_ids, dual_lengths = (t.to(self.device, non_blocking=True) for t in batch)
         if cfg.fp16:  # as the original did for float16 kernels: widths a multiple of 8 (padding only)
-            token_ids, dual_ids = _pad_to_multiple(token_ids, 8, self._pad_id), _pad_to_multiple(dual_ids, 8, self._pad_id)
+            token_ids, dual_ids = (
+                _pad_to_multiple(token_ids, 8, self._pad_id),
+                _pad_to_multiple(dual_ids, 8, self._pad_id),
+            )
         input_ids, labels = self._prepare(token_ids, lengths)
         if not self.causal:
             return self._build_plan(input_ids, labels, lengths)
@@ -357,15 +380,19 @@ class CausalDistiller:
             dual_input_ids, dual_labels = self._prepare(dual_ids, dual_lengths)
         variables = None if cfg.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
         imask, dmask = sample_interchange_masks(
-            lengths, dual_lengths, input_ids.size(1), dual_input_ids.size(1),
+            lengths,
+            dual_lengths,
+            input_ids.size(1),
+            dual_input_ids.size(1),
             prop=cfg.interchange_prop,
             max_token=cfg.interchange_max_token,
             consecutive=cfg.interchange_consecutive_only,
             masked_tokens=(labels != losses.IGNORE_INDEX) if cfg.interchange_masked_token_only else None,
             generator=self.generator,
         )
-        plan = self._build_plan(input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables,
-                                source_rows)
+        plan = self._build_plan(
+            input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables, source_rows
+        )
         if not cfg.fast_mode:
             # What the crossway sub-step reuses, roles swapped, as the original did.
             plan.mirror = (dual_input_ids, dual_labels, dual_lengths, input_ids, lengths, dmask, imask)
@@ -375,11 +402,23 @@ class CausalDistiller:
         """The crossway sub-step of `plan`: (dual, base) with the same corruption and mirrored positions;
         the mapping entry is drawn anew (the original drew one per sub-step)."""
         input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask = plan.mirror
-        variables = None if self.config.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
+        variables = (
+            None if self.config.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
+        )
         return self._build_plan(input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables)
 
-    def _build_plan(self, input_ids, labels, lengths, dual_input_ids=None, dual_lengths=None, imask=None, dmask=None,
-                    variables=None, source_rows=None) -> StepPlan:
+    def _build_plan(
+        self,
+        input_ids,
+        labels,
+        lengths,
+        dual_input_ids=None,
+        dual_lengths=None,
+        imask=None,
+        dmask=None,
+        variables=None,
+        source_rows=None,
+    ) -> StepPlan:
         """The StepPlan of drawn inputs: ids and labels (bs, L), lengths (bs,); for a DIITO step the dual's
         ids (bs, L') and lengths, the paired masks and the (teacher, student) variables."""
         cfg = self.config
@@ -400,8 +439,13 @@ class CausalDistiller:
             sel_labels = next_labels[select]
         need_hidden = self.alphas["cos"] > 0 or self.alphas["causal_cos"] > 0
         plan = StepPlan(
-            mode=PLAIN, input_ids=input_ids, attention_mask=attn.long() if self.mlm else None,  # CLM: no mask, as in HF
-            select=select, hidden_rows=attn if need_hidden else None, labels=sel_labels, lm_rows=lm_rows,
+            mode=PLAIN,
+            input_ids=input_ids,
+            attention_mask=attn.long() if self.mlm else None,  # CLM: no mask, as in HF
+            select=select,
+            hidden_rows=attn if need_hidden else None,
+            labels=sel_labels,
+            lm_rows=lm_rows,
         )
         if dual_input_ids is None:
             return plan
@@ -416,7 +460,9 @@ class CausalDistiller:
         else:
             plan.mode = INTERCHANGE
             plan.dual_ids = dual_input_ids
-            plan.dual_attention_mask = real_token_mask(dual_lengths, dual_input_ids.size(1)).long() if self.mlm else None
+            plan.dual_attention_mask = (
+                real_token_mask(dual_lengths, dual_input_ids.size(1)).long() if self.mlm else None
+            )
         return plan
 
     def _loss_step(self, batch: tuple[torch.Tensor, ...] | StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -431,8 +477,9 @@ class CausalDistiller:
                 t = self.teacher_runs(plan, plan.teacher_variables)
             s = self.student_runs(plan, plan.student_variables)
 
-        lm_logits, lm_labels = (s.logits, plan.labels) if plan.lm_rows is None else (
-            s.logits[plan.lm_rows], plan.labels[plan.lm_rows])
+        lm_logits, lm_labels = (
+            (s.logits, plan.labels) if plan.lm_rows is None else (s.logits[plan.lm_rows], plan.labels[plan.lm_rows])
+        )
         inputs = LossInputs(s, t, lm_logits, lm_labels, self.temperature)
         terms = {name: LOSS_TERMS[name](inputs) for name, alpha in self.alphas.items() if alpha > 0}
         total = sum(self.alphas[name] * term for name, term in terms.items())
@@ -460,8 +507,9 @@ class CausalDistiller:
 
     # --- optimisation ------------------------------------------------------------------------
 
-    def _forward_backward(self, batch: tuple[torch.Tensor, ...] | StepPlan, sync: bool
-                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _forward_backward(
+        self, batch: tuple[torch.Tensor, ...] | StepPlan, sync: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Loss and backward of one (sub-)step; gradients are all-reduced across ranks only if `sync`.
 
         Returns the metrics and a (device) flag: the loss was not finite. Its gradients are then
@@ -506,9 +554,9 @@ class CausalDistiller:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         names = [list(metrics) for _, _, metrics in pending]
         values = torch.cat([bad, *(torch.stack(list(m.values())) for _, _, m in pending)]).tolist()
-        st, flags, values = self.state, values[: len(pending)], values[len(pending):]
-        for (micro_batch, _, _), keys, flag in zip(pending, names, flags):
-            metrics, values = dict(zip(keys, values[: len(keys)])), values[len(keys):]
+        st, flags, values = self.state, values[: len(pending)], values[len(pending) :]
+        for (micro_batch, _, _), keys, flag in zip(pending, names, flags, strict=False):
+            metrics, values = dict(zip(keys, values[: len(keys)], strict=False)), values[len(keys) :]
             if flag:
                 self._nonfinite(f"loss at micro-batch {micro_batch}")
             st.last_loss = {k: v for k, v in metrics.items() if k.startswith("loss")}
@@ -562,13 +610,18 @@ class CausalDistiller:
 
     def _warn_if_most_steps_skipped(self) -> None:
         st = self.state
-        if (self.is_master and not self._warned_skips and st.n_optim_steps >= SKIP_WARN_AFTER
-                and st.n_skipped_steps > SKIP_WARN_SHARE * st.n_optim_steps):
+        if (
+            self.is_master
+            and not self._warned_skips
+            and st.n_optim_steps >= SKIP_WARN_AFTER
+            and st.n_skipped_steps > SKIP_WARN_SHARE * st.n_optim_steps
+        ):
             self._warned_skips = True
             logger.warning(
                 "%d of the %d optimizer steps so far were skipped for a non-finite loss or gradient: the run is "
                 "hardly training (lower the learning rate, or use --bf16 instead of --fp16)",
-                st.n_skipped_steps, st.n_optim_steps,
+                st.n_skipped_steps,
+                st.n_optim_steps,
             )
 
     # --- the loop ------------------------------------------------------------------------------
@@ -599,8 +652,14 @@ class CausalDistiller:
             )
             logger.info(
                 "Training: %d sequences, %d batches/epoch/process, effective batch %d x %d x %d = %d sequences, "
-                "%d optimizer steps", len(self.dataset), self.batches_per_epoch, cfg.batch_size, self.accum,
-                world, cfg.batch_size * self.accum * world, self.num_steps_total,
+                "%d optimizer steps",
+                len(self.dataset),
+                self.batches_per_epoch,
+                cfg.batch_size,
+                self.accum,
+                world,
+                cfg.batch_size * self.accum * world,
+                self.num_steps_total,
             )
             if st.n_total_iter == 0:
                 self._log_configs()
@@ -619,16 +678,23 @@ class CausalDistiller:
     def _log_skip_summary(self) -> None:
         st = self.state
         if self.is_master and st.n_skipped_steps:
-            logger.warning("%d of %d optimizer steps were skipped for a non-finite loss or gradient",
-                           st.n_skipped_steps, st.n_optim_steps)
+            logger.warning(
+                "%d of %d optimizer steps were skipped for a non-finite loss or gradient",
+                st.n_skipped_steps,
+                st.n_optim_steps,
+            )
 
     def _train_loop(self) -> str | None:
         cfg, st = self.config, self.state
         while st.epoch < cfg.n_epoch and not self._reached_max_steps():
             batches = self._epoch_batches(st.epoch, st.batch_in_epoch)
             bar = tqdm(
-                batches, desc=f"epoch {st.epoch}", initial=st.batch_in_epoch, total=self.batches_per_epoch,
-                disable=not self.is_master, dynamic_ncols=True,
+                batches,
+                desc=f"epoch {st.epoch}",
+                initial=st.batch_in_epoch,
+                total=self.batches_per_epoch,
+                disable=not self.is_master,
+                dynamic_ncols=True,
             )
             for batch in bar:
                 self._train_micro_batch(batch)
@@ -645,7 +711,8 @@ class CausalDistiller:
                 if self.is_master:
                     logger.warning(
                         "Stopped by %s after micro-batch %d; the state is saved: continue with --resume.",
-                        self.stop_reason, st.n_total_iter,
+                        self.stop_reason,
+                        st.n_total_iter,
                     )
                 return self.stop_reason
             self._end_epoch()
@@ -762,8 +829,16 @@ class CausalDistiller:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
         terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
-        logger.info("step %d/%d | micro-batch %d | loss %.4f | %s | lr %.3g | %.0f tokens/s",
-                    st.n_optim_steps, self.num_steps_total, step, metrics["loss"], terms, lr, tokens_per_s)
+        logger.info(
+            "step %d/%d | micro-batch %d | loss %.4f | %s | lr %.3g | %.0f tokens/s",
+            st.n_optim_steps,
+            self.num_steps_total,
+            step,
+            metrics["loss"],
+            terms,
+            lr,
+            tokens_per_s,
+        )
         self.last_log_time, self.last_log_tokens = now, st.n_tokens
 
     # --- the student's files ------------------------------------------------------------------
@@ -786,8 +861,10 @@ class CausalDistiller:
             follow_umask(path)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        folders = sorted((p for p in self.dump_path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[1]))
+        folders = sorted(
+            (p for p in self.dump_path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
         for old in folders[: -self.config.save_total_limit]:
             shutil.rmtree(old)
 
@@ -796,8 +873,11 @@ class CausalDistiller:
         st = self.state
         runtime = time.time() - self._start_time
         return {
-            "epoch": st.epoch, "optimizer_steps": st.n_optim_steps, "micro_batches": st.n_total_iter,
-            "skipped_steps": st.n_skipped_steps, "train_tokens": st.n_tokens,
+            "epoch": st.epoch,
+            "optimizer_steps": st.n_optim_steps,
+            "micro_batches": st.n_total_iter,
+            "skipped_steps": st.n_skipped_steps,
+            "train_tokens": st.n_tokens,
             "train_runtime": round(runtime, 3),
             "train_tokens_per_second": round((st.n_tokens - self._start_tokens) / max(runtime, 1e-9), 3),
             **{f"train_{k}": v for k, v in st.last_loss.items()},

@@ -28,11 +28,10 @@ import pickle
 import shutil
 import signal
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,10 +42,18 @@ from transformers import AutoTokenizer
 
 import checkpointing
 import counterfactual_utils as cf
-# Per-family facts (classes, parts, framing, allowed pairs) are rows of architectures.ARCHITECTURES.
-from architectures import ARCHITECTURES, check_student_teacher, student_types, teacher_types
-from architectures import SPECIAL_TOKENS, max_positions, special_token_ids  # noqa: F401  (re-exported for scripts)
 import masking
+
+# Per-family facts (classes, parts, framing, allowed pairs) are rows of architectures.ARCHITECTURES.
+from architectures import (  # noqa: F401  (re-exported for scripts)
+    ARCHITECTURES,
+    SPECIAL_TOKENS,
+    check_student_teacher,
+    max_positions,
+    special_token_ids,
+    student_types,
+    teacher_types,
+)
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
@@ -70,12 +77,14 @@ TYPE_HELP = {"student_type": "Student architecture.", "teacher_type": "Teacher a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLE,
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLE, formatter_class=_HelpFormatter)
     a = p.add_argument
     d = TrainingConfig.default  # the distiller's settings take their defaults from TrainingConfig
-    a("--force", action="store_true",
-      help="Replace dump_path/run_name if it is a previous run's folder (never any other folder).")
+    a(
+        "--force",
+        action="store_true",
+        help="Replace dump_path/run_name if it is a previous run's folder (never any other folder).",
+    )
     a("--resume", action="store_true", help="Continue the run in dump_path/run_name from its latest intact state.")
     a("--dump_path", type=str, required=True, help="Folder under which the run folder is created.")
     a("--run_name", type=str, default=None, help="Run folder name (default: built from the main settings).")
@@ -86,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--student_pretrained_weights", type=str, default=None, help="Student initial state dict (.pth).")
     a("--teacher_type", choices=teacher_types(), required=True)
     a("--teacher_name", type=str, required=True, help="Teacher: Hub name or local folder.")
-    a("--teacher_fp16", action="store_true",
-      help="Keep the teacher's weights in half precision: bfloat16 under --bf16, float16 under --fp16; without "
-           "mixed precision float16 on GPU, bfloat16 on CPU.")
+    a(
+        "--teacher_fp16",
+        action="store_true",
+        help="Keep the teacher's weights in half precision: bfloat16 under --bf16, float16 under --fp16; without "
+        "mixed precision float16 on GPU, bfloat16 on CPU.",
+    )
     a("--cache_dir", type=str, default=None, help="Hugging Face cache folder for the teacher and its tokenizer.")
 
     a("--temperature", default=d("temperature"), type=float, help="Softmax temperature of the ce losses.")
@@ -97,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha_clm", default=d("alpha_clm"), type=float, help="Weight of the CLM loss (without --mlm).")
     a("--alpha_mse", default=d("alpha_mse"), type=float, help="Weight of the logits MSE loss.")
     a("--alpha_cos", default=d("alpha_cos"), type=float, help="Weight of the last-hidden-state cosine loss.")
-    a("--alpha_causal_ce", default=d("alpha_causal_ce"), type=float,
-      help="Weight of the counterfactual (DIITO) ce loss.")
-    a("--alpha_causal_cos", default=d("alpha_causal_cos"), type=float,
-      help="Weight of the counterfactual cosine loss.")
+    a(
+        "--alpha_causal_ce",
+        default=d("alpha_causal_ce"),
+        type=float,
+        help="Weight of the counterfactual (DIITO) ce loss.",
+    )
+    a("--alpha_causal_cos", default=d("alpha_causal_cos"), type=float, help="Weight of the counterfactual cosine loss.")
 
     a("--mlm", action="store_true", help="Masked LM objective (else causal LM).")
     a("--mlm_mask_prop", default=d("mlm_mask_prop"), type=float, help="Share of tokens chosen as MLM targets.")
@@ -114,34 +129,65 @@ def build_parser() -> argparse.ArgumentParser:
     a("--freeze_token_type_embds", action="store_true", help="Freeze token type embeddings (roberta).")
 
     a("--neuron_mapping", type=str, default=None, help="Teacher/student variable mapping (.nm JSON).")
-    a("--interchange_prop", type=float, default=d("interchange_prop"),
-      help="Share of min(base, dual) length interchanged.")
-    a("--interchange_max_token", type=int, default=d("interchange_max_token"),
-      help="Cap on interchanged positions (-1: none).")
+    a(
+        "--interchange_prop",
+        type=float,
+        default=d("interchange_prop"),
+        help="Share of min(base, dual) length interchanged.",
+    )
+    a(
+        "--interchange_max_token",
+        type=int,
+        default=d("interchange_max_token"),
+        help="Cap on interchanged positions (-1: none).",
+    )
     a("--interchange_consecutive_only", action="store_true", help="Interchange one contiguous span.")
     a("--interchange_masked_token_only", action="store_true", help="Interchange at the base's MLM targets.")
     a("--data_augment", action="store_true", help="Swap token ids instead of hidden states.")
     a("--include_crossway", action="store_true", help="Also train the (dual, base) direction each batch.")
-    a("--interchange_mlm", action="store_true",
-      help="Accepted for compatibility: the original stored it and never read it; no effect (a warning says so).")
+    a(
+        "--interchange_mlm",
+        action="store_true",
+        help="Accepted for compatibility: the original stored it and never read it; no effect (a warning says so).",
+    )
     a("--parallel_crossway", action="store_true", help="Abandoned in the original; refused.")
-    a("--fast_mode", action="store_true",
-      help="Faster DIITO, not identical to the original: duals are other rows of the same batch (no source "
-           "runs), and the student's counterfactual run reuses its base run below the intervention.")
+    a(
+        "--fast_mode",
+        action="store_true",
+        help="Faster DIITO, not identical to the original: duals are other rows of the same batch (no source "
+        "runs), and the student's counterfactual run reuses its base run below the intervention.",
+    )
 
     a("--n_epoch", type=int, default=d("n_epoch"), help="Epochs over the corpus (the limit when --max_steps is set).")
-    a("--max_steps", type=int, default=d("max_steps"),
-      help="Stop after this many optimizer steps (-1: n_epoch epochs; else > 0).")
+    a(
+        "--max_steps",
+        type=int,
+        default=d("max_steps"),
+        help="Stop after this many optimizer steps (-1: n_epoch epochs; else > 0).",
+    )
     a("--batch_size", type=int, default=d("batch_size"), help="Sequences per process per micro-batch.")
-    a("--group_by_size", dest="group_by_size", action="store_true", default=d("group_by_size"),
-      help="Batch sequences of similar length.")
+    a(
+        "--group_by_size",
+        dest="group_by_size",
+        action="store_true",
+        default=d("group_by_size"),
+        help="Batch sequences of similar length.",
+    )
     a("--no_group_by_size", dest="group_by_size", action="store_false", help="Turn length grouping off.")
-    a("--gradient_accumulation_steps", type=int, default=d("gradient_accumulation_steps"),
-      help="Micro-batches per optimizer step.")
+    a(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=d("gradient_accumulation_steps"),
+        help="Micro-batches per optimizer step.",
+    )
     a("--warmup_prop", default=d("warmup_prop"), type=float, help="Share of the steps with linear warm-up.")
     a("--weight_decay", default=d("weight_decay"), type=float, help="AdamW weight decay (not on biases and norms).")
-    a("--learning_rate", default=d("learning_rate"), type=float,
-      help="Peak learning rate of the linear schedule (a new value on --resume applies from there on).")
+    a(
+        "--learning_rate",
+        default=d("learning_rate"),
+        type=float,
+        help="Peak learning rate of the linear schedule (a new value on --resume applies from there on).",
+    )
     a("--adam_epsilon", default=d("adam_epsilon"), type=float, help="AdamW epsilon.")
     a("--max_grad_norm", default=d("max_grad_norm"), type=float, help="Gradient norm clipping threshold.")
     a("--initializer_range", default=0.02, type=float, help="Std of the student's random init.")
@@ -150,25 +196,48 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp16", action="store_true", help="Mixed precision float16 (torch.amp + GradScaler).")
     a("--fp16_opt_level", type=str, default="O1", help="Accepted for compatibility; apex levels map to --fp16.")
     a("--bf16", action="store_true", help="Mixed precision bfloat16 (torch.amp).")
-    a("--tf32", action="store_true",
-      help="Let float32 matmuls and convolutions use TF32 on Ampere and newer GPUs (faster, ~10 mantissa bits); "
-           "off keeps exact float32.")
-    a("--ddp_timeout", type=int, default=1800,
-      help="Seconds a collective waits for the other processes (e.g. while rank 0 writes a large checkpoint) "
-           "before the run fails.")
+    a(
+        "--tf32",
+        action="store_true",
+        help="Let float32 matmuls and convolutions use TF32 on Ampere and newer GPUs (faster, ~10 mantissa bits); "
+        "off keeps exact float32.",
+    )
+    a(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="Seconds a collective waits for the other processes (e.g. while rank 0 writes a large checkpoint) "
+        "before the run fails.",
+    )
     a("--n_gpu", type=int, default=1, help="GPUs per node; 0 runs on CPU.")
     a("--local_rank", "--local-rank", type=int, default=-1, help="Set by the launcher.")
     a("--num_workers", type=int, default=d("num_workers"), help="DataLoader worker processes.")
     a("--seed", type=int, default=d("seed"), help="Seeds python, numpy and torch; dual pairing and draws follow.")
-    a("--log_interval", type=int, default=d("log_interval"), help="Micro-batches between TensorBoard logs and a console loss line.")
-    a("--checkpoint_interval", type=int, default=d("checkpoint_interval"),
-      help="Micro-batches between checkpoints: the training state, checkpoint.pth and a checkpoint-<step>/ "
-           "model folder.")
-    a("--save_total_limit", type=int, default=d("save_total_limit"),
-      help="Full training states kept in checkpoints/, and checkpoint-<step>/ model folders kept.")
-    a("--is_wandb", action="store_true",
-      help="Also log the TensorBoard scalars to Weights & Biases (needs the wandb package); the wandb run is "
-           "named after the run folder.")
+    a(
+        "--log_interval",
+        type=int,
+        default=d("log_interval"),
+        help="Micro-batches between TensorBoard logs and a console loss line.",
+    )
+    a(
+        "--checkpoint_interval",
+        type=int,
+        default=d("checkpoint_interval"),
+        help="Micro-batches between checkpoints: the training state, checkpoint.pth and a checkpoint-<step>/ "
+        "model folder.",
+    )
+    a(
+        "--save_total_limit",
+        type=int,
+        default=d("save_total_limit"),
+        help="Full training states kept in checkpoints/, and checkpoint-<step>/ model folders kept.",
+    )
+    a(
+        "--is_wandb",
+        action="store_true",
+        help="Also log the TensorBoard scalars to Weights & Biases (needs the wandb package); the wandb run is "
+        "named after the run folder.",
+    )
     a("--wandb_project", type=str, default="Causal-BERT-Distillation", help="Weights & Biases project (--is_wandb).")
     for action in p._actions:
         action.help = action.help or TYPE_HELP.get(action.dest)
@@ -182,7 +251,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def sanity_checks(args: argparse.Namespace) -> None:
     """The original's asserts, as errors that say what to change."""
     if args.parallel_crossway:
-        raise UserError("--parallel_crossway was abandoned in the original and is not supported; use --include_crossway")
+        raise UserError(
+            "--parallel_crossway was abandoned in the original and is not supported; use --include_crossway"
+        )
     if args.resume and args.force:
         raise UserError("choose one of --resume (continue the run) and --force (replace it)")
     if args.max_steps == 0 or args.max_steps < -1:
@@ -205,11 +276,15 @@ def sanity_checks(args: argparse.Namespace) -> None:
     check_student_teacher(args.student_type, args.teacher_type, args.mlm)
     student_row = ARCHITECTURES[args.student_type]
     if args.freeze_token_type_embds and student_row.token_type_embeddings is None:
-        raise UserError(f"--freeze_token_type_embds does not apply to a {args.student_type} student "
-                        "(it has no token type embeddings)")
+        raise UserError(
+            f"--freeze_token_type_embds does not apply to a {args.student_type} student "
+            "(it has no token type embeddings)"
+        )
     if args.freeze_pos_embs and student_row.position_embeddings is None:
-        raise UserError(f"--freeze_pos_embs does not apply to a {args.student_type} student "
-                        f"({student_row.position_kind} positions have no table)")
+        raise UserError(
+            f"--freeze_pos_embs does not apply to a {args.student_type} student "
+            f"({student_row.position_kind} positions have no table)"
+        )
     causal = args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0
     if causal and not args.data_augment and args.neuron_mapping is None:
         raise UserError("causal losses need --neuron_mapping (or --data_augment)")
@@ -219,8 +294,14 @@ def sanity_checks(args: argparse.Namespace) -> None:
         raise UserError("--interchange_masked_token_only needs --mlm")
     if not 0 <= args.interchange_prop <= 1:
         raise UserError(f"--interchange_prop must be in [0, 1], got {args.interchange_prop}")
-    for name in ("batch_size", "gradient_accumulation_steps", "n_epoch", "log_interval", "checkpoint_interval",
-                 "save_total_limit"):
+    for name in (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "n_epoch",
+        "log_interval",
+        "checkpoint_interval",
+        "save_total_limit",
+    ):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_numeric_flags(args)
@@ -242,10 +323,17 @@ def sanity_checks(args: argparse.Namespace) -> None:
 # impossible values would otherwise show up later as another problem (a temperature of 0 as a
 # non-finite loss, a negative learning rate as a diverging run).
 FLAG_RANGES = {
-    "temperature": (0, None, False), "learning_rate": (0, None, True), "adam_epsilon": (0, None, True),
-    "weight_decay": (0, None, True), "max_grad_norm": (0, None, False), "warmup_prop": (0, 1, True),
-    "word_mask": (0, 1, True), "word_keep": (0, 1, True), "word_rand": (0, 1, True),
-    "initializer_range": (0, None, True), "num_workers": (0, None, True),
+    "temperature": (0, None, False),
+    "learning_rate": (0, None, True),
+    "adam_epsilon": (0, None, True),
+    "weight_decay": (0, None, True),
+    "max_grad_norm": (0, None, False),
+    "warmup_prop": (0, 1, True),
+    "word_mask": (0, 1, True),
+    "word_keep": (0, 1, True),
+    "word_rand": (0, 1, True),
+    "initializer_range": (0, None, True),
+    "num_workers": (0, None, True),
 }
 
 
@@ -358,7 +446,9 @@ def warn_pickle_in_multi_process(data_file: str, context: RunContext) -> bool:
         logger.warning(
             "%s is a pickle: each of the %d processes unpickles the whole corpus into its own memory; convert it "
             "once with `python scripts/binarized_data.py ... --format memmap` and pass the .tokens.npy file, "
-            "which all processes share", data_file, context.world_size,
+            "which all processes share",
+            data_file,
+            context.world_size,
         )
     return True
 
@@ -367,8 +457,11 @@ def start_wandb(args: argparse.Namespace, description: dict):
     """A Weights & Biases run (rank 0) named after the run folder, with the run's parameters as config."""
     import wandb
 
-    return wandb.init(project=args.wandb_project, name=description["run"]["run_name"],
-                      config=json.loads(json.dumps(description, default=str)))
+    return wandb.init(
+        project=args.wandb_project,
+        name=description["run"]["run_name"],
+        config=json.loads(json.dumps(description, default=str)),
+    )
 
 
 def default_run_name(args: argparse.Namespace, world_size: int) -> str:
@@ -390,8 +483,19 @@ RUN_MARKER = ".causal_train_run"
 RUN_MARKER_TEXT = "A run folder of causal_train.py (DIITO). --force may replace it.\n"
 # What a run folder of this code holds; a folder made before the marker existed is recognised when
 # its parameters.json has the training flags and it holds nothing else.
-RUN_FILES = ("parameters.json", "git_log.json", "config.json", "generation_config.json", "model.safetensors",
-             "pytorch_model.bin", "checkpoint.pth", "model_epoch_*.pth", "checkpoints", "log", RUN_MARKER)
+RUN_FILES = (
+    "parameters.json",
+    "git_log.json",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "checkpoint.pth",
+    "model_epoch_*.pth",
+    "checkpoints",
+    "log",
+    RUN_MARKER,
+)
 RUN_PARAMETER_KEYS = ("student_type", "teacher_type", "teacher_name", "data_file", "dump_path", "alpha_ce")
 
 
@@ -487,8 +591,18 @@ def git_log() -> dict:
 
 # Size settings every family names (through its config's attribute_map: DistilBERT's `dim`, GPT-2's
 # `n_embd`...), plus the families' own names for the feed-forward width.
-SIZE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings",
-             "intermediate_size", "num_key_value_heads", "head_dim", "hidden_dim", "n_inner")
+SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "max_position_embeddings",
+    "intermediate_size",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_dim",
+    "n_inner",
+)
 # Sizes a config may leave null: the model derives them (GPT-2's 4 * n_embd, Llama's hidden / heads).
 DERIVED_SIZES = ("n_inner", "head_dim", "num_key_value_heads")
 # Keys a saved config carries that are no setting (written by save_pretrained, or by the original's configs).
@@ -519,8 +633,11 @@ def check_student_config(path: str, student_type: str):
     settings = {aliases.get(k, k): v for k, v in raw.items()}
     for key, value in settings.items():
         expected = type(known.get(key))
-        ok = {int: type(value) is int, bool: type(value) is bool,
-              float: isinstance(value, (int, float)) and type(value) is not bool}.get(expected, True)
+        ok = {
+            int: type(value) is int,
+            bool: type(value) is bool,
+            float: isinstance(value, (int, float)) and type(value) is not bool,
+        }.get(expected, True)
         if value is not None and not ok:
             raise UserError(f"student config {path}: {key!r} must be {expected.__name__}, got {value!r}")
         if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, (int, float)) and not 0 <= value <= 1:
@@ -548,15 +665,21 @@ def check_student_config(path: str, student_type: str):
     # A key the config neither knows nor converts (a legacy name such as Llama's rope_theta) stays a
     # plain attribute that no model reads.
     kept = config.to_dict()
-    unknown = [k for k in raw if aliases.get(k, k) not in known and k not in aliases and k in kept
-               and k not in BOOKKEEPING_KEYS]
+    unknown = [
+        k
+        for k in raw
+        if aliases.get(k, k) not in known and k not in aliases and k in kept and k not in BOOKKEEPING_KEYS
+    ]
     foreign = [k for k in unknown if k in others]
     if foreign:
-        raise UserError(f"student config {path}: {foreign[0]!r} is not a {student_type} setting (it would be ignored); "
-                        f"the {student_type} sizes are {', '.join(sizes)}")
+        raise UserError(
+            f"student config {path}: {foreign[0]!r} is not a {student_type} setting (it would be ignored); "
+            f"the {student_type} sizes are {', '.join(sizes)}"
+        )
     if unknown:
-        logger.warning("Student config %s: %s not %s settings (ignored)", path, ", ".join(map(repr, unknown)),
-                       student_type)
+        logger.warning(
+            "Student config %s: %s not %s settings (ignored)", path, ", ".join(map(repr, unknown)), student_type
+        )
     return config
 
 
@@ -572,8 +695,15 @@ def _one_line(e: BaseException) -> str:
 
 
 # Files one of which a model folder's tokenizer needs (fast, WordPiece, BPE or SentencePiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _is_local_path(name: str) -> bool:
@@ -593,8 +723,10 @@ def check_teacher_folder(name: str) -> None:
     if not (folder / "config.json").is_file():
         raise UserError(f"--teacher_name: {folder} has no config.json (save the teacher with save_pretrained)")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(f"--teacher_name: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): "
-                        "save the teacher's tokenizer into it with tokenizer.save_pretrained")
+        raise UserError(
+            f"--teacher_name: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): "
+            "save the teacher's tokenizer into it with tokenizer.save_pretrained"
+        )
 
 
 def load_teacher(args: argparse.Namespace):
@@ -604,13 +736,19 @@ def load_teacher(args: argparse.Namespace):
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of teacher {args.teacher_name!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load the tokenizer of teacher {args.teacher_name!r}: {str(e).splitlines()[0]}"
+        ) from None
     try:
-        teacher, info = row.lm_cls().from_pretrained(args.teacher_name, cache_dir=args.cache_dir, output_loading_info=True)
+        teacher, info = row.lm_cls().from_pretrained(
+            args.teacher_name, cache_dir=args.cache_dir, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load teacher {args.teacher_name!r}: {str(e).splitlines()[0]}") from None
     if teacher.config.model_type != args.teacher_type:
-        raise UserError(f"--teacher_name {args.teacher_name} is a {teacher.config.model_type}, not a {args.teacher_type}")
+        raise UserError(
+            f"--teacher_name {args.teacher_name} is a {teacher.config.model_type}, not a {args.teacher_type}"
+        )
     tied = _tied_sources(teacher)
     missing = sorted(k for k in info["missing_keys"] if k not in tied or tied[k] in info["missing_keys"])
     head = [k for k in missing if not k.startswith(row.backbone + ".")]
@@ -620,8 +758,9 @@ def load_teacher(args: argparse.Namespace):
             f"{'...' if len(head) > 3 else ''}): a bare encoder is not a teacher; see scripts/fit_mlm_head.py"
         )
     if missing:
-        raise UserError(f"teacher {args.teacher_name} lacks {len(missing)} weights (e.g. {missing[0]}): "
-                        "they would be random")
+        raise UserError(
+            f"teacher {args.teacher_name} lacks {len(missing)} weights (e.g. {missing[0]}): they would be random"
+        )
     return tokenizer, teacher
 
 
@@ -641,7 +780,9 @@ def load_student(args: argparse.Namespace, teacher_config):
     try:
         student = row.lm_cls()(config)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"student config {args.student_config}: cannot build a {args.student_type}: {_one_line(e)}") from None
+        raise UserError(
+            f"student config {args.student_config}: cannot build a {args.student_type}: {_one_line(e)}"
+        ) from None
     if args.student_pretrained_weights is not None:
         load_student_weights(student, args.student_pretrained_weights, args.student_type)
     s_vocab, t_vocab = student.config.vocab_size, teacher_config.vocab_size
@@ -661,28 +802,36 @@ def load_student_weights(student, path: str, student_type: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            raise UserError(f"refused student weights {path}: it holds objects a state dict never has "
-                            "(tampered, or not a state dict); nothing in it was run") from None
+            raise UserError(
+                f"refused student weights {path}: it holds objects a state dict never has "
+                "(tampered, or not a state dict); nothing in it was run"
+            ) from None
         raise UserError(f"cannot read student weights {path}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # truncated zip, bad CRC, empty or foreign bytes
-        raise UserError(f"cannot read student weights {path} (truncated or not a torch file): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+        raise UserError(
+            f"cannot read student weights {path} (truncated or not a torch file): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise UserError(f"student weights {path} is not a state dict (a dict of parameter name -> tensor)")
     own = student.state_dict()
     for key, tensor in state.items():
         if key in own and own[key].shape != tensor.shape:
-            raise UserError(f"student weights {path}: {key} has shape {tuple(tensor.shape)}, the student's "
-                            f"(--student_config) {tuple(own[key].shape)}")
+            raise UserError(
+                f"student weights {path}: {key} has shape {tuple(tensor.shape)}, the student's "
+                f"(--student_config) {tuple(own[key].shape)}"
+            )
     result = student.load_state_dict(state, strict=False)
     loaded = set(state) - set(result.unexpected_keys)
     if not loaded:
         raise UserError(f"none of the weights in {path} match a {student_type} student (e.g. {next(iter(state), '?')})")
     missing = [k for k in result.missing_keys if k not in _tied_sources(student)]
     if missing or result.unexpected_keys:
-        logger.warning("Student weights: %d missing (%s...), %d unexpected", len(missing), missing[:3],
-                       len(result.unexpected_keys))
+        logger.warning(
+            "Student weights: %d missing (%s...), %d unexpected", len(missing), missing[:3], len(result.unexpected_keys)
+        )
 
 
 def token_probabilities(args: argparse.Namespace, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
@@ -693,7 +842,10 @@ def token_probabilities(args: argparse.Namespace, vocab_size: int, special_ids: 
 
 def freeze_embeddings(student, args: argparse.Namespace) -> None:
     row = ARCHITECTURES[args.student_type]
-    for flag, path in (("freeze_pos_embs", row.position_embeddings), ("freeze_token_type_embds", row.token_type_embeddings)):
+    for flag, path in (
+        ("freeze_pos_embs", row.position_embeddings),
+        ("freeze_token_type_embds", row.token_type_embeddings),
+    ):
         if getattr(args, flag):
             student.get_submodule(path).weight.requires_grad = False
 
@@ -742,8 +894,9 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
 
     tokenizer, teacher = load_teacher(args)
     special_ids = special_token_ids(tokenizer)
-    context = replace(context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config),
-                      run_dir=run_dir)
+    context = replace(
+        context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config), run_dir=run_dir
+    )
     student = load_student(args, teacher.config)
     if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and cf.hidden_size(student) != cf.hidden_size(teacher):
         raise UserError(
@@ -759,7 +912,8 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
     store = load_sequences(args.data_file)
     check_vocab_range(store, teacher.config.vocab_size, args.data_file)
     dataset = LmSeqsDataset(
-        DatasetParams(context.max_model_input_size, args.mlm, special_ids, seed=args.seed, family=args.teacher_type), store
+        DatasetParams(context.max_model_input_size, args.mlm, special_ids, seed=args.seed, family=args.teacher_type),
+        store,
     )
 
     prepare_dump_path(run_dir, args, context)
@@ -794,8 +948,9 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
     except StopTraining as e:
         raise UserError(str(e)) from None
     except (OSError, SafetensorError) as e:  # the final save_pretrained (states and .pth files: save_atomically)
-        raise UserError(f"cannot write the student into {run_dir}: {_one_line(e)}; what was there before is "
-                        "kept") from None
+        raise UserError(
+            f"cannot write the student into {run_dir}: {_one_line(e)}; what was there before is kept"
+        ) from None
     finally:
         if distiller.wandb is not None:
             distiller.wandb.finish()

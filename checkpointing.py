@@ -153,8 +153,12 @@ def corpus_fingerprint(store: TokenSequences, blocks: int = 4096, block_len: int
 def run_settings(d: CausalDistiller) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the state."""
     settings = {k: getattr(d.config, k) for k in RESUME_MUST_MATCH if k != "world_size"}
-    return {"world_size": d.context.world_size, **settings, "n_sequences": len(d.dataset),
-            "corpus": d.corpus_fingerprint}
+    return {
+        "world_size": d.context.world_size,
+        **settings,
+        "n_sequences": len(d.dataset),
+        "corpus": d.corpus_fingerprint,
+    }
 
 
 # --- saving --------------------------------------------------------------------------------------------
@@ -165,8 +169,12 @@ def _rng_state(d: CausalDistiller) -> dict[str, Any]:
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None,
         "generator": d.generator.get_state(),
@@ -177,8 +185,9 @@ def _rng_state(d: CausalDistiller) -> dict[str, Any]:
 def _restore_rng(d: CausalDistiller, rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and d.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], d.device)
@@ -308,8 +317,9 @@ def resume(d: CausalDistiller) -> None:
     else:
         raise UserError(f"--resume: no intact state in {folder} (every saved state is damaged)")
     if step != steps[-1] and ctx.is_master:
-        logger.warning("--resume: resuming from micro-batch %d, the newest intact state (newest saved: %d)",
-                       step, steps[-1])
+        logger.warning(
+            "--resume: resuming from micro-batch %d, the newest intact state (newest saved: %d)", step, steps[-1]
+        )
     _check_run_settings(d, shared["run"], folder / state_file_name(step, 0))
     d.student.load_state_dict(shared["student"])
     d.optimizer.load_state_dict(shared["optimizer"])
@@ -317,7 +327,7 @@ def resume(d: CausalDistiller) -> None:
     if shared["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
         d.scaler.load_state_dict(shared["scaler"])
     if own["grads"] is not None:
-        for p, g in zip(d.student.parameters(), own["grads"]):
+        for p, g in zip(d.student.parameters(), own["grads"], strict=False):
             p.grad = None if g is None else g.to(p.device)
     _restore_rng(d, own["rng"])
     d.state = TrainState(**own["state"])
@@ -326,15 +336,20 @@ def resume(d: CausalDistiller) -> None:
     if ctx.is_master:
         logger.info(
             "Resumed from %s: epoch %d, micro-batch %d of the epoch, %d optimizer steps",
-            folder / state_file_name(step, rank), d.state.epoch, d.state.batch_in_epoch, d.state.n_optim_steps,
+            folder / state_file_name(step, rank),
+            d.state.epoch,
+            d.state.batch_in_epoch,
+            d.state.n_optim_steps,
         )
 
 
 def _check_run_settings(d: CausalDistiller, saved: dict[str, Any], path: Path) -> None:
     now = run_settings(d)
     if "corpus" in saved and saved["corpus"] != now["corpus"]:
-        raise UserError(f"--resume: {path} was saved on another corpus (its fingerprint differs from "
-                        "--data_file's); resume on the corpus the run was trained on")
+        raise UserError(
+            f"--resume: {path} was saved on another corpus (its fingerprint differs from "
+            "--data_file's); resume on the corpus the run was trained on"
+        )
     mismatch = [f"{k}={v} (this run: {now.get(k)})" for k, v in saved.items() if k != "corpus" and now.get(k) != v]
     if mismatch:
         raise UserError(f"--resume: {path} was saved with {', '.join(mismatch)}; resume with those")
@@ -351,16 +366,24 @@ def _apply_optimisation_settings(d: CausalDistiller) -> None:
     cfg, sched, opt = d.config, d.scheduler, d.optimizer
     old_lr = list(sched.base_lrs)
     if any(lr != cfg.learning_rate for lr in old_lr):
-        logger.warning("--learning_rate %g (the state's: %g) applies from optimizer step %d on",
-                       cfg.learning_rate, old_lr[0], d.state.n_optim_steps)
+        logger.warning(
+            "--learning_rate %g (the state's: %g) applies from optimizer step %d on",
+            cfg.learning_rate,
+            old_lr[0],
+            d.state.n_optim_steps,
+        )
     sched.base_lrs = [cfg.learning_rate] * len(opt.param_groups)
     before = [g["lr"] for g in opt.param_groups]
-    for group, decay, lr_lambda in zip(opt.param_groups, (cfg.weight_decay, 0.0), sched.lr_lambdas):
+    for group, decay, lr_lambda in zip(opt.param_groups, (cfg.weight_decay, 0.0), sched.lr_lambdas, strict=False):
         group["initial_lr"] = cfg.learning_rate
         group["lr"] = cfg.learning_rate * lr_lambda(sched.last_epoch)
         group["weight_decay"] = decay
         group["eps"] = cfg.adam_epsilon
     sched._last_lr = [g["lr"] for g in opt.param_groups]
     if before != sched._last_lr and d.context.is_master:
-        logger.info("Learning rate at the resumed step: %g (the saved schedule's: %g), for %d steps in all",
-                    sched._last_lr[0], before[0], d.num_steps_total)
+        logger.info(
+            "Learning rate at the resumed step: %g (the saved schedule's: %g), for %d steps in all",
+            sched._last_lr[0],
+            before[0],
+            d.num_steps_total,
+        )

@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +187,8 @@ def deserialize_variable_name(name: str) -> list[str]:
 def parse_variable_name(name: str) -> tuple[int, int, slice]:
     """A single (deserialized) NAME -> `(layer, head, slice(d0, d1))`, as the original's `np.s_[d0:d1]`.
 
-    The slice indexes dims within the head's slice of the hidden state: `hidden[..., head * w:(head + 1) * w][..., loc]`.
+    The slice indexes dims within the head's slice of the hidden state:
+    `hidden[..., head * w:(head + 1) * w][..., loc]`.
     """
     layers, heads, (d0, d1) = _parse(name)
     if len(layers) != 1 or len(heads) != 1:
@@ -251,7 +253,7 @@ def shared_token_embeddings(model: nn.Module, inputs: Sequence[torch.Tensor]) ->
     embedding = _unwrap(model).get_input_embeddings()
     flat = torch.cat([ids.reshape(-1) for ids in inputs])
     looked_up = embedding(flat).split([ids.numel() for ids in inputs])
-    shared = [(ids, rows.view(*ids.shape, -1)) for ids, rows in zip(inputs, looked_up)]
+    shared = [(ids, rows.view(*ids.shape, -1)) for ids, rows in zip(inputs, looked_up, strict=False)]
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         ids = args[0]

@@ -13,9 +13,9 @@ import logging
 import os
 import pickle
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import datasets
 import pyarrow as pa
@@ -53,7 +53,8 @@ class ModelArguments:
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."}
+        default=None,
+        metadata={"help": "Tokenizer name or path (a distillation dump has none: e.g. bert-base-uncased)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data sets are cached."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
@@ -62,8 +63,12 @@ class ModelArguments:
 
     def hub_kwargs(self) -> dict:
         """Keyword arguments for every `from_pretrained` call: cache, revision, token, remote code."""
-        return dict(cache_dir=self.cache_dir, revision=self.model_revision,
-                    token=self.token, trust_remote_code=self.trust_remote_code)
+        return dict(
+            cache_dir=self.cache_dir,
+            revision=self.model_revision,
+            token=self.token,
+            trust_remote_code=self.trust_remote_code,
+        )
 
 
 def one_line(error: Exception) -> str:
@@ -131,8 +136,11 @@ def check_output_dir(training_args: TrainingArguments) -> None:
     check_writable_dir(training_args.output_dir, "--output_dir")
 
 
-def check_run_flags(data_args: object, training_args: TrainingArguments,
-                    stages: Sequence[str] = ("--do_train", "--do_eval", "--do_predict")) -> None:
+def check_run_flags(
+    data_args: object,
+    training_args: TrainingArguments,
+    stages: Sequence[str] = ("--do_train", "--do_eval", "--do_predict"),
+) -> None:
     """Flags that cannot work together or cannot be right, refused before any work starts.
 
     `stages` are the script's --do_* flags; at least one must be given.
@@ -174,6 +182,7 @@ def detect_last_checkpoint(training_args: TrainingArguments) -> str | None:
 
 # ---- data
 
+
 def _cause(error: BaseException) -> str:
     """The most telling message of an error chain: the first cause below the library's wrappers."""
     chain = []
@@ -192,8 +201,9 @@ def given_files(data_args: object, splits: Sequence[str]) -> dict[str, str]:
     return {split: path for split, path in paths.items() if path is not None}
 
 
-def load_local_files(files: Mapping[str, str], file_loaders: Mapping[str, FileLoader], cache_dir: str | None,
-                     expected: str) -> DatasetDict:
+def load_local_files(
+    files: Mapping[str, str], file_loaders: Mapping[str, FileLoader], cache_dir: str | None, expected: str
+) -> DatasetDict:
     """Read each split's file (`files`: split -> path) with the loader for its suffix.
 
     A missing file, a suffix not in `file_loaders` (the error says the file `must be {expected}`) or
@@ -214,7 +224,8 @@ def load_local_files(files: Mapping[str, str], file_loaders: Mapping[str, FileLo
         try:
             raw[split] = (
                 load_dataset(loader, data_files={split: path}, cache_dir=cache_dir)[split]
-                if isinstance(loader, str) else loader(path, split, cache_dir)
+                if isinstance(loader, str)
+                else loader(path, split, cache_dir)
             )
         except UserError:
             raise
@@ -251,8 +262,14 @@ def describe(arrow_type: pa.DataType) -> str:
         return f"lists of {describe(arrow_type.value_type)}"
     if isinstance(arrow_type, pa.BaseExtensionType):  # how `datasets` reads a json column of mixed types
         return "values of mixed types"
-    return {"string": "text", "large_string": "text", "int64": "integers", "double": "numbers",
-            "bool": "booleans", "null": "nothing but nulls"}.get(str(arrow_type), str(arrow_type))
+    return {
+        "string": "text",
+        "large_string": "text",
+        "int64": "integers",
+        "double": "numbers",
+        "bool": "booleans",
+        "null": "nothing but nulls",
+    }.get(str(arrow_type), str(arrow_type))
 
 
 def first_null_row(dataset: Dataset, column: str) -> int | None:
@@ -278,12 +295,15 @@ def require_list_column(dataset: Dataset, column: str, source: str, item_types: 
     """Raise a `UserError` unless `column` holds one list per row of `item_types` ("string", "integer")."""
     arrow_type = dataset.data.schema.field(column).type
     ok = _is_list(arrow_type) and any(
-        (t == "string" and _is_string(arrow_type.value_type)) or (t == "integer" and pa.types.is_integer(arrow_type.value_type))
+        (t == "string" and _is_string(arrow_type.value_type))
+        or (t == "integer" and pa.types.is_integer(arrow_type.value_type))
         for t in item_types
     )
     if not ok:
-        raise UserError(f"column '{column}' in {source} must hold a list of {' or '.join(t + 's' for t in item_types)} "
-                        f"per row, found {describe(arrow_type)}")
+        raise UserError(
+            f"column '{column}' in {source} must hold a list of {' or '.join(t + 's' for t in item_types)} "
+            f"per row, found {describe(arrow_type)}"
+        )
     row = first_null_row(dataset, column)
     if row is None and dataset.data.column(column).combine_chunks().flatten().null_count:
         values = dataset.data.column(column).combine_chunks()
@@ -301,8 +321,9 @@ def require_scalar_column(dataset: Dataset, column: str, source: str, numeric: b
         raise UserError(f"column '{column}' in {source} must hold {wanted} per row, found {describe(arrow_type)}")
 
 
-def load_hub_dataset(name: str, config_name: str | None, cache_dir: str | None, offline_hint: str,
-                     shown_as: str | None = None) -> DatasetDict:
+def load_hub_dataset(
+    name: str, config_name: str | None, cache_dir: str | None, offline_hint: str, shown_as: str | None = None
+) -> DatasetDict:
     """A data set from the Hugging Face Hub; failing that, a `UserError` that ends with `offline_hint`.
 
     `shown_as` is how the error names the data set (default: `name`).
@@ -318,8 +339,15 @@ def load_hub_dataset(name: str, config_name: str | None, cache_dir: str | None, 
 # ---- model
 
 # Files one of which every saved tokenizer has; a folder with none holds no tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
 def local_folder(name: str, flag: str) -> Path | None:
@@ -345,9 +373,10 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
     local = local_folder(model_args.model_name_or_path, "--model_name_or_path")
     folder = local_folder(config_source, flag) if model_args.config_name else local
     if folder is not None and not (folder / "config.json").is_file():
-        raise UserError(f"no config.json in {config_source}: a model folder needs config.json and its weights "
-                        "(model.safetensors or pytorch_model.bin)" + ("" if model_args.config_name else
-                                                                      ", or pass --config_name"))
+        raise UserError(
+            f"no config.json in {config_source}: a model folder needs config.json and its weights "
+            "(model.safetensors or pytorch_model.bin)" + ("" if model_args.config_name else ", or pass --config_name")
+        )
     try:
         return AutoConfig.from_pretrained(config_source, **model_args.hub_kwargs())
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -366,15 +395,20 @@ def load_tokenizer(model_args: ModelArguments, **tokenizer_kwargs) -> PreTrained
     # transformers 5 builds an empty-vocabulary tokenizer from a folder without tokenizer files:
     # every word would become [UNK], so such a folder is refused here.
     if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer files in {tokenizer_source} ({', '.join(TOKENIZER_FILES[:3])}, ...): "
-                        + _tokenizer_hint(folder, flag))
+        raise UserError(
+            f"no tokenizer files in {tokenizer_source} ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+            + _tokenizer_hint(folder, flag)
+        )
     try:
         return AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs, **model_args.hub_kwargs())
     except Exception as e:  # many types for one cause: the tokenizer files cannot be read
         raise UserError(
             f"cannot load a tokenizer from {tokenizer_source} ({one_line(e)}); "
-            + ("a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
-               if flag == "--model_name_or_path" else "check --tokenizer_name")
+            + (
+                "a distillation dump has none: pass --tokenizer_name, e.g. bert-base-uncased"
+                if flag == "--model_name_or_path"
+                else "check --tokenizer_name"
+            )
         ) from None
 
 
@@ -388,8 +422,14 @@ def _tokenizer_hint(folder: Path, flag: str) -> str:
     except (OSError, ValueError, AttributeError):
         pass
     if isinstance(teacher, str) and teacher:
-        return f"it is a distillation run folder without a tokenizer (made before runs saved one): pass --tokenizer_name {teacher} (its teacher's)"
-    return "pass --tokenizer_name, e.g. bert-base-uncased (distillation dumps made before runs saved their teacher's tokenizer hold none)"
+        return (
+            "it is a distillation run folder without a tokenizer (made before runs saved one): "
+            f"pass --tokenizer_name {teacher} (its teacher's)"
+        )
+    return (
+        "pass --tokenizer_name, e.g. bert-base-uncased "
+        "(distillation dumps made before runs saved their teacher's tokenizer hold none)"
+    )
 
 
 def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
@@ -401,12 +441,14 @@ def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfi
         )
 
 
-def load_model(model_class: type, model_args: ModelArguments, config: PretrainedConfig,
-               **model_kwargs) -> PreTrainedModel:
+def load_model(
+    model_class: type, model_args: ModelArguments, config: PretrainedConfig, **model_kwargs
+) -> PreTrainedModel:
     """`model_class.from_pretrained(--model_name_or_path, config=config, ...)`, e.g. AutoModelForMaskedLM."""
     try:
-        return model_class.from_pretrained(model_args.model_name_or_path, config=config, **model_kwargs,
-                                           **model_args.hub_kwargs())
+        return model_class.from_pretrained(
+            model_args.model_name_or_path, config=config, **model_kwargs, **model_args.hub_kwargs()
+        )
     except Exception as e:  # many types (OSError, SafetensorError, UnpicklingError, ...) for one cause: bad weights
         if isinstance(e, pickle.UnpicklingError):
             problem = "its pytorch_model.bin is corrupt or holds more than tensors (weights are read as data only)"
@@ -423,6 +465,7 @@ def model_input_limit(tokenizer: PreTrainedTokenizerBase, config: PretrainedConf
 
 
 # ---- train
+
 
 def train_and_save(trainer: Trainer, last_checkpoint: str | None) -> None:
     """Train, then save the model, the train metrics (`train_results.json`) and the trainer state.

@@ -16,7 +16,7 @@ import collections
 import math
 import re
 import string
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -70,8 +70,9 @@ def glue_metrics(task_name: str | None, preds: Sequence, labels: Sequence, is_re
     return result
 
 
-def ner_metrics(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                entity_level: bool = False) -> dict:
+def ner_metrics(
+    predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]], entity_level: bool = False
+) -> dict:
     """seqeval scores of tag sequences (e.g. `[["B-PER", "I-PER", "O"], ...]`), one list per sentence.
 
     precision / recall / f1 are entity-level micro averages (an entity counts only when its type
@@ -79,7 +80,8 @@ def ner_metrics(predictions: Sequence[Sequence[str]], references: Sequence[Seque
     `<TYPE>_recall`, `<TYPE>_f1` and `<TYPE>_number` for each entity type.
     """
     from seqeval.metrics import accuracy_score as tag_accuracy
-    from seqeval.metrics import classification_report, f1_score as ent_f1, precision_score, recall_score
+    from seqeval.metrics import classification_report, precision_score, recall_score
+    from seqeval.metrics import f1_score as ent_f1
 
     predictions, references = [list(p) for p in predictions], [list(r) for r in references]
     result = {
@@ -148,9 +150,12 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
     return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
 
 
-def squad_v2_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
-                     no_answer_probs: Mapping[str, float] | None = None,
-                     no_answer_threshold: float = 1.0) -> dict:
+def squad_v2_metrics(
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    no_answer_probs: Mapping[str, float] | None = None,
+    no_answer_threshold: float = 1.0,
+) -> dict:
     """SQuAD v2.0 scores in percent: overall, HasAns_* (answerable) and NoAns_* (no gold answer).
 
     A question with an empty gold list is unanswerable; predicting "" is the null answer.
@@ -211,6 +216,7 @@ def _check_ids(predictions: Mapping, references: Mapping) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Masked language modelling
+
 
 def mlm_accuracy(preds: np.ndarray, labels: np.ndarray, ignore_index: int = -100) -> float:
     """Share of masked positions whose arg-max prediction is the original token.

@@ -9,7 +9,7 @@ so the number of batches per epoch is always ``ceil(len(sampler) / batch_size)``
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler

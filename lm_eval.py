@@ -41,8 +41,9 @@ __all__ = ["ClmBatch", "HeldoutClm", "heldout_batches", "make_dataset", "model_p
 
 def make_dataset(store: TokenSequences, tokenizer, model_config, seed: int) -> LmSeqsDataset:
     """Sequences framed, filtered and chunked as for causal distillation (the family's row)."""
-    params = DatasetParams(max_positions(model_config), False, special_token_ids(tokenizer), seed=seed,
-                           family=model_config.model_type)
+    params = DatasetParams(
+        max_positions(model_config), False, special_token_ids(tokenizer), seed=seed, family=model_config.model_type
+    )
     return LmSeqsDataset(params, store)
 
 
@@ -73,8 +74,9 @@ def heldout_batches(dataset: LmSeqsDataset, batch_size: int, seed: int, intercha
         has_next = real_token_mask(lengths - 1, width)  # positions 0 .. length - 2
         targets = torch.cat([ids[:, 1:], ids.new_full((ids.size(0), 1), IGNORE_INDEX)], 1)
         targets = targets.masked_fill(~has_next, IGNORE_INDEX)
-        imask, dmask = sample_interchange_masks(lengths, dual_lengths, width, dual_ids.size(1), prop=interchange_prop,
-                                                consecutive=True, generator=generator)
+        imask, dmask = sample_interchange_masks(
+            lengths, dual_lengths, width, dual_ids.size(1), prop=interchange_prop, consecutive=True, generator=generator
+        )
         span_end = (imask.long() * torch.arange(width)).amax(1)  # last interchanged position per row
         after = (torch.arange(width)[None, :] > span_end[:, None]) & has_next
         batches.append(ClmBatch(ids, targets, dual_ids, imask, dmask, after))
@@ -92,8 +94,9 @@ class Predictions:
 
 
 @torch.no_grad()
-def model_predictions(model: nn.Module, batches: list[ClmBatch], variables: list[str] | None,
-                      desc: str = "held-out CLM") -> Predictions:
+def model_predictions(
+    model: nn.Module, batches: list[ClmBatch], variables: list[str] | None, desc: str = "held-out CLM"
+) -> Predictions:
     """Base run of every batch (NLL, top-1) and, with `variables` (deserialized names), the counterfactual
     run: the source run on the dual up to the intervened block, then the blocks above it restarted from
     the base run's recorded output of the lowest intervened block (exact: the model is in eval mode)."""
@@ -114,8 +117,16 @@ def model_predictions(model: nn.Module, batches: list[ClmBatch], variables: list
         correct += int((top1[-1] == targets).sum())
         if layer is not None:
             source = cf.get_activation_at(model, b.dual_input_ids, None, variables)
-            out = cf.run_blocks_above(model, cache, layer, source, variables, b.interchange_mask,
-                                      b.dual_interchange_mask, compute_logits=False)
+            out = cf.run_blocks_above(
+                model,
+                cache,
+                layer,
+                source,
+                variables,
+                b.interchange_mask,
+                b.dual_interchange_mask,
+                compute_logits=False,
+            )
             cf_top1.append(cf.lm_head_logits(model, out.last_hidden_state[b.after_span]).argmax(-1))
     model.train(was_training)
     return Predictions(nll_sum, torch.cat(top1), correct, None if layer is None else torch.cat(cf_top1))
@@ -131,8 +142,12 @@ def unigram_baseline(counts: np.ndarray, start_id: int | None, batches: list[Clm
     targets = torch.cat([b.targets[b.targets != IGNORE_INDEX] for b in batches])
     top = int(p.argmax())
     nll = float(-log_p[targets].mean())
-    return {"nll": nll, "perplexity": float(np.exp(nll)), "accuracy": float((targets == top).float().mean()),
-            "top_id": top}
+    return {
+        "nll": nll,
+        "perplexity": float(np.exp(nll)),
+        "accuracy": float((targets == top).float().mean()),
+        "top_id": top,
+    }
 
 
 class HeldoutClm:
@@ -144,8 +159,16 @@ class HeldoutClm:
     after the span.
     """
 
-    def __init__(self, teacher: nn.Module, dataset: LmSeqsDataset, teacher_variables: list[str],
-                 student_variables: list[str], seed: int, interchange_prop: float = 0.3, batch_size: int = 16):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        dataset: LmSeqsDataset,
+        teacher_variables: list[str],
+        student_variables: list[str],
+        seed: int,
+        interchange_prop: float = 0.3,
+        batch_size: int = 16,
+    ):
         self.teacher, self.student_variables = teacher, student_variables
         self.batches = heldout_batches(dataset, batch_size, seed, interchange_prop)
         if self.n_predictions == 0 or self.n_interchange_positions == 0:

@@ -20,8 +20,8 @@ permutation drawn when the dataset is built, so every distributed rank pairs ide
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -109,7 +109,12 @@ class LmSeqsDataset(Dataset):
         self.dual_index = np.random.default_rng(params.seed).permutation(len(self))
         logger.info(
             "Dataset: %d sequences (%d tokens) -> %d after filtering (%d short, %d mostly unknown); %d tokens",
-            n_raw, n_tok_raw, len(self), n_short, n_unk, int(self.lengths.sum()),
+            n_raw,
+            n_tok_raw,
+            len(self),
+            n_short,
+            n_unk,
+            int(self.lengths.sum()),
         )
 
     # --- building the index --------------------------------------------------------------
@@ -125,7 +130,9 @@ class LmSeqsDataset(Dataset):
         bad = np.flatnonzero(wrong)
         if len(bad) or not nonempty.all():
             i = int(np.flatnonzero(nonempty)[bad[0]]) if len(bad) else int(np.flatnonzero(~nonempty)[0])
-            framing = f"end with id {end_id}" if start_id is None else f"start with id {start_id} and end with id {end_id}"
+            framing = (
+                f"end with id {end_id}" if start_id is None else f"start with id {start_id} and end with id {end_id}"
+            )
             raise UserError(
                 f"sequence {i} of the corpus does not {framing}: was it binarized with another tokenizer type?"
             )
@@ -144,8 +151,9 @@ class LmSeqsDataset(Dataset):
         chunk_no = np.arange(len(seq_of_chunk)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
         long = seq_lens[seq_of_chunk] > max_len
         self.starts = seq_starts[seq_of_chunk] + chunk_no * step * long
-        self.src_lengths = np.where(long, np.minimum(step, seq_lens[seq_of_chunk] - chunk_no * step),
-                                    seq_lens[seq_of_chunk])
+        self.src_lengths = np.where(
+            long, np.minimum(step, seq_lens[seq_of_chunk] - chunk_no * step), seq_lens[seq_of_chunk]
+        )
         flat = self.store.flat
         self.add_start = long & (flat[self.starts] != start_id) if start_id is not None else np.zeros_like(long)
         self.add_end = long & (flat[self.starts + self.src_lengths - 1] != self.params.end_id)
@@ -184,8 +192,10 @@ class LmSeqsDataset(Dataset):
         s, n = int(self.starts[i]), int(self.src_lengths[i])
         body = np.asarray(self.store.flat[s : s + n], dtype=np.int64)
         if self.add_start[i] or self.add_end[i]:
-            parts = [[self.params.start_id]] * bool(self.add_start[i]) + [body] + [[self.params.end_id]] * bool(
-                self.add_end[i]
+            parts = (
+                [[self.params.start_id]] * bool(self.add_start[i])
+                + [body]
+                + [[self.params.end_id]] * bool(self.add_end[i])
             )
             body = np.concatenate(parts).astype(np.int64)
         return body
@@ -207,7 +217,7 @@ class LmSeqsDataset(Dataset):
         Returns token_ids (bs, L), lengths (bs,), dual_token_ids (bs, L), dual_lengths (bs,),
         with L the longest base length: each dual is padded, or cut, to L and its length clipped.
         """
-        token_ids, lengths, dual_ids, dual_lengths = zip(*batch)
+        token_ids, lengths, dual_ids, dual_lengths = zip(*batch, strict=False)
         lengths = np.asarray(lengths, dtype=np.int64)
         dual_lengths = np.asarray(dual_lengths, dtype=np.int64)
         max_len = int(lengths.max())

@@ -36,7 +36,7 @@ class _SoftTargetKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         kl = s_logits.new_zeros((), dtype=torch.float32)
-        for s, t in zip(*_row_chunks(s_logits, t_logits)):
+        for s, t in zip(*_row_chunks(s_logits, t_logits), strict=False):
             log_p_s = torch.log_softmax(s.float() / temperature, dim=-1)
             log_p_t = torch.log_softmax(t.float() / temperature, dim=-1)
             log_p_s.sub_(log_p_t).neg_()  # log p_t - log p_s
@@ -51,7 +51,7 @@ class _SoftTargetKL(torch.autograd.Function):
         temperature = ctx.temperature
         out = torch.empty_like(s_logits)
         scale = grad / temperature
-        for s, t, o in zip(*_row_chunks(s_logits, t_logits, out)):
+        for s, t, o in zip(*_row_chunks(s_logits, t_logits, out), strict=False):
             p_s = torch.softmax(s.float() / temperature, dim=-1)
             p_s.sub_(torch.softmax(t.float() / temperature, dim=-1)).mul_(scale)
             o.copy_(p_s)

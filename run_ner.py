@@ -63,10 +63,13 @@ class DataTrainingArguments:
     test_file: str | None = field(default=None, metadata={"help": "Data to predict (json or jsonl)."})
     text_column_name: str = field(default="tokens", metadata={"help": "Column holding the list of words."})
     label_column_name: str = field(default="ner_tags", metadata={"help": "Column holding the list of tags."})
-    max_seq_length: int | None = field(default=None, metadata={"help": "Longer sentences are truncated (default: the model's limit)."})
+    max_seq_length: int | None = field(
+        default=None, metadata={"help": "Longer sentences are truncated (default: the model's limit)."}
+    )
     pad_to_max_length: bool = field(default=False, metadata={"help": "Pad every input to max_seq_length."})
     label_all_tokens: bool = field(
-        default=False, metadata={"help": "Tag every sub-word of a word (B- becomes I- after the first), not only the first."}
+        default=False,
+        metadata={"help": "Tag every sub-word of a word (B- becomes I- after the first), not only the first."},
     )
     return_entity_level_metrics: bool = field(default=False, metadata={"help": "Also report scores per entity type."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training sentences."})
@@ -82,7 +85,9 @@ class NerTrainingArguments(TrainingArguments):
     # found by the Trainer itself); users of the NER script pass the tag names with it.
     label_names: list[str] | None = field(
         default=None,
-        metadata={"help": "Tag names in id order, needed when the files hold tag ids: O B-PER I-PER ... (or comma-separated)"},
+        metadata={
+            "help": "Tag names in id order, needed when the files hold tag ids: O B-PER I-PER ... (or comma-separated)"
+        },
     )
 
 
@@ -115,8 +120,10 @@ def check_tagged_words(dataset: datasets.Dataset, text_column: str, label_column
     differ = pc.not_equal(words, tags)
     if pc.any(differ).as_py():
         row = pc.index(differ, True).as_py()
-        raise UserError(f"row {row + 1} of {source} has {words[row].as_py()} words in '{text_column}' but "
-                        f"{tags[row].as_py()} tags in '{label_column}'")
+        raise UserError(
+            f"row {row + 1} of {source} has {words[row].as_py()} words in '{text_column}' but "
+            f"{tags[row].as_py()} tags in '{label_column}'"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,10 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
     text_column, label_column = data_args.text_column_name, data_args.label_column_name
     for split in raw_datasets:
         required = [text_column] + ([label_column] if split != "test" else [])
-        eval_common.require_columns(raw_datasets[split], required, where(split, files),
-                                    hint="see --text_column_name/--label_column_name")
-        check_tagged_words(raw_datasets[split], text_column,
-                           label_column if label_column in raw_datasets[split].column_names else None, where(split, files))
+        eval_common.require_columns(
+            raw_datasets[split], required, where(split, files), hint="see --text_column_name/--label_column_name"
+        )
+        check_tagged_words(
+            raw_datasets[split],
+            text_column,
+            label_column if label_column in raw_datasets[split].column_names else None,
+            where(split, files),
+        )
     labelled_splits = [s for s in raw_datasets if label_column in raw_datasets[s].column_names]
 
     # Tag names, in id order: the data set's own, --label_names, or the tags the files spell out.
@@ -155,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     elif all(isinstance(t, str) for t in tags_seen):
         label_list = sorted(tags_seen)
     else:
-        raise UserError(f"the tags in {where(labelled_splits[0], files)} are ids: give their names in id order with --label_names")
+        raise UserError(
+            f"the tags in {where(labelled_splits[0], files)} are ids: give their names in id order with --label_names"
+        )
     if not label_list:
         raise UserError("the data has no tags: give the tag names in id order with --label_names")
     label_to_id = {name: i for i, name in enumerate(label_list)}
@@ -194,8 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not tokenizer.is_fast:
         raise UserError(f"tokenizer {tokenizer.name_or_path} has no word alignment (not a fast tokenizer)")
     eval_common.check_vocab_size(tokenizer, config)
-    model = eval_common.load_model(AutoModelForTokenClassification, model_args, config,
-                                   ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    model = eval_common.load_model(
+        AutoModelForTokenClassification, model_args, config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+    )
 
     model_limit = eval_common.model_input_limit(tokenizer, config)
     max_seq_length = min(data_args.max_seq_length or model_limit, model_limit)
@@ -207,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         Untagged test sentences get tag 0 on first pieces, only to mark where the words start.
         """
         words = examples[text_column]
-        encoded = tokenizer(words, padding=padding, truncation=True, max_length=max_seq_length, is_split_into_words=True)
+        encoded = tokenizer(
+            words, padding=padding, truncation=True, max_length=max_seq_length, is_split_into_words=True
+        )
         all_tags = examples.get(label_column) or [[0] * len(w) for w in words]
         encoded["labels"] = []
         for i, tags in enumerate(all_tags):
@@ -229,9 +246,12 @@ def main(argv: list[str] | None = None) -> dict:
             ds = ds.select(range(min(limit, len(ds))))
         with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
             return ds.map(
-                tokenize_and_align_labels, batched=True, remove_columns=ds.column_names,
+                tokenize_and_align_labels,
+                batched=True,
+                remove_columns=ds.column_names,
                 num_proc=data_args.preprocessing_num_workers,
-                load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing {split}",
+                load_from_cache_file=not data_args.overwrite_cache,
+                desc=f"Tokenizing {split}",
             )
 
     train_dataset = prepare("train", data_args.max_train_samples) if training_args.do_train else None
@@ -240,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     def to_tags(predictions: np.ndarray, label_ids: np.ndarray) -> tuple[list[list[str]], list[list[str]]]:
         """Predicted and gold tag names at the positions that carry a gold tag (first word pieces)."""
         pred_tags, gold_tags = [], []
-        for pred_row, gold_row in zip(predictions, label_ids):
+        for pred_row, gold_row in zip(predictions, label_ids, strict=False):
             keep = gold_row != -100
             pred_tags.append([label_list[p] for p in pred_row[keep]])
             gold_tags.append([label_list[g] for g in gold_row[keep]])
@@ -256,7 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None),
+        data_collator=DataCollatorForTokenClassification(
+            tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None
+        ),
         compute_metrics=compute_metrics,
     )
 

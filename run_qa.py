@@ -51,8 +51,10 @@ def load_squad_json(path: str, split: str, cache_dir: str | None) -> Dataset:
     return load_dataset("json", data_files={split: path}, cache_dir=cache_dir)[split]
 
 
-LAYOUT_HINT = ("expected the official SQuAD layout (data > paragraphs > qas) or one question per row "
-               "with id, context, question, answers")
+LAYOUT_HINT = (
+    "expected the official SQuAD layout (data > paragraphs > qas) or one question per row "
+    "with id, context, question, answers"
+)
 
 
 def check_questions(dataset: Dataset, source: str, offsets_used: bool) -> None:
@@ -73,12 +75,20 @@ def check_questions(dataset: Dataset, source: str, offsets_used: bool) -> None:
     if "answers" not in dataset.column_names:
         return
     answers_type = dataset.data.schema.field("answers").type
-    fields = {answers_type.field(i).name: answers_type.field(i).type for i in range(answers_type.num_fields)} \
-        if pa.types.is_struct(answers_type) else {}
-    if not ({"text", "answer_start"} <= fields.keys()
-            and pa.types.is_list(fields["text"]) and pa.types.is_list(fields["answer_start"])):
-        raise UserError(f"column 'answers' in {source} must hold {{\"text\": [...], \"answer_start\": [...]}} "
-                        f"per row, found {eval_common.describe(answers_type)}")
+    fields = (
+        {answers_type.field(i).name: answers_type.field(i).type for i in range(answers_type.num_fields)}
+        if pa.types.is_struct(answers_type)
+        else {}
+    )
+    if not (
+        {"text", "answer_start"} <= fields.keys()
+        and pa.types.is_list(fields["text"])
+        and pa.types.is_list(fields["answer_start"])
+    ):
+        raise UserError(
+            f'column \'answers\' in {source} must hold {{"text": [...], "answer_start": [...]}} '
+            f"per row, found {eval_common.describe(answers_type)}"
+        )
     if offsets_used:
         for row in dataset.select_columns(["id", "context", "answers"]):
             problem = answer_mismatch(row)
@@ -95,7 +105,9 @@ class DataTrainingArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub data set: squad, squad_v2 or another."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
     train_file: str | None = field(default=None, metadata={"help": "Training data (SQuAD json, or json/jsonl rows)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data (SQuAD json, or json/jsonl rows)."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation data (SQuAD json, or json/jsonl rows)."}
+    )
     test_file: str | None = field(default=None, metadata={"help": "Questions to answer (answers not needed)."})
     max_seq_length: int = field(default=384, metadata={"help": "Tokens per feature (question + context window)."})
     doc_stride: int = field(default=128, metadata={"help": "Tokens shared by two windows of a long context."})
@@ -158,8 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_common.require_columns(raw_datasets[split], required, where(split, files), hint=LAYOUT_HINT)
         check_questions(raw_datasets[split], where(split, files), offsets_used=split == "train")
     if training_args.do_train and not data_args.version_2_with_negative:
-        unanswered = [row["id"] for row in raw_datasets["train"].select_columns(["id", "answers"])
-                      if not row["answers"]["text"]]
+        unanswered = [
+            row["id"] for row in raw_datasets["train"].select_columns(["id", "answers"]) if not row["answers"]["text"]
+        ]
         if unanswered:
             raise UserError(
                 f"question {unanswered[0]!r} in {where('train', files)} has no answer; "
@@ -176,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     max_seq_length = min(data_args.max_seq_length, eval_common.model_input_limit(tokenizer, config))
     if max_seq_length < data_args.max_seq_length:
-        logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}.")
+        logger.warning(
+            f"--max_seq_length {data_args.max_seq_length} exceeds the model's limit; using {max_seq_length}."
+        )
     if data_args.doc_stride >= max_seq_length // 2:
         raise UserError(f"--doc_stride {data_args.doc_stride} must be below half of max_seq_length ({max_seq_length})")
     pad_on_right = tokenizer.padding_side == "right"  # question first, then context
@@ -188,8 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
         questions = [q.lstrip() for q in examples["question"]]
         pair = (questions, examples["context"]) if pad_on_right else (examples["context"], questions)
         return tokenizer(
-            *pair, truncation="only_second" if pad_on_right else "only_first", max_length=max_seq_length,
-            stride=data_args.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding=padding,
+            *pair,
+            truncation="only_second" if pad_on_right else "only_first",
+            max_length=max_seq_length,
+            stride=data_args.doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding=padding,
         )
 
     def prepare_train_features(examples: dict) -> dict:
@@ -235,9 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     def features_of(examples: Dataset, prepare, split: str) -> Dataset:
         with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
             return examples.map(
-                prepare, batched=True, remove_columns=examples.column_names,
+                prepare,
+                batched=True,
+                remove_columns=examples.column_names,
                 num_proc=data_args.preprocessing_num_workers,
-                load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing {split}",
+                load_from_cache_file=not data_args.overwrite_cache,
+                desc=f"Tokenizing {split}",
             )
 
     train_dataset = None
@@ -263,16 +286,22 @@ def main(argv: list[str] | None = None) -> dict:
         output = trainer.predict(features.remove_columns(["example_id", "offset_mapping"]), metric_key_prefix=prefix)
         start_logits, end_logits = output.predictions[:2]
         predictions, nbest, null_diffs = postprocess_qa_predictions(
-            examples, features, start_logits, end_logits,
-            version_2_with_negative=data_args.version_2_with_negative, n_best_size=data_args.n_best_size,
-            max_answer_length=data_args.max_answer_length, null_score_diff_threshold=data_args.null_score_diff_threshold,
+            examples,
+            features,
+            start_logits,
+            end_logits,
+            version_2_with_negative=data_args.version_2_with_negative,
+            n_best_size=data_args.n_best_size,
+            max_answer_length=data_args.max_answer_length,
+            null_score_diff_threshold=data_args.null_score_diff_threshold,
         )
         metrics = dict(output.metrics, **{f"{prefix}_samples": len(examples)})
         if "answers" in examples.column_names:
             references = {row["id"]: row["answers"]["text"] for row in examples.select_columns(["id", "answers"])}
             scores = (
                 eval_metrics.squad_v2_metrics(predictions, references, null_diffs, data_args.null_score_diff_threshold)
-                if data_args.version_2_with_negative else eval_metrics.squad_metrics(predictions, references)
+                if data_args.version_2_with_negative
+                else eval_metrics.squad_metrics(predictions, references)
             )
             metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         if trainer.is_world_process_zero():

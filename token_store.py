@@ -23,9 +23,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class TokenSequences(Sequence[np.ndarray]):
         self.offsets = offsets
 
     @classmethod
-    def from_list(cls, seqs: Iterable[np.ndarray], dtype: np.dtype | None = None) -> "TokenSequences":
+    def from_list(cls, seqs: Iterable[np.ndarray], dtype: np.dtype | None = None) -> TokenSequences:
         seqs = [np.asarray(s) for s in seqs]
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
@@ -122,7 +122,7 @@ class TokenSequences(Sequence[np.ndarray]):
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
-    def permuted(self, order: np.ndarray, block: int = 1 << 20) -> "TokenSequences":
+    def permuted(self, order: np.ndarray, block: int = 1 << 20) -> TokenSequences:
         """A new corpus whose sequence i is ``self[order[i]]`` (vectorised, in blocks of sequences)."""
         order = np.asarray(order, dtype=np.int64)
         lengths = self.lengths[order]
@@ -188,8 +188,18 @@ def safe_load_pickle(path: str | os.PathLike, what: str = "binarized data file")
             return _RestrictedUnpickler(io.BufferedReader(f)).load()
     except _ForbiddenGlobal as e:
         raise UserError(f"{what} {path} is not a safe pickle of integer arrays: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
-            OverflowError, RecursionError) as e:  # what arbitrary bytes make the unpickler raise
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        OverflowError,
+        RecursionError,
+    ) as e:  # what arbitrary bytes make the unpickler raise
         raise UserError(f"{what} {path} is empty, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 

@@ -85,7 +85,7 @@ class TrainingConfig:
         return self.alpha_causal_ce > 0 or self.alpha_causal_cos > 0
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainingConfig":
+    def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
         """The fields of `args` (parsed training flags) that the distiller uses."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 

@@ -8,11 +8,12 @@ import os
 import random
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
+
 
 class UserError(Exception):
     """A mistake in the user's input (file, flag, value). The CLI prints it on one line and exits 2."""

@@ -28,14 +28,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-SUBJECTS = ("the committee", "a young engineer", "my neighbour", "the old river", "every student", "the council",
-            "our team", "the museum", "a small company", "the orchestra", "her brother", "the local newspaper")
-VERBS = ("announced", "discovered", "rebuilt", "questioned", "described", "visited", "measured", "painted",
-         "defended", "published", "recorded", "abandoned", "celebrated", "translated", "borrowed")
-TAILS = ("in the spring of {year}", "after a long and difficult winter", "near the northern border",
-         "with the help of {n} volunteers", "for the first time since {year}", "despite strong objections",
-         "at a cost of about {n} pounds", "before the election", "during the second world war",
-         "on the edge of the city", "according to several witnesses", "while the critics were away")
+SUBJECTS = (
+    "the committee",
+    "a young engineer",
+    "my neighbour",
+    "the old river",
+    "every student",
+    "the council",
+    "our team",
+    "the museum",
+    "a small company",
+    "the orchestra",
+    "her brother",
+    "the local newspaper",
+)
+VERBS = (
+    "announced",
+    "discovered",
+    "rebuilt",
+    "questioned",
+    "described",
+    "visited",
+    "measured",
+    "painted",
+    "defended",
+    "published",
+    "recorded",
+    "abandoned",
+    "celebrated",
+    "translated",
+    "borrowed",
+)
+TAILS = (
+    "in the spring of {year}",
+    "after a long and difficult winter",
+    "near the northern border",
+    "with the help of {n} volunteers",
+    "for the first time since {year}",
+    "despite strong objections",
+    "at a cost of about {n} pounds",
+    "before the election",
+    "during the second world war",
+    "on the edge of the city",
+    "according to several witnesses",
+    "while the critics were away",
+)
 
 
 def make_corpus(n_lines: int, words: list[str], seed: int = 0) -> list[str]:
@@ -85,8 +122,12 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lines", type=int, default=50_000)
-    p.add_argument("--legacy_lines", type=int, default=5_000,
-                   help="Lines for the (slow) original Python tokenizer row; its rate is per line.")
+    p.add_argument(
+        "--legacy_lines",
+        type=int,
+        default=5_000,
+        help="Lines for the (slow) original Python tokenizer row; its rate is per line.",
+    )
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="Runs per path; the best is reported.")
     args = p.parse_args()
@@ -105,8 +146,9 @@ def main() -> None:
     legacy = BertTokenizerLegacy.from_pretrained(folder)
     legacy.model_max_length = sys.maxsize
     n_legacy = min(args.legacy_lines, args.lines)
-    seconds, cpu, store = timed(lambda: encode_slow(data.select(range(n_legacy)), "text", legacy, start, end, dtype),
-                                args.repeats)
+    seconds, cpu, store = timed(
+        lambda: encode_slow(data.select(range(n_legacy)), "text", legacy, start, end, dtype), args.repeats
+    )
     rows.append(("original: Python BertTokenizer, line by line", n_legacy, seconds, cpu, store.n_tokens))
     legacy_reference = store
 
@@ -114,10 +156,15 @@ def main() -> None:
     rows.append(("line by line (no --fast_process)", args.lines, seconds, cpu, reference.n_tokens))
     for workers in sorted({1, args.num_workers}):
         with tempfile.TemporaryDirectory() as work:
-            seconds, cpu, store = timed(lambda: encode_fast(data, "text", tokenizer, start, end, workers, dtype, work),
-                                        args.repeats)
-            assert np.array_equal(store.flat, reference.flat) and np.array_equal(store.offsets, reference.offsets), \
+            seconds, cpu, store = timed(
+                lambda workers=workers, work=work: encode_fast(
+                    data, "text", tokenizer, start, end, workers, dtype, work
+                ),
+                args.repeats,
+            )
+            assert np.array_equal(store.flat, reference.flat) and np.array_equal(store.offsets, reference.offsets), (
                 "the fast path disagrees with the line-by-line path"
+            )
         rows.append((f"--fast_process --preprocessing_num_workers {workers}", args.lines, seconds, cpu, store.n_tokens))
     n_legacy_tokens = int(reference.offsets[n_legacy])
     if not np.array_equal(legacy_reference.flat, reference.flat[:n_legacy_tokens]):
@@ -125,22 +172,30 @@ def main() -> None:
 
     seconds, cpu, _ = timed(lambda: [backend.encode(t, add_special_tokens=False).ids for t in framed], args.repeats)
     rows.append(("profile: bare Rust encode, one line per call", args.lines, seconds, cpu, reference.n_tokens))
-    seconds, cpu, _ = timed(lambda: [e.ids for e in backend.encode_batch_fast(framed, add_special_tokens=False)],
-                          args.repeats)
+    seconds, cpu, _ = timed(
+        lambda: [e.ids for e in backend.encode_batch_fast(framed, add_special_tokens=False)], args.repeats
+    )
     rows.append(("profile: bare Rust encode_batch_fast, all lines", args.lines, seconds, cpu, reference.n_tokens))
 
     base_rate, original_rate = args.lines / rows[1][2], rows[0][1] / rows[0][2]
     base_cpu, original_cpu = rows[1][3] / args.lines, rows[0][3] / rows[0][1]
-    print(f"corpus: {args.lines:,} lines, {reference.n_tokens:,} tokens (bert-base-uncased), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; identical ids on every path")
-    print("| path | lines | wall s | lines/s | tokens/s | speed-up vs line by line | vs original | "
-          "CPU µs/line | CPU saving vs line by line | vs original |")
+    print(
+        f"corpus: {args.lines:,} lines, {reference.n_tokens:,} tokens (bert-base-uncased), "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; identical ids on every path"
+    )
+    print(
+        "| path | lines | wall s | lines/s | tokens/s | speed-up vs line by line | vs original | "
+        "CPU µs/line | CPU saving vs line by line | vs original |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, lines, seconds, cpu, tokens in rows:
         rate, cpu_per_line = lines / seconds, cpu / lines
-        print(f"| {name} | {lines:,} | {seconds:.2f} | {rate:,.0f} | {tokens / seconds:,.0f} | "
-              f"{rate / base_rate:.2f}x | {rate / original_rate:.1f}x | {cpu_per_line * 1e6:.0f} | "
-              f"{base_cpu / cpu_per_line:.2f}x | {original_cpu / cpu_per_line:.1f}x |")
+        print(
+            f"| {name} | {lines:,} | {seconds:.2f} | {rate:,.0f} | {tokens / seconds:,.0f} | "
+            f"{rate / base_rate:.2f}x | {rate / original_rate:.1f}x | {cpu_per_line * 1e6:.0f} | "
+            f"{base_cpu / cpu_per_line:.2f}x | {original_cpu / cpu_per_line:.1f}x |"
+        )
+
 
 if __name__ == "__main__":
     main()

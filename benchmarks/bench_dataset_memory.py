@@ -74,8 +74,9 @@ def synthetic_corpus(n_tokens: int, seed: int = 0):
 
 
 def measure(path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), path=str(path))],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD.format(repo=str(REPO), path=str(path))], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -98,10 +99,19 @@ def main() -> None:
             del corpus
             for fmt, path in files.items():
                 r = measure(path)
-                size_mib = sum(f.stat().st_size for f in Path(tmp).glob("c.*") if (fmt == "pickle") ==
-                               f.name.endswith(".pickle")) / 2**20
-                print(f"| {size:.0e} | {r['n']:,} | {fmt} | {size_mib:.0f} | {r['rss']:.0f} | {r['anon']:.0f} | "
-                      f"{r['uss']:.0f} | {r['peak']:.0f} | {r['seconds']:.1f} |", flush=True)
+                size_mib = (
+                    sum(
+                        f.stat().st_size
+                        for f in Path(tmp).glob("c.*")
+                        if (fmt == "pickle") == f.name.endswith(".pickle")
+                    )
+                    / 2**20
+                )
+                print(
+                    f"| {size:.0e} | {r['n']:,} | {fmt} | {size_mib:.0f} | {r['rss']:.0f} | {r['anon']:.0f} | "
+                    f"{r['uss']:.0f} | {r['peak']:.0f} | {r['seconds']:.1f} |",
+                    flush=True,
+                )
             for f in Path(tmp).iterdir():
                 f.unlink()
     print(f"total {time.perf_counter() - started:.0f}s")

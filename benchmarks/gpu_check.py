@@ -54,9 +54,24 @@ SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_to
 REAL_DATA = REPO.parent / "shared" / "data" / "binarized_text.train.bert-base-uncased.pickle"
 REAL_COUNTS = REPO.parent / "shared" / "data" / "binarized_text.train.token_counts.bert-base-uncased.pickle"
 # The README's recipe with DIITO on: ce + mlm + cos + causal_ce.
-RECIPE = ["--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0",
-          "--alpha_causal_ce", "0.25", "--alpha_causal_cos", "0", "--interchange_prop", "0.3",
-          "--interchange_consecutive_only"]
+RECIPE = [
+    "--mlm",
+    "--alpha_ce",
+    "0.25",
+    "--alpha_mlm",
+    "0.25",
+    "--alpha_cos",
+    "0.25",
+    "--alpha_clm",
+    "0",
+    "--alpha_causal_ce",
+    "0.25",
+    "--alpha_causal_cos",
+    "0",
+    "--interchange_prop",
+    "0.3",
+    "--interchange_consecutive_only",
+]
 
 
 @dataclass(frozen=True)
@@ -102,8 +117,15 @@ def vocabulary() -> dict[str, int]:
     words = {f"w{i}": i for i in range(VOCAB)}
     for name, i in SPECIAL.items():
         del words[f"w{i}"]
-        words[{"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-               "mask_token": "[MASK]"}[name]] = i
+        words[
+            {
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "mask_token": "[MASK]",
+            }[name]
+        ] = i
     return words
 
 
@@ -117,31 +139,55 @@ def build_workspace(folder: Path, sizes: Sizes, data: str = "auto") -> Workspace
     torch.manual_seed(0)
     h, heads = sizes.teacher_hidden, sizes.teacher_heads
     teacher_dir = folder / "teacher"
-    BertForMaskedLM(BertConfig(
-        vocab_size=VOCAB, hidden_size=h, num_hidden_layers=sizes.teacher_layers, num_attention_heads=heads,
-        intermediate_size=4 * h, max_position_embeddings=512,
-    )).save_pretrained(teacher_dir)
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=h,
+            num_hidden_layers=sizes.teacher_layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * h,
+            max_position_embeddings=512,
+        )
+    ).save_pretrained(teacher_dir)
     BertTokenizer(vocab=vocabulary()).save_pretrained(teacher_dir)
     student_config = dict(
-        vocab_size=VOCAB, dim=h, n_layers=sizes.student_layers, n_heads=heads, hidden_dim=4 * h,
-        max_position_embeddings=512, sinusoidal_pos_embds=False, model_type="distilbert",
+        vocab_size=VOCAB,
+        dim=h,
+        n_layers=sizes.student_layers,
+        n_heads=heads,
+        hidden_dim=4 * h,
+        max_position_embeddings=512,
+        sinusoidal_pos_embds=False,
+        model_type="distilbert",
     )
     (folder / "student.json").write_text(json.dumps(student_config))
     student = DistilBertForMaskedLM(DistilBertConfig(**student_config))
     torch.save(student.state_dict(), folder / "student.pth")
     d = h // heads
-    (folder / "map.nm").write_text(json.dumps({"interchange_variable_mappings": [{
-        "teacher_variable_names": [f"$L:{sizes.teacher_layers // 2}$H:[0:{heads}]$[0:{d}]"],
-        "student_variable_names": [f"$L:{sizes.student_layers // 2}$H:[0:{heads}]$[0:{d}]"],
-    }]}))
+    (folder / "map.nm").write_text(
+        json.dumps(
+            {
+                "interchange_variable_mappings": [
+                    {
+                        "teacher_variable_names": [f"$L:{sizes.teacher_layers // 2}$H:[0:{heads}]$[0:{d}]"],
+                        "student_variable_names": [f"$L:{sizes.student_layers // 2}$H:[0:{heads}]$[0:{d}]"],
+                    }
+                ]
+            }
+        )
+    )
 
     if data == "auto":
         data = str(REAL_DATA) if REAL_DATA.is_file() else "synthetic"
     if data == "synthetic":
         rng = np.random.default_rng(0)
         n = sizes.batch_size * (sizes.train_steps + 2)
-        corpus = [np.concatenate([[SPECIAL["cls_token"]], rng.integers(1000, VOCAB, sizes.seq_len - 2),
-                                  [SPECIAL["sep_token"]]]).astype(np.uint16) for _ in range(n)]
+        corpus = [
+            np.concatenate(
+                [[SPECIAL["cls_token"]], rng.integers(1000, VOCAB, sizes.seq_len - 2), [SPECIAL["sep_token"]]]
+            ).astype(np.uint16)
+            for _ in range(n)
+        ]
         what = f"synthetic, {n} rows of {sizes.seq_len} tokens"
     else:
         with open(data, "rb") as f:  # the project's own binarized sample (a list of uint16 arrays)
@@ -151,21 +197,57 @@ def build_workspace(folder: Path, sizes: Sizes, data: str = "auto") -> Workspace
         pickle.dump(corpus, f)
     counts = np.bincount(np.concatenate(corpus), minlength=VOCAB).tolist()
     (folder / "counts.pickle").write_bytes(pickle.dumps(counts))
-    return Workspace(teacher_dir, folder / "student.json", folder / "student.pth", folder / "map.nm",
-                     folder / "corpus.pickle", folder / "counts.pickle", what)
+    return Workspace(
+        teacher_dir,
+        folder / "student.json",
+        folder / "student.pth",
+        folder / "map.nm",
+        folder / "corpus.pickle",
+        folder / "counts.pickle",
+        what,
+    )
 
 
 def train_argv(ws: Workspace, sizes: Sizes, device: str, run_name: str, *extra: str) -> list[str]:
     """`causal_train.py` flags of one check: the DIITO recipe, one micro-batch per optimizer step."""
     return [
-        "--force", "--n_gpu", "1" if device == "cuda" else "0", "--dump_path", str(ws.corpus.parent / "runs"),
-        "--run_name", run_name, "--data_file", str(ws.corpus), "--token_counts", str(ws.counts),
-        "--student_type", "distilbert", "--student_config", str(ws.student_config),
-        "--student_pretrained_weights", str(ws.student_weights),
-        "--teacher_type", "bert", "--teacher_name", str(ws.teacher), "--neuron_mapping", str(ws.mapping),
-        "--batch_size", str(sizes.batch_size), "--gradient_accumulation_steps", "1",
-        "--max_steps", str(sizes.train_steps), "--log_interval", "1", "--checkpoint_interval", "1000000",
-        "--seed", "0", *RECIPE, *extra,
+        "--force",
+        "--n_gpu",
+        "1" if device == "cuda" else "0",
+        "--dump_path",
+        str(ws.corpus.parent / "runs"),
+        "--run_name",
+        run_name,
+        "--data_file",
+        str(ws.corpus),
+        "--token_counts",
+        str(ws.counts),
+        "--student_type",
+        "distilbert",
+        "--student_config",
+        str(ws.student_config),
+        "--student_pretrained_weights",
+        str(ws.student_weights),
+        "--teacher_type",
+        "bert",
+        "--teacher_name",
+        str(ws.teacher),
+        "--neuron_mapping",
+        str(ws.mapping),
+        "--batch_size",
+        str(sizes.batch_size),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        str(sizes.train_steps),
+        "--log_interval",
+        "1",
+        "--checkpoint_interval",
+        "1000000",
+        "--seed",
+        "0",
+        *RECIPE,
+        *extra,
     ]
 
 
@@ -186,44 +268,75 @@ class Check:
 def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) -> list[Check]:
     me = [sys.executable, str(Path(__file__).resolve())]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    checks = [Check(
-        "cuda_tests", "the tests that need CUDA (tests/test_cuda.py)",
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cuda.py")],
-        skip="" if args.device == "cuda" else "needs CUDA",
-    )]
+    checks = [
+        Check(
+            "cuda_tests",
+            "the tests that need CUDA (tests/test_cuda.py)",
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cuda.py")],
+            skip="" if args.device == "cuda" else "needs CUDA",
+        )
+    ]
     # --teacher_fp16 keeps the teacher in the autocast dtype (float16 under --fp16), on CPU too.
     precisions = {"fp32": [], "fp16": ["--fp16", "--teacher_fp16"], "bf16": ["--bf16"]}
     for name, flags in precisions.items():
         argv = train_argv(ws, sizes, args.device, f"train_{name}", *flags)
-        checks.append(Check(
-            f"train_{name}", f"{sizes.train_steps} optimizer steps of causal_train on one {args.device} device"
-            + (f" ({' '.join(flags)})" if flags else " (float32)") + ": finite losses, weights change",
-            me + ["--child", "train", "--spec", str(spec_dir / f"train_{name}.json")],
-            shows="python causal_train.py " + shlex.join(argv),
-            spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights)),
-            spec_path=spec_dir / f"train_{name}.json",
-        ))
+        checks.append(
+            Check(
+                f"train_{name}",
+                f"{sizes.train_steps} optimizer steps of causal_train on one {args.device} device"
+                + (f" ({' '.join(flags)})" if flags else " (float32)")
+                + ": finite losses, weights change",
+                me + ["--child", "train", "--spec", str(spec_dir / f"train_{name}.json")],
+                shows="python causal_train.py " + shlex.join(argv),
+                spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights)),
+                spec_path=spec_dir / f"train_{name}.json",
+            )
+        )
     backend = "nccl" if args.device == "cuda" else "gloo"
     argv = train_argv(ws, sizes, args.device, "torchrun", *(["--bf16"] if args.device == "cuda" else []))
-    checks.append(Check(
-        "torchrun", f"causal_train under torchrun (1 process), then all_reduce + a DDP step over {backend}",
-        torchrun + me[1:] + ["--child", "train", "--spec", str(spec_dir / "torchrun.json")],
-        shows="torchrun --standalone --nproc_per_node 1 causal_train.py " + shlex.join(argv),
-        spec=dict(argv=argv, device=args.device, initial_weights=str(ws.student_weights), process_group_smoke=backend),
-        spec_path=spec_dir / "torchrun.json",
-    ))
+    checks.append(
+        Check(
+            "torchrun",
+            f"causal_train under torchrun (1 process), then all_reduce + a DDP step over {backend}",
+            torchrun + me[1:] + ["--child", "train", "--spec", str(spec_dir / "torchrun.json")],
+            shows="torchrun --standalone --nproc_per_node 1 causal_train.py " + shlex.join(argv),
+            spec=dict(
+                argv=argv, device=args.device, initial_weights=str(ws.student_weights), process_group_smoke=backend
+            ),
+            spec_path=spec_dir / "torchrun.json",
+        )
+    )
     for batch, seq_len in sizes.bench_shapes:
-        argv = ["--teacher_layers", str(sizes.teacher_layers), "--teacher_hidden", str(sizes.teacher_hidden),
-                "--teacher_heads", str(sizes.teacher_heads), "--student_layers", str(sizes.student_layers),
-                "--batch_size", str(batch), "--seq_len", str(seq_len), "--reps", str(sizes.bench_reps), "--fast",
-                "--device", args.device]
+        argv = [
+            "--teacher_layers",
+            str(sizes.teacher_layers),
+            "--teacher_hidden",
+            str(sizes.teacher_hidden),
+            "--teacher_heads",
+            str(sizes.teacher_heads),
+            "--student_layers",
+            str(sizes.student_layers),
+            "--batch_size",
+            str(batch),
+            "--seq_len",
+            str(seq_len),
+            "--reps",
+            str(sizes.bench_reps),
+            "--fast",
+            "--device",
+            args.device,
+        ]
         name = f"bench_step_{batch}x{seq_len}"
-        checks.append(Check(
-            name, f"bench_step.py at batch {batch}x{seq_len}: tokens/s and MFU per step variant",
-            me + ["--child", "bench", "--spec", str(spec_dir / f"{name}.json")],
-            shows="python benchmarks/bench_step.py " + shlex.join(argv), spec=dict(argv=argv, device=args.device),
-            spec_path=spec_dir / f"{name}.json",
-        ))
+        checks.append(
+            Check(
+                name,
+                f"bench_step.py at batch {batch}x{seq_len}: tokens/s and MFU per step variant",
+                me + ["--child", "bench", "--spec", str(spec_dir / f"{name}.json")],
+                shows="python benchmarks/bench_step.py " + shlex.join(argv),
+                spec=dict(argv=argv, device=args.device),
+                spec_path=spec_dir / f"{name}.json",
+            )
+        )
     return checks
 
 
@@ -245,8 +358,15 @@ class Result:
 def run_check(check: Check, timeout_s: int, log) -> tuple[int | None, str, float]:
     """(exit status or None on timeout, stdout + stderr, seconds). Kills the whole process group on timeout."""
     start = time.perf_counter()
-    proc = subprocess.Popen(check.command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        check.command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
         rc: int | None = proc.returncode
@@ -310,7 +430,7 @@ def parse_result_line(text: str) -> dict | None:
         i = line.find(RESULT_TAG)
         if i >= 0:
             try:
-                found = json.loads(line[i + len(RESULT_TAG):])
+                found = json.loads(line[i + len(RESULT_TAG) :])
             except json.JSONDecodeError:
                 continue
     return found
@@ -340,10 +460,12 @@ def parse_bench_table(text: str) -> dict[str, dict[str, float]]:
             if header is not None and rows and not line.startswith("|"):
                 break  # the end-to-end table that may follow has other columns
             continue
-        row = dict(zip(header, cells))
+        row = dict(zip(header, cells, strict=False))
         rows[row["step"]] = dict(
-            seconds=float(row["s/step"]), tokens_per_s=float(row["tokens/s"].replace(",", "")),
-            x_plain=float(row["x plain"].rstrip("x")), mfu=float(row["MFU"].rstrip("%")) / 100,
+            seconds=float(row["s/step"]),
+            tokens_per_s=float(row["tokens/s"].replace(",", "")),
+            x_plain=float(row["x plain"].rstrip("x")),
+            mfu=float(row["MFU"].rstrip("%")) / 100,
         )
     return rows
 
@@ -371,9 +493,12 @@ def environment(device: str) -> dict[str, str]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
-                   cuda=str(torch.version.cuda), nccl=nccl_version(),
-                   bf16=str(torch.cuda.is_bf16_supported()))
+        env.update(
+            gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
+            cuda=str(torch.version.cuda),
+            nccl=nccl_version(),
+            bf16=str(torch.cuda.is_bf16_supported()),
+        )
     else:
         env.update(device=f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     return env
@@ -391,14 +516,23 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(results: list[Result], env: dict[str, str]) -> str:
-    lines = [", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "| check | status | s | tokens/s | MFU | peak GiB | loss | notes |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        ", ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+        "| check | status | s | tokens/s | MFU | peak GiB | loss | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {_fmt(r.tokens_per_s, ',.0f')} | "
-                     f"{_fmt(r.mfu, '.0%')} | {_fmt(r.peak_gib, '.2f')} | {r.loss} | {r.notes.replace('|', '/')} |")
-    lines += ["", "tokens/s: training, median over logged steps after the first; bench_step: the DIITO (exact) "
-              "step. MFU: bench_step's, against its measured matmul peak. peak GiB: torch.cuda.max_memory_allocated "
-              "(CPU: the process's peak RSS). loss: losses/loss at the first and last step."]
+        lines.append(
+            f"| {r.name} | {r.status} | {r.seconds:.0f} | {_fmt(r.tokens_per_s, ',.0f')} | "
+            f"{_fmt(r.mfu, '.0%')} | {_fmt(r.peak_gib, '.2f')} | {r.loss} | {r.notes.replace('|', '/')} |"
+        )
+    lines += [
+        "",
+        "tokens/s: training, median over logged steps after the first; bench_step: the DIITO (exact) "
+        "step. MFU: bench_step's, against its measured matmul peak. peak GiB: torch.cuda.max_memory_allocated "
+        "(CPU: the process's peak RSS). loss: losses/loss at the first and last step.",
+    ]
     return "\n".join(lines)
 
 
@@ -487,7 +621,7 @@ def process_group_smoke(backend: str, device: str) -> str:
         data = torch.randn(16, 8, device=dev)
         plain(data).square().mean().backward()
         wrapped(data).square().mean().backward()
-        for a, b in zip(plain.parameters(), wrapped.module.parameters()):
+        for a, b in zip(plain.parameters(), wrapped.module.parameters(), strict=False):
             torch.testing.assert_close(a.grad, b.grad)
         version = f", NCCL {nccl_version()}" if backend == "nccl" else ""
         return f"{backend}: all_reduce and DDP gradients ok (world size {dist.get_world_size()}{version})"
@@ -519,14 +653,24 @@ def _scalars(run: Path, tag: str) -> list[float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Fewer steps and one bench shape (about 3 minutes on GPU).")
-    p.add_argument("--out", default=str(REPO / "runs" / "gpu_check"),
-                   help="Folder for table.md, results.json and log.txt (every check's output).")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu: run everything that does not need CUDA, at tiny sizes.")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "runs" / "gpu_check"),
+        help="Folder for table.md, results.json and log.txt (every check's output).",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: run everything that does not need CUDA, at tiny sizes.",
+    )
     p.add_argument("--dry_run", action="store_true", help="Print the checks and their commands; run nothing.")
-    p.add_argument("--data", default="auto",
-                   help="auto (the real sample in ../shared/data if present, else synthetic), synthetic, or a "
-                        "binarized bert-base-uncased pickle.")
+    p.add_argument(
+        "--data",
+        default="auto",
+        help="auto (the real sample in ../shared/data if present, else synthetic), synthetic, or a "
+        "binarized bert-base-uncased pickle.",
+    )
     p.add_argument("--only", nargs="+", default=None, help="Run only these checks (names as in --dry_run).")
     p.add_argument("--timeout", type=int, default=None, help="Seconds per check (default: by mode).")
     p.add_argument("--child", choices=["train", "bench"], help=argparse.SUPPRESS)
@@ -548,16 +692,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     import torch
 
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
-        raise UserError("no CUDA device visible to torch: run on a GPU machine, or pass --device cpu "
-                        "(everything but CUDA) or --dry_run (the plan)")
+        raise UserError(
+            "no CUDA device visible to torch: run on a GPU machine, or pass --device cpu "
+            "(everything but CUDA) or --dry_run (the plan)"
+        )
     sizes = sizes_for(args.device, args.quick)
     timeout_s = args.timeout or sizes.timeout_s
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         if args.dry_run:
-            ws = Workspace(work / "teacher", work / "student.json", work / "student.pth", work / "map.nm",
-                           work / "corpus.pickle", work / "counts.pickle", args.data)
+            ws = Workspace(
+                work / "teacher",
+                work / "student.json",
+                work / "student.pth",
+                work / "map.nm",
+                work / "corpus.pickle",
+                work / "counts.pickle",
+                args.data,
+            )
         else:
             logger.info("Building the random models and the corpus in %s", work)
             ws = build_workspace(work, sizes, args.data)
@@ -588,15 +741,18 @@ def main(argv: list[str] | None = None) -> list[Result]:
         env["data"] = ws.data
         table = format_table(results, env)
         (out / "table.md").write_text(table + "\n")
-        (out / "results.json").write_text(json.dumps(dict(environment=env, sizes=asdict(sizes),
-                                                          results=[asdict(r) for r in results]), indent=1))
+        (out / "results.json").write_text(
+            json.dumps(dict(environment=env, sizes=asdict(sizes), results=[asdict(r) for r in results]), indent=1)
+        )
         print(table)
     return results
 
 
 def format_plan(checks: list[Check], sizes: Sizes, args: argparse.Namespace, timeout_s: int) -> str:
-    lines = [f"gpu_check plan: device {args.device}{', quick' if args.quick else ''}, data {args.data}, "
-             f"timeout {timeout_s} s per check; sizes {asdict(sizes)}"]
+    lines = [
+        f"gpu_check plan: device {args.device}{', quick' if args.quick else ''}, data {args.data}, "
+        f"timeout {timeout_s} s per check; sizes {asdict(sizes)}"
+    ]
     for c in checks:
         lines.append(f"- {c.name}: {c.verifies}" + (f" [skip: {c.skip}]" if c.skip else ""))
         lines.append(f"    $ {c.shows or shlex.join(c.command)}")

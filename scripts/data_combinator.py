@@ -7,8 +7,8 @@
 
 Either input may be a pickle or a memory-mapped store. Both must come from the same tokenizer:
 sequences framed by different start/end ids are refused. Ids of different widths (uint16 and
-int32, or any other integer dtypes) are written in the wider type, with a warning. The output is named as binarized_data.py
-names its own: ``{dump_file}.{split}.{tokenizer_name}.pickle`` (or ``.tokens.npy``).
+int32, or any other integer dtypes) are written in the wider type, with a warning. The output is named as
+binarized_data.py names its own: ``{dump_file}.{split}.{tokenizer_name}.pickle`` (or ``.tokens.npy``).
 """
 
 from __future__ import annotations
@@ -55,13 +55,21 @@ def check_compatible(left: TokenSequences, right: TokenSequences, left_path: str
             raise UserError(f"{path} holds negative token ids")
     left_frame, right_frame = framing(left), framing(right)
     if left_frame != right_frame:
-        raise UserError(f"{left_path} frames its sequences with ids {left_frame} and {right_path} with "
-                        f"{right_frame} (start, end): they were binarized with different tokenizers")
+        raise UserError(
+            f"{left_path} frames its sequences with ids {left_frame} and {right_path} with "
+            f"{right_frame} (start, end): they were binarized with different tokenizers"
+        )
     dtype = common_dtype([left.flat.dtype, right.flat.dtype])
     if left.flat.dtype != right.flat.dtype:
-        logger.warning("%s holds %s ids and %s %s ids: writing %s. Files binarized by this project with one "
-                       "tokenizer share a dtype, so check that both used the same vocabulary.",
-                       left_path, left.flat.dtype, right_path, right.flat.dtype, dtype)
+        logger.warning(
+            "%s holds %s ids and %s %s ids: writing %s. Files binarized by this project with one "
+            "tokenizer share a dtype, so check that both used the same vocabulary.",
+            left_path,
+            left.flat.dtype,
+            right_path,
+            right.flat.dtype,
+            dtype,
+        )
     return dtype
 
 
@@ -83,8 +91,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--file_path_left", type=str, required=True, help="First binarized corpus (.pickle / .tokens.npy).")
     p.add_argument("--file_path_right", type=str, required=True, help="Second binarized corpus.")
     p.add_argument("--split", type=str, default="train", help="Split name used in the output name.")
-    p.add_argument("--tokenizer_name", type=str, default="bert-base-uncased",
-                   help="Tokenizer name used in the output name (a local folder contributes its folder name).")
+    p.add_argument(
+        "--tokenizer_name",
+        type=str,
+        default="bert-base-uncased",
+        help="Tokenizer name used in the output name (a local folder contributes its folder name).",
+    )
     p.add_argument("--dump_file", type=str, default="data/dump", help="Output prefix.")
     p.add_argument("--seed", type=int, default=56, help="Seed of the shuffle.")
     p.add_argument("--format", choices=["pickle", "memmap"], default="pickle", help="Output format.")
@@ -104,8 +116,15 @@ def main(argv: list[str] | None = None) -> Path:
     if out.exists():
         logger.info("Replacing %s", out)
     save_sequences(combined, out)
-    logger.info("%d + %d sequences -> %d sequences, %d tokens (%s) -> %s", len(left), len(right), len(combined),
-                combined.n_tokens, dtype, out)
+    logger.info(
+        "%d + %d sequences -> %d sequences, %d tokens (%s) -> %s",
+        len(left),
+        len(right),
+        len(combined),
+        combined.n_tokens,
+        dtype,
+        out,
+    )
     return out
 
 

@@ -59,11 +59,19 @@ DATA_SUFFIXES = (".csv", ".json", ".jsonl")
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--model", action="append", required=True, metavar="LABEL=PATH",
-                        help="a model to evaluate: dump folder or Hub name, optionally labelled (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="LABEL=PATH",
+        help="a model to evaluate: dump folder or Hub name, optionally labelled (repeatable)",
+    )
     parser.add_argument("--output_dir", required=True, help="runs go to OUTPUT_DIR/<label>/<task>/")
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="GLUE tasks (default: the README's eight)")
-    parser.add_argument("--tokenizer_name", help="tokenizer name or path (needed only for distillation dumps made before runs saved their tokenizer)")
+    parser.add_argument(
+        "--tokenizer_name",
+        help="tokenizer name or path (needed only for distillation dumps made before runs saved their tokenizer)",
+    )
     parser.add_argument("--glue_dir", help="local data: GLUE_DIR/<task>/train.csv, validation.csv, ...")
     parser.add_argument("--results_file", help="markdown table (default: OUTPUT_DIR/glue_results.md)")
     parser.add_argument("--cache_dir", help="cache for downloaded models and data sets")
@@ -136,11 +144,18 @@ def main(argv: list[str] | None = None) -> str:
             raise UserError(f"--model {label}={path}: no config.json in {path}")
 
     common = [
-        "--do_train", "--do_eval", "--save_total_limit", "1",
-        "--max_seq_length", str(args.max_seq_length),
-        "--per_device_train_batch_size", str(args.per_device_train_batch_size),
-        "--learning_rate", str(args.learning_rate),
-        "--num_train_epochs", str(args.num_train_epochs),
+        "--do_train",
+        "--do_eval",
+        "--save_total_limit",
+        "1",
+        "--max_seq_length",
+        str(args.max_seq_length),
+        "--per_device_train_batch_size",
+        str(args.per_device_train_batch_size),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--num_train_epochs",
+        str(args.num_train_epochs),
     ]
     common += ["--tokenizer_name", args.tokenizer_name] if args.tokenizer_name else []
     common += ["--cache_dir", args.cache_dir] if args.cache_dir else []
@@ -150,8 +165,12 @@ def main(argv: list[str] | None = None) -> str:
         scores[label], all_metrics[label] = {}, {}
         for task in args.tasks:
             logger.info(f"GLUE suite: {label} on {task}")
-            run_argv = ["--model_name_or_path", path, "--task_name", task,
-                        "--output_dir", str(output_dir / label / task)] + common + data_flags[task] + passthrough
+            run_argv = (
+                ["--model_name_or_path", path, "--task_name", task, "--output_dir", str(output_dir / label / task)]
+                + common
+                + data_flags[task]
+                + passthrough
+            )
             metrics = run_glue.main(run_argv)
             all_metrics[label][task] = metrics
             scores[label][task] = task_score(task, metrics)

@@ -39,8 +39,11 @@ MODEL_TYPES = [name for name, row in ARCHITECTURES.items() if row.extraction is 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = extraction_parser(
-        f"Extract a same-family student ({', '.join(MODEL_TYPES)}).", MODEL_TYPES, "roberta-base",
-        "distillation_checkpoints/roberta-base_num_layer_6.pth", "RoBERTa: also copy the head's transform.",
+        f"Extract a same-family student ({', '.join(MODEL_TYPES)}).",
+        MODEL_TYPES,
+        "roberta-base",
+        "distillation_checkpoints/roberta-base_num_layer_6.pth",
+        "RoBERTa: also copy the head's transform.",
         dump_folder=True,
     )
     args = parse_extraction_args(parser, argv)
@@ -51,8 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     layers = teacher_layers(teacher.config.num_hidden_layers, args.num_layers, args.teacher_layers)
     out = extract_by_layout(teacher.state_dict(), row.extraction, layers, args.model_name, args.vocab_transform)
     save_state_dict(out, args.dump_checkpoint)
-    logger.info("Student of %d layers from teacher layers %s: %d tensors -> %s",
-                args.num_layers, layers, len(out), args.dump_checkpoint)
+    logger.info(
+        "Student of %d layers from teacher layers %s: %d tensors -> %s",
+        args.num_layers,
+        layers,
+        len(out),
+        args.dump_checkpoint,
+    )
     if args.dump_folder is not None:
         missing = save_student_folder(row, teacher, out, layers, args.model_name, args.dump_folder)
         if missing:

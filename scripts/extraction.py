@@ -22,28 +22,56 @@ LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
 LAYERS_9 = [0, 2, 3, 4, 7, 8, 9, 10, 11]
 DEFAULT_NUM_LAYERS = 6
 # Tokenizer files copied from a local teacher folder into a student folder.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
-def extraction_parser(description: str, model_types: list[str], model_name: str, dump_checkpoint: str,
-                      vocab_transform_help: str, dump_folder: bool = False) -> argparse.ArgumentParser:
+def extraction_parser(
+    description: str,
+    model_types: list[str],
+    model_name: str,
+    dump_checkpoint: str,
+    vocab_transform_help: str,
+    dump_folder: bool = False,
+) -> argparse.ArgumentParser:
     """The flags the extraction scripts take (the original's, plus --teacher_layers and --dump_folder)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model_type", default=model_types[0], choices=model_types)
     parser.add_argument("--model_name", default=model_name, help="Teacher: Hub name or local folder.")
     parser.add_argument("--dump_checkpoint", default=dump_checkpoint, help="Student state dict (.pth) to write.")
-    parser.add_argument("--num_layers", type=int, default=None,
-                        help=f"Student blocks (default: {DEFAULT_NUM_LAYERS}, or the length of --teacher_layers).")
-    parser.add_argument("--teacher_layers", "--layers", nargs="+", default=None, metavar="BLOCK",
-                        help="Teacher blocks to copy, increasing, one per student block: '0 3 5' or '0,3,5' "
-                             "(default: the original's choice from 12 blocks, else evenly spaced keeping the "
-                             "first and the last).")
+    parser.add_argument(
+        "--num_layers",
+        type=int,
+        default=None,
+        help=f"Student blocks (default: {DEFAULT_NUM_LAYERS}, or the length of --teacher_layers).",
+    )
+    parser.add_argument(
+        "--teacher_layers",
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="BLOCK",
+        help="Teacher blocks to copy, increasing, one per student block: '0 3 5' or '0,3,5' "
+        "(default: the original's choice from 12 blocks, else evenly spaced keeping the "
+        "first and the last).",
+    )
     parser.add_argument("--vocab_transform", action="store_true", help=vocab_transform_help)
     if dump_folder:
-        parser.add_argument("--dump_folder", default=None,
-                            help="Also write the student as a from_pretrained folder (config, weights, and the "
-                                 "teacher's tokenizer if its folder has one).")
+        parser.add_argument(
+            "--dump_folder",
+            default=None,
+            help="Also write the student as a from_pretrained folder (config, weights, and the "
+            "teacher's tokenizer if its folder has one).",
+        )
     return parser
 
 
@@ -83,8 +111,9 @@ def _layer_list(items: list[str]) -> list[int]:
     return layers
 
 
-def teacher_layers(n_teacher: int, n_student: int, explicit: list[int] | None = None,
-                   original_7_and_8: bool = False) -> list[int]:
+def teacher_layers(
+    n_teacher: int, n_student: int, explicit: list[int] | None = None, original_7_and_8: bool = False
+) -> list[int]:
     """Teacher block indices copied into student blocks 0..n_student-1.
 
     12-block teacher: the original's lists (first n of 0,2,4,7,9,11 for up to 6 blocks;
@@ -95,8 +124,10 @@ def teacher_layers(n_teacher: int, n_student: int, explicit: list[int] | None = 
         layers = list(explicit)
         outside = [i for i in layers if not 0 <= i < n_teacher]
         if outside:
-            raise UserError(f"--teacher_layers: block {outside[0]} is out of range for a {n_teacher}-block teacher "
-                            f"(0..{n_teacher - 1})")
+            raise UserError(
+                f"--teacher_layers: block {outside[0]} is out of range for a {n_teacher}-block teacher "
+                f"(0..{n_teacher - 1})"
+            )
     elif n_student > n_teacher:
         raise UserError(f"cannot extract {n_student} layers from {n_teacher}: the teacher has {n_teacher} blocks")
     elif n_teacher == 12 and n_student <= 6:
@@ -142,8 +173,9 @@ def copy_keys(dst: dict, src: dict, pairs: list[tuple[str, str]], model_name: st
         dst[new] = src[old].clone()
 
 
-def extract_by_layout(state: dict, layout: ExtractionLayout, layers: list[int], name: str,
-                      vocab_transform: bool = False) -> dict:
+def extract_by_layout(
+    state: dict, layout: ExtractionLayout, layers: list[int], name: str, vocab_transform: bool = False
+) -> dict:
     """Student state dict (same family): embeddings, the chosen blocks renumbered 0.., final norm, head.
 
     A tied head (`lm_head.weight` is the embedding matrix) is copied under both keys, as the teacher's
@@ -191,8 +223,9 @@ def save_state_dict(state: dict, path: str) -> None:
     save_atomically(state, Path(path))
 
 
-def save_student_folder(row: Architecture, teacher, state: dict, layers: list[int], teacher_name: str,
-                        folder: str) -> list[str]:
+def save_student_folder(
+    row: Architecture, teacher, state: dict, layers: list[int], teacher_name: str, folder: str
+) -> list[str]:
     """Write a from_pretrained folder for the extracted student; returns the student keys left at init.
 
     The folder is written next to its destination and renamed into place, so a failure leaves nothing.
@@ -210,8 +243,9 @@ def save_student_folder(row: Architecture, teacher, state: dict, layers: list[in
         try:
             student.save_pretrained(tmp)
         except (OSError, SafetensorError) as e:
-            raise UserError(f"--dump_folder {dst}: cannot write the student: {' '.join(str(e).split())}; "
-                            "nothing was written") from None
+            raise UserError(
+                f"--dump_folder {dst}: cannot write the student: {' '.join(str(e).split())}; nothing was written"
+            ) from None
         src = Path(teacher_name)
         if src.is_dir():
             for name in TOKENIZER_FILES:

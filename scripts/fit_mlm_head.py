@@ -12,8 +12,8 @@ This script trains only the head of `BertForMaskedLM` on top of the frozen encod
 whole model (config, weights, tokenizer files) as a folder that `--teacher_name` and
 `--model_name` accept.
 
-By default the encoder is frozen and the decoder stays tied to the word embeddings, as in BERT: only the head's transform
-(dense + LayerNorm, hidden x hidden) and the output bias (one per vocabulary id) train. That is
+By default the encoder is frozen and the decoder stays tied to the word embeddings, as in BERT: only the head's
+transform (dense + LayerNorm, hidden x hidden) and the output bias (one per vocabulary id) train. That is
 about 0.2M parameters for a 384-wide encoder, which a few hundred CPU steps fit, and the head
 carries over exactly to a DistilBERT student, whose output projection is tied to its word
 embeddings too (extraction copies the embeddings and, with --vocab_transform, the transform).
@@ -28,8 +28,8 @@ Training masks as BERT pre-training did (`masking.MlmMasker`: 15% of the tokens,
 80% [MASK] / 10% kept / 10% random). `--mlm_smoothing` > 0 instead favours rare tokens as targets,
 as distillation does; the head then learns a flattened word distribution and scores worse on
 uniformly masked text (on the quickstart corpus at learning rate 2e-3: 2.4% held-out accuracy
-after 300 steps at 0.7, 5.7% after 150 steps at 0). The held-out report masks 15% of the tokens uniformly at random, all with
-[MASK], with a fixed seed (`masked_heldout_batches`), so numbers are comparable between models
+after 300 steps at 0.7, 5.7% after 150 steps at 0). The held-out report masks 15% of the tokens uniformly at
+random, all with [MASK], with a fixed seed (`masked_heldout_batches`), so numbers are comparable between models
 and runs; those helpers live in `mlm_eval.py`.
 """
 
@@ -53,7 +53,13 @@ import counterfactual_utils as cf  # noqa: E402
 from losses import IGNORE_INDEX  # noqa: E402
 from masking import MlmMasker, load_token_counts, real_token_mask, token_probabilities  # noqa: E402
 from mlm_eval import (  # noqa: E402
-    collate, eval_masker, evaluate_mlm, load_store, make_dataset, masked_heldout_batches, special_token_ids,
+    collate,
+    eval_masker,
+    evaluate_mlm,
+    load_store,
+    make_dataset,
+    masked_heldout_batches,
+    special_token_ids,
 )
 from token_store import TokenSequences  # noqa: E402
 from utils import UserError, run_cli, set_seed, write_json  # noqa: E402
@@ -71,23 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--encoder", required=True, help="Folder of a BERT encoder (BertModel or BertForMaskedLM) with its tokenizer.")
     a("--data_file", required=True, help="Binarized training corpus (*.pickle or *.tokens.npy), same tokenizer.")
-    a("--token_counts", default=None,
-      help="Token counts pickle of the corpus; needed only with --mlm_smoothing > 0 (MLM target weights).")
-    a("--heldout_file", default=None,
-      help="Binarized held-out corpus (default: the last --heldout_size sequences of --data_file, not trained on).")
+    a(
+        "--token_counts",
+        default=None,
+        help="Token counts pickle of the corpus; needed only with --mlm_smoothing > 0 (MLM target weights).",
+    )
+    a(
+        "--heldout_file",
+        default=None,
+        help="Binarized held-out corpus (default: the last --heldout_size sequences of --data_file, not trained on).",
+    )
     a("--heldout_size", type=int, default=500, help="Held-out sequences taken from --data_file without --heldout_file.")
     a("--output_dir", required=True, help="Where the BertForMaskedLM folder is written.")
     a("--overwrite_output_dir", action="store_true", help="Replace a model already in --output_dir.")
     a("--steps", type=int, default=300, help="Optimizer steps.")
     a("--batch_size", type=int, default=32, help="Sequences per step.")
     a("--learning_rate", type=float, default=1e-2, help="Learning rate of the head's transform and bias.")
-    a("--encoder_learning_rate", type=float, default=0.0,
-      help="Learning rate of the encoder and the embeddings; 0 keeps them frozen (only the head trains).")
+    a(
+        "--encoder_learning_rate",
+        type=float,
+        default=0.0,
+        help="Learning rate of the encoder and the embeddings; 0 keeps them frozen (only the head trains).",
+    )
     a("--warmup_prop", type=float, default=0.05, help="Share of the steps with linear warm-up.")
     a("--weight_decay", type=float, default=0.0)
     a("--mlm_mask_prop", type=float, default=0.15, help="Share of tokens chosen as MLM targets.")
-    a("--mlm_smoothing", type=float, default=0.0,
-      help="Target sampling weight is count ** -mlm_smoothing (0: uniform, as in BERT pre-training).")
+    a(
+        "--mlm_smoothing",
+        type=float,
+        default=0.0,
+        help="Target sampling weight is count ** -mlm_smoothing (0: uniform, as in BERT pre-training).",
+    )
     a("--eval_batch_size", type=int, default=64)
     a("--seed", type=int, default=56)
     return p
@@ -100,8 +120,10 @@ def split_store(store: TokenSequences, n_heldout: int) -> tuple[TokenSequences, 
     """(all but the last `n_heldout` sequences, the last `n_heldout`), as views of `store`."""
     k = len(store) - n_heldout
     cut = int(store.offsets[k])
-    return (TokenSequences(store.flat[:cut], store.offsets[: k + 1]),
-            TokenSequences(store.flat[cut:], store.offsets[k:] - cut))
+    return (
+        TokenSequences(store.flat[:cut], store.offsets[: k + 1]),
+        TokenSequences(store.flat[cut:], store.offsets[k:] - cut),
+    )
 
 
 # --- model --------------------------------------------------------------------------------------
@@ -173,7 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         target_weights = token_probabilities(counts, args.mlm_smoothing, special.values())
     masker = MlmMasker(
         target_weights,
-        torch.tensor([0.8, 0.1, 0.1]), args.mlm_mask_prop, special["mask_token"], vocab_size,
+        torch.tensor([0.8, 0.1, 0.1]),
+        args.mlm_mask_prop,
+        special["mask_token"],
+        vocab_size,
     )
     adapt = args.encoder_learning_rate > 0
     head, encoder_params = head_and_encoder_parameters(model)
@@ -189,9 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info(
         "Fitting the MLM head of %s (%d trained parameters, encoder %s): %d steps x %d sequences, "
         "%d training / %d held-out sequences",
-        args.encoder, sum(p.numel() for p in trained),
+        args.encoder,
+        sum(p.numel() for p in trained),
         f"adapted at {args.encoder_learning_rate:g}" if adapt else "frozen",
-        args.steps, args.batch_size, len(train), len(heldout),
+        args.steps,
+        args.batch_size,
+        len(train),
+        len(heldout),
     )
 
     heldout_batches = masked_heldout_batches(heldout, vocab_size, args.eval_batch_size, seed=args.seed)
@@ -222,16 +251,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model.eval()
     results = evaluate_mlm(model, heldout_batches)
-    logger.info("Held-out MLM: loss %.3f, accuracy %.2f%% (%d masked tokens)",
-                results["mlm_loss"], 100 * results["mlm_accuracy"], results["n_predictions"])
+    logger.info(
+        "Held-out MLM: loss %.3f, accuracy %.2f%% (%d masked tokens)",
+        results["mlm_loss"],
+        100 * results["mlm_accuracy"],
+        results["n_predictions"],
+    )
     for p in model.parameters():
         p.requires_grad = True  # saved as an ordinary model
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # an old run's marker must not vouch for a half-written model
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_json({"args": vars(args), "heldout": results, "trained_parameters": sum(p.numel() for p in trained)},
-               out / RESULTS_FILE)
+    write_json(
+        {"args": vars(args), "heldout": results, "trained_parameters": sum(p.numel() for p in trained)},
+        out / RESULTS_FILE,
+    )
     logger.info("Saved the encoder with its fitted MLM head in %s", out)
     return results
 

@@ -115,12 +115,22 @@ def choose_tags(runs: list[dict[str, Series]], requested: list[str] | None) -> l
     known = list(EXTRA_TITLES)
     tags += sorted(extra, key=lambda t: (known.index(t) if t in known else len(known), t))
     if not tags:
-        raise UserError(f"none of the default tags was logged; pick some with --tags from: {', '.join(sorted(present))}")
+        raise UserError(
+            f"none of the default tags was logged; pick some with --tags from: {', '.join(sorted(present))}"
+        )
     return tags
 
 
-def plot(runs: list[dict[str, Series]], labels: list[str], tags: list[str], output: Path,
-         smoothing: float = 0.0, title: str | None = None, ncols: int = 4, dpi: int = 100) -> None:
+def plot(
+    runs: list[dict[str, Series]],
+    labels: list[str],
+    tags: list[str],
+    output: Path,
+    smoothing: float = 0.0,
+    title: str | None = None,
+    ncols: int = 4,
+    dpi: int = 100,
+) -> None:
     """Write one PNG with a panel per tag (lines vs step, or bars for single-point tags)."""
     import matplotlib
 
@@ -129,10 +139,11 @@ def plot(runs: list[dict[str, Series]], labels: list[str], tags: list[str], outp
 
     ncols = min(ncols, len(tags))
     nrows = -(-len(tags) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 0.6), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 2.7 * nrows + 0.6), squeeze=False, layout="constrained"
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, tag in zip(axes.flat, tags):
+    for ax, tag in zip(axes.flat, tags, strict=False):
         logged = [(i, run[tag]) for i, run in enumerate(runs) if tag in run]
         ax.set_title(DEFAULT_TAGS.get(tag) or EXTRA_TITLES.get(tag, tag), fontsize=10)
         ax.tick_params(labelsize=8)
@@ -155,7 +166,7 @@ def plot(runs: list[dict[str, Series]], labels: list[str], tags: list[str], outp
         ax.set_xlabel("step", fontsize=8)
         if tag.startswith(UNSMOOTHED_PREFIXES):  # small values: label ticks 5e-04, not with an offset
             ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0e}" if v else "0")
-    for ax in axes.flat[len(tags):]:
+    for ax in axes.flat[len(tags) :]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2) for i in range(len(runs))]
     fig.legend(handles, labels, loc="outside lower center", ncol=len(runs), frameon=False, fontsize=10)
@@ -174,8 +185,9 @@ def _figure(n_panels: int, ncols: int):
 
     ncols = min(ncols, n_panels)
     nrows = -(-n_panels // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.6), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.6), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[n_panels:]:
         ax.set_visible(False)
     return plt, fig, axes.flat[:n_panels], plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -189,15 +201,16 @@ def _save(plt, fig, output: Path, title: str | None, dpi: int) -> None:
     plt.close(fig)
 
 
-def plot_paired(panels: dict[str, dict[str, list[float]]], output: Path, title: str | None = None,
-                ncols: int = 4, dpi: int = 100) -> None:
+def plot_paired(
+    panels: dict[str, dict[str, list[float]]], output: Path, title: str | None = None, ncols: int = 4, dpi: int = 100
+) -> None:
     """One panel per metric: every seed's value of each variant as a point, a grey line joining the
     values of one seed, and each variant's mean with its standard deviation as an error bar.
 
     panels: panel title -> variant label -> per-seed values (the same seed order in every variant).
     """
     plt, fig, axes, colors = _figure(len(panels), ncols)
-    for ax, (name, variants) in zip(axes, panels.items()):
+    for ax, (name, variants) in zip(axes, panels.items(), strict=False):
         values = np.array(list(variants.values()), dtype=np.float64)  # (variants, seeds)
         xs = np.arange(len(variants))
         ax.plot(np.repeat(xs[:, None], values.shape[1], 1), values, color="0.6", linewidth=0.8, zorder=1)
@@ -213,8 +226,14 @@ def plot_paired(panels: dict[str, dict[str, list[float]]], output: Path, title: 
     _save(plt, fig, output, title, dpi)
 
 
-def plot_scaling(panels: dict[str, dict[str, dict[float, list[float]]]], output: Path, xlabel: str,
-                 title: str | None = None, ncols: int = 4, dpi: int = 100) -> None:
+def plot_scaling(
+    panels: dict[str, dict[str, dict[float, list[float]]]],
+    output: Path,
+    xlabel: str,
+    title: str | None = None,
+    ncols: int = 4,
+    dpi: int = 100,
+) -> None:
     """One panel per metric: each series' per-seed values (faint points) and mean (line and markers)
     against x; a series with one x (e.g. DIITO at 1x) is also drawn as a dashed horizontal line.
 
@@ -222,15 +241,22 @@ def plot_scaling(panels: dict[str, dict[str, dict[float, list[float]]]], output:
     """
     plt, fig, axes, colors = _figure(len(panels), ncols)
     labels = list(next(iter(panels.values())))
-    for ax, (name, series) in zip(axes, panels.items()):
+    for ax, (name, series) in zip(axes, panels.items(), strict=False):
         for label, points in series.items():
             color = colors[labels.index(label) % len(colors)]
             xs = sorted(points)
             for x in xs:
                 ax.scatter(np.full(len(points[x]), x), points[x], color=color, alpha=0.35, s=14)
             means = [float(np.mean(points[x])) for x in xs]
-            ax.plot(xs, means, color=color, marker="o" if len(xs) > 1 else "*", markersize=5 if len(xs) > 1 else 11,
-                    linewidth=1.5, label=label)
+            ax.plot(
+                xs,
+                means,
+                color=color,
+                marker="o" if len(xs) > 1 else "*",
+                markersize=5 if len(xs) > 1 else 11,
+                linewidth=1.5,
+                label=label,
+            )
             if len(xs) == 1:
                 ax.axhline(means[0], color=color, linestyle="--", linewidth=1)
         ax.set_title(name, fontsize=10)
@@ -248,8 +274,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--labels", nargs="+", default=None, help="One legend label per run (default: folder names).")
     p.add_argument("--output", default="runs.png", help="PNG file to write.")
     p.add_argument("--tags", nargs="+", default=None, help="Scalar tags to plot (default: losses, metrics, lr).")
-    p.add_argument("--smoothing", type=float, default=0.0,
-                   help="Exponential moving average weight in [0, 1) for the curves (raw points stay faint).")
+    p.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.0,
+        help="Exponential moving average weight in [0, 1) for the curves (raw points stay faint).",
+    )
     p.add_argument("--title", default=None)
     p.add_argument("--ncols", type=int, default=4, help="Panels per row.")
     p.add_argument("--dpi", type=int, default=100)

@@ -40,10 +40,18 @@ def count_tokens(flat: np.ndarray, vocab_size: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> list[int]:
     p = argparse.ArgumentParser(description="Token counts of a binarized corpus.")
-    p.add_argument("--data_file", type=str, default="data/dump.bert-base-uncased.pickle",
-                   help="Binarized corpus: *.pickle or *.tokens.npy.")
-    p.add_argument("--token_counts_dump", type=str, default="data/token_counts.bert-base-uncased.pickle",
-                   help="Output pickle (a list of vocab_size ints).")
+    p.add_argument(
+        "--data_file",
+        type=str,
+        default="data/dump.bert-base-uncased.pickle",
+        help="Binarized corpus: *.pickle or *.tokens.npy.",
+    )
+    p.add_argument(
+        "--token_counts_dump",
+        type=str,
+        default="data/token_counts.bert-base-uncased.pickle",
+        help="Output pickle (a list of vocab_size ints).",
+    )
     p.add_argument("--vocab_size", default=30522, type=int, help="Size of the tokenizer's vocabulary.")
     args = p.parse_args(argv)
     if args.vocab_size < 1:
@@ -65,8 +73,14 @@ def main(argv: list[str] | None = None) -> list[int]:
     with output_file(args.token_counts_dump) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(counts.tolist(), f, protocol=4)  # a list of Python ints, as the original wrote
-    logger.info("Counted %d tokens of %d sequences (%d distinct ids of %d) -> %s", store.n_tokens, len(store),
-                np.count_nonzero(counts), args.vocab_size, args.token_counts_dump)
+    logger.info(
+        "Counted %d tokens of %d sequences (%d distinct ids of %d) -> %s",
+        store.n_tokens,
+        len(store),
+        np.count_nonzero(counts),
+        args.vocab_size,
+        args.token_counts_dump,
+    )
     return counts.tolist()
 
 

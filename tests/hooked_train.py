@@ -43,8 +43,11 @@ def record_hooks(out: Path) -> list:
         log.write(json.dumps(kw) + "\n")
         log.flush()
 
-    iter_batches, sample, train = (checkpointing.SkipBatches.__iter__, cf.sample_interchange_variables,
-                                   causal_distiller.CausalDistiller.train)
+    iter_batches, sample, train = (
+        checkpointing.SkipBatches.__iter__,
+        cf.sample_interchange_variables,
+        causal_distiller.CausalDistiller.train,
+    )
 
     def recording_iter(self):
         for batch in iter_batches(self):
@@ -63,9 +66,11 @@ def record_hooks(out: Path) -> list:
         finally:
             torch.save(self.student.state_dict(), out / f"student_rank{RANK}.pt")
 
-    return [mock.patch.object(checkpointing.SkipBatches, "__iter__", recording_iter),
-            mock.patch.object(cf, "sample_interchange_variables", recording_sample),
-            mock.patch.object(causal_distiller.CausalDistiller, "train", recording_train)]
+    return [
+        mock.patch.object(checkpointing.SkipBatches, "__iter__", recording_iter),
+        mock.patch.object(cf, "sample_interchange_variables", recording_sample),
+        mock.patch.object(causal_distiller.CausalDistiller, "train", recording_train),
+    ]
 
 
 def pause_hook(after: int, marker: str, rank: int) -> list:

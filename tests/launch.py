@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 TIMEOUT = 300  # seconds, for any one subprocess (they take a few seconds on an idle machine)
@@ -37,13 +36,20 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait(TIMEOUT)
 
 
-def launch(started: list, args: list[str], log: Path, prefix: tuple[str, ...] = (sys.executable,),
-           **hooks) -> subprocess.Popen:
+def launch(
+    started: list, args: list[str], log: Path, prefix: tuple[str, ...] = (sys.executable,), **hooks
+) -> subprocess.Popen:
     """Start `prefix tests/hooked_train.py args` with hooks as TEST_* variables, output into `log`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **{f"TEST_{k.upper()}": str(v) for k, v in hooks.items()})
     with open(log, "w") as out:
-        proc = subprocess.Popen([*prefix, str(HOOKED_TRAIN), *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            [*prefix, str(HOOKED_TRAIN), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
     started.append(proc)
     return proc
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tr
-
-from architectures import ARCHITECTURES, max_positions, special_token_ids, tokenizer_framing
 from conftest import DECODER_FAMILIES, tiny_decoder_config
 
-SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-             max_position_embeddings=40)
+from architectures import ARCHITECTURES, max_positions, special_token_ids, tokenizer_framing
+
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=40,
+)
 
 
 def _tiny(family: str):

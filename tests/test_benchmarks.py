@@ -11,8 +11,22 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_kl  # noqa: E402
 import bench_step  # noqa: E402
 
-TINY = ["--teacher_layers", "4", "--teacher_hidden", "32", "--teacher_heads", "2", "--student_layers", "2",
-        "--batch_size", "2", "--seq_len", "16", "--reps", "1"]
+TINY = [
+    "--teacher_layers",
+    "4",
+    "--teacher_hidden",
+    "32",
+    "--teacher_heads",
+    "2",
+    "--student_layers",
+    "2",
+    "--batch_size",
+    "2",
+    "--seq_len",
+    "16",
+    "--reps",
+    "1",
+]
 
 
 def test_step_benchmark_prints_every_variant_and_the_end_to_end_table(capsys):
@@ -42,9 +56,32 @@ def test_kl_benchmark_prints_three_variants(capsys):
 
 
 # A tiny Llama teacher and student (grouped-query attention, SwiGLU, tied embeddings, CLM recipe).
-TINY_DECODER = ["--family", "llama", "--teacher_layers", "4", "--teacher_hidden", "32", "--teacher_heads", "4",
-                "--kv_heads", "2", "--intermediate", "48", "--vocab", "120", "--student_layers", "3",
-                "--teacher_map_layer", "2", "--student_map_layer", "1", "--batch_size", "2", "--seq_len", "16"]
+TINY_DECODER = [
+    "--family",
+    "llama",
+    "--teacher_layers",
+    "4",
+    "--teacher_hidden",
+    "32",
+    "--teacher_heads",
+    "4",
+    "--kv_heads",
+    "2",
+    "--intermediate",
+    "48",
+    "--vocab",
+    "120",
+    "--student_layers",
+    "3",
+    "--teacher_map_layer",
+    "2",
+    "--student_map_layer",
+    "1",
+    "--batch_size",
+    "2",
+    "--seq_len",
+    "16",
+]
 
 
 def test_decoder_step_benchmark_prints_every_variant(capsys):
@@ -82,11 +119,13 @@ def test_decoder_step_flops_equal_flop_counter_mode_for_every_variant(tmp_path):
     teacher, student = bench_step.build_models(args)
     batch = bench_step.synthetic_batch(args)
     for variant in bench_step.VARIANTS:
-        d = bench_step.make_distiller(args, teacher, student, causal=variant != "plain", fast=variant == "fast",
-                                      dump=tmp_path)
-        step = {"restart": lambda: bench_step.restart_step(d, batch),
-                "original": lambda: bench_step.original_step(d, batch, args)}.get(
-            variant, lambda: bench_step.distiller_step(d, batch))
+        d = bench_step.make_distiller(
+            args, teacher, student, causal=variant != "plain", fast=variant == "fast", dump=tmp_path
+        )
+        step = {
+            "restart": lambda d=d: bench_step.restart_step(d, batch),
+            "original": lambda d=d: bench_step.original_step(d, batch, args),
+        }.get(variant, lambda d=d: bench_step.distiller_step(d, batch))
         with FlopCounterMode(display=False) as counter:
             step()
         assert counter.get_total_flops() == bench_step.step_flops(args, variant), variant

@@ -17,13 +17,13 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import REPO, load_state, tensorboard_scalars, tiny_distiller
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import causal_train
 import counterfactual_utils as cu
 import losses
 from causal_distiller import ModelRuns
-from conftest import REPO, load_state, tensorboard_scalars, tiny_distiller
 from training_config import RunContext
 from utils import UserError
 
@@ -33,8 +33,15 @@ H = "$H:[0:4]$[0:8]"
 def _distiller(tmp_path, arch="bert", **settings):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "m.nm"
-    path.write_text(json.dumps({"interchange_variable_mappings": [
-        {"teacher_variable_names": [f"$L:1{H}"], "student_variable_names": [f"$L:0{H}"]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "interchange_variable_mappings": [
+                    {"teacher_variable_names": [f"$L:1{H}"], "student_variable_names": [f"$L:0{H}"]}
+                ]
+            }
+        )
+    )
     return tiny_distiller(tmp_path, arch, cu.load_neuron_mapping(path), **settings)
 
 
@@ -43,31 +50,49 @@ def _batch(d, rows=range(4)):
 
 
 def _args(*extra):
-    required = ["--dump_path", "x", "--data_file", "x", "--student_type", "distilbert", "--student_config", "x",
-                "--teacher_type", "bert", "--teacher_name", "x", "--n_gpu", "0"]
+    required = [
+        "--dump_path",
+        "x",
+        "--data_file",
+        "x",
+        "--student_type",
+        "distilbert",
+        "--student_config",
+        "x",
+        "--teacher_type",
+        "bert",
+        "--teacher_name",
+        "x",
+        "--n_gpu",
+        "0",
+    ]
     return causal_train.build_parser().parse_args(required + list(extra))
 
 
 # --- precision ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, device, dtype", [
-    ([], "cuda", None),
-    (["--teacher_fp16", "--bf16"], "cuda", torch.bfloat16),
-    (["--teacher_fp16", "--bf16"], "cpu", torch.bfloat16),
-    (["--teacher_fp16", "--fp16"], "cuda", torch.float16),
-    (["--teacher_fp16", "--fp16"], "cpu", torch.float16),
-    (["--teacher_fp16"], "cuda", torch.float16),
-    (["--teacher_fp16"], "cpu", torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "flags, device, dtype",
+    [
+        ([], "cuda", None),
+        (["--teacher_fp16", "--bf16"], "cuda", torch.bfloat16),
+        (["--teacher_fp16", "--bf16"], "cpu", torch.bfloat16),
+        (["--teacher_fp16", "--fp16"], "cuda", torch.float16),
+        (["--teacher_fp16", "--fp16"], "cpu", torch.float16),
+        (["--teacher_fp16"], "cuda", torch.float16),
+        (["--teacher_fp16"], "cpu", torch.bfloat16),
+    ],
+)
 def test_teacher_dtype_follows_the_mixed_precision_dtype(flags, device, dtype):
     assert causal_train.teacher_dtype(_args(*flags), torch.device(device)) == dtype
 
 
 @pytest.mark.parametrize("flags", [["--fp16"], ["--bf16"], []], ids=["fp16", "bf16", "no-amp"])
 def test_teacher_fp16_trains_under_every_precision_on_cpu(small_run_argv, flags):
-    dump = causal_train.main(small_run_argv("--teacher_fp16", "--gradient_accumulation_steps", "1",
-                                            "--max_steps", "2", *flags))
+    dump = causal_train.main(
+        small_run_argv("--teacher_fp16", "--gradient_accumulation_steps", "1", "--max_steps", "2", *flags)
+    )
     values = tensorboard_scalars(dump, "losses/loss")
     assert len(values) == 2 and all(math.isfinite(v) for v in values.values())
 
@@ -123,7 +148,9 @@ def test_a_pickle_corpus_in_a_multi_process_run_warns_once_on_rank_0(caplog):
         assert not causal_train.warn_pickle_in_multi_process("c.train.pickle", RunContext(world_size=1))
         assert causal_train.warn_pickle_in_multi_process("c.train.pickle", RunContext(global_rank=1, world_size=2))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "each of the 2 processes unpickles" in warnings[0] and "--format memmap" in warnings[0]
+    assert (
+        len(warnings) == 1 and "each of the 2 processes unpickles" in warnings[0] and "--format memmap" in warnings[0]
+    )
 
 
 # --- host-device synchronisations ----------------------------------------------------------------------
@@ -183,20 +210,32 @@ def test_synchronisations_are_per_window_not_per_micro_batch(monkeypatch, tmp_pa
 # --- run folder, flags of the original ------------------------------------------------------------------
 
 
-def test_run_folder_has_tokenizer_checkpoint_folders_results_and_console_lines(monkeypatch, small_run_argv,
-                                                                               caplog, tmp_path):
+def test_run_folder_has_tokenizer_checkpoint_folders_results_and_console_lines(
+    monkeypatch, small_run_argv, caplog, tmp_path
+):
     logged, finished = [], []
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    fake.init = lambda **kw: types.SimpleNamespace(log=lambda d, step: logged.append((step, d)),
-                                                   finish=lambda: finished.append(kw))
+    fake.init = lambda **kw: types.SimpleNamespace(
+        log=lambda d, step: logged.append((step, d)), finish=lambda: finished.append(kw)
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         with caplog.at_level(logging.INFO):
-            dump = causal_train.main(small_run_argv("--save_total_limit", "2", "--log_interval", "2", "--tf32",
-                                                    "--is_wandb", "--interchange_mlm",
-                                                    "--cache_dir", str(tmp_path / "cache")))
+            dump = causal_train.main(
+                small_run_argv(
+                    "--save_total_limit",
+                    "2",
+                    "--log_interval",
+                    "2",
+                    "--tf32",
+                    "--is_wandb",
+                    "--interchange_mlm",
+                    "--cache_dir",
+                    str(tmp_path / "cache"),
+                )
+            )
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
@@ -220,7 +259,8 @@ def test_run_folder_has_tokenizer_checkpoint_folders_results_and_console_lines(m
     assert len(lines) == 3 and lines[-1].startswith("step 3/3 | micro-batch 6 | loss ")
     assert "causal_ce" in lines[-1] and "tokens/s" in lines[-1]
     assert [step for step, _ in logged] == [2, 4, 6] and logged[-1][1]["losses/loss"] == pytest.approx(
-        results["train_loss"])
+        results["train_loss"]
+    )
     assert len(finished) == 1 and finished[0]["name"] == "run"
     assert any("--interchange_mlm has no effect" in r.getMessage() for r in caplog.records)
 
@@ -262,7 +302,7 @@ def test_crossway_sub_step_reuses_the_corruption_and_mirrors_the_positions(tmp_p
     assert torch.equal(back.attention_mask, plan.dual_attention_mask)
     assert torch.equal(back.dual_attention_mask, plan.attention_mask)
     # The dual's MLM targets are the swapped sub-step's labels.
-    dual_ids, dual_labels = plan.mirror[0], plan.mirror[1]
+    dual_labels = plan.mirror[1]
     assert torch.equal(back.labels, dual_labels[back.select])
     assert (dual_labels != -100).any()
 
@@ -290,7 +330,7 @@ def test_fp16_pads_batch_widths_to_a_multiple_of_8(tmp_path):
     plan = d._plan(batch)
     width = plan.input_ids.size(1)
     assert width % 8 == 0 and plan.dual_ids.size(1) % 8 == 0 and width - batch[0].size(1) < 8
-    assert not plan.attention_mask[:, batch[0].size(1):].any()  # padding only
+    assert not plan.attention_mask[:, batch[0].size(1) :].any()  # padding only
     plain = _distiller(tmp_path / "plain")._plan(batch)
     assert torch.equal(plain.select, plan.select[:, : batch[0].size(1)])
 

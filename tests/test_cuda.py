@@ -14,20 +14,30 @@ import textwrap
 
 import pytest
 import torch
+from conftest import REPO
+from test_resume import load  # a run's own state file (it holds numpy RNG states)
 
 import causal_train
 import counterfactual_utils as cf
 import losses as L
-from conftest import REPO
-from test_resume import load  # a run's own state file (it holds numpy RNG states)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-SIZES = gpu_check.Sizes(teacher_layers=4, teacher_hidden=64, teacher_heads=4, student_layers=2, batch_size=8,
-                        seq_len=32, train_steps=4, bench_shapes=(), bench_reps=1, timeout_s=0)
+SIZES = gpu_check.Sizes(
+    teacher_layers=4,
+    teacher_hidden=64,
+    teacher_heads=4,
+    student_layers=2,
+    batch_size=8,
+    seq_len=32,
+    train_steps=4,
+    bench_shapes=(),
+    bench_reps=1,
+    timeout_s=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +88,32 @@ def _diito_loss_and_grads(device: str) -> tuple[torch.Tensor, dict[str, torch.Te
     import transformers as tr
 
     torch.manual_seed(0)
-    teacher = tr.BertForMaskedLM(tr.BertConfig(vocab_size=150, hidden_size=32, num_hidden_layers=4,
-                                               num_attention_heads=4, intermediate_size=64,
-                                               max_position_embeddings=64)).eval().to(device)
-    student = tr.DistilBertForMaskedLM(tr.DistilBertConfig(vocab_size=150, dim=32, n_layers=2, n_heads=4,
-                                                           hidden_dim=64, max_position_embeddings=64, dropout=0.0,
-                                                           attention_dropout=0.0)).to(device)
+    teacher = (
+        tr.BertForMaskedLM(
+            tr.BertConfig(
+                vocab_size=150,
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        )
+        .eval()
+        .to(device)
+    )
+    student = tr.DistilBertForMaskedLM(
+        tr.DistilBertConfig(
+            vocab_size=150,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=64,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
+    ).to(device)
     g = torch.Generator().manual_seed(1)
     base, dual = torch.randint(104, 150, (4, 12), generator=g), torch.randint(104, 150, (4, 12), generator=g)
     mask = torch.ones(4, 12, dtype=torch.long)
@@ -100,9 +130,11 @@ def _diito_loss_and_grads(device: str) -> tuple[torch.Tensor, dict[str, torch.Te
     s_source = cf.get_activation_at(student, dual, mask, s_names)
     s_cf = cf.interchange_with_activation_at(student, base, mask, s_source, s_names, positions, positions)
     real = mask.bool()
-    loss = (L.ce_loss(s_cf.logits[real], t_cf.logits[real], 2.0)
-            + L.cos_loss(s_cf.last_hidden_state[real], t_cf.last_hidden_state[real])
-            + L.mlm_loss(s_cf.logits.view(-1, 150), labels.view(-1)))
+    loss = (
+        L.ce_loss(s_cf.logits[real], t_cf.logits[real], 2.0)
+        + L.cos_loss(s_cf.last_hidden_state[real], t_cf.last_hidden_state[real])
+        + L.mlm_loss(s_cf.logits.view(-1, 150), labels.view(-1))
+    )
     loss.backward()
     return loss.detach().cpu(), {n: p.grad.cpu() for n, p in student.named_parameters() if p.grad is not None}
 
@@ -118,7 +150,7 @@ def test_diito_counterfactual_loss_and_gradients_on_cuda_equal_cpu_in_float32(mo
         torch.testing.assert_close(cuda_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-DDP_SCRIPT = textwrap.dedent('''
+DDP_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist, transformers as tr
     from torch.nn.parallel import DistributedDataParallel as DDP
     dist.init_process_group("nccl")
@@ -141,12 +173,16 @@ DDP_SCRIPT = textwrap.dedent('''
     assert flag.item() == dist.get_world_size() == 1
     print("NCCL_DDP_OK", ".".join(map(str, torch.cuda.nccl.version())))
     dist.destroy_process_group()
-''')
+""")
 
 
 def test_torchrun_one_process_over_nccl_gives_ddp_the_plain_gradients(tmp_path):
     script = tmp_path / "ddp_nccl.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           str(script)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "NCCL_DDP_OK" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]

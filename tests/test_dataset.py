@@ -9,10 +9,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import BERT_COUNTS, BERT_PICKLE, BERT_SPECIAL_IDS
 from torch.utils.data import DistributedSampler
 
 import token_store
-from conftest import BERT_COUNTS, BERT_PICKLE, BERT_SPECIAL_IDS
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from utils import UserError
@@ -94,15 +94,16 @@ def test_collation_pads_base_and_cuts_dual_to_base_length():
 
 def test_length_ordered_batches_cover_every_sequence_once_shortest_first():
     lengths = [19, 13, 17, 13, 22, 15, 17]  # ties kept in corpus order (a stable sort)
-    seqs = [np.array([CLS, *range(1000 + 20 * i, 1000 + 20 * i + k), SEP], dtype=np.uint16)
-            for i, k in enumerate(lengths)]
+    seqs = [
+        np.array([CLS, *range(1000 + 20 * i, 1000 + 20 * i + k), SEP], dtype=np.uint16) for i, k in enumerate(lengths)
+    ]
     ds = LmSeqsDataset(bert_params(), seqs)
     batches = list(ds.length_ordered_batches(3))
     assert [b[0].size(0) for b in batches] == [3, 3, 1]
     order = [1, 3, 5, 2, 6, 0, 4]
     for n, (ids, lens, dual, dual_lens) in enumerate(batches):
         expected = ds.batch_sequences([ds[i] for i in order[3 * n : 3 * n + 3]])
-        for got, want in zip((ids, lens, dual, dual_lens), expected):
+        for got, want in zip((ids, lens, dual, dual_lens), expected, strict=False):
             assert torch.equal(got, want)
     assert torch.cat([b[1] for b in batches]).tolist() == sorted(k + 2 for k in lengths)
 
@@ -123,7 +124,7 @@ def test_memmap_and_pickle_stores_yield_the_same_sequences(shared_data, tmp_path
     mm = token_store.load_sequences(tmp_path / "c.tokens.npy")
     pk = token_store.load_sequences(tmp_path / "c.pickle")
     assert isinstance(mm.flat, np.memmap) and mm.flat.dtype == np.uint16
-    assert all(np.array_equal(x, y) for x, y in zip(mm, store)) and len(mm) == len(pk) == len(store)
+    assert all(np.array_equal(x, y) for x, y in zip(mm, store, strict=False)) and len(mm) == len(pk) == len(store)
     # The re-written pickle is the original format: a plain list of uint16 arrays.
     with open(tmp_path / "c.pickle", "rb") as f:
         raw = pickle.load(f)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import transformers as tr
+from conftest import DECODER_FAMILIES, save_tiny_decoder_teacher
 
 import causal_train
 from architectures import ARCHITECTURES, check_student_teacher
-from conftest import DECODER_FAMILIES, save_tiny_decoder_teacher
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from scripts import extract
 from token_store import save_sequences
@@ -37,33 +37,93 @@ def _corpus(path: Path, family: str, n: int = 24) -> Path:
 
 def _mapping(path: Path) -> Path:
     # Teacher blocks 3 and 1 (all 4 slices of 8) <-> student blocks 1 and 0.
-    path.write_text(json.dumps({"interchange_variable_mappings": [
-        {"teacher_variable_names": ["$L:3$H:[0:4]$[0:8]"], "student_variable_names": ["$L:1$H:[0:4]$[0:8]"]},
-        {"teacher_variable_names": ["$L:1$H:[0:4]$[0:8]"], "student_variable_names": ["$L:0$H:[0:4]$[0:8]"]},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "interchange_variable_mappings": [
+                    {
+                        "teacher_variable_names": ["$L:3$H:[0:4]$[0:8]"],
+                        "student_variable_names": ["$L:1$H:[0:4]$[0:8]"],
+                    },
+                    {
+                        "teacher_variable_names": ["$L:1$H:[0:4]$[0:8]"],
+                        "student_variable_names": ["$L:0$H:[0:4]$[0:8]"],
+                    },
+                ]
+            }
+        )
+    )
     return path
 
 
 def _train_args(tmp_path: Path, family: str, teacher: Path, student: Path, *extra: str) -> list[str]:
     return [
-        "--force", "--n_gpu", "0", "--log_interval", "1", "--checkpoint_interval", "10",
-        "--student_type", family, "--student_config", str(student / "config.json"),
-        "--student_pretrained_weights", str(tmp_path / "student.pth"),
-        "--teacher_type", family, "--teacher_name", str(teacher),
-        "--neuron_mapping", str(_mapping(tmp_path / "m.nm")),
-        "--alpha_ce", "0.5", "--alpha_clm", "0.5", "--alpha_cos", "0.1", "--alpha_causal_ce", "0.5",
-        "--interchange_prop", "0.3", "--dump_path", str(tmp_path / "results"), "--run_name", "run",
-        "--data_file", str(_corpus(tmp_path / f"corpus.{family}.pickle", family)),
-        "--seed", "0", "--n_epoch", "1", "--batch_size", "4", "--gradient_accumulation_steps", "1",
-        "--max_steps", "2", *extra,
+        "--force",
+        "--n_gpu",
+        "0",
+        "--log_interval",
+        "1",
+        "--checkpoint_interval",
+        "10",
+        "--student_type",
+        family,
+        "--student_config",
+        str(student / "config.json"),
+        "--student_pretrained_weights",
+        str(tmp_path / "student.pth"),
+        "--teacher_type",
+        family,
+        "--teacher_name",
+        str(teacher),
+        "--neuron_mapping",
+        str(_mapping(tmp_path / "m.nm")),
+        "--alpha_ce",
+        "0.5",
+        "--alpha_clm",
+        "0.5",
+        "--alpha_cos",
+        "0.1",
+        "--alpha_causal_ce",
+        "0.5",
+        "--interchange_prop",
+        "0.3",
+        "--dump_path",
+        str(tmp_path / "results"),
+        "--run_name",
+        "run",
+        "--data_file",
+        str(_corpus(tmp_path / f"corpus.{family}.pickle", family)),
+        "--seed",
+        "0",
+        "--n_epoch",
+        "1",
+        "--batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        "2",
+        *extra,
     ]
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_cli_extracts_and_trains_a_decoder_student_with_causal_ce(tmp_path, family):
     teacher = save_tiny_decoder_teacher(family, tmp_path / "teacher", vocab=VOCAB)
-    extract.main(["--model_type", family, "--model_name", str(teacher), "--num_layers", "2",
-                  "--dump_checkpoint", str(tmp_path / "student.pth"), "--dump_folder", str(tmp_path / "student")])
+    extract.main(
+        [
+            "--model_type",
+            family,
+            "--model_name",
+            str(teacher),
+            "--num_layers",
+            "2",
+            "--dump_checkpoint",
+            str(tmp_path / "student.pth"),
+            "--dump_folder",
+            str(tmp_path / "student"),
+        ]
+    )
     dump = causal_train.main(_train_args(tmp_path, family, teacher, tmp_path / "student"))
 
     trained = tr.AutoModelForCausalLM.from_pretrained(dump).state_dict()
@@ -75,7 +135,9 @@ def test_cli_extracts_and_trains_a_decoder_student_with_causal_ce(tmp_path, fami
 
     events = EventAccumulator(str(dump / "log" / "train"))
     events.Reload()
-    losses = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("losses/")}
+    losses = {
+        tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("losses/")
+    }
     for tag in ("losses/loss_ce", "losses/loss_clm", "losses/loss_cos", "losses/loss_causal_ce"):
         assert tag in losses and all(np.isfinite(losses[tag])), tag
     assert max(losses["losses/loss_causal_ce"]) > 0
@@ -126,8 +188,18 @@ def test_qwen_students_take_either_qwen_teacher_and_the_cli_lists_the_families()
 
 def test_freeze_pos_embs_is_refused_for_rotary_students(tmp_path):
     teacher = save_tiny_decoder_teacher("llama", tmp_path / "teacher", vocab=VOCAB)
-    extract.main(["--model_type", "llama", "--model_name", str(teacher), "--num_layers", "2",
-                  "--dump_checkpoint", str(tmp_path / "student.pth")])
+    extract.main(
+        [
+            "--model_type",
+            "llama",
+            "--model_name",
+            str(teacher),
+            "--num_layers",
+            "2",
+            "--dump_checkpoint",
+            str(tmp_path / "student.pth"),
+        ]
+    )
     (tmp_path / "student").mkdir()
     tr.AutoConfig.from_pretrained(teacher).to_json_file(str(tmp_path / "student" / "config.json"))
     with pytest.raises(UserError, match="--freeze_pos_embs does not apply to a llama student .*rotary"):
@@ -139,6 +211,7 @@ def test_freeze_pos_embs_is_refused_for_rotary_students(tmp_path):
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_binarization_frames_each_line_with_the_tokens_the_training_set_expects(tmp_path, family, fast):
     from conftest import save_word_level_tokenizer
+
     from scripts import binarized_data
     from token_store import load_sequences
 
@@ -148,9 +221,19 @@ def test_binarization_frames_each_line_with_the_tokens_the_training_set_expects(
     special = save_word_level_tokenizer(tmp_path / "tokenizer", VOCAB, with_bos=bool(start))
     text = tmp_path / "corpus.txt"
     text.write_text("w5 w6 w7\nw8 w9\n")
-    out = binarized_data.main(["--file_path", str(text), "--tokenizer_type", family, "--tokenizer_name",
-                               str(tmp_path / "tokenizer"), "--dump_file", str(tmp_path / "data" / "bin"),
-                               *(["--fast_process"] if fast else [])])
+    out = binarized_data.main(
+        [
+            "--file_path",
+            str(text),
+            "--tokenizer_type",
+            family,
+            "--tokenizer_name",
+            str(tmp_path / "tokenizer"),
+            "--dump_file",
+            str(tmp_path / "data" / "bin"),
+            *(["--fast_process"] if fast else []),
+        ]
+    )
     params = DatasetParams(64, False, special, family=family)
     got = sorted(seq.tolist() for seq in load_sequences(out))
     assert got == sorted([start + [5, 6, 7, EOS], start + [8, 9, EOS]])

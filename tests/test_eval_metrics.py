@@ -93,7 +93,10 @@ def test_seqeval_scores_whole_entities():
     missed_loc = eval_metrics.ner_metrics([["B-PER", "I-PER", "O", "O"]], gold)
     # Gold entities PER(0-1), LOC(3); predicted PER(0-1): precision 1, recall 1/2.
     assert missed_loc == {
-        "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "accuracy": 0.75,
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3),
+        "accuracy": 0.75,
     }
     # A PER span cut short is a wrong entity, although 3 of 4 tags match.
     short_per = eval_metrics.ner_metrics([["B-PER", "O", "O", "B-LOC"]], gold, entity_level=True)

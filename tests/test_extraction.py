@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 import transformers as tr
-
 from conftest import DECODER_FAMILIES, save_tiny_decoder_teacher
+
 from scripts import extract, extract_distilbert
 from scripts.extraction import teacher_layers
 from utils import UserError
@@ -50,17 +50,26 @@ def test_twelve_block_teacher_keeps_the_originals_lists():
 @pytest.mark.parametrize("n", [7, 8])
 def test_bert_to_distilbert_7_and_8_blocks_take_the_originals_first_of_nine(tmp_path, n):
     torch.manual_seed(0)
-    config = tr.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=12, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=32)
+    config = tr.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=12,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     tr.BertForMaskedLM(config).save_pretrained(tmp_path / "bert12")
     out = tmp_path / f"student_{n}.pth"
-    state = extract_distilbert.main(["--model_name", str(tmp_path / "bert12"), "--dump_checkpoint", str(out),
-                                     "--num_layers", str(n)])
+    state = extract_distilbert.main(
+        ["--model_name", str(tmp_path / "bert12"), "--dump_checkpoint", str(out), "--num_layers", str(n)]
+    )
     teacher = tr.BertForMaskedLM.from_pretrained(tmp_path / "bert12").state_dict()
     expected = [0, 2, 3, 4, 7, 8, 9, 10, 11][:n]
     for s_idx, t_idx in enumerate(expected):
-        assert torch.equal(state[f"distilbert.transformer.layer.{s_idx}.ffn.lin1.weight"],
-                           teacher[f"bert.encoder.layer.{t_idx}.intermediate.dense.weight"])
+        assert torch.equal(
+            state[f"distilbert.transformer.layer.{s_idx}.ffn.lin1.weight"],
+            teacher[f"bert.encoder.layer.{t_idx}.intermediate.dense.weight"],
+        )
     assert f"distilbert.transformer.layer.{n}.ffn.lin1.weight" not in state
     assert teacher_layers(12, n) != expected  # the other scripts keep their even spread
 
@@ -70,10 +79,19 @@ def test_bert_to_distilbert_7_and_8_blocks_take_the_originals_first_of_nine(tmp_
 
 def _roberta_keys(layers: int, vocab_transform: bool) -> set[str]:
     # The keys the RoBERTa extraction has always written, spelt out.
-    block = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-             "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"]
-    keys = {f"roberta.embeddings.{w}.weight" for w in ("word_embeddings", "position_embeddings",
-                                                       "token_type_embeddings")}
+    block = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    ]
+    keys = {
+        f"roberta.embeddings.{w}.weight" for w in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    }
     keys |= {f"roberta.embeddings.LayerNorm.{w}" for w in ("weight", "bias")}
     keys |= {f"roberta.encoder.layer.{i}.{m}.{w}" for i in range(layers) for m in block for w in ("weight", "bias")}
     keys |= {"lm_head.decoder.weight", "lm_head.bias"}
@@ -84,34 +102,66 @@ def _roberta_keys(layers: int, vocab_transform: bool) -> set[str]:
 
 def _gpt2_keys(layers: int) -> set[str]:
     block = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
-    keys = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
-            "lm_head.weight"}
+    keys = {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    }
     return keys | {f"transformer.h.{i}.{m}.{w}" for i in range(layers) for m in block for w in ("weight", "bias")}
 
 
 @pytest.mark.parametrize("vocab_transform", [False, True])
 def test_roberta_extraction_writes_the_same_keys_as_before(tmp_path, vocab_transform):
     torch.manual_seed(0)
-    config = tr.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                              intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+    config = tr.RobertaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=40,
+        pad_token_id=1,
+    )
     tr.RobertaForMaskedLM(config).save_pretrained(tmp_path / "rob")
-    argv = ["--model_type", "roberta", "--model_name", str(tmp_path / "rob"), "--num_layers", "2",
-            "--dump_checkpoint", str(tmp_path / "s.pth")] + ["--vocab_transform"] * vocab_transform
+    argv = [
+        "--model_type",
+        "roberta",
+        "--model_name",
+        str(tmp_path / "rob"),
+        "--num_layers",
+        "2",
+        "--dump_checkpoint",
+        str(tmp_path / "s.pth"),
+    ] + ["--vocab_transform"] * vocab_transform
     state = extract.main(argv)
     assert set(state) == _roberta_keys(2, vocab_transform)
     teacher = tr.RobertaForMaskedLM.from_pretrained(tmp_path / "rob").state_dict()
-    assert torch.equal(state["roberta.encoder.layer.1.output.dense.weight"],
-                       teacher["roberta.encoder.layer.3.output.dense.weight"])
+    assert torch.equal(
+        state["roberta.encoder.layer.1.output.dense.weight"], teacher["roberta.encoder.layer.3.output.dense.weight"]
+    )
     assert set(torch.load(tmp_path / "s.pth", weights_only=True)) == set(state)
 
 
 def test_gpt2_extraction_writes_the_same_keys_as_before(tmp_path):
     torch.manual_seed(0)
-    config = tr.GPT2Config(vocab_size=64, n_embd=16, n_layer=4, n_head=2, n_positions=40, bos_token_id=0,
-                           eos_token_id=0)
+    config = tr.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=4, n_head=2, n_positions=40, bos_token_id=0, eos_token_id=0
+    )
     tr.GPT2LMHeadModel(config).save_pretrained(tmp_path / "g")
-    state = extract.main(["--model_type", "gpt2", "--model_name", str(tmp_path / "g"), "--teacher_layers", "1,2",
-                          "--dump_checkpoint", str(tmp_path / "s.pth")])
+    state = extract.main(
+        [
+            "--model_type",
+            "gpt2",
+            "--model_name",
+            str(tmp_path / "g"),
+            "--teacher_layers",
+            "1,2",
+            "--dump_checkpoint",
+            str(tmp_path / "s.pth"),
+        ]
+    )
     assert set(state) == _gpt2_keys(2)
     teacher = tr.GPT2LMHeadModel.from_pretrained(tmp_path / "g").state_dict()
     assert torch.equal(state["transformer.h.0.mlp.c_fc.weight"], teacher["transformer.h.1.mlp.c_fc.weight"])
@@ -123,8 +173,20 @@ def test_gpt2_extraction_writes_the_same_keys_as_before(tmp_path):
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_decoder_student_folder_equals_the_teacher_with_only_the_chosen_blocks(tmp_path, decoder_teachers, family):
     folder = tmp_path / "student"
-    state = extract.main(["--model_type", family, "--model_name", str(decoder_teachers[family]), "--layers", "0,3",
-                          "--dump_checkpoint", str(tmp_path / "s.pth"), "--dump_folder", str(folder)])
+    state = extract.main(
+        [
+            "--model_type",
+            family,
+            "--model_name",
+            str(decoder_teachers[family]),
+            "--layers",
+            "0,3",
+            "--dump_checkpoint",
+            str(tmp_path / "s.pth"),
+            "--dump_folder",
+            str(folder),
+        ]
+    )
     teacher = tr.AutoModelForCausalLM.from_pretrained(decoder_teachers[family]).eval()
     student = tr.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
@@ -157,8 +219,17 @@ def test_decoder_student_folder_equals_the_teacher_with_only_the_chosen_blocks(t
 )
 def test_bad_block_choices_are_one_line_errors(tmp_path, decoder_teachers, flags, message):
     with pytest.raises(UserError, match=message) as err:
-        extract.main(["--model_type", "llama", "--model_name", str(decoder_teachers["llama"]),
-                      "--dump_checkpoint", str(tmp_path / "s.pth")] + flags)
+        extract.main(
+            [
+                "--model_type",
+                "llama",
+                "--model_name",
+                str(decoder_teachers["llama"]),
+                "--dump_checkpoint",
+                str(tmp_path / "s.pth"),
+            ]
+            + flags
+        )
     assert "\n" not in str(err.value)
     assert not (tmp_path / "s.pth").exists()
 
@@ -168,10 +239,18 @@ def test_unwritable_outputs_are_refused_before_the_teacher_is_loaded(tmp_path, t
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    checkpoint = {"checkpoint_under_a_file": tmp_path / "a_file" / "s.pth",
-                  "checkpoint_is_a_folder": tmp_path / "full"}.get(target, tmp_path / "s.pth")
-    argv = ["--model_type", "llama", "--model_name", str(tmp_path / "no_such_teacher"),
-            "--dump_checkpoint", str(checkpoint)]
+    checkpoint = {
+        "checkpoint_under_a_file": tmp_path / "a_file" / "s.pth",
+        "checkpoint_is_a_folder": tmp_path / "full",
+    }.get(target, tmp_path / "s.pth")
+    argv = [
+        "--model_type",
+        "llama",
+        "--model_name",
+        str(tmp_path / "no_such_teacher"),
+        "--dump_checkpoint",
+        str(checkpoint),
+    ]
     if target == "folder_not_empty":
         argv += ["--dump_folder", str(tmp_path / "full")]
     with pytest.raises(UserError, match="--dump_(checkpoint|folder)") as err:

@@ -17,23 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    common_args,
+    ner_rows,
+    qa_rows,
+    sentiment_rows,
+    squad_official_json,
+    write_csv,
+    write_jsonl,
+)
 
 import run_glue
 import run_mlm
 import run_ner
 import run_qa
-from test_eval_scripts import (  # noqa: F401  (fixtures)
-    REPO,
-    common_args,
-    dump_dir,
-    ner_rows,
-    qa_rows,
-    sentiment_rows,
-    squad_official_json,
-    tokenizer_dir,
-    write_csv,
-    write_jsonl,
-)
 from utils import run_cli
 
 QA_SHAPE = ["--max_seq_length", "32", "--doc_stride", "8"]
@@ -59,6 +57,7 @@ def assert_refused(status: int, line: str, *fragments: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Malformed data: (script, file name, file content, extra flags, fragments of the message)
 
+
 def _jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -76,45 +75,131 @@ def _qa(change) -> str:
 
 
 MALFORMED = {
-    "truncated_jsonl": (run_glue, "v.jsonl", '{"sentence": "a", "label": 0}\n{"sentence": ', [],
-                        ["cannot read", "JSON parse error"]),
+    "truncated_jsonl": (
+        run_glue,
+        "v.jsonl",
+        '{"sentence": "a", "label": 0}\n{"sentence": ',
+        [],
+        ["cannot read", "JSON parse error"],
+    ),
     "empty_csv": (run_glue, "v.csv", "", [], ["is empty"]),
     "header_only_csv": (run_glue, "v.csv", "sentence,label\n", [], ["holds no rows"]),
-    "ragged_csv": (run_glue, "v.csv", "sentence,label\nthe cat,1\nthe dog,0,2,3\n", [],
-                   ["cannot read", "Expected 2 fields in line 3"]),
-    "numbers_as_text": (run_glue, "v.jsonl", _jsonl([{"sentence": 5, "label": 0}]), [],
-                        ["column 'sentence'", "must hold text, found integers"]),
-    "missing_text": (run_glue, "v.jsonl", _jsonl([{"sentence": "a", "label": 0}, {"sentence": None, "label": 1}]), [],
-                     ["column 'sentence'", "no value in row 2"]),
-    "list_labels": (run_glue, "v.jsonl", _jsonl([{"sentence": "a", "label": [0]}]), [],
-                    ["column 'label'", "found lists"]),
-    "mixed_labels": (run_glue, "v.jsonl", '{"sentence": "a", "label": 0}\n{"sentence": "b", "label": "x"}\n', [],
-                     ["column 'label'", "mixed types"]),
-    "text_regression_labels": (run_glue, "v.jsonl", _jsonl([{"sentence1": "a", "sentence2": "b", "label": "high"}]),
-                               ["--task_name", "stsb"], ["column 'label'", "must hold a number"]),
-    "ner_tags_shorter": (run_ner, "v.jsonl", _ner(lambda r: r[1]["ner_tags"].pop()), [],
-                         ["row 2 of", "4 words in 'tokens' but 3 tags in 'ner_tags'"]),
-    "ner_tags_longer": (run_ner, "v.jsonl", _ner(lambda r: r[1]["ner_tags"].append("O")), [],
-                        ["row 2 of", "5 tags"]),
-    "ner_sentence_as_string": (run_ner, "v.jsonl", _jsonl([{"tokens": "john lives in paris", "ner_tags": ["O"]}]), [],
-                               ["column 'tokens'", "must hold a list of strings per row, found text"]),
-    "ner_missing_tags": (run_ner, "v.jsonl", _ner(lambda r: r[2].update(ner_tags=None)), [],
-                         ["column 'ner_tags'", "row 3"]),
-    "squad_without_qas": (run_qa, "dev.json", json.dumps({"data": [{"paragraphs": [{"context": "abc"}]}]}), QA_SHAPE,
-                          ["cannot read", "data[0].paragraphs[0] has no 'qas'"]),
+    "ragged_csv": (
+        run_glue,
+        "v.csv",
+        "sentence,label\nthe cat,1\nthe dog,0,2,3\n",
+        [],
+        ["cannot read", "Expected 2 fields in line 3"],
+    ),
+    "numbers_as_text": (
+        run_glue,
+        "v.jsonl",
+        _jsonl([{"sentence": 5, "label": 0}]),
+        [],
+        ["column 'sentence'", "must hold text, found integers"],
+    ),
+    "missing_text": (
+        run_glue,
+        "v.jsonl",
+        _jsonl([{"sentence": "a", "label": 0}, {"sentence": None, "label": 1}]),
+        [],
+        ["column 'sentence'", "no value in row 2"],
+    ),
+    "list_labels": (
+        run_glue,
+        "v.jsonl",
+        _jsonl([{"sentence": "a", "label": [0]}]),
+        [],
+        ["column 'label'", "found lists"],
+    ),
+    "mixed_labels": (
+        run_glue,
+        "v.jsonl",
+        '{"sentence": "a", "label": 0}\n{"sentence": "b", "label": "x"}\n',
+        [],
+        ["column 'label'", "mixed types"],
+    ),
+    "text_regression_labels": (
+        run_glue,
+        "v.jsonl",
+        _jsonl([{"sentence1": "a", "sentence2": "b", "label": "high"}]),
+        ["--task_name", "stsb"],
+        ["column 'label'", "must hold a number"],
+    ),
+    "ner_tags_shorter": (
+        run_ner,
+        "v.jsonl",
+        _ner(lambda r: r[1]["ner_tags"].pop()),
+        [],
+        ["row 2 of", "4 words in 'tokens' but 3 tags in 'ner_tags'"],
+    ),
+    "ner_tags_longer": (run_ner, "v.jsonl", _ner(lambda r: r[1]["ner_tags"].append("O")), [], ["row 2 of", "5 tags"]),
+    "ner_sentence_as_string": (
+        run_ner,
+        "v.jsonl",
+        _jsonl([{"tokens": "john lives in paris", "ner_tags": ["O"]}]),
+        [],
+        ["column 'tokens'", "must hold a list of strings per row, found text"],
+    ),
+    "ner_missing_tags": (
+        run_ner,
+        "v.jsonl",
+        _ner(lambda r: r[2].update(ner_tags=None)),
+        [],
+        ["column 'ner_tags'", "row 3"],
+    ),
+    "squad_without_qas": (
+        run_qa,
+        "dev.json",
+        json.dumps({"data": [{"paragraphs": [{"context": "abc"}]}]}),
+        QA_SHAPE,
+        ["cannot read", "data[0].paragraphs[0] has no 'qas'"],
+    ),
     "squad_answer_without_start": (
-        run_qa, "dev.json",
-        json.dumps({"data": [{"paragraphs": [{"context": "abc", "qas": [
-            {"id": "1", "question": "q", "answers": [{"text": "b"}]}]}]}]}),
-        QA_SHAPE, ["data[0].paragraphs[0].qas[0].answers[0] has no 'answer_start'"]),
-    "not_squad_at_all": (run_qa, "dev.json", json.dumps({"version": "1.1", "articles": []}), QA_SHAPE,
-                         ["column 'id' not found", "official SQuAD layout"]),
-    "duplicate_question_ids": (run_qa, "dev.jsonl", _qa(lambda r: r[1].update(id=r[0]["id"])), QA_SHAPE,
-                               ["question id 'q0' appears more than once"]),
-    "answers_without_start": (run_qa, "dev.jsonl", _qa(lambda r: [x.update(answers={"text": x["answers"]["text"]})
-                                                                  for x in r]), QA_SHAPE, ["column 'answers'"]),
-    "missing_context": (run_qa, "dev.jsonl", _qa(lambda r: r[1].update(context=None)), QA_SHAPE,
-                        ["column 'context'", "no value in row 2"]),
+        run_qa,
+        "dev.json",
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "paragraphs": [
+                            {"context": "abc", "qas": [{"id": "1", "question": "q", "answers": [{"text": "b"}]}]}
+                        ]
+                    }
+                ]
+            }
+        ),
+        QA_SHAPE,
+        ["data[0].paragraphs[0].qas[0].answers[0] has no 'answer_start'"],
+    ),
+    "not_squad_at_all": (
+        run_qa,
+        "dev.json",
+        json.dumps({"version": "1.1", "articles": []}),
+        QA_SHAPE,
+        ["column 'id' not found", "official SQuAD layout"],
+    ),
+    "duplicate_question_ids": (
+        run_qa,
+        "dev.jsonl",
+        _qa(lambda r: r[1].update(id=r[0]["id"])),
+        QA_SHAPE,
+        ["question id 'q0' appears more than once"],
+    ),
+    "answers_without_start": (
+        run_qa,
+        "dev.jsonl",
+        _qa(lambda r: [x.update(answers={"text": x["answers"]["text"]}) for x in r]),
+        QA_SHAPE,
+        ["column 'answers'"],
+    ),
+    "missing_context": (
+        run_qa,
+        "dev.jsonl",
+        _qa(lambda r: r[1].update(context=None)),
+        QA_SHAPE,
+        ["column 'context'", "no value in row 2"],
+    ),
     "mlm_numbers_as_text": (run_mlm, "v.jsonl", '{"text": 5}\n', [], ["column 'text'", "must hold text"]),
     "mlm_not_utf8": (run_mlm, "v.txt", b"\xff\xfe bad bytes\n", ["--line_by_line"], ["cannot read", "utf-8"]),
 }
@@ -126,8 +211,14 @@ def test_malformed_evaluation_data_is_refused_in_one_line(case, tmp_path, tokeni
     path = tmp_path / name
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     task = ["--task_name", "sst2"] if module is run_glue and "--task_name" not in extra else []
-    status, line = cli(module, ["--model_name_or_path", str(dump_dir), "--validation_file", str(path), "--do_eval"]
-                       + task + extra + common_args(tmp_path, tokenizer_dir), capsys)
+    status, line = cli(
+        module,
+        ["--model_name_or_path", str(dump_dir), "--validation_file", str(path), "--do_eval"]
+        + task
+        + extra
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
     assert_refused(status, line, name, *fragments)
     assert not (tmp_path / "out").exists()
 
@@ -136,14 +227,22 @@ def test_answers_away_from_their_offsets_are_refused_for_training(tmp_path, toke
     rows = qa_rows(6)
     rows[2]["answers"]["answer_start"] = [3]
     train = squad_official_json(tmp_path / "train-v1.1.json", rows)
-    status, line = cli(run_qa, ["--model_name_or_path", str(dump_dir), "--train_file", str(train), "--do_train"]
-                       + QA_SHAPE + common_args(tmp_path, tokenizer_dir), capsys)
-    assert_refused(status, line, "question 'q2'", "train-v1.1.json", f"{rows[2]['answers']['text'][0]!r} is not at character 3")
+    status, line = cli(
+        run_qa,
+        ["--model_name_or_path", str(dump_dir), "--train_file", str(train), "--do_train"]
+        + QA_SHAPE
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
+    assert_refused(
+        status, line, "question 'q2'", "train-v1.1.json", f"{rows[2]['answers']['text'][0]!r} is not at character 3"
+    )
     assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # Missing or broken model parts
+
 
 def copy_dump(dump_dir: Path, dst: Path, *without: str) -> Path:
     shutil.copytree(dump_dir, dst)
@@ -155,9 +254,12 @@ def copy_dump(dump_dir: Path, dst: Path, *without: str) -> Path:
 def test_a_nonexistent_model_folder_is_called_a_folder(tmp_path, tokenizer_dir, capsys):
     validation = write_csv(tmp_path / "v.csv", sentiment_rows(4))
     for missing in ("./no_such_model/", str(tmp_path / "no_such_model")):
-        status, line = cli(run_glue, ["--model_name_or_path", missing, "--task_name", "sst2", "--do_eval",
-                                      "--validation_file", str(validation)] + common_args(tmp_path, tokenizer_dir),
-                           capsys)
+        status, line = cli(
+            run_glue,
+            ["--model_name_or_path", missing, "--task_name", "sst2", "--do_eval", "--validation_file", str(validation)]
+            + common_args(tmp_path, tokenizer_dir),
+            capsys,
+        )
         assert_refused(status, line, "--model_name_or_path folder not found", missing)
         assert "Repo id" not in line
     assert not (tmp_path / "out").exists()
@@ -166,8 +268,12 @@ def test_a_nonexistent_model_folder_is_called_a_folder(tmp_path, tokenizer_dir, 
 def test_a_model_folder_without_config_json_is_named(tmp_path, tokenizer_dir, dump_dir, capsys):
     folder = copy_dump(dump_dir, tmp_path / "model", "config.json")
     validation = write_csv(tmp_path / "v.csv", sentiment_rows(4))
-    status, line = cli(run_glue, ["--model_name_or_path", str(folder), "--task_name", "sst2", "--do_eval",
-                                  "--validation_file", str(validation)] + common_args(tmp_path, tokenizer_dir), capsys)
+    status, line = cli(
+        run_glue,
+        ["--model_name_or_path", str(folder), "--task_name", "sst2", "--do_eval", "--validation_file", str(validation)]
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
     assert_refused(status, line, f"no config.json in {folder}")
     assert not (tmp_path / "out").exists()
 
@@ -175,8 +281,12 @@ def test_a_model_folder_without_config_json_is_named(tmp_path, tokenizer_dir, du
 def test_a_model_folder_without_tokenizer_asks_for_tokenizer_name(tmp_path, dump_dir, capsys):
     """transformers 5 would build an empty-vocabulary tokenizer from it: every word [UNK]."""
     validation = write_jsonl(tmp_path / "v.jsonl", ner_rows(4))
-    status, line = cli(run_ner, ["--model_name_or_path", str(dump_dir), "--validation_file", str(validation),
-                                 "--do_eval"] + common_args(tmp_path, None), capsys)
+    status, line = cli(
+        run_ner,
+        ["--model_name_or_path", str(dump_dir), "--validation_file", str(validation), "--do_eval"]
+        + common_args(tmp_path, None),
+        capsys,
+    )
     assert_refused(status, line, f"no tokenizer files in {dump_dir}", "--tokenizer_name")
     assert not (tmp_path / "out").exists()
 
@@ -185,10 +295,19 @@ def test_a_distillation_run_folder_suggests_its_teachers_tokenizer(tmp_path, dum
     run_folder = copy_dump(dump_dir, tmp_path / "run")
     (run_folder / "parameters.json").write_text(json.dumps({"teacher_name": "bert-base-uncased", "n_epoch": 3}))
     validation = write_jsonl(tmp_path / "v.jsonl", [{"text": "the cat sat on the mat"}] * 4)
-    status, line = cli(run_mlm, ["--model_name_or_path", str(run_folder), "--validation_file", str(validation),
-                                 "--do_eval"] + common_args(tmp_path, None), capsys)
-    assert_refused(status, line, f"no tokenizer files in {run_folder}", "distillation run folder",
-                   "--tokenizer_name bert-base-uncased")
+    status, line = cli(
+        run_mlm,
+        ["--model_name_or_path", str(run_folder), "--validation_file", str(validation), "--do_eval"]
+        + common_args(tmp_path, None),
+        capsys,
+    )
+    assert_refused(
+        status,
+        line,
+        f"no tokenizer files in {run_folder}",
+        "distillation run folder",
+        "--tokenizer_name bert-base-uncased",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -206,8 +325,12 @@ class Payload:
 def test_broken_model_weights_are_refused(fault, tmp_path, tokenizer_dir, dump_dir, capsys):
     folder = copy_dump(dump_dir, tmp_path / "model", "model.safetensors")
     marker = tmp_path / "payload_ran"
-    expected = {"no_weights": "no file named model.safetensors", "garbage_safetensors": "cannot load model",
-                "pickle_payload": "corrupt or holds more than tensors", "wrong_shape": "does not have the shape"}[fault]
+    expected = {
+        "no_weights": "no file named model.safetensors",
+        "garbage_safetensors": "cannot load model",
+        "pickle_payload": "corrupt or holds more than tensors",
+        "wrong_shape": "does not have the shape",
+    }[fault]
     if fault == "garbage_safetensors":
         (folder / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
     elif fault == "pickle_payload":
@@ -220,8 +343,12 @@ def test_broken_model_weights_are_refused(fault, tmp_path, tokenizer_dir, dump_d
         state[name] = torch.zeros(3, 3)
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     validation = write_jsonl(tmp_path / "v.jsonl", [{"text": "the cat sat on the mat"}] * 4)
-    status, line = cli(run_mlm, ["--model_name_or_path", str(folder), "--validation_file", str(validation),
-                                 "--do_eval"] + common_args(tmp_path, tokenizer_dir), capsys)
+    status, line = cli(
+        run_mlm,
+        ["--model_name_or_path", str(folder), "--validation_file", str(validation), "--do_eval"]
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
     assert_refused(status, line, f"cannot load model {folder}", expected)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -234,21 +361,30 @@ FLAGS = {
     "nothing_to_do": (run_glue, [], "nothing to do: pass --do_train, --do_eval or --do_predict"),
     "zero_eval_samples": (run_glue, ["--do_eval", "--max_eval_samples", "0"], "--max_eval_samples must be at least 1"),
     "zero_max_seq_length": (run_ner, ["--do_eval", "--max_seq_length", "0"], "--max_seq_length must be at least 1"),
-    "missing_resume_folder": (run_glue, ["--do_train", "--resume_from_checkpoint", "/nowhere/checkpoint-9"],
-                              "--resume_from_checkpoint folder not found: /nowhere/checkpoint-9"),
+    "missing_resume_folder": (
+        run_glue,
+        ["--do_train", "--resume_from_checkpoint", "/nowhere/checkpoint-9"],
+        "--resume_from_checkpoint folder not found: /nowhere/checkpoint-9",
+    ),
     "negative_doc_stride": (run_qa, ["--do_eval", "--doc_stride", "-1"], "--doc_stride must be at least 0"),
     "no_candidates": (run_qa, ["--do_eval", "--n_best_size", "0"], "--n_best_size must be at least 1"),
     "mlm_predict": (run_mlm, ["--do_predict"], "run_mlm.py has no --do_predict"),
-    "mlm_all_held_out": (run_mlm, ["--do_train", "--validation_split_percentage", "100"],
-                         "--validation_split_percentage must be between 1 and 99"),
+    "mlm_all_held_out": (
+        run_mlm,
+        ["--do_train", "--validation_split_percentage", "100"],
+        "--validation_split_percentage must be between 1 and 99",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(FLAGS))
 def test_impossible_flags_are_refused_before_any_work(case, tmp_path, capsys):
     module, flags, fragment = FLAGS[case]
-    status, line = cli(module, ["--model_name_or_path", str(tmp_path / "never_read"), "--output_dir",
-                                str(tmp_path / "out")] + flags, capsys)
+    status, line = cli(
+        module,
+        ["--model_name_or_path", str(tmp_path / "never_read"), "--output_dir", str(tmp_path / "out")] + flags,
+        capsys,
+    )
     assert_refused(status, line, fragment)
     assert not (tmp_path / "out").exists()
 
@@ -256,14 +392,18 @@ def test_impossible_flags_are_refused_before_any_work(case, tmp_path, capsys):
 def test_an_output_dir_below_a_file_is_refused_before_loading(tmp_path, capsys):
     blocker = tmp_path / "results"
     blocker.write_text("a file where the output folder's parent should be")
-    status, line = cli(run_glue, ["--model_name_or_path", str(tmp_path / "never_read"), "--do_eval",
-                                  "--output_dir", str(blocker / "sst2")], capsys)
+    status, line = cli(
+        run_glue,
+        ["--model_name_or_path", str(tmp_path / "never_read"), "--do_eval", "--output_dir", str(blocker / "sst2")],
+        capsys,
+    )
     assert_refused(status, line, f"--output_dir {blocker / 'sst2'} cannot be created", f"{blocker} is not a folder")
     assert blocker.read_text().startswith("a file")
 
 
 # ---------------------------------------------------------------------------------------------
 # Permissions: the CLI in a subprocess, where permission bits apply even to root
+
 
 def permission_prefix() -> list[str]:
     """A command prefix under which file permissions apply ([] for a normal user)."""
@@ -278,8 +418,12 @@ def permission_prefix() -> list[str]:
 
 def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        permission_prefix() + [sys.executable, str(REPO / script)] + args, capture_output=True, text=True,
-        cwd=cwd, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+        permission_prefix() + [sys.executable, str(REPO / script)] + args,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
     )
 
 
@@ -298,8 +442,14 @@ def test_permission_faults_name_the_file_and_the_cause(tmp_path, tokenizer_dir, 
     (read_only / "keep.txt").write_text("user file")
     read_only.chmod(0o555)
     try:
-        proc = run_script("run_glue.py", base + ["--validation_file", str(validation)]
-                          + common_args(tmp_path, tokenizer_dir) + ["--output_dir", str(read_only / "sst2")], tmp_path)
+        proc = run_script(
+            "run_glue.py",
+            base
+            + ["--validation_file", str(validation)]
+            + common_args(tmp_path, tokenizer_dir)
+            + ["--output_dir", str(read_only / "sst2")],
+            tmp_path,
+        )
     finally:
         read_only.chmod(0o755)
     assert_cli_refused(proc, f"--output_dir {read_only / 'sst2'} cannot be written", "Permission denied")
@@ -308,8 +458,11 @@ def test_permission_faults_name_the_file_and_the_cause(tmp_path, tokenizer_dir, 
     # An unreadable data file: the file and the cause, not "An error occurred while generating the dataset".
     validation.chmod(0)
     try:
-        proc = run_script("run_glue.py", base + ["--validation_file", str(validation)]
-                          + common_args(tmp_path, tokenizer_dir), tmp_path)
+        proc = run_script(
+            "run_glue.py",
+            base + ["--validation_file", str(validation)] + common_args(tmp_path, tokenizer_dir),
+            tmp_path,
+        )
     finally:
         validation.chmod(0o644)
     assert_cli_refused(proc, f"cannot read {validation}: Permission denied")
@@ -318,8 +471,14 @@ def test_permission_faults_name_the_file_and_the_cause(tmp_path, tokenizer_dir, 
     # An unreadable config.json in the model folder.
     folder = copy_dump(dump_dir, tmp_path / "model")
     (folder / "config.json").chmod(0)
-    proc = run_script("run_glue.py", ["--model_name_or_path", str(folder)] + base[2:]
-                      + ["--validation_file", str(validation)] + common_args(tmp_path, tokenizer_dir), tmp_path)
+    proc = run_script(
+        "run_glue.py",
+        ["--model_name_or_path", str(folder)]
+        + base[2:]
+        + ["--validation_file", str(validation)]
+        + common_args(tmp_path, tokenizer_dir),
+        tmp_path,
+    )
     assert_cli_refused(proc, f"cannot load a model config from {folder}", "Permission denied")
     assert not (tmp_path / "out").exists()
 
@@ -334,7 +493,8 @@ def test_glue_suite_checks_models_and_outputs_before_any_training(tmp_path, dump
     assert_refused(status, line, "--model B folder not found: ./typo/")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    status, line = cli(eval_glue_suite, base + ["--model", f"A={dump_dir}", "--results_file", str(blocker / "t.md")],
-                       capsys)
+    status, line = cli(
+        eval_glue_suite, base + ["--model", f"A={dump_dir}", "--results_file", str(blocker / "t.md")], capsys
+    )
     assert_refused(status, line, "--results_file's folder", f"{blocker} is not a folder")
     assert not (tmp_path / "suite").exists()

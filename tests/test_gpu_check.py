@@ -8,8 +8,8 @@ import math
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from utils import UserError, run_cli
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -37,8 +37,15 @@ GPU_CHECK_RESULT {"peak_gib": 1.5, "problems": []}
 def test_dry_run_lists_every_check_with_its_command(capsys, tmp_path):
     results = gpu_check.main(["--dry_run", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    names = ["cuda_tests", "train_fp32", "train_fp16", "train_bf16", "torchrun", "bench_step_32x128",
-             "bench_step_16x512"]
+    names = [
+        "cuda_tests",
+        "train_fp32",
+        "train_fp16",
+        "train_bf16",
+        "torchrun",
+        "bench_step_32x128",
+        "bench_step_16x512",
+    ]
     assert [r.name for r in results] == names and {r.status for r in results} == {"planned"}
     for name in names:
         assert f"- {name}: " in out
@@ -55,8 +62,14 @@ def test_dry_run_lists_every_check_with_its_command(capsys, tmp_path):
 
     quick = gpu_check.main(["--dry_run", "--quick", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert [r.name for r in quick] == ["cuda_tests", "train_fp32", "train_fp16", "train_bf16", "torchrun",
-                                      "bench_step_2x16"]
+    assert [r.name for r in quick] == [
+        "cuda_tests",
+        "train_fp32",
+        "train_fp16",
+        "train_bf16",
+        "torchrun",
+        "bench_step_2x16",
+    ]
     assert quick[0].status == "skip" and "gloo" in out and "--n_gpu 0" in out and "--fp16 --teacher_fp16" in out
 
 
@@ -101,8 +114,13 @@ def test_results_are_judged_from_exit_status_output_and_the_child_report():
     bench = result_of(_check("bench_step_2x16"), 0, BENCH_OUTPUT, 12.0, 60)
     assert (bench.status, bench.tokens_per_s, bench.mfu, bench.peak_gib) == ("pass", 16.0, 0.01, 1.5)
     assert "diito 0.71x (1%)" in bench.notes and "matmul peak 24 GFLOP/s" in bench.notes
-    child = {"peak_gib": 2.0, "problems": [], "notes": ["largest weight change 5.0e-04"], "losses": [2.85, 2.5],
-             "tokens_per_s": 1000.0}
+    child = {
+        "peak_gib": 2.0,
+        "problems": [],
+        "notes": ["largest weight change 5.0e-04"],
+        "losses": [2.85, 2.5],
+        "tokens_per_s": 1000.0,
+    }
     train = result_of(_check("train_bf16"), 0, "log\nGPU_CHECK_RESULT " + json.dumps(child), 30.0, 60)
     assert (train.status, train.loss, train.tokens_per_s) == ("pass", "2.850 -> 2.500", 1000.0)
     child["problems"] = ["non-finite loss: [nan]"]
@@ -118,8 +136,10 @@ def test_results_are_judged_from_exit_status_output_and_the_child_report():
 
 
 def test_table_has_one_row_per_check_with_every_column():
-    results = [gpu_check.Result("train_bf16", "pass", 31.4, 12345.6, None, 3.21, "2.850 -> 2.500", "a | b"),
-               gpu_check.Result("bench_step_32x128", "fail", 5.0, 800.0, 0.456, None, "", "")]
+    results = [
+        gpu_check.Result("train_bf16", "pass", 31.4, 12345.6, None, 3.21, "2.850 -> 2.500", "a | b"),
+        gpu_check.Result("bench_step_32x128", "fail", 5.0, 800.0, 0.456, None, "", ""),
+    ]
     table = gpu_check.format_table(results, {"gpu": "NVIDIA H200", "torch": "2.11"})
     lines = table.splitlines()
     assert lines[0] == "gpu NVIDIA H200, torch 2.11"
@@ -131,8 +151,9 @@ def test_table_has_one_row_per_check_with_every_column():
 
 
 def test_a_check_past_its_timeout_is_killed_and_reported(tmp_path):
-    check = gpu_check.Check("train_fp32", "", [sys.executable, "-c", "import time; print('started', flush=True); "
-                                                               "time.sleep(60)"])
+    check = gpu_check.Check(
+        "train_fp32", "", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    )
     with open(tmp_path / "log.txt", "w") as log:
         rc, out, seconds = gpu_check.run_check(check, 1, log)
     assert rc is None and "started" in out and seconds < 30
@@ -150,8 +171,20 @@ def test_cpu_mode_runs_training_torchrun_and_bench_step_end_to_end(tmp_path, cap
 
     monkeypatch.setattr(gpu_check, "plan", with_a_failing_check)
     out = tmp_path / "out"
-    results = gpu_check.main(["--device", "cpu", "--quick", "--out", str(out), "--only", "train_fp32", "train_bf16",
-                              "torchrun", "bench_step_2x16"])
+    results = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(out),
+            "--only",
+            "train_fp32",
+            "train_bf16",
+            "torchrun",
+            "bench_step_2x16",
+        ]
+    )
     by_name = {r.name: r for r in results}
     assert list(by_name) == ["train_fp32", "train_bf16", "torchrun", "bench_step_2x16"]
     assert (by_name["train_fp32"].status, by_name["train_fp32"].notes) == ("fail", "error: boom")

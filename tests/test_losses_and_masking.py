@@ -93,8 +93,14 @@ def test_interchange_positions_are_real_tokens_with_equal_counts(mode):
     dual_lengths = torch.tensor([14, 30, 25, 30, 3])
     masked = (torch.rand(5, 30, generator=g) < 0.3) & real_token_mask(lengths, 30)
     imask, dmask = sample_interchange_masks(
-        lengths, dual_lengths, 30, 30, prop=0.3, consecutive=mode == "consecutive",
-        masked_tokens=masked if mode == "masked" else None, generator=g,
+        lengths,
+        dual_lengths,
+        30,
+        30,
+        prop=0.3,
+        consecutive=mode == "consecutive",
+        masked_tokens=masked if mode == "masked" else None,
+        generator=g,
     )
     assert torch.equal(imask.sum(1), dmask.sum(1))
     assert not (imask & ~real_token_mask(lengths, 30)).any()

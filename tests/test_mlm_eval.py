@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import BERT_SPECIAL_IDS
 from scipy import stats
 from transformers import AutoTokenizer, BertForMaskedLM
 
@@ -15,7 +16,6 @@ import counterfactual_utils as cf
 import mlm_eval
 import quickstart
 import token_store
-from conftest import BERT_SPECIAL_IDS
 from losses import IGNORE_INDEX
 from masking import load_token_counts, token_probabilities
 from utils import UserError
@@ -47,10 +47,11 @@ def test_load_token_counts_names_the_file_when_its_length_is_not_the_vocabulary(
 def teacher_and_heldout(tmp_path_factory, tiny_bert_teacher):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_teacher)
     teacher = BertForMaskedLM.from_pretrained(tiny_bert_teacher).eval()
-    texts = [f"sentence number {i} says that the {w} sat on a mat near the door ." for i, w in
-             enumerate(["cat", "dog", "bird", "fox", "owl", "cow", "hen", "ant"])]
-    store = token_store.TokenSequences.from_list(
-        [np.array(tokenizer(t)["input_ids"], dtype=np.uint16) for t in texts])
+    texts = [
+        f"sentence number {i} says that the {w} sat on a mat near the door ."
+        for i, w in enumerate(["cat", "dog", "bird", "fox", "owl", "cow", "hen", "ant"])
+    ]
+    store = token_store.TokenSequences.from_list([np.array(tokenizer(t)["input_ids"], dtype=np.uint16) for t in texts])
     dataset = mlm_eval.make_dataset(store, tokenizer, teacher.config, seed=3)
     return teacher, dataset
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from scripts import plot_runs
 from utils import UserError
 
@@ -94,8 +94,7 @@ def test_read_scalars_returns_what_was_written_from_every_event_folder(runs):
 def test_a_step_logged_twice_keeps_the_latest_write(tmp_path):
     """A resumed run repeats steps: the later wall time wins, whatever folder order says."""
     write_events(tmp_path / "run" / "z_first", {"losses/loss": [(s, 1.0) for s in range(8)]}, walltime0=1000.0)
-    write_events(tmp_path / "run" / "a_resumed", {"losses/loss": [(s, 2.0) for s in range(5, 10)]},
-                 walltime0=2000.0)
+    write_events(tmp_path / "run" / "a_resumed", {"losses/loss": [(s, 2.0) for s in range(5, 10)]}, walltime0=2000.0)
     s = plot_runs.read_scalars(tmp_path / "run")["losses/loss"]
     np.testing.assert_array_equal(s.steps, np.arange(10))
     np.testing.assert_array_equal(s.values, [1.0] * 5 + [2.0] * 5)
@@ -115,17 +114,24 @@ def test_main_writes_a_png_with_a_panel_per_logged_tag(runs, tmp_path, figures):
     (fig,) = figures
     axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     # Default tags in their order, then heldout/* ones; global/speed is not a default panel.
-    assert list(axes) == ["total loss", "causal loss (causal_ce)", "learning rate", "held-out MLM loss",
-                          "held-out MLM accuracy"]
+    assert list(axes) == [
+        "total loss",
+        "causal loss (causal_ce)",
+        "learning rate",
+        "held-out MLM loss",
+        "held-out MLM accuracy",
+    ]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == LABELS
 
     # Curves: one line per run that logged the tag, with the logged points.
-    for title, tag, logged_by in [("total loss", "losses/loss", ["run_a", "run_b"]),
-                                  ("causal loss (causal_ce)", "losses/loss_causal_ce", ["run_a"]),  # one run only
-                                  ("learning rate", "learning_rate/lr", ["run_a", "run_b"])]:
+    for title, tag, logged_by in [
+        ("total loss", "losses/loss", ["run_a", "run_b"]),
+        ("causal loss (causal_ce)", "losses/loss_causal_ce", ["run_a"]),  # one run only
+        ("learning rate", "learning_rate/lr", ["run_a", "run_b"]),
+    ]:
         lines = axes[title].get_lines()
         assert [line.get_label() for line in lines] == [LABELS[list(RUNS).index(r)] for r in logged_by], title
-        for line, run in zip(lines, logged_by):
+        for line, run in zip(lines, logged_by, strict=False):
             steps, values = expected(run, tag)
             np.testing.assert_array_equal(line.get_xdata(), steps)
             np.testing.assert_array_equal(line.get_ydata(), values)
@@ -149,8 +155,21 @@ def test_main_writes_a_png_with_a_panel_per_logged_tag(runs, tmp_path, figures):
 
 def test_tags_smoothing_and_default_labels(runs, tmp_path, figures):
     output = tmp_path / "lr.png"
-    plot_runs.main([*map(str, runs), "--tags", "losses/loss", "learning_rate/lr", "global/speed",
-                    "--smoothing", "0.5", "--output", str(output), "--ncols", "2"])
+    plot_runs.main(
+        [
+            *map(str, runs),
+            "--tags",
+            "losses/loss",
+            "learning_rate/lr",
+            "global/speed",
+            "--smoothing",
+            "0.5",
+            "--output",
+            str(output),
+            "--ncols",
+            "2",
+        ]
+    )
     assert output.read_bytes()[:8] == PNG_MAGIC
     (fig,) = figures
     visible = [ax for ax in fig.axes if ax.get_visible()]
@@ -194,9 +213,17 @@ def test_cli_errors_exit_2_with_one_error_line(runs, tmp_path, args, message):
     names = dict(a=runs[0], b=runs[1], empty=tmp_path / "empty", missing=tmp_path / "missing")
     output = tmp_path / "out.png"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "plot_runs.py"), *[a.format(**names) for a in args],
-         "--output", str(output)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "plot_runs.py"),
+            *[a.format(**names) for a in args],
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -64,20 +64,29 @@ def test_the_teacher_is_adapted_and_checked_against_a_student_trained_without_it
     assert fit["heldout"]["mlm_accuracy"] == results["models"]["teacher"]["mlm_accuracy"]  # the same held-out masks
 
     # The control: the plain run's student, seed and steps, with the MLM loss as its only term.
-    params = {v: json.loads((out / "runs" / "seed_56" / v / "parameters.json").read_text())
-              for v in ("plain", "mlm_only")}
+    params = {
+        v: json.loads((out / "runs" / "seed_56" / v / "parameters.json").read_text()) for v in ("plain", "mlm_only")
+    }
     assert params["mlm_only"]["alpha_mlm"] == params["plain"]["alpha_mlm"] > 0
-    assert params["mlm_only"]["alpha_ce"] == params["mlm_only"]["alpha_cos"] == params["mlm_only"]["alpha_causal_ce"] == 0
+    assert (
+        params["mlm_only"]["alpha_ce"] == params["mlm_only"]["alpha_cos"] == params["mlm_only"]["alpha_causal_ce"] == 0
+    )
     for key in ("seed", "max_steps", "batch_size", "student_pretrained_weights", "learning_rate"):
         assert params["mlm_only"][key] == params["plain"][key], key
 
     check, models = results["teacher_check"], results["models"]
-    assert check["teacher"] == models["teacher"]["mlm_accuracy"] and check["control"] == models["mlm_only"]["mlm_accuracy"]
+    assert (
+        check["teacher"] == models["teacher"]["mlm_accuracy"] and check["control"] == models["mlm_only"]["mlm_accuracy"]
+    )
     assert check["ratio_to_baseline"] == pytest.approx(
-        models["teacher"]["mlm_accuracy"] / results["unigram_baseline"]["mlm_accuracy"])
+        models["teacher"]["mlm_accuracy"] / results["unigram_baseline"]["mlm_accuracy"]
+    )
     assert check["teacher_beats_control"] == (models["teacher"]["mlm_accuracy"] > models["mlm_only"]["mlm_accuracy"])
     summary = (out / "summary.md").read_text()
-    assert f"Teacher check: held-out MLM accuracy (%) {100 * check['teacher']:.2f} = {check['ratio_to_baseline']:.1f}x" in summary
+    assert (
+        f"Teacher check: held-out MLM accuracy (%) {100 * check['teacher']:.2f} = {check['ratio_to_baseline']:.1f}x"
+        in summary
+    )
 
 
 def test_rerun_skips_every_finished_stage(tiny_run):
@@ -118,8 +127,12 @@ def test_one_seed_reports_that_no_interval_can_be_computed(tiny_run):
 @pytest.fixture(scope="module")
 def seeds_run(tiny_run) -> tuple[Path, dict, dict]:
     out, _ = tiny_run
-    first_seed = {p: p.stat().st_mtime_ns for folder in ("runs/seed_56", "eval/seed_56")
-                  for p in (out / folder).rglob("*") if p.is_file()}
+    first_seed = {
+        p: p.stat().st_mtime_ns
+        for folder in ("runs/seed_56", "eval/seed_56")
+        for p in (out / folder).rglob("*")
+        if p.is_file()
+    }
     results = quickstart.main(["--tiny", "--seeds", "2", "--data_multiples", "1,2", "--output_dir", str(out)])
     return out, results, first_seed
 
@@ -128,11 +141,14 @@ def test_more_seeds_train_only_the_missing_runs(seeds_run):
     out, results, first_seed = seeds_run
     assert results["seeds"] == [56, 57] and results["data_multiples"] == [1.0, 2.0]
     assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")} | {
-        "seed_56/mlm_only"}  # the control: the first seed only
+        "seed_56/mlm_only"
+    }  # the control: the first seed only
     assert first_seed and all(p.stat().st_mtime_ns == t for p, t in first_seed.items())  # seed 56: not redone
     for seed in (56, 57):
-        params = {r: json.loads((out / "runs" / f"seed_{seed}" / r / "parameters.json").read_text())
-                  for r in ("plain", "diito", "plain_x2")}
+        params = {
+            r: json.loads((out / "runs" / f"seed_{seed}" / r / "parameters.json").read_text())
+            for r in ("plain", "diito", "plain_x2")
+        }
         assert {p["seed"] for p in params.values()} == {seed}
         assert params["plain_x2"]["max_steps"] == 2 * params["plain"]["max_steps"] == 2 * params["diito"]["max_steps"]
         assert params["plain_x2"]["alpha_causal_ce"] == params["plain"]["alpha_causal_ce"] == 0
@@ -271,8 +287,17 @@ def test_tiny_decoder_quickstart_trains_both_variants_causally_from_one_student(
         assert (p["student_type"], p["teacher_type"], p["mlm"]) == ("llama", "llama", False)
         assert p["alpha_clm"] > 0 and p["alpha_ce"] > 0 and p["alpha_cos"] > 0 and p["alpha_mlm"] == 0
     assert params["plain"]["alpha_causal_ce"] == 0 < params["diito"]["alpha_causal_ce"]
-    same = ("seed", "student_pretrained_weights", "student_config", "teacher_name", "data_file", "max_steps",
-            "batch_size", "learning_rate", "neuron_mapping")
+    same = (
+        "seed",
+        "student_pretrained_weights",
+        "student_config",
+        "teacher_name",
+        "data_file",
+        "max_steps",
+        "batch_size",
+        "learning_rate",
+        "neuron_mapping",
+    )
     assert {k: params["plain"][k] for k in same} == {k: params["diito"][k] for k in same}
     mapping = json.loads(Path(params["diito"]["neuron_mapping"]).read_text())["interchange_variable_mappings"]
     assert mapping[0]["student_variable_names"] == ["$L:1$H:[0:9]$[0:64]"]  # 2 blocks at --tiny: 0 and 29
@@ -293,13 +318,24 @@ def test_a_converted_teacher_dir_is_only_read_and_refused_when_it_is_not_one(smo
     # The same teacher given as a folder: its data file has the same name, so every stage is done already.
     teacher_files = {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()}
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "settings.json"}
-    assert quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir),
-                            "--output_dir", str(out)]) == results
+    assert (
+        quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir), "--output_dir", str(out)])
+        == results
+    )
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "settings.json"} == before
     assert {p: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()} == teacher_files and len(calls) == 1
     with pytest.raises(UserError, match="--teacher_dir .* is not a model folder .no config.json."):
-        quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(out / "nothing"),
-                         "--output_dir", str(out.parent / "other")])
+        quickstart.main(
+            [
+                "--teacher",
+                "smollm2",
+                "--tiny",
+                "--teacher_dir",
+                str(out / "nothing"),
+                "--output_dir",
+                str(out.parent / "other"),
+            ]
+        )
     with pytest.raises(UserError, match="--teacher_dir is for --teacher smollm2"):
         quickstart.main(["--tiny", "--teacher_dir", str(smollm2_dir), "--output_dir", str(out.parent / "third")])
     assert not (out.parent / "other").exists() and not (out.parent / "third").exists()  # refused before writing
@@ -309,12 +345,25 @@ def test_decoder_paired_seeds_and_data_multiples_report_the_causal_metrics(smoll
     """#14's evidence for the decoder teacher: the --tiny folder continued with --seeds 2 --data_multiples 1,2
     trains only the new runs, and the statistics are over perplexity, accuracy, agreement and interchange."""
     out, _, _ = smollm2_run
-    results = quickstart.main(["--teacher", "smollm2", "--tiny", "--teacher_dir", str(smollm2_dir), "--seeds", "2",
-                               "--data_multiples", "1,2", "--output_dir", str(out)])
+    results = quickstart.main(
+        [
+            "--teacher",
+            "smollm2",
+            "--tiny",
+            "--teacher_dir",
+            str(smollm2_dir),
+            "--seeds",
+            "2",
+            "--data_multiples",
+            "1,2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")}
     assert set(results["paired"]) == set(results["data_efficiency"]["metrics"]) == set(SMOLLM2_METRICS)
     summary = (out / "summary.md").read_text()
-    for key, metric in SMOLLM2_METRICS.items():
+    for key in SMOLLM2_METRICS:
         plain = np.array([results["runs"][f"seed_{s}/plain"][key] for s in (56, 57)])
         diito = np.array([results["runs"][f"seed_{s}/diito"][key] for s in (56, 57)])
         d = results["paired"][key]["difference"]

@@ -17,22 +17,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers as tr
+from conftest import STEP_DIM, STEP_HEADS, STEP_VOCAB, tiny_distiller
 
 import counterfactual_utils as cu
 import losses
 from causal_distiller import CausalDistiller
-from conftest import STEP_DIM, STEP_HEADS, STEP_VOCAB, tiny_distiller
 from masking import real_token_mask, sample_interchange_masks, sample_source_rows
 
 VOCAB, DIM, HEADS = STEP_VOCAB, STEP_DIM, STEP_HEADS
 
 
-def _distiller(tmp_path: Path, arch: str, mapping: list, dropout: float = 0.0, student_mode: str = "train",
-               **settings) -> CausalDistiller:
+def _distiller(
+    tmp_path: Path, arch: str, mapping: list, dropout: float = 0.0, student_mode: str = "train", **settings
+) -> CausalDistiller:
     """tiny_distiller with `mapping` [(teacher names, student names)] read as a .nm file."""
     mapping_path = tmp_path / "m.nm"
-    mapping_path.write_text(json.dumps({"interchange_variable_mappings": [
-        {"teacher_variable_names": t, "student_variable_names": s} for t, s in mapping]}))
+    mapping_path.write_text(
+        json.dumps(
+            {
+                "interchange_variable_mappings": [
+                    {"teacher_variable_names": t, "student_variable_names": s} for t, s in mapping
+                ]
+            }
+        )
+    )
     distiller = tiny_distiller(tmp_path, arch, cu.load_neuron_mapping(mapping_path), dropout=dropout, **settings)
     distiller.student.train(student_mode == "train")
     return distiller
@@ -70,9 +78,15 @@ def _reference_loss(d: CausalDistiller, batch) -> torch.Tensor:
         dual_input_ids, _ = d._prepare(dual_ids, dual_lengths)
     t_vars, s_vars = cu.sample_interchange_variables(d.mapping, d.mapping_rng)
     imask, dmask = sample_interchange_masks(
-        lengths, dual_lengths, n, dual_input_ids.size(1), prop=p.interchange_prop,
-        max_token=p.interchange_max_token, consecutive=p.interchange_consecutive_only,
-        masked_tokens=(labels != -100) if p.interchange_masked_token_only else None, generator=d.generator,
+        lengths,
+        dual_lengths,
+        n,
+        dual_input_ids.size(1),
+        prop=p.interchange_prop,
+        max_token=p.interchange_max_token,
+        consecutive=p.interchange_consecutive_only,
+        masked_tokens=(labels != -100) if p.interchange_masked_token_only else None,
+        generator=d.generator,
     )
     mask = attn.long() if d.mlm else None
     dual_mask = real_token_mask(dual_lengths, dual_input_ids.size(1)).long() if d.mlm else None
@@ -96,8 +110,12 @@ def _reference_loss(d: CausalDistiller, batch) -> torch.Tensor:
     select = (labels != -100) if (d.mlm and p.restrict_ce_to_mask) else attn
 
     def kl(s_logits, t_logits):
-        return nn.KLDivLoss(reduction="batchmean")(
-            F.log_softmax(s_logits[select] / T, -1), F.softmax(t_logits[select] / T, -1)) * T**2
+        return (
+            nn.KLDivLoss(reduction="batchmean")(
+                F.log_softmax(s_logits[select] / T, -1), F.softmax(t_logits[select] / T, -1)
+            )
+            * T**2
+        )
 
     def cos(s_hidden, t_hidden):
         return nn.CosineEmbeddingLoss()(s_hidden[attn], t_hidden[attn], torch.ones(int(attn.sum())))
@@ -107,8 +125,14 @@ def _reference_loss(d: CausalDistiller, batch) -> torch.Tensor:
     else:
         lm = F.cross_entropy(s.logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
     mse = F.mse_loss(s.logits[select], t.logits[select], reduction="sum") / int(select.sum())
-    return (0.25 * kl(s.logits, t.logits) + 0.25 * lm + 0.1 * mse + 0.25 * cos(s.hidden_states[-1], t.hidden_states[-1])
-            + 0.25 * kl(s_cf.logits, t_cf.logits) + 0.25 * cos(s_cf.hidden_states[-1], t_cf.hidden_states[-1]))
+    return (
+        0.25 * kl(s.logits, t.logits)
+        + 0.25 * lm
+        + 0.1 * mse
+        + 0.25 * cos(s.hidden_states[-1], t.hidden_states[-1])
+        + 0.25 * kl(s_cf.logits, t_cf.logits)
+        + 0.25 * cos(s_cf.hidden_states[-1], t_cf.hidden_states[-1])
+    )
 
 
 def _loss_and_grads(d: CausalDistiller, batch, reference: bool):
@@ -150,12 +174,15 @@ def test_exact_step_equals_the_straightforward_step(tmp_path, mapping, student_m
     assert_step_equals_reference(d, _batch("bert"))
 
 
-@pytest.mark.parametrize("settings", [
-    dict(interchange_masked_token_only=True, restrict_ce_to_mask=True),
-    {},  # random positions
-    dict(data_augment=True),
-    dict(interchange_consecutive_only=True, interchange_max_token=2),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(interchange_masked_token_only=True, restrict_ce_to_mask=True),
+        {},  # random positions
+        dict(data_augment=True),
+        dict(interchange_consecutive_only=True, interchange_max_token=2),
+    ],
+)
 def test_exact_step_equals_the_straightforward_step_in_every_position_mode(tmp_path, settings):
     d = _distiller(tmp_path, "bert", MAPPINGS["middle"], **settings)
     assert_step_equals_reference(d, _batch("bert"))
@@ -174,8 +201,14 @@ def test_exact_step_equals_the_straightforward_step_for_gpt2(tmp_path, mapping):
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
 def test_fast_mode_equals_full_runs_on_duals_drawn_from_the_batch(tmp_path, mapping, student_mode):
     # Without dropout, reading sources from the base run and sharing its prefix changes no number.
-    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], fast_mode=True, interchange_consecutive_only=True,
-                   student_mode=student_mode)
+    d = _distiller(
+        tmp_path,
+        "bert",
+        MAPPINGS[mapping],
+        fast_mode=True,
+        interchange_consecutive_only=True,
+        student_mode=student_mode,
+    )
     assert_step_equals_reference(d, _batch("bert"))
 
 
@@ -254,22 +287,33 @@ def _three_block_model(arch: str) -> nn.Module:
     torch.manual_seed(0)
     size = dict(vocab_size=120, max_position_embeddings=64)
     if arch == "gpt2":
-        return tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=120, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                                bos_token_id=0, eos_token_id=0)).eval()
+        return tr.GPT2LMHeadModel(
+            tr.GPT2Config(
+                vocab_size=120, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        ).eval()
     if arch == "distilbert":
-        return tr.DistilBertForMaskedLM(tr.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **size)).eval()
-    config_class, model_class = {"bert": (tr.BertConfig, tr.BertForMaskedLM),
-                                 "roberta": (tr.RobertaConfig, tr.RobertaForMaskedLM)}[arch]
+        return tr.DistilBertForMaskedLM(
+            tr.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **size)
+        ).eval()
+    config_class, model_class = {
+        "bert": (tr.BertConfig, tr.BertForMaskedLM),
+        "roberta": (tr.RobertaConfig, tr.RobertaForMaskedLM),
+    }[arch]
     extra = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2) if arch == "roberta" else {}
-    return model_class(config_class(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                    intermediate_size=64, **size, **extra)).eval()
+    return model_class(
+        config_class(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, **size, **extra)
+    ).eval()
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "gpt2"])
-@pytest.mark.parametrize("names", [
-    cu.deserialize_variable_name("$L:1$H:[1:3]$[2:8]") + cu.deserialize_variable_name("$L:2$H:0$[0:8]"),
-    cu.deserialize_variable_name("$L:2$H:[0:4]$[0:8]"),  # the last block: restart from its recorded output
-])
+@pytest.mark.parametrize(
+    "names",
+    [
+        cu.deserialize_variable_name("$L:1$H:[1:3]$[2:8]") + cu.deserialize_variable_name("$L:2$H:0$[0:8]"),
+        cu.deserialize_variable_name("$L:2$H:[0:4]$[0:8]"),  # the last block: restart from its recorded output
+    ],
+)
 def test_run_blocks_above_equals_the_full_intervention(arch, names):
     model = _three_block_model(arch)
     g = torch.Generator().manual_seed(1)
@@ -304,7 +348,7 @@ def test_activations_from_cache_equal_get_activation_at_on_the_chosen_rows():
             model(input_ids=ids, use_cache=False)
         cached = cu.activations_from_cache(model, cache, names, rows=rows)
         direct = cu.get_activation_at(model, ids[rows], None, names)
-    for a, b in zip(cached, direct):
+    for a, b in zip(cached, direct, strict=False):
         torch.testing.assert_close(a, b)
 
 
@@ -319,8 +363,10 @@ def test_ce_loss_value_and_gradient_equal_autograd_through_kl_div(temperature, c
     g = torch.Generator().manual_seed(0)
     s = (3 * torch.randn(6, 50, generator=g)).requires_grad_()
     t = 3 * torch.randn(6, 50, generator=g)
-    expected = nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)) * temperature**2
+    expected = (
+        nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1))
+        * temperature**2
+    )
     (expected_grad,) = torch.autograd.grad(expected, s)
     loss = losses.ce_loss(s, t, temperature)
     (grad,) = torch.autograd.grad(loss, s)

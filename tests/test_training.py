@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tensorboard_scalars, train_argv
 from transformers import AutoModelForMaskedLM
 
 import causal_train
-from conftest import tensorboard_scalars, train_argv
 from scripts import extract_distilbert
 from utils import UserError
 
@@ -21,10 +21,19 @@ from utils import UserError
 @pytest.fixture
 def extracted(tmp_path, tiny_bert_teacher) -> Path:
     out = tmp_path / "distillation_checkpoints" / "tiny_num_layer_2.pth"
-    extract_distilbert.main([
-        "--model_type", "bert", "--model_name", str(tiny_bert_teacher), "--dump_checkpoint", str(out),
-        "--num_layers", "2", "--vocab_transform",
-    ])
+    extract_distilbert.main(
+        [
+            "--model_type",
+            "bert",
+            "--model_name",
+            str(tiny_bert_teacher),
+            "--dump_checkpoint",
+            str(out),
+            "--num_layers",
+            "2",
+            "--vocab_transform",
+        ]
+    )
     return out
 
 
@@ -32,21 +41,31 @@ def test_extraction_copies_the_chosen_teacher_layers(extracted, tiny_bert_teache
     state = torch.load(extracted, weights_only=True)
     teacher = AutoModelForMaskedLM.from_pretrained(tiny_bert_teacher).state_dict()
     # A 4-layer teacher spreads a 2-layer student over its first and last blocks.
-    assert torch.equal(state["distilbert.transformer.layer.1.attention.q_lin.weight"],
-                       teacher["bert.encoder.layer.3.attention.self.query.weight"])
-    assert torch.equal(state["distilbert.transformer.layer.0.ffn.lin1.bias"],
-                       teacher["bert.encoder.layer.0.intermediate.dense.bias"])
+    assert torch.equal(
+        state["distilbert.transformer.layer.1.attention.q_lin.weight"],
+        teacher["bert.encoder.layer.3.attention.self.query.weight"],
+    )
+    assert torch.equal(
+        state["distilbert.transformer.layer.0.ffn.lin1.bias"], teacher["bert.encoder.layer.0.intermediate.dense.bias"]
+    )
     assert torch.equal(state["vocab_transform.weight"], teacher["cls.predictions.transform.dense.weight"])
 
 
 def test_readme_commands_train_a_student_that_loads_with_from_pretrained(
     shared_data, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, extracted
 ):
-    dump = causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping,
-                                        weights=extracted))
+    dump = causal_train.main(
+        train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, weights=extracted)
+    )
     assert dump == tmp_path / "results" / "run"
-    for name in ("parameters.json", "git_log.json", "config.json", "pytorch_model.bin", "checkpoint.pth",
-                 "model.safetensors"):
+    for name in (
+        "parameters.json",
+        "git_log.json",
+        "config.json",
+        "pytorch_model.bin",
+        "checkpoint.pth",
+        "model.safetensors",
+    ):
         assert (dump / name).is_file(), name
     params = json.loads((dump / "parameters.json").read_text())
     assert params["alpha_causal_ce"] == 0.25 and params["interchange_consecutive_only"] is True
@@ -57,14 +76,27 @@ def test_readme_commands_train_a_student_that_loads_with_from_pretrained(
         assert torch.equal(v, saved[k]), k
     # Frozen position embeddings did not move from the extracted weights.
     init = torch.load(extracted, weights_only=True)
-    assert torch.equal(saved["distilbert.embeddings.position_embeddings.weight"],
-                       init["distilbert.embeddings.position_embeddings.weight"])
-    assert not torch.equal(saved["distilbert.transformer.layer.0.ffn.lin1.weight"],
-                           init["distilbert.transformer.layer.0.ffn.lin1.weight"])
+    assert torch.equal(
+        saved["distilbert.embeddings.position_embeddings.weight"],
+        init["distilbert.embeddings.position_embeddings.weight"],
+    )
+    assert not torch.equal(
+        saved["distilbert.transformer.layer.0.ffn.lin1.weight"], init["distilbert.transformer.layer.0.ffn.lin1.weight"]
+    )
     tags = _tensorboard_tags(dump)
-    for tag in ("losses/loss", "losses/loss_ce", "losses/loss_mlm", "losses/loss_cos", "losses/loss_causal_ce",
-                "metrics/interchange_accuracy", "learning_rate/lr", "global/memory_usage", "global/speed",
-                "losses/cum_avg_loss_epoch", "parameter_mean/distilbert.embeddings.word_embeddings.weight"):
+    for tag in (
+        "losses/loss",
+        "losses/loss_ce",
+        "losses/loss_mlm",
+        "losses/loss_cos",
+        "losses/loss_causal_ce",
+        "metrics/interchange_accuracy",
+        "learning_rate/lr",
+        "global/memory_usage",
+        "global/speed",
+        "losses/cum_avg_loss_epoch",
+        "parameter_mean/distilbert.embeddings.word_embeddings.weight",
+    ):
         assert tag in tags, tag
 
 
@@ -95,15 +127,17 @@ def _tensorboard_tags(dump: Path) -> set[str]:
         (["--max_steps", "-2"], "--max_steps must be > 0, or -1"),
     ],
 )
-def test_inconsistent_flags_are_refused_before_training(tmp_path, tiny_bert_teacher, tiny_student_config,
-                                                         tiny_mapping, flags, message):
+def test_inconsistent_flags_are_refused_before_training(
+    tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, flags, message
+):
     with pytest.raises(UserError, match=message):
         causal_train.main(train_argv(tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping, *flags))
     assert not (tmp_path / "results").exists()
 
 
-def test_force_refuses_to_delete_a_folder_that_is_not_a_dump(shared_data, tmp_path, tiny_bert_teacher,
-                                                              tiny_student_config, tiny_mapping):
+def test_force_refuses_to_delete_a_folder_that_is_not_a_dump(
+    shared_data, tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping
+):
     precious = tmp_path / "results" / "run"
     precious.mkdir(parents=True)
     (precious / "thesis.tex").write_text("months of work")
@@ -126,8 +160,9 @@ def test_every_training_flag_is_documented_in_the_training_docs():
     assert not missing, f"flags missing from docs/training.md: {missing}"
 
 
-def test_force_keeps_a_user_folder_whose_parameters_json_is_any_json(tmp_path, tiny_bert_teacher,
-                                                                      tiny_student_config, tiny_mapping):
+def test_force_keeps_a_user_folder_whose_parameters_json_is_any_json(
+    tmp_path, tiny_bert_teacher, tiny_student_config, tiny_mapping
+):
     precious = tmp_path / "results" / "run"
     precious.mkdir(parents=True)
     (precious / "parameters.json").write_text("{}")

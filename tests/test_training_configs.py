@@ -22,13 +22,21 @@ from scripts.extraction import teacher_layers as extraction_layers
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "training_configs"
 
 
-
 def smollm2_135m_config() -> tr.LlamaConfig:
     """HuggingFaceTB/SmolLM2-135M(-Instruct), as its config.json / GGUF metadata give it."""
     return tr.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
@@ -52,15 +60,26 @@ EXPECTED = {
     "distilbert-base-cased.json": {"n_layers": 6, "vocab_size": 28996},
     "distilbert-base-multilingual-cased.json": {"n_layers": 6, "vocab_size": 119547},
     "distilroberta-base.json": {
-        "num_hidden_layers": 6, "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1,
+        "num_hidden_layers": 6,
+        "vocab_size": 50265,
+        "max_position_embeddings": 514,
+        "type_vocab_size": 1,
         "pad_token_id": 1,
     },
     "distilgpt2.json": {"n_layer": 6, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
     # A 10-block student of SmolLM2-135M: the teacher's widths, GQA, rotary base and tied embeddings.
     "smollm2-135m-10-layers.json": {
-        "model_type": "llama", "num_hidden_layers": 10, "hidden_size": 576, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 8192,
-        "rope_theta": 100000.0, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+        "model_type": "llama",
+        "num_hidden_layers": 10,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": True,
     },
 }
 
@@ -112,8 +131,12 @@ def test_neuron_mapping_fits_teacher_and_every_student_it_is_meant_for(name):
     assert match, f"{name}: mapping names end in _<student layers>.nm"
     n_layers = int(match.group(1))
     own = [p for m, p in MAPPING_TEACHERS.items() if name.startswith(m)]
-    students = [c for c in CONFIG_FILES if cu.num_layers(_student_config(c)) == n_layers
-                and (c.startswith(own[0]) if own else not c.startswith(tuple(MAPPING_TEACHERS.values())))]
+    students = [
+        c
+        for c in CONFIG_FILES
+        if cu.num_layers(_student_config(c)) == n_layers
+        and (c.startswith(own[0]) if own else not c.startswith(tuple(MAPPING_TEACHERS.values())))
+    ]
     assert students, f"{name}: no shipped {n_layers}-layer student config"
     mapping = cu.load_neuron_mapping(CONFIG_DIR / name)
     for student in students:
