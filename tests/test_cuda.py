@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO
-from test_resume import load  # a run's own state file (it holds numpy RNG states)
+from conftest import load_state as load  # a run's own state file (it holds numpy RNG states)
 
 import causal_train
 import counterfactual_utils as cf
