@@ -3,9 +3,11 @@
 A row says which Hugging Face classes a family uses, where its parts live, how its head is
 applied, how its sequences are framed and tokenized, what it is trained on (MLM or CLM), which
 teacher families a student of it may be distilled from, and how a student is extracted from it.
-Training (`causal_train.py`), interventions (`counterfactual_utils.py`), the dataset
+Training (`causal_train.py`), interventions (`interventions.py`), the dataset
 (`lm_seqs_dataset.py`), binarization and extraction read this table instead of branching on the
-model type. Adding a family is adding a row (and a tiny config in the tests).
+model type. Adding a family is adding a row (and a tiny config in the tests). The model helpers at
+the end (`backbone`, `transformer_blocks`, `lm_head_logits`, `num_layers`, ...) find a model's parts through
+its row.
 
 Paths are dotted attribute paths: `backbone` relative to the LM model, `blocks` and `final_norm`
 relative to the backbone, the embedding tables relative to the LM model. Extraction layouts are
@@ -21,18 +23,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils import UserError
+
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "ExtractionLayout",
     "SPECIAL_TOKENS",
+    "backbone",
     "check_student_teacher",
+    "final_norm",
     "get_architecture",
+    "head_slice_width",
+    "hidden_size",
+    "lm_head_logits",
     "max_positions",
+    "num_heads",
+    "num_layers",
     "special_token_ids",
     "student_types",
     "teacher_types",
     "tokenizer_framing",
+    "transformer_blocks",
+    "unwrap",
 ]
 
 # Tokenizer attributes collected into the special-id table training and the dataset use.
@@ -268,13 +281,16 @@ def tokenizer_framing(family: str) -> tuple[str, str | None, str]:
     return row.tokenizer_class, row.start_token, row.end_token
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DataParallel / DistributedDataParallel wrapper (or the model itself)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
 def get_architecture(model_or_config: Any) -> Architecture:
     """The row of a model (LM or base model, possibly inside (D)DP) or config, by `config.model_type`."""
-    from utils import UserError
-
-    inner = model_or_config
-    if isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        inner = inner.module
+    inner = unwrap(model_or_config) if isinstance(model_or_config, nn.Module) else model_or_config
     config = getattr(inner, "config", inner) if isinstance(inner, nn.Module) else inner
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -288,8 +304,6 @@ def get_architecture(model_or_config: Any) -> Architecture:
 
 def check_student_teacher(student_type: str, teacher_type: str, mlm: bool) -> None:
     """Refuse a student/teacher pair the objective or the table does not allow (UserError)."""
-    from utils import UserError
-
     student, teacher = ARCHITECTURES[student_type], ARCHITECTURES[teacher_type]
     objective = "mlm" if mlm else "clm"
     if student.objective != objective or teacher.objective != objective:
@@ -324,3 +338,71 @@ def max_positions(config: Any) -> int:
     if row is not None and row.positions_reserved:
         n -= config.pad_token_id + 1
     return int(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# A model's parts and sizes, found through its row
+# ----------------------------------------------------------------------------------------------
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The base model (`BertModel`, `GPT2Model`, `LlamaModel`, ...) of `model` (possibly inside (D)DP).
+
+    A base model is its own backbone (the same rule as Hugging Face's `base_model`).
+    """
+    inner = unwrap(model)
+    return getattr(inner, get_architecture(inner).backbone, inner)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The `nn.ModuleList` of transformer blocks of `model` (block k's output is `hidden_states[k + 1]`)."""
+    return backbone(model).get_submodule(get_architecture(model).blocks)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last block (decoders' `ln_f` / `norm`), or None."""
+    path = get_architecture(model).final_norm
+    return None if path is None else backbone(model).get_submodule(path)
+
+
+def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head of `model` to final hidden states of any leading shape.
+
+    hidden: `(..., dim)`, e.g. `(bs, seq, dim)` or `(n_selected, dim)` rows picked out of it;
+    it is the backbone's `last_hidden_state` (for decoders, after the final norm). Returns `(..., vocab_size)`.
+    """
+    inner = unwrap(model)
+    if backbone(inner) is inner:
+        raise UserError(f"{type(inner).__name__} has no LM head; use the *ForMaskedLM / *LMHeadModel class")
+    return get_architecture(inner).head(inner, hidden)
+
+
+def num_layers(model_or_config: nn.Module | Any) -> int:
+    """Number of transformer blocks (`num_hidden_layers` / `n_layers` / `n_layer`)."""
+    return int(_config(model_or_config).num_hidden_layers)
+
+
+def num_heads(model_or_config: nn.Module | Any) -> int:
+    """Number of attention heads (`num_attention_heads` / `n_heads` / `n_head`)."""
+    return int(_config(model_or_config).num_attention_heads)
+
+
+def hidden_size(model_or_config: nn.Module | Any) -> int:
+    """Width of the hidden state (`hidden_size` / `dim` / `n_embd`)."""
+    return int(_config(model_or_config).hidden_size)
+
+
+def head_slice_width(model_or_config: nn.Module | Any) -> int:
+    """Width `w` of one `$H` slice of the residual stream: hidden_size // num_attention_heads.
+
+    Never `config.head_dim` nor anything of `num_key_value_heads` (see docs/interventions.md, the `$H` rule).
+    """
+    return hidden_size(model_or_config) // num_heads(model_or_config)
+
+
+def _config(model_or_config: nn.Module | Any) -> Any:
+    # Hugging Face configs alias `num_hidden_layers`, `num_attention_heads` and `hidden_size` onto
+    # DistilBERT's and GPT-2's own key names through `attribute_map`, so one spelling serves all four.
+    if isinstance(model_or_config, nn.Module):
+        return unwrap(model_or_config).config
+    return model_or_config

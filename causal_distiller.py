@@ -36,12 +36,21 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import checkpointing
-import counterfactual_utils as cf
 import losses
+from architectures import backbone, get_architecture, lm_head_logits
 from checkpointing import SkipBatches, TrainState, save_atomically
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from interventions import (
+    activations_from_cache,
+    get_activation_at,
+    interchange_with_activation_at,
+    record_block_inputs,
+    run_blocks_above,
+    shared_token_embeddings,
+)
 from lm_seqs_dataset import LmSeqsDataset
 from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows, swap_tokens
+from neuron_mapping import parse_variable_name, sample_interchange_variables
 from training_config import RunContext, TrainingConfig
 from utils import follow_umask, write_json
 
@@ -171,10 +180,10 @@ class DiitoRuns(nn.Module):
             return self._restart_above(plan, variables, fast=False)
         # Dropout draws new masks in every run: the counterfactual run recomputes every block.
         # The three runs' token embeddings come from one lookup (one embedding backward).
-        with cf.shared_token_embeddings(self.model, [plan.input_ids, plan.dual_ids]):
+        with shared_token_embeddings(self.model, [plan.input_ids, plan.dual_ids]):
             runs = self.plain(plan)
-            source = cf.get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
-            out = cf.interchange_with_activation_at(
+            source = get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
+            out = interchange_with_activation_at(
                 self.model,
                 plan.input_ids,
                 plan.attention_mask,
@@ -192,17 +201,17 @@ class DiitoRuns(nn.Module):
         return self._restart_above(plan, variables, fast=True)
 
     def _restart_above(self, plan: StepPlan, variables: list[str], fast: bool) -> ModelRuns:
-        layers = sorted({cf.parse_variable_name(name)[0] for name in variables})
+        layers = sorted({parse_variable_name(name)[0] for name in variables})
         # Recorded: the lowest intervened block's output (where the restart begins) and, in fast
         # mode, every intervened block's output (the source values).
         record = {layers[0] + 1} | ({k + 1 for k in layers} if fast else set())
-        with cf.record_block_inputs(self.model, record) as cache:
+        with record_block_inputs(self.model, record) as cache:
             runs = self.plain(plan)
         if fast:
-            source = cf.activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
+            source = activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
         else:
-            source = cf.get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
-        out = cf.run_blocks_above(
+            source = get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
+        out = run_blocks_above(
             self.model,
             cache,
             layers[0],
@@ -216,14 +225,14 @@ class DiitoRuns(nn.Module):
         return runs
 
     def _run(self, input_ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = cf.backbone(self.model)(
-            input_ids=input_ids, attention_mask=plan.attention_mask, **cf.get_adapter(self.model).forward_kwargs
+        out = backbone(self.model)(
+            input_ids=input_ids, attention_mask=plan.attention_mask, **get_architecture(self.model).forward_kwargs
         )
         return self._rows(out.last_hidden_state, plan)
 
     def _rows(self, h: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = h[plan.hidden_rows] if plan.hidden_rows is not None else None
-        return cf.lm_head_logits(self.model, h[plan.select]), hidden
+        return lm_head_logits(self.model, h[plan.select]), hidden
 
 
 class CausalDistiller:
@@ -378,7 +387,7 @@ class CausalDistiller:
             dual_input_ids, dual_lengths = input_ids[source_rows], lengths[source_rows]
         else:
             dual_input_ids, dual_labels = self._prepare(dual_ids, dual_lengths)
-        variables = None if cfg.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
+        variables = None if cfg.data_augment else sample_interchange_variables(self.mapping, self.mapping_rng)
         imask, dmask = sample_interchange_masks(
             lengths,
             dual_lengths,
@@ -402,9 +411,7 @@ class CausalDistiller:
         """The crossway sub-step of `plan`: (dual, base) with the same corruption and mirrored positions;
         the mapping entry is drawn anew (the original drew one per sub-step)."""
         input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask = plan.mirror
-        variables = (
-            None if self.config.data_augment else cf.sample_interchange_variables(self.mapping, self.mapping_rng)
-        )
+        variables = None if self.config.data_augment else sample_interchange_variables(self.mapping, self.mapping_rng)
         return self._build_plan(input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables)
 
     def _build_plan(

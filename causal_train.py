@@ -41,7 +41,6 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 import checkpointing
-import counterfactual_utils as cf
 import masking
 
 # Per-family facts (classes, parts, framing, allowed pairs) are rows of architectures.ARCHITECTURES.
@@ -49,6 +48,7 @@ from architectures import (  # noqa: F401  (re-exported for scripts)
     ARCHITECTURES,
     SPECIAL_TOKENS,
     check_student_teacher,
+    hidden_size,
     max_positions,
     special_token_ids,
     student_types,
@@ -56,6 +56,7 @@ from architectures import (  # noqa: F401  (re-exported for scripts)
 )
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
+from neuron_mapping import load_neuron_mapping, validate_neuron_mapping
 from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
 from training_config import RunContext, TrainingConfig
 from utils import UserError, cannot_write_in, nearest_existing, require_file, run_cli, set_seed, write_json
@@ -898,14 +899,14 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
         context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config), run_dir=run_dir
     )
     student = load_student(args, teacher.config)
-    if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and cf.hidden_size(student) != cf.hidden_size(teacher):
+    if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and hidden_size(student) != hidden_size(teacher):
         raise UserError(
-            f"cos losses need equal hidden sizes: student {cf.hidden_size(student)}, teacher {cf.hidden_size(teacher)}"
+            f"cos losses need equal hidden sizes: student {hidden_size(student)}, teacher {hidden_size(teacher)}"
         )
     mapping = None
     if (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0) and not args.data_augment:
-        mapping = cf.load_neuron_mapping(args.neuron_mapping)
-        cf.validate_neuron_mapping(mapping, teacher.config, student.config, path=args.neuron_mapping)
+        mapping = load_neuron_mapping(args.neuron_mapping)
+        validate_neuron_mapping(mapping, teacher.config, student.config, path=args.neuron_mapping)
 
     token_probs = token_probabilities(args, teacher.config.vocab_size, special_ids) if args.mlm else None
     warn_pickle_in_multi_process(args.data_file, context)

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import counterfactual_utils as cf
-from architectures import max_positions, special_token_ids
+from architectures import backbone, get_architecture, lm_head_logits, max_positions, special_token_ids
+from interventions import get_activation_at, record_block_inputs, run_blocks_above
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from losses import IGNORE_INDEX
 from masking import real_token_mask, sample_interchange_masks
+from neuron_mapping import parse_variable_name
 from token_store import TokenSequences
 from utils import UserError
 
@@ -102,22 +103,22 @@ def model_predictions(
     the base run's recorded output of the lowest intervened block (exact: the model is in eval mode)."""
     was_training = model.training
     model.eval()
-    layer = None if variables is None else min(cf.parse_variable_name(name)[0] for name in variables)
+    layer = None if variables is None else min(parse_variable_name(name)[0] for name in variables)
     nll_sum, correct, top1, cf_top1 = 0.0, 0, [], []
-    extra = cf.get_adapter(model).forward_kwargs
+    extra = get_architecture(model).forward_kwargs
     for b in tqdm(batches, desc=desc, leave=False):
         rows = b.targets != IGNORE_INDEX
         record = () if layer is None else (layer + 1,)
-        with cf.record_block_inputs(model, record) as cache:
-            hidden = cf.backbone(model)(input_ids=b.input_ids, **extra).last_hidden_state
-        logits = cf.lm_head_logits(model, hidden[rows]).float()
+        with record_block_inputs(model, record) as cache:
+            hidden = backbone(model)(input_ids=b.input_ids, **extra).last_hidden_state
+        logits = lm_head_logits(model, hidden[rows]).float()
         targets = b.targets[rows]
         nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
         top1.append(logits.argmax(-1))
         correct += int((top1[-1] == targets).sum())
         if layer is not None:
-            source = cf.get_activation_at(model, b.dual_input_ids, None, variables)
-            out = cf.run_blocks_above(
+            source = get_activation_at(model, b.dual_input_ids, None, variables)
+            out = run_blocks_above(
                 model,
                 cache,
                 layer,
@@ -127,7 +128,7 @@ def model_predictions(
                 b.dual_interchange_mask,
                 compute_logits=False,
             )
-            cf_top1.append(cf.lm_head_logits(model, out.last_hidden_state[b.after_span]).argmax(-1))
+            cf_top1.append(lm_head_logits(model, out.last_hidden_state[b.after_span]).argmax(-1))
     model.train(was_training)
     return Predictions(nll_sum, torch.cat(top1), correct, None if layer is None else torch.cat(cf_top1))
 

@@ -7,7 +7,7 @@ interchange-intervention comparison of a student with its teacher.
 Every model is scored on the same predictions: the masks come from a fixed seed, uniformly over the
 non-special tokens, all replaced by [MASK] (`masked_heldout_batches`); interchange accuracy uses
 (base, source) pairs masked and given interchange positions once (`heldout_pairs`). Works for BERT
-and DistilBERT masked LMs (`counterfactual_utils.backbone` / `lm_head_logits`).
+and DistilBERT masked LMs (`architectures.backbone` / `lm_head_logits`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import counterfactual_utils as cf
-
 # Re-exported so the quickstart and fit_mlm_head take every helper from here.
-from architectures import max_positions, special_token_ids  # noqa: F401  (re-exported)
+from architectures import backbone, lm_head_logits, max_positions, special_token_ids  # noqa: F401  (re-exported)
+from interventions import get_activation_at, interchange_with_activation_at
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from losses import IGNORE_INDEX
 from masking import MlmMasker, real_token_mask, sample_interchange_masks
@@ -152,8 +151,8 @@ def masked_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
     """(N, vocab) LM-head logits at the N True positions of `rows` (bs, L); BERT or DistilBERT."""
-    hidden = cf.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return cf.lm_head_logits(model, hidden[rows])
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return lm_head_logits(model, hidden[rows])
 
 
 @torch.no_grad()
@@ -178,7 +177,7 @@ def evaluate_mlm(model: nn.Module, batches: list[MlmBatch], desc: str = "held-ou
 @torch.no_grad()
 def predictions(model: nn.Module, batches: list[PairBatch], variables: list | None) -> torch.Tensor:
     """Top-1 ids at every batch's `rows`, concatenated: after the interchange of `variables`
-    (deserialized names, `counterfactual_utils`), or on the plain base input when None."""
+    (deserialized names, `neuron_mapping`), or on the plain base input when None."""
     was_training = model.training
     model.eval()
     out = []
@@ -186,8 +185,8 @@ def predictions(model: nn.Module, batches: list[PairBatch], variables: list | No
         if variables is None:
             logits = masked_logits(model, b.input_ids, b.attention_mask, b.rows)
         else:
-            source = cf.get_activation_at(model, b.dual_input_ids, b.dual_attention_mask, variables)
-            run = cf.interchange_with_activation_at(
+            source = get_activation_at(model, b.dual_input_ids, b.dual_attention_mask, variables)
+            run = interchange_with_activation_at(
                 model,
                 b.input_ids,
                 b.attention_mask,
@@ -197,7 +196,7 @@ def predictions(model: nn.Module, batches: list[PairBatch], variables: list | No
                 b.dual_interchange_mask,
                 compute_logits=False,
             )
-            logits = cf.lm_head_logits(model, run.last_hidden_state[b.rows])
+            logits = lm_head_logits(model, run.last_hidden_state[b.rows])
         out.append(logits.argmax(-1))
     model.train(was_training)
     return torch.cat(out)

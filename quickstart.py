@@ -85,10 +85,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import counterfactual_utils as cf
 import lm_eval
 import mlm_eval
+from architectures import num_layers
 from masking import load_token_counts
+from neuron_mapping import deserialize_variable_name, load_neuron_mapping
 from scripts import binarized_data, convert_gguf, extract, extract_distilbert, fit_mlm_head, plot_runs, token_counts
 from token_store import load_sequences
 from utils import UserError, atomic_path, run_cli, set_seed, write_json
@@ -464,13 +465,13 @@ class MiniLmRecipe:
         if self._heldout is None:
             from transformers import BertForMaskedLM
 
-            ((t_names, s_names),) = cf.load_neuron_mapping(self.mapping)  # one entry: block 3 <-> block 1
+            ((t_names, s_names),) = load_neuron_mapping(self.mapping)  # one entry: block 3 <-> block 1
             self._variable_names = (t_names[0], s_names[0])
             self._heldout = mlm_eval.HeldoutMlm(
                 BertForMaskedLM.from_pretrained(self.teacher),
                 self.dataset("heldout"),
-                cf.deserialize_variable_name(t_names[0]),
-                cf.deserialize_variable_name(s_names[0]),
+                deserialize_variable_name(t_names[0]),
+                deserialize_variable_name(s_names[0]),
                 seed=self.p.s.seed,
                 interchange_prop=self.p.s.interchange_prop,
             )
@@ -479,7 +480,7 @@ class MiniLmRecipe:
     @staticmethod
     def with_size(row: dict, model) -> dict:
         row["parameters"] = sum(p.numel() for p in model.parameters())
-        row["layers"] = cf.num_layers(model)
+        row["layers"] = num_layers(model)
         return row
 
     def evaluate_references(self) -> dict:
@@ -695,13 +696,13 @@ class SmolLm2Recipe:
         if self._heldout is None:
             from transformers import LlamaForCausalLM
 
-            ((t_names, s_names),) = cf.load_neuron_mapping(self.mapping)
+            ((t_names, s_names),) = load_neuron_mapping(self.mapping)
             self._variable_names = (t_names[0], s_names[0])
             self._heldout = lm_eval.HeldoutClm(
                 LlamaForCausalLM.from_pretrained(self.teacher),
                 self.dataset("heldout"),
-                cf.deserialize_variable_name(t_names[0]),
-                cf.deserialize_variable_name(s_names[0]),
+                deserialize_variable_name(t_names[0]),
+                deserialize_variable_name(s_names[0]),
                 seed=self.p.s.seed,
                 interchange_prop=self.p.s.interchange_prop,
             )

@@ -55,11 +55,13 @@ from transformers import (  # noqa: E402
 )
 
 import causal_train  # noqa: E402
-import counterfactual_utils as cf  # noqa: E402
 import losses  # noqa: E402
+from architectures import hidden_size, num_heads  # noqa: E402
 from causal_distiller import CausalDistiller  # noqa: E402
+from interventions import interchange_with_activation_at  # noqa: E402
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset  # noqa: E402
 from masking import real_token_mask, sample_interchange_masks  # noqa: E402
+from neuron_mapping import parse_variable_name, sample_interchange_variables  # noqa: E402
 from training_config import RunContext, TrainingConfig  # noqa: E402
 
 SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
@@ -335,7 +337,7 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
     attn = real_token_mask(lengths, n)
     input_ids, labels = d._prepare(token_ids, lengths)
     dual_input_ids, _ = d._prepare(dual_ids, dual_lengths)
-    t_vars, s_vars = cf.sample_interchange_variables(d.mapping, d.mapping_rng)
+    t_vars, s_vars = sample_interchange_variables(d.mapping, d.mapping_rng)
     imask, dmask = sample_interchange_masks(
         lengths, dual_lengths, n, dual_ids.size(1), prop=0.3, consecutive=True, generator=d.generator
     )
@@ -348,7 +350,7 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
         out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
         source = model(input_ids=dual_input_ids, attention_mask=dual_mask, output_hidden_states=True)
         values = [source.hidden_states[layer + 1][..., a:b] for layer, a, b in _sites(model, names)]
-        cf_out = cf.interchange_with_activation_at(model, input_ids, mask, values, names, imask, dmask)
+        cf_out = interchange_with_activation_at(model, input_ids, mask, values, names, imask, dmask)
         return out, cf_out
 
     with d._autocast():
@@ -376,10 +378,8 @@ def original_step(d: CausalDistiller, batch: tuple[torch.Tensor, ...], args: arg
 
 
 def _sites(model, names):
-    d = cf.hidden_size(model) // cf.num_heads(model)
-    return [
-        (layer, head * d + loc.start, head * d + loc.stop) for layer, head, loc in map(cf.parse_variable_name, names)
-    ]
+    d = hidden_size(model) // num_heads(model)
+    return [(layer, head * d + loc.start, head * d + loc.stop) for layer, head, loc in map(parse_variable_name, names)]
 
 
 # --- FLOPs and the matmul peak ------------------------------------------------------------------

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoTokenizer, BertForMaskedLM, get_linear_schedule_with_warmup  # noqa: E402
 
-import counterfactual_utils as cf  # noqa: E402
+from architectures import backbone, lm_head_logits  # noqa: E402
 from losses import IGNORE_INDEX  # noqa: E402
 from masking import MlmMasker, load_token_counts, real_token_mask, token_probabilities  # noqa: E402
 from mlm_eval import (  # noqa: E402
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     heldout_batches = masked_heldout_batches(heldout, vocab_size, args.eval_batch_size, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    encoder = cf.backbone(model)
+    encoder = backbone(model)
     # Frozen: no dropout, the head sees test-time features. Adapted: dropout, as in pre-training.
     encoder.train(adapt)
     model.cls.train()
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         rows = labels != IGNORE_INDEX
         with torch.set_grad_enabled(adapt):
             hidden = encoder(input_ids=input_ids, attention_mask=real_token_mask(lengths, ids.size(1)).long())
-        logits = cf.lm_head_logits(model, hidden.last_hidden_state[rows])  # (n_targets, vocab)
+        logits = lm_head_logits(model, hidden.last_hidden_state[rows])  # (n_targets, vocab)
         loss = F.cross_entropy(logits, labels[rows])
         loss.backward()
         optimizer.step()

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import causal_distiller  # noqa: E402
 import checkpointing  # noqa: E402
-import counterfactual_utils as cf  # noqa: E402
+from neuron_mapping import sample_interchange_variables  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -45,7 +45,7 @@ def record_hooks(out: Path) -> list:
 
     iter_batches, sample, train = (
         checkpointing.SkipBatches.__iter__,
-        cf.sample_interchange_variables,
+        sample_interchange_variables,
         causal_distiller.CausalDistiller.train,
     )
 
@@ -68,7 +68,7 @@ def record_hooks(out: Path) -> list:
 
     return [
         mock.patch.object(checkpointing.SkipBatches, "__iter__", recording_iter),
-        mock.patch.object(cf, "sample_interchange_variables", recording_sample),
+        mock.patch.object(causal_distiller, "sample_interchange_variables", recording_sample),
         mock.patch.object(causal_distiller.CausalDistiller, "train", recording_train),
     ]
 

@@ -21,9 +21,9 @@ from conftest import REPO, load_state, tensorboard_scalars, tiny_distiller
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import causal_train
-import counterfactual_utils as cu
 import losses
 from causal_distiller import ModelRuns
+from neuron_mapping import load_neuron_mapping
 from training_config import RunContext
 from utils import UserError
 
@@ -42,7 +42,7 @@ def _distiller(tmp_path, arch="bert", **settings):
             }
         )
     )
-    return tiny_distiller(tmp_path, arch, cu.load_neuron_mapping(path), **settings)
+    return tiny_distiller(tmp_path, arch, load_neuron_mapping(path), **settings)
 
 
 def _batch(d, rows=range(4)):

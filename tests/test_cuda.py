@@ -18,8 +18,9 @@ from conftest import REPO
 from conftest import load_state as load  # a run's own state file (it holds numpy RNG states)
 
 import causal_train
-import counterfactual_utils as cf
 import losses as L
+from interventions import get_activation_at, interchange_with_activation_at
+from neuron_mapping import deserialize_variable_name
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
@@ -122,13 +123,13 @@ def _diito_loss_and_grads(device: str) -> tuple[torch.Tensor, dict[str, torch.Te
     labels = torch.full((4, 12), -100)
     labels[:, 2] = base[:, 2]
     base, dual, mask, positions, labels = (t.to(device) for t in (base, dual, mask, positions, labels))
-    t_names = cf.deserialize_variable_name("$L:2$H:[0:4]$[0:8]")  # block 2 <-> block 1, all heads
-    s_names = cf.deserialize_variable_name("$L:1$H:[0:4]$[0:8]")
+    t_names = deserialize_variable_name("$L:2$H:[0:4]$[0:8]")  # block 2 <-> block 1, all heads
+    s_names = deserialize_variable_name("$L:1$H:[0:4]$[0:8]")
     with torch.no_grad():
-        t_source = cf.get_activation_at(teacher, dual, mask, t_names)
-        t_cf = cf.interchange_with_activation_at(teacher, base, mask, t_source, t_names, positions, positions)
-    s_source = cf.get_activation_at(student, dual, mask, s_names)
-    s_cf = cf.interchange_with_activation_at(student, base, mask, s_source, s_names, positions, positions)
+        t_source = get_activation_at(teacher, dual, mask, t_names)
+        t_cf = interchange_with_activation_at(teacher, base, mask, t_source, t_names, positions, positions)
+    s_source = get_activation_at(student, dual, mask, s_names)
+    s_cf = interchange_with_activation_at(student, base, mask, s_source, s_names, positions, positions)
     real = mask.bool()
     loss = (
         L.ce_loss(s_cf.logits[real], t_cf.logits[real], 2.0)

@@ -1,6 +1,6 @@
 """Llama-style decoder families end to end: extract a student, train it with DIITO through the CLI.
 
-Interventions, restarts and shared embeddings per family are in test_counterfactual_utils.py,
+Interventions, restarts and shared embeddings per family are in test_interventions.py,
 extraction details in test_extraction.py.
 """
 

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_decoder_config
 
-import counterfactual_utils as cf
 import lm_eval
+from architectures import backbone
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from losses import IGNORE_INDEX
+from neuron_mapping import deserialize_variable_name
 
 VOCAB = 60
 SPECIAL = dict(unk_token=0, bos_token=1, eos_token=2, pad_token=3)
-VARIABLES = cf.deserialize_variable_name("$L:1$H:[0:4]$[0:8]")  # block 1's whole output (hidden 32)
+VARIABLES = deserialize_variable_name("$L:1$H:[0:4]$[0:8]")  # block 1's whole output (hidden 32)
 
 
 def tiny_llama(seed: int):
@@ -72,7 +73,7 @@ def test_interchange_accuracy_compares_with_a_hand_made_interchange(dataset):
             tops = []
             for model in (teacher, student):
                 # A full counterfactual forward with a hand-written hook on block 1's output.
-                source = cf.backbone(model)(input_ids=b.dual_input_ids, output_hidden_states=True).hidden_states[2]
+                source = backbone(model)(input_ids=b.dual_input_ids, output_hidden_states=True).hidden_states[2]
                 rows, pos = b.interchange_mask.nonzero(as_tuple=True)
                 values = source[b.dual_interchange_mask]
 

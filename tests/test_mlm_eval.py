@@ -12,12 +12,12 @@ from conftest import BERT_SPECIAL_IDS
 from scipy import stats
 from transformers import AutoTokenizer, BertForMaskedLM
 
-import counterfactual_utils as cf
 import mlm_eval
 import quickstart
 import token_store
 from losses import IGNORE_INDEX
 from masking import load_token_counts, token_probabilities
+from neuron_mapping import deserialize_variable_name
 from utils import UserError
 
 # --- smoothing ----------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_evaluate_mlm_equals_a_direct_cross_entropy_at_the_masked_positions(teac
 
 def test_the_teacher_agrees_with_itself_before_and_after_the_interchange(teacher_and_heldout):
     teacher, dataset = teacher_and_heldout
-    variables = cf.deserialize_variable_name("$L:2$H:[0:4]$[0:8]")
+    variables = deserialize_variable_name("$L:2$H:[0:4]$[0:8]")
     h = mlm_eval.HeldoutMlm(teacher, dataset, variables, variables, seed=5)
     row = h.score(teacher)
     assert row["teacher_agreement"] == 1.0 and row["interchange_accuracy"] == 1.0

@@ -19,10 +19,23 @@ import torch.nn.functional as F
 import transformers as tr
 from conftest import STEP_DIM, STEP_HEADS, STEP_VOCAB, tiny_distiller
 
-import counterfactual_utils as cu
 import losses
+from architectures import backbone, get_architecture, num_layers
 from causal_distiller import CausalDistiller
+from interventions import (
+    activations_from_cache,
+    get_activation_at,
+    interchange_with_activation_at,
+    record_block_inputs,
+    run_blocks_above,
+)
 from masking import real_token_mask, sample_interchange_masks, sample_source_rows
+from neuron_mapping import (
+    deserialize_variable_name,
+    load_neuron_mapping,
+    parse_variable_name,
+    sample_interchange_variables,
+)
 
 VOCAB, DIM, HEADS = STEP_VOCAB, STEP_DIM, STEP_HEADS
 
@@ -41,7 +54,7 @@ def _distiller(
             }
         )
     )
-    distiller = tiny_distiller(tmp_path, arch, cu.load_neuron_mapping(mapping_path), dropout=dropout, **settings)
+    distiller = tiny_distiller(tmp_path, arch, load_neuron_mapping(mapping_path), dropout=dropout, **settings)
     distiller.student.train(student_mode == "train")
     return distiller
 
@@ -76,7 +89,7 @@ def _reference_loss(d: CausalDistiller, batch) -> torch.Tensor:
         dual_input_ids, dual_lengths = input_ids[rows], lengths[rows]
     else:
         dual_input_ids, _ = d._prepare(dual_ids, dual_lengths)
-    t_vars, s_vars = cu.sample_interchange_variables(d.mapping, d.mapping_rng)
+    t_vars, s_vars = sample_interchange_variables(d.mapping, d.mapping_rng)
     imask, dmask = sample_interchange_masks(
         lengths,
         dual_lengths,
@@ -92,15 +105,15 @@ def _reference_loss(d: CausalDistiller, batch) -> torch.Tensor:
     dual_mask = real_token_mask(dual_lengths, dual_input_ids.size(1)).long() if d.mlm else None
 
     def three_runs(model, names):
-        extra = cu.get_adapter(model).forward_kwargs
+        extra = get_architecture(model).forward_kwargs
         base = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra)
         if p.data_augment:
             swapped = input_ids.clone()
             swapped[imask] = dual_input_ids[dmask]
             counterfactual = model(input_ids=swapped, attention_mask=mask, output_hidden_states=True, **extra)
         else:
-            source = cu.get_activation_at(model, dual_input_ids, dual_mask, names)
-            counterfactual = cu.interchange_with_activation_at(model, input_ids, mask, source, names, imask, dmask)
+            source = get_activation_at(model, dual_input_ids, dual_mask, names)
+            counterfactual = interchange_with_activation_at(model, input_ids, mask, source, names, imask, dmask)
         return base, counterfactual
 
     with torch.no_grad():
@@ -234,9 +247,9 @@ def test_source_rows_are_a_permutation_with_no_row_its_own_source():
 
 
 def _count_block_calls(model: nn.Module) -> tuple[list[int], list]:
-    counts = [0] * cu.num_layers(model)
+    counts = [0] * num_layers(model)
     handles = []
-    for i, block in enumerate(cu.backbone(model).get_submodule(cu.get_adapter(model).blocks)):
+    for i, block in enumerate(backbone(model).get_submodule(get_architecture(model).blocks)):
         handles.append(block.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)))
     return counts, handles
 
@@ -279,7 +292,7 @@ def test_the_vocabulary_projection_sees_only_selected_rows(tmp_path, fast):
     assert rows == {"teacher": [n_targets] * 2, "student": [n_targets] * 2}
 
 
-# ------------------------------------------------------------------------------- counterfactual_utils
+# ---------------------------------------------------------------------------------------- interventions
 
 
 def _three_block_model(arch: str) -> nn.Module:
@@ -310,8 +323,8 @@ def _three_block_model(arch: str) -> nn.Module:
 @pytest.mark.parametrize(
     "names",
     [
-        cu.deserialize_variable_name("$L:1$H:[1:3]$[2:8]") + cu.deserialize_variable_name("$L:2$H:0$[0:8]"),
-        cu.deserialize_variable_name("$L:2$H:[0:4]$[0:8]"),  # the last block: restart from its recorded output
+        deserialize_variable_name("$L:1$H:[1:3]$[2:8]") + deserialize_variable_name("$L:2$H:0$[0:8]"),
+        deserialize_variable_name("$L:2$H:[0:4]$[0:8]"),  # the last block: restart from its recorded output
     ],
 )
 def test_run_blocks_above_equals_the_full_intervention(arch, names):
@@ -324,16 +337,16 @@ def test_run_blocks_above_equals_the_full_intervention(arch, names):
     base_sel[0, [1, 4, 6]], base_sel[1, [0, 5]] = True, True
     dual_sel = torch.zeros(2, 7, dtype=torch.bool)
     dual_sel[0, [0, 2, 5]], dual_sel[1, [3, 6]] = True, True
-    lowest = min(cu.parse_variable_name(n)[0] for n in names)
-    extra = cu.get_adapter(model).forward_kwargs
+    lowest = min(parse_variable_name(n)[0] for n in names)
+    extra = get_architecture(model).forward_kwargs
     with torch.no_grad():
-        with cu.record_block_inputs(model, [lowest + 1]) as cache:
+        with record_block_inputs(model, [lowest + 1]) as cache:
             model(input_ids=base, attention_mask=mask, **extra)
-        values = cu.get_activation_at(model, dual, None, names)
-        full = cu.interchange_with_activation_at(model, base, mask, values, names, base_sel, dual_sel)
-        above = cu.run_blocks_above(model, cache, lowest, values, names, base_sel, dual_sel)
+        values = get_activation_at(model, dual, None, names)
+        full = interchange_with_activation_at(model, base, mask, values, names, base_sel, dual_sel)
+        above = run_blocks_above(model, cache, lowest, values, names, base_sel, dual_sel)
     torch.testing.assert_close(above.logits, full.logits)
-    for k in range(lowest + 1, cu.num_layers(model) + 1):
+    for k in range(lowest + 1, num_layers(model) + 1):
         torch.testing.assert_close(above.hidden_states[k], full.hidden_states[k])
     assert all(h is None for h in above.hidden_states[: lowest + 1])
 
@@ -341,13 +354,13 @@ def test_run_blocks_above_equals_the_full_intervention(arch, names):
 def test_activations_from_cache_equal_get_activation_at_on_the_chosen_rows():
     model = _three_block_model("gpt2")
     ids = torch.randint(3, 120, (3, 8), generator=torch.Generator().manual_seed(2))
-    names = cu.deserialize_variable_name("$L:0$H:1$[2:6]") + cu.deserialize_variable_name("$L:2$H:[0:2]$[0:8]")
+    names = deserialize_variable_name("$L:0$H:1$[2:6]") + deserialize_variable_name("$L:2$H:[0:2]$[0:8]")
     rows = torch.tensor([2, 0, 1])
     with torch.no_grad():
-        with cu.record_block_inputs(model, [1, 3]) as cache:
+        with record_block_inputs(model, [1, 3]) as cache:
             model(input_ids=ids, use_cache=False)
-        cached = cu.activations_from_cache(model, cache, names, rows=rows)
-        direct = cu.get_activation_at(model, ids[rows], None, names)
+        cached = activations_from_cache(model, cache, names, rows=rows)
+        direct = get_activation_at(model, ids[rows], None, names)
     for a, b in zip(cached, direct, strict=False):
         torch.testing.assert_close(a, b)
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers as tr
 
-import counterfactual_utils as cu
+from architectures import backbone, get_architecture, hidden_size, lm_head_logits, num_heads, num_layers
+from neuron_mapping import deserialize_variable_name, load_neuron_mapping, parse_variable_name, validate_neuron_mapping
 from scripts.extraction import teacher_layers as extraction_layers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "training_configs"
@@ -117,9 +118,9 @@ def test_student_config_builds_its_model_on_meta(name):
     config = _student_config(name)
     with torch.device("meta"):
         model = model_class(config)
-    assert cu.num_layers(model) == len(cu.backbone(model).get_submodule(cu.get_adapter(model).blocks))
-    assert cu.hidden_size(model) % cu.num_heads(model) == 0
-    assert cu.lm_head_logits(model, torch.empty(2, cu.hidden_size(model), device="meta")).shape == (
+    assert num_layers(model) == len(backbone(model).get_submodule(get_architecture(model).blocks))
+    assert hidden_size(model) % num_heads(model) == 0
+    assert lm_head_logits(model, torch.empty(2, hidden_size(model), device="meta")).shape == (
         2,
         config.vocab_size,
     )
@@ -134,16 +135,16 @@ def test_neuron_mapping_fits_teacher_and_every_student_it_is_meant_for(name):
     students = [
         c
         for c in CONFIG_FILES
-        if cu.num_layers(_student_config(c)) == n_layers
+        if num_layers(_student_config(c)) == n_layers
         and (c.startswith(own[0]) if own else not c.startswith(tuple(MAPPING_TEACHERS.values())))
     ]
     assert students, f"{name}: no shipped {n_layers}-layer student config"
-    mapping = cu.load_neuron_mapping(CONFIG_DIR / name)
+    mapping = load_neuron_mapping(CONFIG_DIR / name)
     for student in students:
         _, _, teacher_factory, teacher_blocks = _family(student)
         teacher_config = teacher_factory()  # BERT-side: library defaults, the 12-layer, 768-wide base model
-        assert cu.num_layers(teacher_config) == teacher_blocks
-        cu.validate_neuron_mapping(mapping, teacher_config, _student_config(student), path=name)
+        assert num_layers(teacher_config) == teacher_blocks
+        validate_neuron_mapping(mapping, teacher_config, _student_config(student), path=name)
 
 
 @pytest.mark.parametrize("layers", [3, 6, 9])
@@ -154,19 +155,17 @@ def test_every_student_depth_has_single_and_multi_layer_mappings(layers):
 
 @pytest.mark.parametrize("layers", [3, 6, 9])
 def test_multilayer_mapping_covers_every_student_layer_once(layers):
-    mapping = cu.load_neuron_mapping(CONFIG_DIR / f"multiple_single_multilayer_layer_{layers}.nm")
-    student_layers = [cu.parse_variable_name(cu.deserialize_variable_name(s[0])[0])[0] for _, s in mapping]
-    teacher_layers = [
-        cu.parse_variable_name(n)[0] for t, _ in mapping for n in cu.deserialize_variable_name(t[0])[::12]
-    ]
+    mapping = load_neuron_mapping(CONFIG_DIR / f"multiple_single_multilayer_layer_{layers}.nm")
+    student_layers = [parse_variable_name(deserialize_variable_name(s[0])[0])[0] for _, s in mapping]
+    teacher_layers = [parse_variable_name(n)[0] for t, _ in mapping for n in deserialize_variable_name(t[0])[::12]]
     assert student_layers == list(range(layers))
     assert teacher_layers == list(range(12))  # consecutive groups, in order, covering the teacher
 
 
 def test_smollm2_multilayer_mapping_pairs_each_student_block_with_three_teacher_blocks():
-    mapping = cu.load_neuron_mapping(CONFIG_DIR / "smollm2-135m_multiple_single_multilayer_layer_10.nm")
-    student_layers = [cu.parse_variable_name(cu.deserialize_variable_name(s[0])[0])[0] for _, s in mapping]
-    teacher_layers = [cu.parse_variable_name(n)[0] for t, _ in mapping for n in cu.deserialize_variable_name(t[0])[::9]]
+    mapping = load_neuron_mapping(CONFIG_DIR / "smollm2-135m_multiple_single_multilayer_layer_10.nm")
+    student_layers = [parse_variable_name(deserialize_variable_name(s[0])[0])[0] for _, s in mapping]
+    teacher_layers = [parse_variable_name(n)[0] for t, _ in mapping for n in deserialize_variable_name(t[0])[::9]]
     assert student_layers == list(range(10))
     assert teacher_layers == list(range(30))
 
@@ -174,7 +173,7 @@ def test_smollm2_multilayer_mapping_pairs_each_student_block_with_three_teacher_
 def test_smollm2_single_middle_mapping_pairs_a_block_with_its_extracted_copy():
     # The default extraction of 10 from 30 blocks copies teacher block 16 into student block 5: the
     # mapping aligns a student block with the very teacher block it started from, over the full width.
-    [(teacher, student)] = cu.load_neuron_mapping(CONFIG_DIR / "smollm2-135m_single_middle_layer_10.nm")
+    [(teacher, student)] = load_neuron_mapping(CONFIG_DIR / "smollm2-135m_single_middle_layer_10.nm")
     assert extraction_layers(30, 10)[5] == 16
     assert teacher == ["$L:16$H:[0:9]$[0:64]"] and student == ["$L:5$H:[0:9]$[0:64]"]
     assert 9 * 64 == smollm2_135m_config().hidden_size

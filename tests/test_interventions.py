@@ -1,17 +1,22 @@
-"""Tests for counterfactual_utils: NAME grammar, reads, interventions, restarts, neuron mappings."""
+"""Tests for interventions (reads, writes, restarts, shared embeddings) and the model helpers of architectures."""
 
 from __future__ import annotations
 
-import json
-import random
-
-import numpy as np
 import pytest
 import torch
 import transformers as tr
 from conftest import DECODER_FAMILIES, DECODER_HEAD_DIM, tiny_decoder_config
 
-import counterfactual_utils as cu
+from architectures import backbone, get_architecture, hidden_size, lm_head_logits, num_heads, num_layers
+from interventions import (
+    get_activation_at,
+    interchange_with_activation_at,
+    record_block_inputs,
+    run_blocks_above,
+    run_blocks_from,
+    shared_token_embeddings,
+)
+from neuron_mapping import deserialize_variable_name, parse_variable_name, validate_neuron_mapping
 from utils import UserError
 
 VOCAB, DIM, LAYERS, HEADS, SEQ = 120, 32, 3, 4, 9
@@ -65,7 +70,7 @@ MODEL_CLASSES = {
 ARCHS = list(MODEL_CLASSES)
 CAUSAL = {"gpt2", *DECODER_FAMILIES}
 
-# Written out here, independently of the module's adapter table.
+# Written out here, independently of the `architectures` table.
 BLOCKS = {
     "bert": lambda m: m.bert.encoder.layer,
     "distilbert": lambda m: m.distilbert.transformer.layer,
@@ -118,9 +123,9 @@ def _masks(rows_base: list[list[int]], rows_dual: list[list[int]], seq: int, dua
 # Row 0: three positions, not aligned with the dual's; row 1: none.
 ROWS_BASE, ROWS_DUAL = [[1, 4, 6], []], [[0, 2, 5], []]
 NAMES = (
-    cu.deserialize_variable_name("$L:0$H:1$[2:6]")
-    + cu.deserialize_variable_name("$L:0$H:3$[0:8]")
-    + cu.deserialize_variable_name("$L:[1:3]$H:[2:4]$[0:8]")
+    deserialize_variable_name("$L:0$H:1$[2:6]")
+    + deserialize_variable_name("$L:0$H:3$[0:8]")
+    + deserialize_variable_name("$L:[1:3]$H:[2:4]$[0:8]")
 )
 
 
@@ -157,73 +162,14 @@ def _block_outputs(arch, model, input_ids, attention_mask, overwrite=None):
     return outputs, out.logits
 
 
-# ----------------------------------------------------------------------------------------------- grammar
-
-
-def test_deserialize_expands_layers_times_heads_with_same_slice():
-    names = cu.deserialize_variable_name("$L:[0:2]$H:[0:12]$[0:64]")
-    assert len(names) == 24
-    assert names[0] == "$L:0$H:0$[0:64]"
-    assert names[1] == "$L:0$H:1$[0:64]"
-    assert names[12] == "$L:1$H:0$[0:64]"
-    assert names[-1] == "$L:1$H:11$[0:64]"
-
-
-def test_deserialize_of_single_name_is_that_name():
-    assert cu.deserialize_variable_name("$L:3$H:2$[8:16]") == ["$L:3$H:2$[8:16]"]
-
-
-def test_deserialize_expands_head_range_of_one_layer():
-    assert cu.deserialize_variable_name("$L:6$H:[3:5]$[0:4]") == ["$L:6$H:3$[0:4]", "$L:6$H:4$[0:4]"]
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "L:3$H:2$[0:64]",
-        "$L:3$H:2",
-        "$L:3$H:2$[0:64",
-        "$L:x$H:2$[0:64]",
-        "$L:[2:2]$H:0$[0:64]",
-        "$L:1$H:[4:1]$[0:64]",
-        "$L:1$H:0$[8:8]",
-        "$L:-1$H:0$[0:64]",
-        " $L:1$H:0$[0:64]",
-        "",
-    ],
-)
-def test_malformed_name_is_refused_naming_it(name):
-    with pytest.raises(UserError, match="malformed variable name") as err:
-        cu.deserialize_variable_name(name)
-    assert repr(name) in str(err.value)
-
-
-def test_parse_variable_name_returns_layer_head_and_slice():
-    assert cu.parse_variable_name("$L:4$H:11$[16:48]") == (4, 11, slice(16, 48))
-
-
-def test_parse_variable_name_slice_indexes_a_tensor_like_the_originals_np_s():
-    # Code written against the original slices a head's dims with the third item directly.
-    head_dims = torch.arange(64.0).expand(2, 3, 64)  # (bs, seq, head_dim)
-    layer, head, loc = cu.parse_variable_name("$L:2$H:5$[16:48]")
-    assert torch.equal(head_dims[..., loc], head_dims[..., 16:48])
-    assert loc == np.s_[16:48]
-    assert (loc.stop - loc.start, layer, head) == (32, 2, 5)
-
-
-def test_parse_variable_name_refuses_a_range_name():
-    with pytest.raises(UserError, match=r"\$L:\[0:2\]"):
-        cu.parse_variable_name("$L:[0:2]$H:0$[0:64]")
-
-
-# ----------------------------------------------------------------------------------------------- adapters
+# ----------------------------------------------------------------------------------- model parts (architectures)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_shape_helpers_read_each_config_style(models, arch):
     model = models[arch]
-    assert (cu.num_layers(model), cu.num_heads(model), cu.hidden_size(model)) == (LAYERS, HEADS, DIM)
-    assert cu.backbone(model) is getattr(model, cu.get_adapter(model).backbone)
+    assert (num_layers(model), num_heads(model), hidden_size(model)) == (LAYERS, HEADS, DIM)
+    assert backbone(model) is getattr(model, get_architecture(model).backbone)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -231,7 +177,7 @@ def test_lm_head_logits_on_selected_rows_equals_model_logits(models, arch, batch
     model, (base, mask, _, _) = models[arch], batch
     with torch.no_grad():
         out = model(input_ids=base, attention_mask=mask, output_hidden_states=True)
-        rows = cu.lm_head_logits(model, out.hidden_states[-1][mask.bool()])  # (n_real, vocab)
+        rows = lm_head_logits(model, out.hidden_states[-1][mask.bool()])  # (n_real, vocab)
     torch.testing.assert_close(rows, out.logits[mask.bool()])
 
 
@@ -240,18 +186,18 @@ def test_unsupported_model_is_refused():
         config = tr.PretrainedConfig()
 
     with pytest.raises(UserError, match="unsupported model Other"):
-        cu.get_adapter(Other())
+        get_architecture(Other())
 
 
 def test_base_model_reads_activations_but_has_no_lm_head(models, batch):
     base_model = models["bert"].bert
     base, mask, _, _ = batch
     with torch.no_grad():
-        (value,) = cu.get_activation_at(base_model, base, mask, ["$L:1$H:0$[0:8]"])
+        (value,) = get_activation_at(base_model, base, mask, ["$L:1$H:0$[0:8]"])
         expected = base_model(input_ids=base, attention_mask=mask, output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(value, expected[..., 0:8])
     with pytest.raises(UserError, match="BertModel has no LM head"):
-        cu.lm_head_logits(base_model, expected)
+        lm_head_logits(base_model, expected)
 
 
 # ----------------------------------------------------------------------------------------------- reads
@@ -262,7 +208,7 @@ def test_get_activation_equals_slices_of_hidden_states(models, arch, batch):
     model, (base, mask, _, _) = models[arch], batch
     names = ["$L:0$H:1$[2:6]", "$L:1$H:3$[0:8]", "$L:0$H:0$[0:8]"]
     with torch.no_grad():
-        values = cu.get_activation_at(model, base, mask, names)
+        values = get_activation_at(model, base, mask, names)
         hidden = model(input_ids=base, attention_mask=mask, output_hidden_states=True).hidden_states
     torch.testing.assert_close(values[0], hidden[1][..., 1 * HEAD_DIM + 2 : 1 * HEAD_DIM + 6])
     torch.testing.assert_close(values[1], hidden[2][..., 3 * HEAD_DIM : 4 * HEAD_DIM])
@@ -273,7 +219,7 @@ def test_get_activation_equals_slices_of_hidden_states(models, arch, batch):
 def test_decoder_last_layer_site_is_before_final_norm(models, arch, batch):
     model, (base, _, _, _) = models[arch], batch
     with torch.no_grad():
-        (value,) = cu.get_activation_at(model, base, None, [f"$L:{LAYERS - 1}$H:0$[0:{HEAD_DIM}]"])
+        (value,) = get_activation_at(model, base, None, [f"$L:{LAYERS - 1}$H:0$[0:{HEAD_DIM}]"])
         outputs, _ = _block_outputs(arch, model, base, None)
         final = model(input_ids=base, output_hidden_states=True, use_cache=False).hidden_states[-1]
     torch.testing.assert_close(value, outputs[-1][..., 0:HEAD_DIM])
@@ -290,7 +236,7 @@ def test_get_activation_runs_no_block_above_the_deepest_and_no_head(models, arch
     handles.append(HEAD_MODULE[arch](model).register_forward_hook(lambda m, a, o: calls.append("head")))
     try:
         with torch.no_grad():
-            cu.get_activation_at(model, base, mask, ["$L:1$H:0$[0:8]", "$L:0$H:2$[0:8]"])
+            get_activation_at(model, base, mask, ["$L:1$H:0$[0:8]", "$L:0$H:2$[0:8]"])
     finally:
         for h in handles:
             h.remove()
@@ -299,9 +245,9 @@ def test_get_activation_runs_no_block_above_the_deepest_and_no_head(models, arch
 
 def test_get_activation_keeps_grad_only_when_enabled(models, batch):
     model, (base, mask, _, _) = models["bert"], batch
-    (with_grad,) = cu.get_activation_at(model, base, mask, ["$L:1$H:0$[0:8]"])
+    (with_grad,) = get_activation_at(model, base, mask, ["$L:1$H:0$[0:8]"])
     with torch.no_grad():
-        (without,) = cu.get_activation_at(model, base, mask, ["$L:1$H:0$[0:8]"])
+        (without,) = get_activation_at(model, base, mask, ["$L:1$H:0$[0:8]"])
     assert with_grad.requires_grad and not without.requires_grad
 
 
@@ -310,8 +256,8 @@ def test_hooks_are_removed_after_reads_and_interventions(models, batch):
     blocks = BLOCKS["bert"](model)
     before = [len(b._forward_hooks) for b in blocks]
     with torch.no_grad():
-        values = cu.get_activation_at(model, dual, dual_mask, NAMES)
-        cu.interchange_with_activation_at(model, base, mask, values, NAMES, *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2))
+        values = get_activation_at(model, dual, dual_mask, NAMES)
+        interchange_with_activation_at(model, base, mask, values, NAMES, *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2))
     assert [len(b._forward_hooks) for b in blocks] == before
 
 
@@ -320,11 +266,11 @@ def test_hooks_are_removed_when_the_forward_fails(models, batch):
     blocks = BLOCKS["bert"](model)
     before = [len(b._forward_hooks) for b in blocks]
     with torch.no_grad():
-        values = cu.get_activation_at(model, dual, dual_mask, NAMES)
+        values = get_activation_at(model, dual, dual_mask, NAMES)
         bad_ids = base.clone()
         bad_ids[0, 0] = VOCAB + 5  # out of the vocabulary: the embedding lookup raises
         with pytest.raises(IndexError):
-            cu.interchange_with_activation_at(
+            interchange_with_activation_at(
                 model, bad_ids, mask, values, NAMES, *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2)
             )
     assert [len(b._forward_hooks) for b in blocks] == before
@@ -337,7 +283,7 @@ def _reference_overwrite(values, names, rows_base, rows_dual):
     """`{layer: [(row, base position, start, stop, value)]}` built with per-row loops."""
     overwrite = {}
     for value, name in zip(values, names, strict=False):
-        layer, head, loc = cu.parse_variable_name(name)
+        layer, head, loc = parse_variable_name(name)
         d0, d1 = loc.start, loc.stop
         for row, (bpos, dpos) in enumerate(zip(rows_base, rows_dual, strict=False)):
             for b, d in zip(sorted(bpos), sorted(dpos), strict=False):  # k-th selected base <- k-th selected dual
@@ -352,8 +298,8 @@ def test_intervention_matches_a_loop_reference(models, arch, batch):
     model, (base, mask, dual, dual_mask) = models[arch], batch
     rows_base, rows_dual = [[1, 4, 6], [0, 5]], [[0, 2, 5], [3, 6]]  # different positions and counts per row
     with torch.no_grad():
-        values = cu.get_activation_at(model, dual, dual_mask, NAMES)
-        cf = cu.interchange_with_activation_at(
+        values = get_activation_at(model, dual, dual_mask, NAMES)
+        cf = interchange_with_activation_at(
             model, base, mask, values, NAMES, *_masks(rows_base, rows_dual, SEQ, SEQ - 2)
         )
         ref_outputs, ref_logits = _block_outputs(
@@ -371,8 +317,8 @@ def test_intervention_matches_a_loop_reference(models, arch, batch):
 def test_intervention_handles_a_row_with_no_positions(models, arch, batch):
     model, (base, mask, dual, dual_mask) = models[arch], batch
     with torch.no_grad():
-        values = cu.get_activation_at(model, dual, dual_mask, NAMES)
-        cf = cu.interchange_with_activation_at(
+        values = get_activation_at(model, dual, dual_mask, NAMES)
+        cf = interchange_with_activation_at(
             model, base, mask, values, NAMES, *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2)
         )
         plain = model(input_ids=base, attention_mask=mask)
@@ -391,11 +337,11 @@ def test_recorded_hidden_states_show_the_intervention_after_a_warm_forward(arch,
     model, (base, mask, dual, dual_mask) = _fresh_model(arch), batch
     base_mask, dual_sel = _masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2)
     name = ["$L:0$H:[0:4]$[0:8]"]
-    names = cu.deserialize_variable_name(name[0])
+    names = deserialize_variable_name(name[0])
     with torch.no_grad():
         model(input_ids=base, attention_mask=mask, output_hidden_states=True)
-        values = cu.get_activation_at(model, dual, dual_mask, names)
-        cf = cu.interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
+        values = get_activation_at(model, dual, dual_mask, names)
+        cf = interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
     source_rows = torch.cat(values, dim=-1)[dual_sel]  # (n, DIM)
     torch.testing.assert_close(cf.hidden_states[1][base_mask], source_rows)
 
@@ -407,8 +353,8 @@ def test_intervention_is_identity_when_source_equals_base(models, arch, batch):
     positions[0, [0, 3, 4]] = True
     positions[1, [2, 5]] = True
     with torch.no_grad():
-        values = cu.get_activation_at(model, base, mask, NAMES)
-        cf = cu.interchange_with_activation_at(model, base, mask, values, NAMES, positions, positions)
+        values = get_activation_at(model, base, mask, NAMES)
+        cf = interchange_with_activation_at(model, base, mask, values, NAMES, positions, positions)
         plain = model(input_ids=base, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(cf.logits, plain.logits)
     for got, expected in zip(cf.hidden_states, plain.hidden_states, strict=False):
@@ -423,14 +369,14 @@ def test_intervention_without_logits_runs_only_the_backbone(models, arch, batch)
     handle = HEAD_MODULE[arch](model).register_forward_hook(lambda m, a, o: head_calls.append(1))
     try:
         with torch.no_grad():
-            values = cu.get_activation_at(model, dual, dual_mask, NAMES)
-            full = cu.interchange_with_activation_at(model, base, mask, values, NAMES, base_mask, dual_sel)
+            values = get_activation_at(model, dual, dual_mask, NAMES)
+            full = interchange_with_activation_at(model, base, mask, values, NAMES, base_mask, dual_sel)
             head_calls.clear()
-            lean = cu.interchange_with_activation_at(
+            lean = interchange_with_activation_at(
                 model, base, mask, values, NAMES, base_mask, dual_sel, compute_logits=False
             )
             assert lean.logits is None and head_calls == []
-            rows = cu.lm_head_logits(model, lean.last_hidden_state[mask.bool()])
+            rows = lm_head_logits(model, lean.last_hidden_state[mask.bool()])
     finally:
         handle.remove()
     torch.testing.assert_close(rows, full.logits[mask.bool()])
@@ -444,11 +390,11 @@ def test_several_variables_in_one_layer_use_one_hook(models, batch):
     try:
         with torch.no_grad():
             baseline = len(block._forward_hooks)
-            names = cu.deserialize_variable_name("$L:0$H:[0:4]$[0:8]")
-            values = cu.get_activation_at(model, dual, dual_mask, names)
+            names = deserialize_variable_name("$L:0$H:[0:4]$[0:8]")
+            values = get_activation_at(model, dual, dual_mask, names)
             seen.clear()
             masks = _masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2)
-            cu.interchange_with_activation_at(model, base, mask, values, names, *masks)
+            interchange_with_activation_at(model, base, mask, values, names, *masks)
     finally:
         pre.remove()
     assert seen == [baseline + 1]
@@ -457,9 +403,9 @@ def test_several_variables_in_one_layer_use_one_hook(models, batch):
 def test_mismatched_position_counts_per_row_are_an_invariant_error(models, batch):
     model, (base, mask, dual, dual_mask) = models["bert"], batch
     with torch.no_grad():
-        values = cu.get_activation_at(model, dual, dual_mask, NAMES)
+        values = get_activation_at(model, dual, dual_mask, NAMES)
         with pytest.raises(AssertionError, match="different counts"):
-            cu.interchange_with_activation_at(
+            interchange_with_activation_at(
                 model, base, mask, values, NAMES, *_masks([[1, 2], []], [[1], [2]], SEQ, SEQ - 2)
             )
 
@@ -468,16 +414,16 @@ def test_overlapping_variables_in_one_layer_are_refused(models, batch):
     model, (base, mask, dual, dual_mask) = models["bert"], batch
     names = ["$L:1$H:0$[0:6]", "$L:1$H:0$[4:8]"]
     with torch.no_grad():
-        values = cu.get_activation_at(model, dual, dual_mask, names)
+        values = get_activation_at(model, dual, dual_mask, names)
         masks = _masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2)
         with pytest.raises(UserError, match="overlap in layer 1"):
-            cu.interchange_with_activation_at(model, base, mask, values, names, *masks)
+            interchange_with_activation_at(model, base, mask, values, names, *masks)
 
 
 def test_variable_outside_the_model_is_refused(models, batch):
     model, (base, mask, _, _) = models["bert"], batch
     with pytest.raises(UserError, match=r"\$L:3\$H:0\$\[0:8\]"):
-        cu.get_activation_at(model, base, mask, ["$L:3$H:0$[0:8]"])
+        get_activation_at(model, base, mask, ["$L:3$H:0$[0:8]"])
 
 
 @pytest.mark.parametrize("arch", ["distilbert", "gpt2"])
@@ -494,16 +440,16 @@ def test_student_gets_gradients_through_its_source_run(arch):
     base = torch.randint(3, 60, (2, SEQ), generator=g)
     dual = torch.randint(60, VOCAB, (2, SEQ), generator=g)
     base_mask, dual_sel = _masks([[1, 4], [2]], [[0, 3], [5]], SEQ, SEQ)
-    names = cu.deserialize_variable_name("$L:0$H:[0:4]$[0:8]")
+    names = deserialize_variable_name("$L:0$H:[0:4]$[0:8]")
     embedding = model.get_input_embeddings().weight
     dual_rows = torch.unique(dual)
 
     def grad_on_dual_rows(detach: bool) -> torch.Tensor:
         model.zero_grad()
-        values = cu.get_activation_at(model, dual, None, names)
+        values = get_activation_at(model, dual, None, names)
         if detach:
             values = [v.detach() for v in values]
-        cf = cu.interchange_with_activation_at(model, base, None, values, names, base_mask, dual_sel)
+        cf = interchange_with_activation_at(model, base, None, values, names, base_mask, dual_sel)
         cf.logits.logsumexp(-1).sum().backward()
         return embedding.grad[dual_rows].abs().sum()
 
@@ -536,7 +482,7 @@ def test_shared_token_embeddings_change_no_value_and_no_gradient(arch):
 
     def runs(shared: bool):
         model.zero_grad(set_to_none=True)
-        context = cu.shared_token_embeddings(model, [base, dual]) if shared else torch.enable_grad()
+        context = shared_token_embeddings(model, [base, dual]) if shared else torch.enable_grad()
         with context:
             outs = [model(input_ids=ids).logits for ids in (base, dual, base, other)]
         loss = sum(o.square().mean() for o in outs)
@@ -566,14 +512,14 @@ def test_shared_token_embeddings_change_no_value_and_no_gradient(arch):
 def test_restart_from_cached_block_input_equals_full_intervention(models, arch, batch):
     model, (base, mask, dual, dual_mask) = models[arch], batch
     base_mask, dual_sel = _masks([[1, 4, 6], [0, 5]], [[0, 2, 5], [3, 6]], SEQ, SEQ - 2)
-    names = cu.deserialize_variable_name("$L:1$H:[1:3]$[2:8]") + cu.deserialize_variable_name("$L:2$H:0$[0:8]")
-    extra = cu.get_adapter(model).forward_kwargs
+    names = deserialize_variable_name("$L:1$H:[1:3]$[2:8]") + deserialize_variable_name("$L:2$H:0$[0:8]")
+    extra = get_architecture(model).forward_kwargs
     with torch.no_grad():
-        with cu.record_block_inputs(model) as cache:
+        with record_block_inputs(model) as cache:
             model(input_ids=base, attention_mask=mask, **extra)
-        values = cu.get_activation_at(model, dual, dual_mask, names)
-        full = cu.interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
-        restarted = cu.run_blocks_from(model, cache, 1, values, names, base_mask, dual_sel)
+        values = get_activation_at(model, dual, dual_mask, names)
+        full = interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
+        restarted = run_blocks_from(model, cache, 1, values, names, base_mask, dual_sel)
     torch.testing.assert_close(restarted.logits, full.logits)
     torch.testing.assert_close(restarted.last_hidden_state, full.last_hidden_state)
     for k in range(1, LAYERS + 1):
@@ -588,16 +534,16 @@ def test_restart_above_the_intervened_block_equals_full_intervention(models, arc
     # only the blocks above run again, replaying the recorded mask / rotary / position arguments.
     model, (base, mask, dual, dual_mask) = models[arch], batch
     base_mask, dual_sel = _masks([[1, 4, 6], [0, 5]], [[0, 2, 5], [3, 6]], SEQ, SEQ - 2)
-    names = cu.deserialize_variable_name(f"$L:{layer}$H:[1:3]$[2:8]") + cu.deserialize_variable_name(
+    names = deserialize_variable_name(f"$L:{layer}$H:[1:3]$[2:8]") + deserialize_variable_name(
         f"$L:{LAYERS - 1}$H:0$[0:8]"
     )
-    extra = cu.get_adapter(model).forward_kwargs
+    extra = get_architecture(model).forward_kwargs
     with torch.no_grad():
-        with cu.record_block_inputs(model, hidden_input_layers=[layer + 1]) as cache:
+        with record_block_inputs(model, hidden_input_layers=[layer + 1]) as cache:
             model(input_ids=base, attention_mask=mask, **extra)
-        values = cu.get_activation_at(model, dual, dual_mask, names)
-        full = cu.interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
-        above = cu.run_blocks_above(model, cache, layer, values, names, base_mask, dual_sel)
+        values = get_activation_at(model, dual, dual_mask, names)
+        full = interchange_with_activation_at(model, base, mask, values, names, base_mask, dual_sel)
+        above = run_blocks_above(model, cache, layer, values, names, base_mask, dual_sel)
     torch.testing.assert_close(above.logits, full.logits)
     torch.testing.assert_close(above.last_hidden_state, full.last_hidden_state)
     for k in range(layer + 1, LAYERS + 1):
@@ -608,7 +554,7 @@ def test_restart_above_the_intervened_block_equals_full_intervention(models, arc
 @pytest.mark.parametrize("arch", DECODER_FAMILIES)
 def test_decoder_blocks_are_replayed_with_their_rotary_and_mask_arguments(models, arch, batch):
     model, (base, mask, _, _) = models[arch], batch
-    with torch.no_grad(), cu.record_block_inputs(model) as cache:
+    with torch.no_grad(), record_block_inputs(model) as cache:
         model(input_ids=base, attention_mask=mask, use_cache=False)
     kwargs = cache.kwargs[1]
     cos, sin = kwargs["position_embeddings"]
@@ -628,155 +574,31 @@ def test_head_slices_ignore_config_head_dim_and_kv_heads(models, arch, batch):
     model, (base, mask, _, _) = models[arch], batch
     assert model.config.head_dim * HEADS != DIM and model.config.num_key_value_heads < HEADS
     with torch.no_grad():
-        values = cu.get_activation_at(model, base, mask, ["$L:1$H:3$[0:8]", "$L:0$H:1$[2:5]"])
+        values = get_activation_at(model, base, mask, ["$L:1$H:3$[0:8]", "$L:0$H:1$[2:5]"])
         outputs, _ = _block_outputs(arch, model, base, mask)
     torch.testing.assert_close(values[0], outputs[1][..., 24:32])
     torch.testing.assert_close(values[1], outputs[0][..., 10:13])
     with pytest.raises(UserError, match="does not fit the model .*4 heads of 8 dims"):
-        cu.get_activation_at(model, base, mask, ["$L:0$H:0$[0:16]"])
-    cu.validate_neuron_mapping([(["$L:2$H:[0:4]$[0:8]"], ["$L:0$H:3$[0:8]"])], model.config, model.config)
+        get_activation_at(model, base, mask, ["$L:0$H:0$[0:16]"])
+    validate_neuron_mapping([(["$L:2$H:[0:4]$[0:8]"], ["$L:0$H:3$[0:8]"])], model.config, model.config)
     with pytest.raises(UserError, match=r"slice \[0:16\] exceeds the teacher's head size 8 \(hidden size 32 // 4"):
-        cu.validate_neuron_mapping([(["$L:2$H:0$[0:16]"], ["$L:0$H:3$[0:8]"])], model.config, model.config)
+        validate_neuron_mapping([(["$L:2$H:0$[0:16]"], ["$L:0$H:3$[0:8]"])], model.config, model.config)
 
 
 def test_restart_below_an_intervened_layer_is_refused(models, batch):
     model, (base, mask, dual, dual_mask) = models["bert"], batch
     with torch.no_grad():
-        with cu.record_block_inputs(model) as cache:
+        with record_block_inputs(model) as cache:
             model(input_ids=base, attention_mask=mask)
-        values = cu.get_activation_at(model, dual, dual_mask, ["$L:0$H:0$[0:8]"])
+        values = get_activation_at(model, dual, dual_mask, ["$L:0$H:0$[0:8]"])
         with pytest.raises(UserError, match="below an intervention at layer 0"):
-            cu.run_blocks_from(model, cache, 1, values, ["$L:0$H:0$[0:8]"], *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2))
+            run_blocks_from(model, cache, 1, values, ["$L:0$H:0$[0:8]"], *_masks(ROWS_BASE, ROWS_DUAL, SEQ, SEQ - 2))
 
 
 def test_record_block_inputs_keeps_only_requested_hidden_inputs(models, batch):
     model, (base, mask, _, _) = models["bert"], batch
-    with torch.no_grad(), cu.record_block_inputs(model, hidden_input_layers=[2]) as cache:
+    with torch.no_grad(), record_block_inputs(model, hidden_input_layers=[2]) as cache:
         model(input_ids=base, attention_mask=mask)
     assert list(cache.hidden) == [2] and sorted(cache.kwargs) == [0, 1, 2]
     with pytest.raises(UserError, match="no recorded input for block 1"):
-        cu.run_blocks_from(model, cache, 1)
-
-
-# ----------------------------------------------------------------------------------------------- mappings
-
-TEACHER = tr.BertConfig()  # bert-base: 12 layers, 12 heads of 64
-STUDENT = tr.DistilBertConfig(n_layers=6)
-
-
-def _write_mapping(tmp_path, entries, name="m.nm"):
-    path = tmp_path / name
-    path.write_text(json.dumps({"interchange_variable_mappings": entries}))
-    return path
-
-
-def _entry(teacher, student):
-    return {"teacher_variable_names": teacher, "student_variable_names": student}
-
-
-def test_load_neuron_mapping_reads_entries_as_written(tmp_path):
-    path = _write_mapping(tmp_path, [_entry(["$L:[0:2]$H:[0:12]$[0:64]"], ["$L:0$H:[0:12]$[0:64]"])])
-    assert cu.load_neuron_mapping(path) == [(["$L:[0:2]$H:[0:12]$[0:64]"], ["$L:0$H:[0:12]$[0:64]"])]
-
-
-def test_missing_mapping_file_is_refused(tmp_path):
-    with pytest.raises(UserError, match="nope.nm"):
-        cu.load_neuron_mapping(tmp_path / "nope.nm")
-
-
-def test_non_json_mapping_is_refused(tmp_path):
-    path = tmp_path / "bad.nm"
-    path.write_text("{not json")
-    with pytest.raises(UserError, match="bad.nm is not valid JSON"):
-        cu.load_neuron_mapping(path)
-
-
-def test_mapping_without_top_key_is_refused(tmp_path):
-    path = tmp_path / "nokey.nm"
-    path.write_text(json.dumps({"mappings": []}))
-    with pytest.raises(UserError, match="nokey.nm has no 'interchange_variable_mappings'"):
-        cu.load_neuron_mapping(path)
-
-
-def test_empty_mapping_is_refused(tmp_path):
-    with pytest.raises(UserError, match="m.nm.*non-empty list"):
-        cu.load_neuron_mapping(_write_mapping(tmp_path, []))
-
-
-def test_entry_without_student_key_is_refused(tmp_path):
-    path = _write_mapping(tmp_path, [{"teacher_variable_names": ["$L:6$H:0$[0:64]"]}])
-    with pytest.raises(UserError, match="entry 0 has no 'student_variable_names'"):
-        cu.load_neuron_mapping(path)
-
-
-def test_entry_with_no_variables_is_refused(tmp_path):
-    path = _write_mapping(tmp_path, [_entry(["$L:6$H:0$[0:64]"], ["$L:1$H:0$[0:64]"]), _entry([], ["$L:1$H:0$[0:64]"])])
-    with pytest.raises(UserError, match="entry 1 'teacher_variable_names' must be a non-empty list"):
-        cu.load_neuron_mapping(path)
-
-
-def test_malformed_name_in_mapping_is_refused_naming_file_entry_and_name(tmp_path):
-    path = _write_mapping(tmp_path, [_entry(["$L:6$H:0$[0:64]"], ["$L:1$H:0[0:64]"])])
-    with pytest.raises(UserError, match=r"m\.nm: entry 0: malformed variable name '\$L:1\$H:0\[0:64\]'"):
-        cu.load_neuron_mapping(path)
-
-
-def test_validate_accepts_the_original_single_middle_mapping():
-    cu.validate_neuron_mapping([(["$L:6$H:[0:12]$[0:64]"], ["$L:3$H:[0:12]$[0:64]"])], TEACHER, STUDENT)
-
-
-def test_validate_refuses_an_empty_mapping():
-    with pytest.raises(UserError, match="x.nm is empty"):
-        cu.validate_neuron_mapping([], TEACHER, STUDENT, path="x.nm")
-
-
-def test_validate_refuses_an_entry_with_no_student_variables():
-    with pytest.raises(UserError, match="entry 0 has no student variables"):
-        cu.validate_neuron_mapping([(["$L:6$H:0$[0:64]"], [])], TEACHER, STUDENT, path="x.nm")
-
-
-@pytest.mark.parametrize(
-    "teacher, student, message",
-    [
-        ("$L:12$H:0$[0:64]", "$L:0$H:0$[0:64]", r"teacher variable '\$L:12\$H:0\$\[0:64\]': layer 12 >= the"),
-        ("$L:6$H:0$[0:64]", "$L:[4:7]$H:0$[0:64]", r"student variable '\$L:\[4:7\]\$H:0\$\[0:64\]': layer 6 >= the"),
-        ("$L:6$H:[0:13]$[0:64]", "$L:0$H:0$[0:64]", r"head 12 >= the teacher's 12 heads"),
-        ("$L:6$H:0$[0:64]", "$L:0$H:12$[0:64]", r"student variable '\$L:0\$H:12\$\[0:64\]': head 12"),
-        ("$L:6$H:0$[0:65]", "$L:0$H:0$[0:64]", r"slice \[0:65\] exceeds the teacher's head size 64"),
-    ],
-)
-def test_validate_refuses_a_variable_that_does_not_fit_naming_it(teacher, student, message):
-    mapping = [(["$L:0$H:0$[0:64]"], ["$L:0$H:0$[0:64]"]), ([teacher], [student])]
-    with pytest.raises(UserError, match=r"x\.nm: entry 1 .*" + message):
-        cu.validate_neuron_mapping(mapping, TEACHER, STUDENT, path="x.nm")
-
-
-def test_validate_checks_each_side_against_its_own_config_style():
-    small_gpt2 = tr.GPT2Config(n_layer=2, n_head=4, n_embd=32)  # head size 8
-    with pytest.raises(UserError, match=r"slice \[0:16\] exceeds the student's head size 8"):
-        cu.validate_neuron_mapping([(["$L:6$H:0$[0:16]"], ["$L:1$H:3$[0:16]"])], TEACHER, small_gpt2)
-
-
-def test_validate_allows_teacher_and_student_widths_to_differ():
-    # Each model intervenes with its own source values, so widths only need to fit each model.
-    cu.validate_neuron_mapping([(["$L:6$H:0$[0:64]"], ["$L:1$H:0$[0:32]"])], TEACHER, STUDENT)
-
-
-def test_sampling_is_identical_for_equal_seeds_and_covers_every_entry():
-    mapping = [
-        (["$L:0$H:0$[0:64]", "$L:1$H:0$[0:64]"], ["$L:0$H:[0:2]$[0:64]"]),
-        (["$L:[2:4]$H:0$[0:64]"], ["$L:1$H:0$[0:64]", "$L:2$H:0$[0:64]"]),
-    ]
-    rng_a, rng_b = random.Random(7), random.Random(7)
-    draws_a = [cu.sample_interchange_variables(mapping, rng_a) for _ in range(50)]
-    draws_b = [cu.sample_interchange_variables(mapping, rng_b) for _ in range(50)]
-    assert draws_a == draws_b
-    teachers = {tuple(t) for t, _ in draws_a}
-    assert teachers == {("$L:0$H:0$[0:64]",), ("$L:1$H:0$[0:64]",), ("$L:2$H:0$[0:64]", "$L:3$H:0$[0:64]")}
-    assert (["$L:0$H:0$[0:64]", "$L:0$H:1$[0:64]"]) in [s for _, s in draws_a]
-
-
-def test_sampling_accepts_a_numpy_generator():
-    mapping = [(["$L:6$H:[0:2]$[0:64]"], ["$L:3$H:0$[0:64]"])]
-    teacher, student = cu.sample_interchange_variables(mapping, np.random.default_rng(0))
-    assert teacher == ["$L:6$H:0$[0:64]", "$L:6$H:1$[0:64]"] and student == ["$L:3$H:0$[0:64]"]
+        run_blocks_from(model, cache, 1)

@@ -1,18 +1,9 @@
-"""Neuron mappings and interchange interventions on stock Hugging Face models.
+"""Interchange interventions on stock Hugging Face models: read, write and restart at block outputs.
 
-A *variable* is a slice of one block's output hidden state, named `$L:<layer>$H:<head>$[<d0>:<d1>]`:
-hidden dims `[head * w + d0, head * w + d1)` of the output of transformer block `layer` (0-based),
-i.e. `hidden_states[layer + 1]` of a Hugging Face output, with `w = hidden_size // num_attention_heads`.
-Layer and head may be half-open ranges `[a:b]`; `deserialize_variable_name` expands them.
-
-`$H` slices the residual stream, not the attention's internals: the site is the block's output
-(hidden_size wide), cut into `num_attention_heads` equal slices of `w` dims. The slice width does
-not depend on `config.head_dim` (Qwen3 and Gemma configs may set `head_dim * num_attention_heads !=
-hidden_size`) nor on `num_key_value_heads` (grouped-query attention): a head index names a slice
-of the residual stream, read and written at the same place; a slice wider than `w` is refused.
-
-Interventions are forward hooks on the blocks of an unmodified model. Where the blocks live and how
-the LM head is applied is one row per architecture in `architectures.ARCHITECTURES` (pyvene style).
+A variable (`$L:<layer>$H:<head>$[<d0>:<d1>]`, see `neuron_mapping.py`) is a slice of the output of
+one transformer block. Interventions are forward hooks on the blocks of an unmodified model: where
+the blocks live and how the LM head is applied is one row per architecture in
+`architectures.ARCHITECTURES` (pyvene style).
 
 Decoders (GPT-2, Llama, Mistral, Qwen2/3, Gemma): the site is the output of block k *before* the
 final norm (`ln_f`, `norm`), for every k. Hugging Face's last `hidden_states` entry has that norm
@@ -23,182 +14,48 @@ keyword arguments: `record_block_inputs` records them and the restarts replay th
 
 from __future__ import annotations
 
-import json
-import random
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from architectures import ARCHITECTURES, Architecture, get_architecture
+from architectures import (
+    backbone,
+    final_norm,
+    get_architecture,
+    head_slice_width,
+    lm_head_logits,
+    num_heads,
+    num_layers,
+    transformer_blocks,
+    unwrap,
+)
+from neuron_mapping import parse_variable_name
 from utils import UserError
 
 __all__ = [
-    "ADAPTERS",
-    "Adapter",
     "BlockInputCache",
     "CounterfactualOutput",
     "activations_from_cache",
-    "backbone",
-    "deserialize_variable_name",
     "get_activation_at",
-    "get_adapter",
-    "hidden_size",
     "interchange_with_activation_at",
-    "lm_head_logits",
-    "load_neuron_mapping",
-    "num_heads",
-    "num_layers",
-    "parse_variable_name",
     "record_block_inputs",
     "run_blocks_above",
     "run_blocks_from",
     "shared_token_embeddings",
-    "sample_interchange_variables",
-    "validate_neuron_mapping",
 ]
 
-
 # ----------------------------------------------------------------------------------------------
-# Where each architecture keeps its blocks and how its LM head is applied: the rows of
-# `architectures.ARCHITECTURES` (kept here under their historical names).
+# Where the variables sit
 # ----------------------------------------------------------------------------------------------
-
-Adapter = Architecture
-ADAPTERS: dict[str, Architecture] = ARCHITECTURES
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DataParallel / DistributedDataParallel wrapper (or the model itself)."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
-
-
-def get_adapter(model: nn.Module) -> Architecture:
-    """The `architectures` row for `model` (an LM model, its base model, or either wrapped in (D)DP)."""
-    return get_architecture(_unwrap(model))
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The base model (`BertModel`, `GPT2Model`, `LlamaModel`, ...) of `model`.
-
-    A base model is its own backbone (the same rule as Hugging Face's `base_model`).
-    """
-    inner = _unwrap(model)
-    return getattr(inner, get_adapter(inner).backbone, inner)
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    return backbone(model).get_submodule(get_adapter(model).blocks)
-
-
-def _final_norm(model: nn.Module) -> nn.Module | None:
-    path = get_adapter(model).final_norm
-    return None if path is None else backbone(model).get_submodule(path)
-
-
-def lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head of `model` to final hidden states of any leading shape.
-
-    hidden: `(..., dim)`, e.g. `(bs, seq, dim)` or `(n_selected, dim)` rows picked out of it;
-    it is the backbone's `last_hidden_state` (for decoders, after the final norm). Returns `(..., vocab_size)`.
-    """
-    inner = _unwrap(model)
-    if backbone(inner) is inner:
-        raise UserError(f"{type(inner).__name__} has no LM head; use the *ForMaskedLM / *LMHeadModel class")
-    return get_adapter(inner).head(inner, hidden)
-
-
-def num_layers(model_or_config: nn.Module | Any) -> int:
-    """Number of transformer blocks (`num_hidden_layers` / `n_layers` / `n_layer`)."""
-    return int(_config(model_or_config).num_hidden_layers)
-
-
-def num_heads(model_or_config: nn.Module | Any) -> int:
-    """Number of attention heads (`num_attention_heads` / `n_heads` / `n_head`)."""
-    return int(_config(model_or_config).num_attention_heads)
-
-
-def hidden_size(model_or_config: nn.Module | Any) -> int:
-    """Width of the hidden state (`hidden_size` / `dim` / `n_embd`)."""
-    return int(_config(model_or_config).hidden_size)
-
-
-def _config(model_or_config: nn.Module | Any) -> Any:
-    # Hugging Face configs alias `num_hidden_layers`, `num_attention_heads` and `hidden_size` onto
-    # DistilBERT's and GPT-2's own key names through `attribute_map`, so one spelling serves all four.
-    if isinstance(model_or_config, nn.Module):
-        return _unwrap(model_or_config).config
-    return model_or_config
-
-
-def _head_dim(model_or_config: nn.Module | Any) -> int:
-    """Width of one `$H` slice: hidden_size // num_attention_heads (never config.head_dim; see the module doc)."""
-    return hidden_size(model_or_config) // num_heads(model_or_config)
-
-
-# ----------------------------------------------------------------------------------------------
-# NAME grammar
-# ----------------------------------------------------------------------------------------------
-
-_INDEX = r"(\d+|\[\d+:\d+\])"
-_NAME_RE = re.compile(r"^\$L:" + _INDEX + r"\$H:" + _INDEX + r"\$\[(\d+):(\d+)\]$")
-
-
-def _index_range(text: str, name: str, what: str) -> range:
-    if text.startswith("["):
-        a, b = (int(x) for x in text[1:-1].split(":"))
-        if a >= b:
-            raise UserError(f"malformed variable name {name!r}: empty {what} range [{a}:{b}]")
-        return range(a, b)
-    return range(int(text), int(text) + 1)
-
-
-def _parse(name: str) -> tuple[range, range, tuple[int, int]]:
-    if not isinstance(name, str):
-        raise UserError(f"malformed variable name {name!r}: expected a string like '$L:3$H:[0:12]$[0:64]'")
-    match = _NAME_RE.match(name)
-    if match is None:
-        raise UserError(f"malformed variable name {name!r}: expected '$L:<layer>$H:<head>$[<d0>:<d1>]'")
-    layers = _index_range(match.group(1), name, "layer")
-    heads = _index_range(match.group(2), name, "head")
-    d0, d1 = int(match.group(3)), int(match.group(4))
-    if d0 >= d1:
-        raise UserError(f"malformed variable name {name!r}: empty slice [{d0}:{d1}]")
-    return layers, heads, (d0, d1)
-
-
-def deserialize_variable_name(name: str) -> list[str]:
-    """Expand layer and head ranges of `name` into single-variable names (layers x heads, same slice).
-
-    `$L:[0:2]$H:[0:12]$[0:64]` -> `['$L:0$H:0$[0:64]', '$L:0$H:1$[0:64]', ..., '$L:1$H:11$[0:64]']`.
-    """
-    layers, heads, (d0, d1) = _parse(name)
-    return [f"$L:{layer}$H:{head}$[{d0}:{d1}]" for layer in layers for head in heads]
-
-
-def parse_variable_name(name: str) -> tuple[int, int, slice]:
-    """A single (deserialized) NAME -> `(layer, head, slice(d0, d1))`, as the original's `np.s_[d0:d1]`.
-
-    The slice indexes dims within the head's slice of the hidden state:
-    `hidden[..., head * w:(head + 1) * w][..., loc]`.
-    """
-    layers, heads, (d0, d1) = _parse(name)
-    if len(layers) != 1 or len(heads) != 1:
-        raise UserError(f"variable name {name!r} names several variables; expand it with deserialize_variable_name")
-    return layers[0], heads[0], slice(d0, d1)
 
 
 def _sites(model: nn.Module, variable_names: Sequence[str]) -> dict[int, list[tuple[int, int, int]]]:
     """Group single names by layer: `{layer: [(variable index, start dim, stop dim), ...]}`."""
-    d = _head_dim(model)
+    d = head_slice_width(model)
     n_layers, n_heads = num_layers(model), num_heads(model)
     sites: dict[int, list[tuple[int, int, int]]] = {}
     for i, name in enumerate(variable_names):
@@ -250,7 +107,7 @@ def shared_token_embeddings(model: nn.Module, inputs: Sequence[torch.Tensor]) ->
     of `inputs` are looked up as usual. The shared lookup calls the embedding module itself, so a
     scaling inside it (Gemma's sqrt(hidden_size)) is applied exactly as in a plain forward.
     """
-    embedding = _unwrap(model).get_input_embeddings()
+    embedding = unwrap(model).get_input_embeddings()
     flat = torch.cat([ids.reshape(-1) for ids in inputs])
     looked_up = embedding(flat).split([ids.numel() for ids in inputs])
     shared = [(ids, rows.view(*ids.shape, -1)) for ids, rows in zip(inputs, looked_up, strict=False)]
@@ -281,7 +138,7 @@ def get_activation_at(
     if not variable_names:
         raise UserError("get_activation_at needs at least one variable name")
     sites = _sites(model, variable_names)
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     deepest = max(sites)
     values: list[torch.Tensor | None] = [None] * len(variable_names)
 
@@ -296,9 +153,10 @@ def get_activation_at(
         return hook
 
     handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sites]
+    extra = get_architecture(model).forward_kwargs
     with _hooks(handles):
         try:
-            backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **get_adapter(model).forward_kwargs)
+            backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **extra)
         except _StopForward:
             pass
     assert all(v is not None for v in values), "a read hook did not fire"
@@ -394,7 +252,7 @@ def _interchange_hooks(
 
         return hook
 
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     # prepend=True: Hugging Face records hidden_states with its own forward hooks on the same blocks;
     # ours must run first so that the recorded hidden_states[k + 1] is the intervened value.
     return [
@@ -426,7 +284,7 @@ def interchange_with_activation_at(
     """
     writes = _prepare_writes(model, interchanged_variables, variable_names, interchange_mask, dual_interchange_mask)
     handles = _interchange_hooks(model, writes)
-    extra = get_adapter(model).forward_kwargs
+    extra = get_architecture(model).forward_kwargs
     with _hooks(handles):
         runner = model if compute_logits else backbone(model)
         out = runner(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
@@ -471,7 +329,7 @@ def record_block_inputs(
     Tensors are kept as the forward made them (with their autograd graph, if any).
     """
     cache = BlockInputCache()
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     keep = set(range(len(blocks))) if hidden_input_layers is None else set(hidden_input_layers)
 
     def make_hook(layer: int) -> Callable:
@@ -581,118 +439,15 @@ def _run_from(
     if write_input:
         hidden = writes.apply(start_layer - 1, hidden)
     handles = [] if writes is None else _interchange_hooks(model, writes, skip=[start_layer - 1])
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     states: list[torch.Tensor | None] = [None] * start_layer + [hidden]
     with _hooks(handles):
         for layer in range(start_layer, len(blocks)):
             hidden = _block_hidden(blocks[layer](hidden, *cache.args[layer], **cache.kwargs[layer]))
             states.append(hidden)
-    norm = _final_norm(model)
+    norm = final_norm(model)
     if norm is not None:
         hidden = norm(hidden)
         states[-1] = hidden
     logits = lm_head_logits(model, hidden) if compute_logits else None
     return CounterfactualOutput(logits=logits, hidden_states=tuple(states), last_hidden_state=hidden)
-
-
-# ----------------------------------------------------------------------------------------------
-# Neuron mapping files
-# ----------------------------------------------------------------------------------------------
-
-NeuronMapping = list[tuple[list[str], list[str]]]
-
-
-def load_neuron_mapping(path: str | Path) -> NeuronMapping:
-    """Read a `.nm` file into `[(teacher_names, student_names), ...]` (NAMEs as written, not expanded).
-
-    Checks the structure and the NAME grammar; `validate_neuron_mapping` checks against the models.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"neuron mapping not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read neuron mapping {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"neuron mapping {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or "interchange_variable_mappings" not in data:
-        raise UserError(f"neuron mapping {path} has no 'interchange_variable_mappings' key")
-    entries = data["interchange_variable_mappings"]
-    if not isinstance(entries, list) or not entries:
-        raise UserError(f"neuron mapping {path}: 'interchange_variable_mappings' must be a non-empty list")
-    mapping: NeuronMapping = []
-    for n, entry in enumerate(entries):
-        sides = []
-        for key in ("teacher_variable_names", "student_variable_names"):
-            if not isinstance(entry, dict) or key not in entry:
-                raise UserError(f"neuron mapping {path}: entry {n} has no {key!r}")
-            names = entry[key]
-            if not isinstance(names, list) or not names:
-                raise UserError(f"neuron mapping {path}: entry {n} {key!r} must be a non-empty list of NAMEs")
-            for name in names:
-                try:
-                    _parse(name)
-                except UserError as e:
-                    raise UserError(f"neuron mapping {path}: entry {n}: {e}") from None
-            sides.append(list(names))
-        mapping.append((sides[0], sides[1]))
-    return mapping
-
-
-def validate_neuron_mapping(
-    mapping: NeuronMapping, teacher_config: Any, student_config: Any, path: str | Path = "<neuron mapping>"
-) -> None:
-    """Refuse NAMEs that do not fit their model, before any model is built.
-
-    Each side is checked against its own config (any family of `architectures.ARCHITECTURES`):
-    layer < number of layers, head < num_attention_heads, 0 <= d0 < d1 <= hidden_size //
-    num_attention_heads (the `$H` slice width, whatever `head_dim` and `num_key_value_heads` are).
-    Teacher and student intervene independently, so their widths need not match.
-    """
-    if not mapping:
-        raise UserError(f"neuron mapping {path} is empty")
-    for side, config in (("teacher", teacher_config), ("student", student_config)):
-        n_layers, n_heads, dim = num_layers(config), num_heads(config), hidden_size(config)
-        if dim % n_heads:
-            raise UserError(f"{side} config: hidden size {dim} is not divisible by {n_heads} heads")
-        head_dim = dim // n_heads
-        for n, entry in enumerate(mapping):
-            names = entry[0] if side == "teacher" else entry[1]
-            if not names:
-                raise UserError(f"neuron mapping {path}: entry {n} has no {side} variables")
-            for name in names:
-                try:
-                    layers, heads, (d0, d1) = _parse(name)
-                except UserError as e:
-                    raise UserError(f"neuron mapping {path}: entry {n}: {e}") from None
-                where = f"neuron mapping {path}: entry {n} {side} variable {name!r}"
-                if layers.stop > n_layers:
-                    raise UserError(f"{where}: layer {layers.stop - 1} >= the {side}'s {n_layers} layers")
-                if heads.stop > n_heads:
-                    raise UserError(f"{where}: head {heads.stop - 1} >= the {side}'s {n_heads} heads")
-                if d1 > head_dim:
-                    raise UserError(
-                        f"{where}: slice [{d0}:{d1}] exceeds the {side}'s head size {head_dim} "
-                        f"(hidden size {dim} // {n_heads} heads)"
-                    )
-
-
-def sample_interchange_variables(
-    mapping: NeuronMapping, rng: random.Random | np.random.Generator
-) -> tuple[list[str], list[str]]:
-    """Pick one entry uniformly, then one teacher NAME and one student NAME in it; expand both.
-
-    rng: a seeded `random.Random` or `numpy.random.Generator`; seeded alike on every rank, all ranks
-    pick the same variables. Returns `(teacher single names, student single names)`.
-    """
-
-    def pick(n: int) -> int:
-        if isinstance(rng, np.random.Generator):
-            return int(rng.integers(n))
-        return rng.randrange(n)
-
-    teacher_names, student_names = mapping[pick(len(mapping))]
-    teacher_name = teacher_names[pick(len(teacher_names))]
-    student_name = student_names[pick(len(student_names))]
-    return deserialize_variable_name(teacher_name), deserialize_variable_name(student_name)
