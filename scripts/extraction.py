@@ -213,6 +213,13 @@ def choose_teacher_layers(
     selection = select_layers(
         teacher, args.layer_selection, args.num_layers, args.calibration_file, args.calibration_sequences
     )
+    if selection.n_sequences < args.calibration_sequences:
+        log.warning(
+            "--calibration_file %s has only %d non-empty sequences (--calibration_sequences %d): all are used",
+            args.calibration_file,
+            selection.n_sequences,
+            args.calibration_sequences,
+        )
     log.info(
         "%s on %d sequences (%d tokens) of %s, %s:",
         selection.method,
