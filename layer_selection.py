@@ -58,7 +58,7 @@ def load_calibration(path: str, n_sequences: int, vocab_size: int, max_length: i
         store = load_sequences(path)
         seqs = list(itertools.islice((s[:max_length] for s in store if len(s) > 0), n_sequences))
         if not seqs:
-            raise UserError(f"{path} holds no token")
+            raise UserError(f"{path} holds no tokens")
         check_vocab_range(TokenSequences.from_list(seqs), vocab_size, path)
     except UserError as e:
         raise UserError(f"--calibration_file: {' '.join(str(e).split())}") from None

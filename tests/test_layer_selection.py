@@ -215,6 +215,7 @@ def test_bert_to_distilbert_takes_a_measured_selection_too(tmp_path):
         ("missing", "--calibration_file not found"),
         ("corrupt", "--calibration_file: binarized data file .* is empty, truncated or corrupt"),
         ("outside_vocab", "--calibration_file: .* outside the vocabulary of size 200"),
+        ("empty", "--calibration_file: .*cal.pickle holds no tokens"),
         ("unknown_format", "--calibration_file: unknown binarized data format for .*cal.txt"),
         ("no_file", "--layer_selection block_influence needs --calibration_file"),
         ("zero_sequences", "--calibration_sequences must be >= 1, got 0"),
@@ -225,6 +226,8 @@ def test_bert_to_distilbert_takes_a_measured_selection_too(tmp_path):
 def test_bad_calibration_input_is_a_one_line_error(tmp_path, llama_teacher, case, message):
     calibration = tmp_path / "cal.pickle"
     save_sequences(_sequences(high=250 if case == "outside_vocab" else 200), calibration)
+    if case == "empty":
+        save_sequences([np.zeros(0, np.uint16)], calibration)
     if case == "corrupt":
         calibration.write_bytes(b"\x80\x04not a pickle")
     if case == "unknown_format":
