@@ -10,6 +10,11 @@
 
 The student keeps the teacher's embeddings, final norm and LM head (tied or not) and the chosen
 teacher blocks, in order. What to copy is the family's extraction layout in architectures.py.
+Blocks can be chosen by measured importance on a binarized corpus (layer_selection.py):
+
+    python scripts/extract.py --model_type llama --model_name models/SmolLM2-135M --num_layers 20 \
+        --layer_selection block_influence --calibration_file data/binarized_text.valid.smollm2.pickle \
+        --dump_checkpoint distillation_checkpoints/smollm2-135m_bi_20.pth
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from architectures import ARCHITECTURES  # noqa: E402
 from scripts.extraction import (  # noqa: E402
+    choose_teacher_layers,
     extract_by_layout,
     extraction_parser,
     load_teacher,
     parse_extraction_args,
+    save_selection_report,
     save_state_dict,
     save_student_folder,
-    teacher_layers,
 )
 from utils import UserError, run_cli  # noqa: E402
 
@@ -51,9 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = load_teacher(row.lm_cls(), args.model_name, head_prefix="lm_head.")
     if teacher.config.model_type != args.model_type:
         raise UserError(f"{args.model_name} is a {teacher.config.model_type} model, not {args.model_type}")
-    layers = teacher_layers(teacher.config.num_hidden_layers, args.num_layers, args.teacher_layers)
+    layers, selection = choose_teacher_layers(args, teacher, logger)
     out = extract_by_layout(teacher.state_dict(), row.extraction, layers, args.model_name, args.vocab_transform)
     save_state_dict(out, args.dump_checkpoint)
+    if selection is not None:
+        report = save_selection_report(selection, args, teacher.config.num_hidden_layers)
+        logger.info("Scores and chosen blocks -> %s", report)
     logger.info(
         "Student of %d layers from teacher layers %s: %d tensors -> %s",
         args.num_layers,

@@ -15,12 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import BertForMaskedLM  # noqa: E402
 
 from scripts.extraction import (  # noqa: E402
+    choose_teacher_layers,
     copy_keys,
     extraction_parser,
     load_teacher,
     parse_extraction_args,
+    save_selection_report,
     save_state_dict,
-    teacher_layers,
 )
 from utils import UserError, run_cli  # noqa: E402
 
@@ -85,11 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     if teacher.config.model_type != "bert":
         raise UserError(f"{args.model_name} is a {teacher.config.model_type} model, not bert")
     # 7 or 8 blocks from 12: the first of the original's 9-block list, as its script did.
-    layers = teacher_layers(
-        teacher.config.num_hidden_layers, args.num_layers, args.teacher_layers, original_7_and_8=True
-    )
+    layers, selection = choose_teacher_layers(args, teacher, logger, original_7_and_8=True)
     state = extract(teacher.state_dict(), layers, args.vocab_transform, args.model_name)
     save_state_dict(state, args.dump_checkpoint)
+    if selection is not None:
+        report = save_selection_report(selection, args, teacher.config.num_hidden_layers)
+        logger.info("Scores and chosen blocks -> %s", report)
     logger.info(
         "Student of %d layers from teacher layers %s: %d tensors -> %s",
         args.num_layers,

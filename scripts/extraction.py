@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import re
 import shutil
@@ -15,12 +16,15 @@ from safetensors import SafetensorError
 
 from architectures import Architecture, ExtractionLayout
 from checkpointing import save_atomically
-from utils import UserError, cannot_write_in, nearest_existing
+from layer_selection import MEASURED, Selection, select_layers
+from utils import UserError, cannot_write_in, nearest_existing, require_file, write_json
 
 # The original's picks from a 12-layer teacher.
 LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
 LAYERS_9 = [0, 2, 3, 4, 7, 8, 9, 10, 11]
 DEFAULT_NUM_LAYERS = 6
+LAYER_SELECTIONS = ("even", "original") + MEASURED
+DEFAULT_CALIBRATION_SEQUENCES = 128
 # Tokenizer files copied from a local teacher folder into a student folder.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -64,6 +68,28 @@ def extraction_parser(
         "(default: the original's choice from 12 blocks, else evenly spaced keeping the "
         "first and the last).",
     )
+    parser.add_argument(
+        "--layer_selection",
+        default=None,
+        choices=LAYER_SELECTIONS,
+        help="How the teacher blocks are chosen when --teacher_layers is not given: even (spread evenly, "
+        "keeping the first and the last), original (the original's list from 12 blocks), angular (drop the "
+        "run of blocks that changes the hidden states least, Gromov et al. 2024) or block_influence (keep "
+        "the blocks that change them most, ShortGPT); the last two read --calibration_file. Default: the "
+        "original's list where it has one, else even.",
+    )
+    parser.add_argument(
+        "--calibration_file",
+        default=None,
+        help="Binarized corpus (*.pickle or *.tokens.npy) that angular and block_influence measure the teacher on.",
+    )
+    parser.add_argument(
+        "--calibration_sequences",
+        type=int,
+        default=DEFAULT_CALIBRATION_SEQUENCES,
+        metavar="N",
+        help=f"The first N sequences of --calibration_file are measured (default {DEFAULT_CALIBRATION_SEQUENCES}).",
+    )
     parser.add_argument("--vocab_transform", action="store_true", help=vocab_transform_help)
     if dump_folder:
         parser.add_argument(
@@ -88,10 +114,27 @@ def parse_extraction_args(parser: argparse.ArgumentParser, argv: list[str] | Non
         raise UserError(f"--num_layers must be >= 1, got {args.num_layers}")
     if args.teacher_layers is not None and len(args.teacher_layers) != args.num_layers:
         raise UserError(f"{len(args.teacher_layers)} teacher layers given for a {args.num_layers}-layer student")
+    _check_layer_selection(args)
     check_writable_file(args.dump_checkpoint, "--dump_checkpoint")
+    if args.layer_selection in MEASURED:
+        check_writable_file(str(selection_report_path(args.dump_checkpoint)), "--dump_checkpoint")
     if getattr(args, "dump_folder", None) is not None:
         check_writable_folder(args.dump_folder, "--dump_folder")
     return args
+
+
+def _check_layer_selection(args: argparse.Namespace) -> None:
+    if args.calibration_sequences < 1:
+        raise UserError(f"--calibration_sequences must be >= 1, got {args.calibration_sequences}")
+    if args.layer_selection in MEASURED:
+        if args.calibration_file is None:
+            raise UserError(f"--layer_selection {args.layer_selection} needs --calibration_file (a binarized corpus)")
+        require_file(args.calibration_file, "--calibration_file")
+    elif args.calibration_file is not None:
+        raise UserError(
+            "--calibration_file is only read by --layer_selection angular or block_influence "
+            f"(got {args.layer_selection or 'the default choice'})"
+        )
 
 
 def _layer_list(items: list[str]) -> list[int]:
@@ -112,13 +155,19 @@ def _layer_list(items: list[str]) -> list[int]:
 
 
 def teacher_layers(
-    n_teacher: int, n_student: int, explicit: list[int] | None = None, original_7_and_8: bool = False
+    n_teacher: int,
+    n_student: int,
+    explicit: list[int] | None = None,
+    original_7_and_8: bool = False,
+    method: str | None = None,
 ) -> list[int]:
     """Teacher block indices copied into student blocks 0..n_student-1.
 
     12-block teacher: the original's lists (first n of 0,2,4,7,9,11 for up to 6 blocks;
     0,2,3,4,7,8,9,10,11 for 9, and its first 7 or 8 with `original_7_and_8`, which the original's
     BERT -> DistilBERT script used). Otherwise spread evenly, keeping the first and the last block.
+    method "even" always spreads evenly; "original" refuses sizes the original has no list for.
+    `explicit` (--teacher_layers) wins over both.
     """
     if explicit:
         layers = list(explicit)
@@ -130,16 +179,87 @@ def teacher_layers(
             )
     elif n_student > n_teacher:
         raise UserError(f"cannot extract {n_student} layers from {n_teacher}: the teacher has {n_teacher} blocks")
-    elif n_teacher == 12 and n_student <= 6:
+    elif method != "even" and n_teacher == 12 and n_student <= 6:
         layers = LAYERS_UP_TO_6[:n_student]
-    elif n_teacher == 12 and (n_student == 9 or (original_7_and_8 and n_student in (7, 8))):
+    elif method != "even" and n_teacher == 12 and (n_student == 9 or (original_7_and_8 and n_student in (7, 8))):
         layers = LAYERS_9[:n_student]
+    elif method == "original":
+        sizes = "1-9" if original_7_and_8 else "1-6 and 9"
+        raise UserError(
+            f"--layer_selection original: the original has no list for {n_student} of {n_teacher} blocks "
+            f"(only {sizes} of 12); use --layer_selection even, angular or block_influence, or --teacher_layers"
+        )
     else:
         layers = np.linspace(0, n_teacher - 1, n_student).round().astype(int).tolist()
     if len(layers) != n_student:
         raise UserError(f"{len(layers)} teacher layers given for a {n_student}-layer student")
     assert len(set(layers)) == len(layers) and layers == sorted(layers), layers
     return layers
+
+
+def choose_teacher_layers(
+    args: argparse.Namespace, teacher, log: logging.Logger, original_7_and_8: bool = False
+) -> tuple[list[int], Selection | None]:
+    """The teacher blocks the flags ask for, and the measurement behind them (None unless measured).
+
+    A measured choice logs every block's score and the blocks kept.
+    """
+    n_teacher = teacher.config.num_hidden_layers
+    if args.teacher_layers is not None or args.layer_selection not in MEASURED:
+        if args.teacher_layers is not None and args.layer_selection is not None:
+            log.warning("--teacher_layers given: --layer_selection %s is not used", args.layer_selection)
+        layers = teacher_layers(n_teacher, args.num_layers, args.teacher_layers, original_7_and_8, args.layer_selection)
+        return layers, None
+    selection = select_layers(
+        teacher, args.layer_selection, args.num_layers, args.calibration_file, args.calibration_sequences
+    )
+    if selection.n_sequences < args.calibration_sequences:
+        log.warning(
+            "--calibration_file %s has only %d non-empty sequences (--calibration_sequences %d): all are used",
+            args.calibration_file,
+            selection.n_sequences,
+            args.calibration_sequences,
+        )
+    log.info(
+        "%s on %d sequences (%d tokens) of %s, %s:",
+        selection.method,
+        selection.n_sequences,
+        selection.n_tokens,
+        args.calibration_file,
+        selection.meaning,
+    )
+    index = "start block" if selection.method == "angular" else "block"
+    for i, score in enumerate(selection.scores):
+        log.info("  %s %d: %.6f", index, i, score)
+    log.info("Chosen teacher blocks: %s", selection.layers)
+    return selection.layers, selection
+
+
+def selection_report_path(dump_checkpoint: str) -> Path:
+    """`<checkpoint without suffix>.layer_selection.json`, beside the checkpoint."""
+    path = Path(dump_checkpoint)
+    return path.with_name(path.stem + ".layer_selection.json")
+
+
+def save_selection_report(selection: Selection, args: argparse.Namespace, n_teacher: int) -> Path:
+    """Write the measured scores and the chosen blocks beside the checkpoint (atomically); returns its path."""
+    report = {
+        "method": selection.method,
+        "teacher": args.model_name,
+        "teacher_blocks": n_teacher,
+        "score": selection.meaning,
+        "scores": selection.scores,
+        "teacher_layers": selection.layers,
+        "calibration_file": args.calibration_file,
+        "calibration_sequences": selection.n_sequences,
+        "calibration_tokens": selection.n_tokens,
+    }
+    path = selection_report_path(args.dump_checkpoint)
+    try:
+        write_json(report, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
 
 
 def load_teacher(model_class, name: str, head_prefix: str):

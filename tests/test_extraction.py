@@ -47,6 +47,33 @@ def test_twelve_block_teacher_keeps_the_originals_lists():
     assert teacher_layers(12, 9) == [0, 2, 3, 4, 7, 8, 9, 10, 11]
 
 
+def test_layer_selection_even_always_spreads_and_original_refuses_sizes_it_has_no_list_for():
+    assert teacher_layers(12, 3, method="even") == [0, 6, 11]
+    assert teacher_layers(12, 9, method="even") == [0, 1, 3, 4, 6, 7, 8, 10, 11]
+    assert teacher_layers(12, 3, method="original") == teacher_layers(12, 3) == [0, 2, 4]
+    assert teacher_layers(12, 8, original_7_and_8=True, method="original") == [0, 2, 3, 4, 7, 8, 9, 10]
+    assert teacher_layers(30, 10, method="even") == teacher_layers(30, 10)
+    assert teacher_layers(4, 2, explicit=[1, 2], method="even") == [1, 2]  # --teacher_layers wins
+    for n_teacher, n_student in [(12, 8), (12, 10), (30, 10)]:
+        with pytest.raises(UserError, match=f"--layer_selection original: .* {n_student} of {n_teacher} blocks"):
+            teacher_layers(n_teacher, n_student, method="original")
+
+
+@pytest.mark.parametrize("selection, expected", [(None, [0, 2, 4]), ("original", [0, 2, 4]), ("even", [0, 6, 11])])
+def test_extract_layer_selection_flag_of_a_12_block_teacher(tmp_path, selection, expected):
+    torch.manual_seed(0)
+    config = tr.GPT2Config(vocab_size=64, n_embd=16, n_layer=12, n_head=2, n_positions=40)
+    tr.GPT2LMHeadModel(config).save_pretrained(tmp_path / "g")
+    out = tmp_path / "s.pth"
+    argv = ["--model_type", "gpt2", "--model_name", str(tmp_path / "g"), "--dump_checkpoint", str(out)]
+    state = extract.main(argv + ["--num_layers", "3"] + ["--layer_selection", selection] * (selection is not None))
+    teacher = tr.GPT2LMHeadModel.from_pretrained(tmp_path / "g").state_dict()
+    key = "transformer.h.{}.mlp.c_fc.weight"
+    for s_idx, t_idx in enumerate(expected):
+        assert torch.equal(state[key.format(s_idx)], teacher[key.format(t_idx)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "s.pth"]  # no selection report without a measurement
+
+
 @pytest.mark.parametrize("n", [7, 8])
 def test_bert_to_distilbert_7_and_8_blocks_take_the_originals_first_of_nine(tmp_path, n):
     torch.manual_seed(0)
