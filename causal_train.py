@@ -13,6 +13,10 @@
 
 Multi-GPU: ``torchrun --nproc_per_node N causal_train.py ...`` (or the original ``--n_gpu N``
 with a launcher that sets WORLD_SIZE / RANK / LOCAL_RANK).
+
+This file is the CLI: the parser, the checks of the flags, the launcher's set-up and `train()`.
+The flags are declared in `training_config.py`, the run folder is `run_folders.py`'s, and the
+teacher and student are loaded (and checked) by `model_loading.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import signal
 import typing
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -360,7 +363,7 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
 
     tokenizer, teacher = load_teacher(options)
     special_ids = special_token_ids(tokenizer)
-    context = replace(
+    context = dataclasses.replace(
         context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config), run_dir=run_dir
     )
     student = load_student(options, teacher.config)
