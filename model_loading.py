@@ -21,7 +21,7 @@ from architectures import ARCHITECTURES, max_positions
 from training_config import RunOptions, TrainingConfig
 from utils import UserError, one_line
 
-logger = logging.getLogger("causal_train")
+logger = logging.getLogger("causal_train")  # the training CLI's log lines, whichever module writes them
 
 
 # Size settings every family names (through its config's attribute_map: DistilBERT's `dim`, GPT-2's
