@@ -1,4 +1,4 @@
-"""Shared helpers: the project's user-facing error, CLI wrapper, atomic writes, seeding, git info."""
+"""Shared helpers: the project's user-facing error and CLI wrapper, atomic writes, file and folder checks, seeding."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ import numpy as np
 
 class UserError(Exception):
     """A mistake in the user's input (file, flag, value). The CLI prints it on one line and exits 2."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (transformers' validation errors span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -6,6 +6,7 @@ CLM interchange accuracy)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.machinery
 import json
 import logging
@@ -22,6 +23,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import causal_train
 import losses
+import model_loading
 from causal_distiller import ModelRuns
 from neuron_mapping import load_neuron_mapping
 from training_config import RunContext
@@ -66,7 +68,11 @@ def _args(*extra):
         "--n_gpu",
         "0",
     ]
-    return causal_train.build_parser().parse_args(required + list(extra))
+    return causal_train.parse_args(required + list(extra))
+
+
+def _options(*extra):
+    return _args(*extra)[1]
 
 
 # --- precision ----------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def _args(*extra):
     ],
 )
 def test_teacher_dtype_follows_the_mixed_precision_dtype(flags, device, dtype):
-    assert causal_train.teacher_dtype(_args(*flags), torch.device(device)) == dtype
+    assert model_loading.teacher_dtype(*_args(*flags), torch.device(device)) == dtype
 
 
 @pytest.mark.parametrize("flags", [["--fp16"], ["--bf16"], []], ids=["fp16", "bf16", "no-amp"])
@@ -100,10 +106,10 @@ def test_teacher_fp16_trains_under_every_precision_on_cpu(small_run_argv, flags)
 def test_tf32_flag_sets_the_backend_state():
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        causal_train.set_precision_backends(_args("--tf32"))
+        causal_train.set_precision_backends(_options("--tf32"))
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
         assert torch.backends.cudnn.allow_tf32
-        causal_train.set_precision_backends(_args())  # the default: exact float32
+        causal_train.set_precision_backends(_options())  # the default: exact float32
         assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
         assert not torch.backends.cudnn.allow_tf32
     finally:
@@ -120,7 +126,7 @@ def test_srun_without_a_launcher_is_refused_with_the_torchrun_command(monkeypatc
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "2")
     with pytest.raises(UserError, match=r"SLURM started 4 tasks .*srun --ntasks-per-node 1 torchrun"):
-        causal_train.init_distributed(_args())
+        causal_train.init_distributed(_options())
     causal_train.refuse_bare_slurm_tasks({"SLURM_NTASKS": "4", "WORLD_SIZE": "4"})  # torchrun under srun
     causal_train.refuse_bare_slurm_tasks({"SLURM_NTASKS": "1"})
     causal_train.refuse_bare_slurm_tasks({})
@@ -133,12 +139,12 @@ def test_ddp_timeout_reaches_init_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    context = causal_train.init_distributed(_args("--ddp_timeout", "42"))
+    context = causal_train.init_distributed(_options("--ddp_timeout", "42"))
     assert context.world_size == 2
     assert calls == [{"backend": "gloo", "timeout": timedelta(seconds=42)}]
-    assert _args().ddp_timeout == 1800
+    assert _options().ddp_timeout == 1800
     with pytest.raises(UserError, match="--ddp_timeout must be >= 1"):
-        causal_train.cluster_checks(_args("--ddp_timeout", "0"))
+        causal_train.cluster_checks(_options("--ddp_timeout", "0"))
 
 
 def test_a_pickle_corpus_in_a_multi_process_run_warns_once_on_rank_0(caplog):
@@ -273,7 +279,7 @@ def test_is_wandb_without_the_package_is_refused(monkeypatch, small_run_argv):
 
 def test_cache_dir_reaches_the_teacher_and_tokenizer_loading(monkeypatch, tiny_bert_teacher, tmp_path):
     seen = []
-    for cls in (causal_train.AutoTokenizer, causal_train.ARCHITECTURES["bert"].lm_cls()):
+    for cls in (model_loading.AutoTokenizer, model_loading.ARCHITECTURES["bert"].lm_cls()):
         original = cls.from_pretrained
 
         def recording(name, *a, _original=original, **kw):
@@ -281,9 +287,8 @@ def test_cache_dir_reaches_the_teacher_and_tokenizer_loading(monkeypatch, tiny_b
             return _original(name, *a, **kw)
 
         monkeypatch.setattr(cls, "from_pretrained", recording)
-    args = _args("--cache_dir", str(tmp_path / "cache"))
-    args.teacher_name = str(tiny_bert_teacher)
-    causal_train.load_teacher(args)
+    options = dataclasses.replace(_options("--cache_dir", str(tmp_path / "cache")), teacher_name=str(tiny_bert_teacher))
+    model_loading.load_teacher(options)
     assert seen == [str(tmp_path / "cache")] * 2
 
 

@@ -23,6 +23,7 @@ import torch
 from conftest import REPO, TINY, resume_argv, save_tokenizer_files, train_argv
 
 import causal_train
+import model_loading
 from scripts import extract, extract_distilbert
 from utils import UserError
 
@@ -143,7 +144,7 @@ def test_inconsistent_decoder_student_configs_name_the_keys(tmp_path, changes, m
         )
     )
     with pytest.raises(UserError, match="student config") as e:
-        causal_train.check_student_config(str(config), "llama")
+        model_loading.check_student_config(str(config), "llama")
     assert message in str(e.value)
 
 
@@ -153,7 +154,7 @@ def test_every_shipped_student_config_passes_the_checks():
         family = json.loads(path.read_text()).get("model_type") or (
             "gpt2" if "gpt2" in stem else "roberta" if "roberta" in stem else "distilbert"
         )
-        assert causal_train.check_student_config(str(path), family).model_type == family
+        assert model_loading.check_student_config(str(path), family).model_type == family
 
 
 # --- malformed student weights ------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def teacher_without(part: str, tiny_bert_teacher: Path, folder: Path) -> Path:
         return folder
     shutil.copytree(tiny_bert_teacher, folder)
     for name in (
-        ["config.json"] if part == "config" else list(causal_train.TOKENIZER_FILES) + ["special_tokens_map.json"]
+        ["config.json"] if part == "config" else list(model_loading.TOKENIZER_FILES) + ["special_tokens_map.json"]
     ):
         (folder / name).unlink(missing_ok=True)
     return folder
@@ -267,7 +268,7 @@ def test_a_missing_teacher_folder_is_a_folder_not_a_hub_id(small_run_argv, tmp_p
         with pytest.raises(UserError, match=f"--teacher_name: the folder {name} does not exist"):
             causal_train.main(small_run_argv("--teacher_name", name))
     for hub_id in ("bert-base-uncased", "org/name"):  # still Hub ids: left to from_pretrained
-        causal_train.check_teacher_folder(hub_id)
+        model_loading.check_teacher_folder(hub_id)
     assert not (tmp_path / "results").exists()
 
 

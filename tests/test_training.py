@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from conftest import tensorboard_scalars, train_argv
 from transformers import AutoModelForMaskedLM
 
 import causal_train
+import run_folders
 from scripts import extract_distilbert
 from utils import UserError
 
@@ -176,19 +178,19 @@ def test_force_keeps_a_user_folder_whose_parameters_json_is_any_json(
 def test_force_recognises_a_run_by_its_marker_or_an_older_run_by_its_parameters_and_files(tmp_path):
     marked = tmp_path / "marked"
     marked.mkdir()
-    (marked / causal_train.RUN_MARKER).write_text(causal_train.RUN_MARKER_TEXT)
-    assert causal_train.is_previous_run(marked)
-    (marked / causal_train.RUN_MARKER).write_text("{}")
-    assert not causal_train.is_previous_run(marked)
+    (marked / run_folders.RUN_MARKER).write_text(run_folders.RUN_MARKER_TEXT)
+    assert run_folders.is_previous_run(marked)
+    (marked / run_folders.RUN_MARKER).write_text("{}")
+    assert not run_folders.is_previous_run(marked)
 
     older = tmp_path / "older"  # written before the marker existed
     (older / "checkpoints").mkdir(parents=True)
-    params = {k: "x" for k in causal_train.RUN_PARAMETER_KEYS}
+    params = {k: "x" for k in run_folders.RUN_PARAMETER_KEYS}
     (older / "parameters.json").write_text(json.dumps(params))
     (older / "model_epoch_0.pth").write_bytes(b"")
-    assert causal_train.is_previous_run(older)
+    assert run_folders.is_previous_run(older)
     (older / "notes.txt").write_text("mine")
-    assert not causal_train.is_previous_run(older)
+    assert not run_folders.is_previous_run(older)
 
 
 def test_force_replaces_a_previous_run(small_run_argv, tmp_path):
@@ -242,11 +244,39 @@ def test_help_shows_every_flag_with_its_default_and_an_example(capsys):
     assert "example" in text and "python causal_train.py --force" in text
 
 
+def test_help_lists_every_dataclass_field_once_with_its_help_and_parses_to_the_dataclass_defaults(capsys):
+    with pytest.raises(SystemExit):
+        causal_train.main(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    actions = causal_train.build_parser()._actions
+    flags = [s for action in actions for s in action.option_strings]
+    config, options = causal_train.parse_args(
+        ["--dump_path", "d", "--data_file", "f", "--student_type", "gpt2", "--student_config", "c"]
+        + ["--teacher_type", "gpt2", "--teacher_name", "t"]
+    )
+    for parsed in (options, config):
+        for f in dataclasses.fields(parsed):
+            name, meta = f"--{f.name}", f.metadata
+            assert flags.count(name) == 1, name
+            value = f.name.upper() if "choices" not in meta else "{" + ",".join(meta["choices"]) + "}"
+            value = "" if f.type == "bool" else value  # a store_true flag takes no value
+            aliases = "".join(f", {s}{value}" for s in meta.get("aliases", ()))
+            default = None if f.default is dataclasses.MISSING else f.default
+            line = "".join(f"{name}{value}{aliases}{meta['help']}(default:{default})".split())
+            assert text.count(line) == 1, f"{name} and its help are not listed once in --help"
+            if f.default is not dataclasses.MISSING:
+                assert getattr(parsed, f.name) == f.default, name
+            if "negation_help" in meta:
+                assert text.count("".join(f"--no_{f.name}{meta['negation_help']}(default:True)".split())) == 1
+    fields = {f.name for parsed in (options, config) for f in dataclasses.fields(parsed)}
+    assert {action.dest for action in actions} - {"help"} == fields  # no flag outside the two dataclasses
+
+
 def test_git_log_records_the_commit_of_the_code_that_runs():
     import subprocess
 
-    repo = Path(causal_train.__file__).resolve().parent
+    repo = Path(run_folders.__file__).resolve().parent
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         pytest.skip("not a git checkout")
-    assert causal_train.git_log()["repo_sha"] == head.stdout.strip()
+    assert run_folders.git_log()["repo_sha"] == head.stdout.strip()

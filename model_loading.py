@@ -1,0 +1,291 @@
+"""Loading the teacher and the student for `causal_train.py`, and the checks that refuse bad inputs.
+
+Every check raises `utils.UserError` naming the flag or file: a student config that would not
+build the `--student_type` model it claims, a local teacher folder without a config or tokenizer,
+a teacher whose LM head was never trained, student weights that are not a state dict of tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoTokenizer
+
+from architectures import ARCHITECTURES, max_positions
+from training_config import RunOptions, TrainingConfig
+from utils import UserError, one_line
+
+logger = logging.getLogger("causal_train")  # the training CLI's log lines, whichever module writes them
+
+
+# Size settings every family names (through its config's attribute_map: DistilBERT's `dim`, GPT-2's
+# `n_embd`...), plus the families' own names for the feed-forward width.
+SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "max_position_embeddings",
+    "intermediate_size",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_dim",
+    "n_inner",
+)
+# Sizes a config may leave null: the model derives them (GPT-2's 4 * n_embd, Llama's hidden / heads).
+DERIVED_SIZES = ("n_inner", "head_dim", "num_key_value_heads")
+# Keys a saved config carries that are no setting (written by save_pretrained, or by the original's configs).
+BOOKKEEPING_KEYS = ("transformers_version", "architectures", "_name_or_path", "tie_weights_")
+
+
+def check_student_config(path: str, student_type: str):
+    """The student's `transformers` config from its file; UserError (naming the file and the key) unless
+    it makes a `student_type` model: a JSON object whose model_type (if any) is the student type,
+    every known setting of its default's type, sizes positive and consistent, no other family's setting."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"student config {path} is not JSON text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"student config {path} is not JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read student config {path}: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"student config {path} must be a JSON object of settings, not a {type(raw).__name__}")
+    model_type = raw.get("model_type", student_type)
+    if model_type != student_type:
+        raise UserError(f"student config {path} has model_type {model_type!r}, but --student_type is {student_type}")
+    config_class = ARCHITECTURES[student_type].config_cls()
+    default = config_class()
+    known = default.to_dict()
+    aliases = dict(getattr(config_class, "attribute_map", {}) or {})
+    settings = {aliases.get(k, k): v for k, v in raw.items()}
+    for key, value in settings.items():
+        expected = type(known.get(key))
+        ok = {
+            int: type(value) is int,
+            bool: type(value) is bool,
+            float: isinstance(value, (int, float)) and type(value) is not bool,
+        }.get(expected, True)
+        if value is not None and not ok:
+            raise UserError(f"student config {path}: {key!r} must be {expected.__name__}, got {value!r}")
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, (int, float)) and not 0 <= value <= 1:
+            raise UserError(f"student config {path}: {key!r} must be in [0, 1], got {value!r}")
+    try:
+        config = config_class.from_dict(raw)
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:  # transformers' own validation
+        raise UserError(f"student config {path}: {one_line(e)}") from None
+    sizes = [aliases.get(k, k) for k in SIZE_KEYS if aliases.get(k, k) in known]
+    for key in sizes:
+        value = getattr(config, key)
+        if value is None and key in DERIVED_SIZES:
+            continue
+        if type(value) is not int or value < 1:
+            raise UserError(f"student config {path}: {key!r} must be a positive integer, got {value!r}")
+    hidden, heads = (aliases.get(k, k) for k in ("hidden_size", "num_attention_heads"))
+    h, n = getattr(config, hidden), getattr(config, heads)
+    head_dim = getattr(config, "head_dim", None)
+    if h % n and head_dim in (None, h // n):  # a head width derived from the hidden size must divide it
+        raise UserError(f"student config {path}: {hidden!r} {h} is not divisible by {heads!r} {n}")
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv is not None and n % kv:
+        raise UserError(f"student config {path}: {heads!r} {n} is not divisible by 'num_key_value_heads' {kv}")
+    others = {k for row in ARCHITECTURES.values() if row.name != student_type for k in _config_keys(row)}
+    # A key the config neither knows nor converts (a legacy name such as Llama's rope_theta) stays a
+    # plain attribute that no model reads.
+    kept = config.to_dict()
+    unknown = [
+        k
+        for k in raw
+        if aliases.get(k, k) not in known and k not in aliases and k in kept and k not in BOOKKEEPING_KEYS
+    ]
+    foreign = [k for k in unknown if k in others]
+    if foreign:
+        raise UserError(
+            f"student config {path}: {foreign[0]!r} is not a {student_type} setting (it would be ignored); "
+            f"the {student_type} sizes are {', '.join(sizes)}"
+        )
+    if unknown:
+        logger.warning(
+            "Student config %s: %s not %s settings (ignored)", path, ", ".join(map(repr, unknown)), student_type
+        )
+    return config
+
+
+def _config_keys(row) -> set[str]:
+    """Every setting name (and alias) of a family's config."""
+    config_class = row.config_cls()
+    return set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}) or {})
+
+
+# Files one of which a model folder's tokenizer needs (fast, WordPiece, BPE or SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether --teacher_name names a folder rather than a Hub id (`name` or `org/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or os.path.exists(name)
+
+
+def check_teacher_folder(name: str) -> None:
+    """Refuse a local teacher that is not a model folder with a config and a tokenizer (no loading)."""
+    if not _is_local_path(name):
+        return
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise UserError(f"--teacher_name: the folder {name} does not exist (a Hub id is `name` or `org/name`)")
+    if not folder.is_dir():
+        raise UserError(f"--teacher_name: {folder} is a file, not a model folder")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--teacher_name: {folder} has no config.json (save the teacher with save_pretrained)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"--teacher_name: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): "
+            "save the teacher's tokenizer into it with tokenizer.save_pretrained"
+        )
+
+
+def load_teacher(options: RunOptions):
+    """The teacher's tokenizer and LM, refused unless every weight of the LM (its head included) was trained."""
+    check_teacher_folder(options.teacher_name)
+    row = ARCHITECTURES[options.teacher_type]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.teacher_name, cache_dir=options.cache_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load the tokenizer of teacher {options.teacher_name!r}: {str(e).splitlines()[0]}"
+        ) from None
+    try:
+        teacher, info = row.lm_cls().from_pretrained(
+            options.teacher_name, cache_dir=options.cache_dir, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load teacher {options.teacher_name!r}: {str(e).splitlines()[0]}") from None
+    if teacher.config.model_type != options.teacher_type:
+        raise UserError(
+            f"--teacher_name {options.teacher_name} is a {teacher.config.model_type}, not a {options.teacher_type}"
+        )
+    tied = _tied_sources(teacher)
+    missing = sorted(k for k in info["missing_keys"] if k not in tied or tied[k] in info["missing_keys"])
+    head = [k for k in missing if not k.startswith(row.backbone + ".")]
+    if head:
+        raise UserError(
+            f"teacher {options.teacher_name} has no trained LM head (missing {', '.join(head[:3])}"
+            f"{'...' if len(head) > 3 else ''}): a bare encoder is not a teacher; see scripts/fit_mlm_head.py"
+        )
+    if missing:
+        raise UserError(
+            f"teacher {options.teacher_name} lacks {len(missing)} weights (e.g. {missing[0]}): they would be random"
+        )
+    return tokenizer, teacher
+
+
+def _tied_sources(model) -> dict[str, str]:
+    """Tied parameter name -> the name it shares its tensor with (a tied copy is never saved)."""
+    keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return dict(keys) if isinstance(keys, dict) else {k: k for k in keys}
+
+
+def load_student(options: RunOptions, teacher_config):
+    """A student built from --student_config (and --student_pretrained_weights), sized for the teacher."""
+    row = ARCHITECTURES[options.student_type]
+    config = check_student_config(options.student_config, options.student_type)
+    config.output_hidden_states = False
+    if row.init_range_from_flag:
+        config.initializer_range = options.initializer_range
+    try:
+        student = row.lm_cls()(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(
+            f"student config {options.student_config}: cannot build a {options.student_type}: {one_line(e)}"
+        ) from None
+    if options.student_pretrained_weights is not None:
+        load_student_weights(student, options.student_pretrained_weights, options.student_type)
+    s_vocab, t_vocab = student.config.vocab_size, teacher_config.vocab_size
+    if s_vocab != t_vocab:
+        raise UserError(f"student vocab size {s_vocab} != teacher vocab size {t_vocab}")
+    if max_positions(student.config) < max_positions(teacher_config):
+        raise UserError(
+            f"student accepts {max_positions(student.config)} positions, teacher {max_positions(teacher_config)}"
+        )
+    return student
+
+
+def load_student_weights(student, path: str, student_type: str) -> None:
+    """Load a state dict (read without running code) into `student`; UserError for a file that is not
+    one, or a tensor whose shape differs from the student's."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(
+                f"refused student weights {path}: it holds objects a state dict never has "
+                "(tampered, or not a state dict); nothing in it was run"
+            ) from None
+        raise UserError(f"cannot read student weights {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # truncated zip, bad CRC, empty or foreign bytes
+        raise UserError(
+            f"cannot read student weights {path} (truncated or not a torch file): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"student weights {path} is not a state dict (a dict of parameter name -> tensor)")
+    own = student.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise UserError(
+                f"student weights {path}: {key} has shape {tuple(tensor.shape)}, the student's "
+                f"(--student_config) {tuple(own[key].shape)}"
+            )
+    result = student.load_state_dict(state, strict=False)
+    loaded = set(state) - set(result.unexpected_keys)
+    if not loaded:
+        raise UserError(f"none of the weights in {path} match a {student_type} student (e.g. {next(iter(state), '?')})")
+    missing = [k for k in result.missing_keys if k not in _tied_sources(student)]
+    if missing or result.unexpected_keys:
+        logger.warning(
+            "Student weights: %d missing (%s...), %d unexpected", len(missing), missing[:3], len(result.unexpected_keys)
+        )
+
+
+def teacher_dtype(config: TrainingConfig, options: RunOptions, device: torch.device) -> torch.dtype | None:
+    """The teacher's weight dtype: None (float32) without --teacher_fp16, else the autocast dtype.
+
+    Under --bf16 bfloat16, under --fp16 float16: the teacher then runs in the dtype the autocast
+    region computes in (a bfloat16 teacher under float16 autocast fails in LayerNorm on CPU).
+    Without mixed precision: float16 on GPU, bfloat16 on CPU (float16 matmuls are slow there).
+    """
+    if not options.teacher_fp16:
+        return None
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def freeze_embeddings(student, options: RunOptions) -> None:
+    """Stop the gradients of the student's position / token type embeddings (--freeze_pos_embs, ...)."""
+    row = ARCHITECTURES[options.student_type]
+    for flag, path in (
+        ("freeze_pos_embs", row.position_embeddings),
+        ("freeze_token_type_embds", row.token_type_embeddings),
+    ):
+        if getattr(options, flag):
+            student.get_submodule(path).weight.requires_grad = False
