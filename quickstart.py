@@ -49,7 +49,7 @@ before the data: the tokenizer comes with it), or --teacher_dir names a folder c
 2. data: binarized with its tokenizer (`--tokenizer_type llama`); 4. student: 10 blocks extracted
 from teacher blocks 0, 3, 6, 10, 13, 16, 19, 23, 26, 29 (`scripts/extract.py`), mapping teacher
 block 16 <-> student block 5; 5. train: causal-LM distillation, plain (clm + ce + cos) and DIITO
-(+ causal_ce); 6. evaluate (`lm_eval.py`): held-out perplexity and next-token accuracy of the
+(+ causal_ce); 6. evaluate (`clm_eval.py`): held-out perplexity and next-token accuracy of the
 teacher, the extracted and the trained students, their agreement with the teacher's next-token
 top-1, and interchange accuracy at the base positions after the interchanged span.
 
@@ -85,7 +85,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lm_eval
+import clm_eval
 import mlm_eval
 from architectures import num_layers
 from masking import load_token_counts
@@ -533,7 +533,7 @@ class SmolLm2Recipe:
     """Everything specific to the SmolLM2-135M-Instruct teacher (a Llama decoder): converting the
     packaged GGUF file into a model folder (before the data: the tokenizer comes with it), the
     student extracted from it, the causal-LM training flags of each variant, and the held-out
-    perplexity / agreement / interchange scores of `lm_eval.py`."""
+    perplexity / agreement / interchange scores of `clm_eval.py`."""
 
     name = "SmolLM2-135M-Instruct"
     tokenizer_type = "llama"
@@ -589,7 +589,7 @@ class SmolLm2Recipe:
         self.mapping = self.student / f"middle_layer_{self.layers}.nm"
         self.teacher_outputs = [self.teacher / "config.json"]
         self.student_outputs = [self.student_weights, self.student_config, self.mapping]
-        self._heldout: lm_eval.HeldoutClm | None = None
+        self._heldout: clm_eval.HeldoutClm | None = None
         self._variable_names: tuple[str, str] = ("", "")
 
     def _teacher_config(self):
@@ -689,16 +689,16 @@ class SmolLm2Recipe:
     def dataset(self, split: str):
         config = self._teacher_config()
         store = mlm_eval.load_store(self.p.data[split], config.vocab_size)
-        return lm_eval.make_dataset(store, self.tokenizer(), config, self.p.s.seed)
+        return clm_eval.make_dataset(store, self.tokenizer(), config, self.p.s.seed)
 
-    def heldout(self) -> lm_eval.HeldoutClm:
+    def heldout(self) -> clm_eval.HeldoutClm:
         """The teacher's predictions on the held-out set, computed once per call of the script."""
         if self._heldout is None:
             from transformers import LlamaForCausalLM
 
             ((t_names, s_names),) = load_neuron_mapping(self.mapping)
             self._variable_names = (t_names[0], s_names[0])
-            self._heldout = lm_eval.HeldoutClm(
+            self._heldout = clm_eval.HeldoutClm(
                 LlamaForCausalLM.from_pretrained(self.teacher),
                 self.dataset("heldout"),
                 deserialize_variable_name(t_names[0]),
@@ -719,7 +719,7 @@ class SmolLm2Recipe:
         tokenizer = self.tokenizer()
         counts = load_token_counts(self.p.counts, h.teacher.config.vocab_size)
         train = self.dataset("train")
-        unigram = lm_eval.unigram_baseline(counts, train.params.start_id, h.batches)
+        unigram = clm_eval.unigram_baseline(counts, train.params.start_id, h.batches)
         unigram["top_token"] = tokenizer.convert_ids_to_tokens(unigram.pop("top_id"))
         teacher_vars, student_vars = self._variable_names
         return {

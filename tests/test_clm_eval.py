@@ -1,4 +1,4 @@
-"""lm_eval.py: held-out causal-LM scores equal direct computations on tiny random Llama models."""
+"""clm_eval.py: held-out causal-LM scores equal direct computations on tiny random Llama models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_decoder_config
 
-import lm_eval
+import clm_eval
 from architectures import backbone
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from losses import IGNORE_INDEX
@@ -37,8 +37,8 @@ def dataset() -> LmSeqsDataset:
 
 def test_perplexity_is_exp_of_the_mean_next_token_nll_of_each_sequence(dataset):
     model = tiny_llama(0)
-    batches = lm_eval.heldout_batches(dataset, batch_size=3, seed=0, interchange_prop=0.3)
-    run = lm_eval.model_predictions(model, batches, None)
+    batches = clm_eval.heldout_batches(dataset, batch_size=3, seed=0, interchange_prop=0.3)
+    run = clm_eval.model_predictions(model, batches, None)
     nll, n, correct = 0.0, 0, 0
     with torch.no_grad():
         for i in range(len(dataset)):  # one unpadded sequence at a time, through the stock forward
@@ -47,7 +47,7 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll_of_each_sequence(dataset):
             nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
             correct += int((logits.argmax(-1) == ids[0, 1:]).sum())
             n += ids.size(1) - 1
-    scores = lm_eval.HeldoutClm.lm_scores(run, n)
+    scores = clm_eval.HeldoutClm.lm_scores(run, n)
     assert scores["n_predictions"] == n == sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
     assert scores["nll"] == pytest.approx(nll / n, rel=1e-5)
     assert scores["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
@@ -55,7 +55,7 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll_of_each_sequence(dataset):
 
 
 def test_scored_positions_are_after_the_span_and_have_a_next_token(dataset):
-    for b in lm_eval.heldout_batches(dataset, batch_size=4, seed=1, interchange_prop=0.3):
+    for b in clm_eval.heldout_batches(dataset, batch_size=4, seed=1, interchange_prop=0.3):
         for row in range(b.input_ids.size(0)):
             span = b.interchange_mask[row].nonzero().flatten()
             assert len(span) and torch.equal(span, torch.arange(int(span[0]), int(span[-1]) + 1))  # one span
@@ -66,7 +66,7 @@ def test_scored_positions_are_after_the_span_and_have_a_next_token(dataset):
 
 def test_interchange_accuracy_compares_with_a_hand_made_interchange(dataset):
     teacher, student = tiny_llama(0), tiny_llama(1)
-    heldout = lm_eval.HeldoutClm(teacher, dataset, VARIABLES, VARIABLES, seed=2, batch_size=4)
+    heldout = clm_eval.HeldoutClm(teacher, dataset, VARIABLES, VARIABLES, seed=2, batch_size=4)
     agree, total = 0, 0
     with torch.no_grad():
         for b in heldout.batches:
@@ -98,7 +98,7 @@ def test_interchange_accuracy_compares_with_a_hand_made_interchange(dataset):
 
 def test_a_student_equal_to_its_teacher_agrees_everywhere(dataset):
     teacher = tiny_llama(0)
-    heldout = lm_eval.HeldoutClm(teacher, dataset, VARIABLES, VARIABLES, seed=2, batch_size=4)
+    heldout = clm_eval.HeldoutClm(teacher, dataset, VARIABLES, VARIABLES, seed=2, batch_size=4)
     row = heldout.score(tiny_llama(0))
     assert row["teacher_agreement"] == 1.0 and row["interchange_accuracy"] == 1.0
     assert row["perplexity"] == pytest.approx(heldout.teacher_scores()["perplexity"])
@@ -107,10 +107,10 @@ def test_a_student_equal_to_its_teacher_agrees_everywhere(dataset):
 
 
 def test_unigram_baseline_scores_the_corpus_frequencies(dataset):
-    batches = lm_eval.heldout_batches(dataset, batch_size=4, seed=0, interchange_prop=0.3)
+    batches = clm_eval.heldout_batches(dataset, batch_size=4, seed=0, interchange_prop=0.3)
     counts = np.zeros(VOCAB, dtype=np.int64)
     counts[7], counts[1] = 1000, 5000  # the start token is frequent but never a target
-    u = lm_eval.unigram_baseline(counts, 1, batches)
+    u = clm_eval.unigram_baseline(counts, 1, batches)
     targets = torch.cat([b.targets[b.targets != IGNORE_INDEX] for b in batches])
     p = np.ones(VOCAB)
     p[7], p[1] = 1001, 0
