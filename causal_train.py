@@ -40,7 +40,6 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-import checkpointing
 import counterfactual_utils as cf
 import masking
 
@@ -935,14 +934,23 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
     # Every rank built the same student from the same seed (DDP also broadcasts rank 0's weights);
     # from here on each rank draws its own dropout masks instead of the same ones on different data.
     torch.manual_seed(config.seed + context.global_rank)
-    distiller = CausalDistiller(config, context, dataset, token_probs, student, teacher, mapping)
-    distiller.run_description = run_description(args, context)
-    distiller.tokenizer = tokenizer
+    description = run_description(args, context)
+    distiller = CausalDistiller(
+        config,
+        context,
+        dataset,
+        token_probs,
+        student,
+        teacher,
+        mapping,
+        run_description=description,
+        tokenizer=tokenizer,
+        # Started by train(): after a resume, once the state is accepted.
+        start_wandb=(lambda: start_wandb(args, description)) if args.is_wandb and context.is_master else None,
+    )
     if args.resume:
-        checkpointing.resume(distiller)
+        distiller.resume()
         write_run_info(args, context, student)  # only once the state is accepted, as this run's settings
-    if args.is_wandb and context.is_master:
-        distiller.wandb = start_wandb(args, distiller.run_description)
     try:
         stopped_by = distiller.train()
     except StopTraining as e:
@@ -951,9 +959,6 @@ def train(args: argparse.Namespace, context: RunContext) -> Path:
         raise UserError(
             f"cannot write the student into {run_dir}: {_one_line(e)}; what was there before is kept"
         ) from None
-    finally:
-        if distiller.wandb is not None:
-            distiller.wandb.finish()
     if stopped_by is not None:
         raise SystemExit(128 + (signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM))
     return run_dir

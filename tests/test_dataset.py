@@ -39,7 +39,7 @@ def original_filter(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
 
 
 def bert_params(max_len: int = 512, seed: int = 0) -> DatasetParams:
-    return DatasetParams(max_model_input_size=max_len, mlm=True, special_tok_ids=dict(BERT_SPECIAL_IDS), seed=seed)
+    return DatasetParams(max_model_input_size=max_len, mlm=True, special_token_ids=dict(BERT_SPECIAL_IDS), seed=seed)
 
 
 def test_real_corpus_filters_as_the_original(shared_data):
