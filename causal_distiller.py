@@ -10,26 +10,24 @@ One step (`CausalDistiller._loss_step`) reads like the method:
 4. losses: the terms of `LOSS_TERMS` whose alpha is non-zero, weighted and summed; with both
    causal alphas at 0 no counterfactual run happens at all.
 
-The LM head runs only on the positions a loss reads. Saving and resuming the training state is
-`checkpointing.py`'s.
+The LM head runs only on the positions a loss reads. What a step computes is `step_plan.py`'s,
+the runs of each model `diito_runs.py`'s. The distiller owns its training state (`state_dict`,
+`load_state_dict`); the file layout and the resume rules are `checkpointing.py`'s, the logs
+`training_log.py`'s and the student's files `student_files.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,14 +38,16 @@ from transformers import get_linear_schedule_with_warmup
 import checkpointing
 import counterfactual_utils as cf
 import losses
-from checkpointing import SkipBatches, TrainState, save_atomically
+import student_files
+from checkpointing import SkipBatches, TrainState
 from diito_runs import DiitoRuns, ModelRuns
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from lm_seqs_dataset import LmSeqsDataset, pad_token_id
 from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows
 from step_plan import Mode, Pairing, Side, StepDraws, StepPlan, build_plan, step_mode
 from training_config import RunContext, TrainingConfig
-from utils import follow_umask, write_json
+from training_log import TrainingLog
+from utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,6 @@ class CausalDistiller:
         self.teacher = teacher.eval()
         self.mapping = neuron_mapping
         self.alphas = config.alphas
-        self.causal = config.causal
         self.mode = step_mode(config.causal, config.data_augment, config.fast_mode)
         self.temperature = config.temperature
         self.vocab_size = student.config.vocab_size
@@ -183,13 +182,11 @@ class CausalDistiller:
         self._stop_requested: str | None = None  # set by this process's signal handler
         self.stop_reason: str | None = None  # the same on every rank: set when all ranks agree
         self._warned_skips = False
-        self.tensorboard = None  # opened by train(), once the resume step is known
+        self.log: TrainingLog | None = None  # rank 0's, opened by train() once the resume step is known
         self.run_description = run_description or {}
         self.tokenizer = tokenizer
         self.start_wandb = start_wandb
         self.wandb = None  # the run start_wandb started, while training
-        self.last_log_time = time.time()
-        self.last_log_tokens = 0
         # (micro-batch, non-finite flag, metrics) of the micro-batches not read back yet: device tensors.
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.last_metrics: dict[str, float] = {}
@@ -197,7 +194,7 @@ class CausalDistiller:
         self._host_group = None
         if self.distributed and dist.get_backend() != "gloo":
             self._host_group = dist.new_group(backend="gloo")
-        # --fp16 widens batches with the padding collation uses (causal_distiller._pad_to_multiple).
+        # --fp16 widens batches (`_plan`) with the id collation pads them with.
         self._pad_id = pad_token_id(context.special_token_ids, config.mlm) if config.fp16 else None
         self._start_time, self._start_tokens = time.time(), 0
 
@@ -256,7 +253,6 @@ class CausalDistiller:
         checkpointing.restore_grads(self.student, state["grads"])
         checkpointing.restore_rng(state["rng"], self.device, self.generator, self.mapping_rng)
         self.state = TrainState(**state["state"])
-        self.last_log_tokens = self.state.n_tokens
         saved_peak = state["scheduler"]["base_lrs"]
         if any(lr != cfg.learning_rate for lr in saved_peak):
             logger.warning(
@@ -536,12 +532,7 @@ class CausalDistiller:
     def _train(self) -> str | None:
         cfg, st, world = self.config, self.state, self.context.world_size
         if self.is_master:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # On resume, hide the events a killed run logged after its last saved state.
-            self.tensorboard = SummaryWriter(
-                log_dir=str(self.dump_path / "log" / "train"), flush_secs=60, purge_step=st.n_total_iter or None
-            )
+            self.log = TrainingLog(self.dump_path, st, self.wandb)
             logger.info(
                 "Training: %d sequences, %d batches/epoch/process, effective batch %d x %d x %d = %d sequences, "
                 "%d optimizer steps",
@@ -554,7 +545,8 @@ class CausalDistiller:
                 self.num_steps_total,
             )
             if st.n_total_iter == 0:
-                self._log_configs()
+                description = self.run_description or {"config": vars(cfg), "context": self.context.describe()}
+                self.log.configs(description, self.student)
         self.student.train()
         self._start_time, self._start_tokens = time.time(), st.n_tokens
         previous_handlers = self._install_signal_handlers()
@@ -563,8 +555,8 @@ class CausalDistiller:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            if self.log is not None:
+                self.log.close()
             self._log_skip_summary()
 
     def _log_skip_summary(self) -> None:
@@ -640,10 +632,11 @@ class CausalDistiller:
         if log_now:
             self._settle_window()  # on every rank: it may all-reduce
         if log_now and self.is_master:
-            self._log_parameters()  # before the step zeroes the gradients
+            self.log.parameters(self.student, st.n_total_iter)  # before the step zeroes the gradients
         grad_norm = self._optimizer_step() if sync else None
         if log_now and self.is_master:
-            self._log(self.last_metrics, grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.log.step(self.last_metrics, st, lr, grad_norm, self.num_steps_total)
         if st.n_total_iter % cfg.checkpoint_interval == 0:
             self._save_checkpoint()
 
@@ -653,7 +646,9 @@ class CausalDistiller:
         checkpointing.save_state(self.state_dict(), self.context, self.config.save_total_limit)
         if self.is_master:
             self._save_student("checkpoint.pth")
-            self._save_model_folder()
+            student_files.save_model_folder(
+                self.student, self.tokenizer, self.dump_path, self.state.n_total_iter, self.config.save_total_limit
+            )
 
     def _reached_max_steps(self) -> bool:
         return self.config.max_steps > 0 and self.state.n_optim_steps >= self.config.max_steps
@@ -662,7 +657,7 @@ class CausalDistiller:
         st = self.state
         if self.is_master:
             self._save_student(f"model_epoch_{st.epoch}.pth")
-            self.tensorboard.add_scalar("epoch/loss", st.epoch_loss_sum / max(st.epoch_loss_count, 1), st.epoch)
+            self.log.epoch(st.epoch, st.epoch_loss_sum / max(st.epoch_loss_count, 1))
         logger.info("Epoch %d done", st.epoch)
         st.epoch += 1
         st.batch_in_epoch = 0
@@ -683,84 +678,10 @@ class CausalDistiller:
             previous[sig] = signal.signal(sig, handler)
         return previous
 
-    # --- logging ------------------------------------------------------------------------------
-
-    def _log_configs(self) -> None:
-        tb = self.tensorboard
-        description = self.run_description or {"config": vars(self.config), "context": self.context.describe()}
-        text = json.dumps(description, indent=2, sort_keys=True, default=str)
-        tb.add_text("config", f"<pre>{text}</pre>", 0)
-        tb.add_text("config/student", f"<pre>{self.student.config.to_json_string()}</pre>", 0)
-
-    def _log_parameters(self) -> None:
-        tb, step = self.tensorboard, self.state.n_total_iter
-        for name, param in self.student.named_parameters():
-            tb.add_scalar(f"parameter_mean/{name}", param.data.mean(), step)
-            tb.add_scalar(f"parameter_std/{name}", param.data.std(), step)
-            if param.grad is not None:
-                tb.add_scalar(f"grad_mean/{name}", param.grad.data.mean(), step)
-                tb.add_scalar(f"grad_std/{name}", param.grad.data.std(), step)
-
-    def _log(self, metrics: dict[str, float], grad_norm: float | None) -> None:
-        """One metrics dict per log step: to TensorBoard (and wandb), and one line on the console."""
-        step, st = self.state.n_total_iter, self.state
-        now = time.time()
-        tokens_per_s = (st.n_tokens - self.last_log_tokens) / max(now - self.last_log_time, 1e-9)
-        scalars = {"losses/cum_avg_loss_epoch": st.epoch_loss_sum / max(st.epoch_loss_count, 1)}
-        for key, value in metrics.items():
-            tag = "losses/loss" if key == "loss" else f"losses/{key}" if key.startswith("loss_") else f"metrics/{key}"
-            scalars[tag] = value
-        lr = self.scheduler.get_last_lr()[0]
-        scalars["learning_rate/lr"] = lr
-        if grad_norm is not None:
-            scalars["global/grad_norm"] = grad_norm
-        scalars["global/memory_usage"] = psutil.Process(os.getpid()).memory_info().rss / 1e6
-        scalars["global/speed"] = now - self.last_log_time
-        scalars["global/tokens_per_s"] = tokens_per_s
-        scalars["global/skipped_steps"] = st.n_skipped_steps
-        for tag, value in scalars.items():
-            self.tensorboard.add_scalar(tag, value, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-        terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
-        logger.info(
-            "step %d/%d | micro-batch %d | loss %.4f | %s | lr %.3g | %.0f tokens/s",
-            st.n_optim_steps,
-            self.num_steps_total,
-            step,
-            metrics["loss"],
-            terms,
-            lr,
-            tokens_per_s,
-        )
-        self.last_log_time, self.last_log_tokens = now, st.n_tokens
-
     # --- the student's files ------------------------------------------------------------------
 
     def _save_student(self, name: str) -> None:
-        save_atomically(self.student.state_dict(), self.dump_path / name)
-
-    def _save_model_folder(self) -> None:
-        """checkpoint-<micro-batch>/: config, weights and tokenizer, loadable with from_pretrained.
-
-        Written as a hidden folder, then renamed; only the newest `save_total_limit` are kept.
-        """
-        name = f"checkpoint-{self.state.n_total_iter}"
-        final, tmp = self.dump_path / name, self.dump_path / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.student.save_pretrained(tmp)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            follow_umask(path)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        folders = sorted(
-            (p for p in self.dump_path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-            key=lambda p: int(p.name.split("-")[1]),
-        )
-        for old in folders[: -self.config.save_total_limit]:
-            shutil.rmtree(old)
+        student_files.save_weights(self.student, self.dump_path / name)
 
     def train_results(self) -> dict[str, float | int]:
         """The end-of-run summary written to train_results.json (runtime and speed: this process's run)."""
@@ -780,17 +701,9 @@ class CausalDistiller:
     def save_final(self) -> None:
         """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder and train_results.json."""
         write_json(self.train_results(), self.dump_path / "train_results.json")
-        self.student.config.save_pretrained(self.dump_path)
-        before = set(self.dump_path.iterdir())
-        self.student.save_pretrained(self.dump_path)
-        # save_pretrained writes the weights through a private temporary file (mode 0600): give
-        # them the permissions every other output has (the umask's).
-        for path in set(self.dump_path.iterdir()) - before | {self.dump_path / "model.safetensors"}:
-            if path.is_file():
-                follow_umask(path)
-        self._save_student("pytorch_model.bin")
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
+        student_files.save_final(self.student, self.dump_path)
+        if self.log is not None:
+            self.log.flush()
         logger.info("Saved the student in %s", self.dump_path)
 
 
