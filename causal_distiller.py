@@ -10,8 +10,10 @@ One step (`CausalDistiller._loss_step`) reads like the method:
 4. losses: the terms of `LOSS_TERMS` whose alpha is non-zero, weighted and summed; with both
    causal alphas at 0 no counterfactual run happens at all.
 
-The LM head runs only on the positions a loss reads. Saving and resuming the training state is
-`checkpointing.py`'s.
+The LM head runs only on the positions a loss reads. What a step computes is `step_plan.py`'s,
+the runs of each model `diito_runs.py`'s. The distiller owns its training state (`state_dict`,
+`load_state_dict`); the file layout and the resume rules are `checkpointing.py`'s, the logs
+`training_log.py`'s and the student's files `student_files.py`'s.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,76 +37,22 @@ from transformers import get_linear_schedule_with_warmup
 
 import checkpointing
 import losses
-from architectures import backbone, get_architecture, lm_head_logits
-from checkpointing import SkipBatches, TrainState, save_atomically
+import student_files
+from checkpointing import SkipBatches, TrainState
+from diito_runs import DiitoRuns, ModelRuns
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from interventions import (
-    activations_from_cache,
-    get_activation_at,
-    interchange_with_activation_at,
-    record_block_inputs,
-    run_blocks_above,
-    shared_token_embeddings,
-)
-from lm_seqs_dataset import LmSeqsDataset
-from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows, swap_tokens
-from neuron_mapping import parse_variable_name, sample_interchange_variables
+from lm_seqs_dataset import LmSeqsDataset, pad_token_id
+from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows
+from neuron_mapping import sample_interchange_variables
+from step_plan import Mode, Pairing, Side, StepDraws, StepPlan, build_plan, step_mode
 from training_config import RunContext, TrainingConfig
-from utils import follow_umask, write_json
+from training_log import TrainingLog
+from utils import write_json
 
 logger = logging.getLogger(__name__)
 
-# The counterfactual run of a step (StepPlan.mode).
-PLAIN = "plain"  # no counterfactual run (both causal alphas 0)
-INTERCHANGE = "interchange"  # hidden states from a source run on the dual (the method)
-FAST_INTERCHANGE = "fast_interchange"  # --fast_mode: source values from other rows of the base run
-TOKEN_SWAP = "token_swap"  # --data_augment: a plain run on the base with dual tokens swapped in
 # Share of skipped optimizer steps (after SKIP_WARN_AFTER steps) that earns a console warning.
 SKIP_WARN_SHARE, SKIP_WARN_AFTER = 0.5, 10
-
-
-@dataclass
-class StepPlan:
-    """What one step computes, decided before any model runs. bs rows of L tokens; N selected rows.
-
-    Every mode: input_ids (bs, L) long model input; attention_mask (bs, L) long or None (CLM);
-    select (bs, L) bool, the rows that get logits; hidden_rows (bs, L) bool or None, the rows of
-    last hidden states (cos losses); labels (N,) long, the selected rows' MLM targets or next
-    tokens (-100: none); lm_rows (N,) bool or None, the selected rows the mlm / clm loss reads.
-    Counterfactual modes: interchange_mask (bs, L) bool over the base and dual_interchange_mask
-    (bs, L') bool over the dual, the paired positions. INTERCHANGE: dual_ids (bs, L') and
-    dual_attention_mask, and the variables per model. FAST_INTERCHANGE: source_rows (bs,) long,
-    the base row whose values row r receives, and the variables. TOKEN_SWAP: swapped_ids (bs, L).
-    """
-
-    mode: str
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    select: torch.Tensor
-    hidden_rows: torch.Tensor | None
-    labels: torch.Tensor
-    lm_rows: torch.Tensor | None = None
-    interchange_mask: torch.Tensor | None = None
-    dual_interchange_mask: torch.Tensor | None = None
-    teacher_variables: list[str] | None = None
-    student_variables: list[str] | None = None
-    dual_ids: torch.Tensor | None = None
-    dual_attention_mask: torch.Tensor | None = None
-    source_rows: torch.Tensor | None = None
-    swapped_ids: torch.Tensor | None = None
-    # The drawn inputs, roles swapped, for an --include_crossway sub-step: (ids, labels, lengths,
-    # dual ids, dual lengths, interchange mask, dual mask) of the (dual, base) pair.
-    mirror: tuple[torch.Tensor | None, ...] | None = None
-
-
-@dataclass
-class ModelRuns:
-    """Selected rows of one model's runs. logits (N, V), hidden (N_real, D); cf_*: the counterfactual run."""
-
-    logits: torch.Tensor
-    hidden: torch.Tensor | None
-    cf_logits: torch.Tensor | None = None
-    cf_hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -136,111 +82,17 @@ class StopTraining(Exception):
     """Raised inside the loop to end training on a non-finite loss or gradient (a signal only sets a flag)."""
 
 
-class DiitoRuns(nn.Module):
-    """All runs of one model for one step, in a single forward: one method per `StepPlan.mode`.
-
-    The student is wrapped in this module (then in DDP), so DDP sees exactly one forward per
-    backward however many runs DIITO makes. The teacher uses it too, under no_grad.
-
-    The runs: the base run; for an interchange, the source run on the dual, which stops after the
-    deepest intervened block, and the counterfactual run on the base. The LM head runs on the
-    selected rows only. Below the lowest intervened block the counterfactual run computes what the
-    base run computed, so it restarts from the base run's recorded output of that block when that
-    is exact -- the model is in eval mode (the teacher: no dropout) -- or when fast mode allows it
-    (a training student then shares the base run's dropout masks below the intervention).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, plan: StepPlan, variables: list[str] | None) -> ModelRuns:
-        """The runs `plan.mode` calls for; `variables`: this model's intervened variables."""
-        run = {
-            PLAIN: self.plain,
-            INTERCHANGE: self.interchange,
-            FAST_INTERCHANGE: self.fast_interchange,
-            TOKEN_SWAP: self.token_swap,
-        }[plan.mode]
-        return run(plan, variables)
-
-    def plain(self, plan: StepPlan, variables: None = None) -> ModelRuns:
-        """The base run alone."""
-        return ModelRuns(*self._run(plan.input_ids, plan))
-
-    def token_swap(self, plan: StepPlan, variables: None = None) -> ModelRuns:
-        """The base run, and a plain run on the token-swapped base as the counterfactual run."""
-        runs = self.plain(plan)
-        runs.cf_logits, runs.cf_hidden = self._run(plan.swapped_ids, plan)
-        return runs
-
-    def interchange(self, plan: StepPlan, variables: list[str]) -> ModelRuns:
-        """Base run, source run on the dual, counterfactual run with the source values interchanged."""
-        if not self.model.training:
-            return self._restart_above(plan, variables, fast=False)
-        # Dropout draws new masks in every run: the counterfactual run recomputes every block.
-        # The three runs' token embeddings come from one lookup (one embedding backward).
-        with shared_token_embeddings(self.model, [plan.input_ids, plan.dual_ids]):
-            runs = self.plain(plan)
-            source = get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
-            out = interchange_with_activation_at(
-                self.model,
-                plan.input_ids,
-                plan.attention_mask,
-                source,
-                variables,
-                plan.interchange_mask,
-                plan.dual_interchange_mask,
-                compute_logits=False,
-            )
-        runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, plan)
-        return runs
-
-    def fast_interchange(self, plan: StepPlan, variables: list[str]) -> ModelRuns:
-        """Base run, and the counterfactual run with source values from rows `plan.source_rows` of it."""
-        return self._restart_above(plan, variables, fast=True)
-
-    def _restart_above(self, plan: StepPlan, variables: list[str], fast: bool) -> ModelRuns:
-        layers = sorted({parse_variable_name(name)[0] for name in variables})
-        # Recorded: the lowest intervened block's output (where the restart begins) and, in fast
-        # mode, every intervened block's output (the source values).
-        record = {layers[0] + 1} | ({k + 1 for k in layers} if fast else set())
-        with record_block_inputs(self.model, record) as cache:
-            runs = self.plain(plan)
-        if fast:
-            source = activations_from_cache(self.model, cache, variables, rows=plan.source_rows)
-        else:
-            source = get_activation_at(self.model, plan.dual_ids, plan.dual_attention_mask, variables)
-        out = run_blocks_above(
-            self.model,
-            cache,
-            layers[0],
-            source,
-            variables,
-            plan.interchange_mask,
-            plan.dual_interchange_mask,
-            compute_logits=False,
-        )
-        runs.cf_logits, runs.cf_hidden = self._rows(out.last_hidden_state, plan)
-        return runs
-
-    def _run(self, input_ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = backbone(self.model)(
-            input_ids=input_ids, attention_mask=plan.attention_mask, **get_architecture(self.model).forward_kwargs
-        )
-        return self._rows(out.last_hidden_state, plan)
-
-    def _rows(self, h: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden = h[plan.hidden_rows] if plan.hidden_rows is not None else None
-        return lm_head_logits(self.model, h[plan.select]), hidden
-
-
 class CausalDistiller:
     """Trains `student` to imitate `teacher`'s outputs and counterfactual behaviour.
 
     dataset: the corpus with its dual pairing; token_probs (vocab,): MLM target weights (None for
     CLM); neuron_mapping: (teacher variables, student variables) entries, one drawn per step
     (None without interchange runs, e.g. with --data_augment).
+    run_description: logged as the TensorBoard text `config` (causal_train: parameters.json's
+    content; default: the config and context); tokenizer: saved into every checkpoint-<step>/
+    folder when given (causal_train: the teacher's); start_wandb: starts a Weights & Biases run
+    when training starts (causal_train --is_wandb, rank 0); the logged scalars also go to it, and
+    it is finished when training ends.
     """
 
     def __init__(
@@ -252,11 +104,15 @@ class CausalDistiller:
         student: nn.Module,
         teacher: nn.Module,
         neuron_mapping: list[tuple[list[str], list[str]]] | None,
+        *,
+        run_description: dict | None = None,
+        tokenizer: Any = None,
+        start_wandb: Callable[[], Any] | None = None,
     ):
         self.config, self.context = config, context
         self.dump_path = context.run_dir
         self.is_master = context.is_master
-        self.multi_gpu = context.multi_process
+        self.distributed = context.multi_process  # several processes (NCCL, or gloo on CPUs)
         self.device = torch.device(context.device)
         self.mlm = config.mlm
         self.dataset = dataset
@@ -265,9 +121,8 @@ class CausalDistiller:
         self.teacher = teacher.eval()
         self.mapping = neuron_mapping
         self.alphas = config.alphas
-        self.causal = config.causal
+        self.mode = step_mode(config.causal, config.data_augment, config.fast_mode)
         self.temperature = config.temperature
-        self.special = context.special_token_ids
         self.vocab_size = student.config.vocab_size
 
         # Data: every rank shards each epoch; the sampler reshuffles per epoch (set_epoch).
@@ -283,7 +138,7 @@ class CausalDistiller:
                 token_probs=token_probs.float().to(self.device),
                 pred_probs=torch.tensor([config.word_mask, config.word_keep, config.word_rand], device=self.device),
                 mask_prop=config.mlm_mask_prop,
-                mask_id=self.special["mask_token"],
+                mask_id=context.special_token_ids["mask_token"],
                 vocab_size=self.vocab_size,
             )
         # Positions and MLM corruption draw from this generator; rank-specific (data differs).
@@ -309,7 +164,7 @@ class CausalDistiller:
 
         self.student_runs = DiitoRuns(student)
         self.teacher_runs = DiitoRuns(self.teacher)
-        if self.multi_gpu:
+        if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # Only the student is wrapped (the teacher takes no gradients). No find_unused_parameters:
@@ -327,20 +182,20 @@ class CausalDistiller:
         self._stop_requested: str | None = None  # set by this process's signal handler
         self.stop_reason: str | None = None  # the same on every rank: set when all ranks agree
         self._warned_skips = False
-        self.tensorboard = None  # opened by train(), once the resume step is known
-        self.run_description: dict = {}  # logged as TensorBoard text (causal_train: parameters.json's content)
-        self.tokenizer = None  # saved into every checkpoint-<step>/ folder when set (causal_train: the teacher's)
-        self.wandb = None  # a Weights & Biases run the logged scalars also go to (causal_train --is_wandb)
-        self.last_log_time = time.time()
-        self.last_log_tokens = 0
+        self.log: TrainingLog | None = None  # rank 0's, opened by train() once the resume step is known
+        self.run_description = run_description or {}
+        self.tokenizer = tokenizer
+        self.start_wandb = start_wandb
+        self.wandb = None  # the run start_wandb started, while training
         # (micro-batch, non-finite flag, metrics) of the micro-batches not read back yet: device tensors.
         self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.last_metrics: dict[str, float] = {}
         # Stop signals are agreed on every micro-batch over a host (gloo) group: no device wait.
         self._host_group = None
-        if self.multi_gpu and dist.get_backend() != "gloo":
+        if self.distributed and dist.get_backend() != "gloo":
             self._host_group = dist.new_group(backend="gloo")
-        self._pad_id = self.special.get("pad_token", self.special.get("unk_token", 0))
+        # --fp16 widens batches (`_plan`) with the id collation pads them with.
+        self._pad_id = pad_token_id(context.special_token_ids, config.mlm) if config.fp16 else None
         self._start_time, self._start_tokens = time.time(), 0
 
     # --- set-up -----------------------------------------------------------------------------
@@ -352,11 +207,81 @@ class CausalDistiller:
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        # Named: a resumed run matches the saved groups by name (checkpointing.load_optimizer_state).
         groups = [
-            {"params": decay, "weight_decay": self.config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"name": "decay", "params": decay, "weight_decay": self.config.weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=self.config.learning_rate, eps=self.config.adam_epsilon, betas=(0.9, 0.98))
+
+    # --- the training state ---------------------------------------------------------------------
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a run resumed from this one's states must share with it (`checkpointing.run_settings`)."""
+        return checkpointing.run_settings(
+            self.config, self.context.world_size, len(self.dataset), self.corpus_fingerprint
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's training state, in the layout of `checkpointing.training_state`."""
+        mid_window = self.state.batch_in_epoch % self.accum != 0  # keep the partial gradient sums
+        return checkpointing.training_state(
+            counters=self.state,
+            rng=checkpointing.rng_state(self.device, self.generator, self.mapping_rng),
+            run=self.run_settings(),
+            global_rank=self.context.global_rank,
+            grads=[p.grad for p in self.student.parameters()] if mid_window else None,
+            student=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: a rank's `state_dict()` with rank 0's shared part (student, optimizer,
+        scheduler, scaler), as `checkpointing.read_resume_state` returns it.
+
+        This run's optimisation flags hold from the resumed step on: its learning rate schedule
+        (`checkpointing.load_schedule`), weight decay and epsilon replace the saved ones.
+        """
+        cfg = self.config
+        self.student.load_state_dict(state["student"])
+        checkpointing.load_optimizer_state(self.optimizer, state["optimizer"])
+        checkpointing.load_schedule(self.scheduler, state["scheduler"], cfg.learning_rate)
+        if state["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
+            self.scaler.load_state_dict(state["scaler"])
+        checkpointing.restore_grads(self.student, state["grads"])
+        checkpointing.restore_rng(state["rng"], self.device, self.generator, self.mapping_rng)
+        self.state = TrainState(**state["state"])
+        saved_peak = state["scheduler"]["base_lrs"]
+        if any(lr != cfg.learning_rate for lr in saved_peak):
+            logger.warning(
+                "--learning_rate %g (the state's: %g) applies from optimizer step %d on",
+                cfg.learning_rate,
+                saved_peak[0],
+                self.state.n_optim_steps,
+            )
+        saved_lrs, lrs = [g["lr"] for g in state["optimizer"]["param_groups"]], self.scheduler.get_last_lr()
+        if saved_lrs != lrs and self.is_master:
+            logger.info(
+                "Learning rate at the resumed step: %g (the saved schedule's: %g), for %d steps in all",
+                lrs[0],
+                saved_lrs[0],
+                self.num_steps_total,
+            )
+
+    def resume(self) -> None:
+        """--resume: continue from the newest state in <run_dir>/checkpoints that every rank can read."""
+        state, path = checkpointing.read_resume_state(self.context, self.run_settings())
+        self.load_state_dict(state)
+        if self.is_master:
+            logger.info(
+                "Resumed from %s: epoch %d, micro-batch %d of the epoch, %d optimizer steps",
+                path,
+                self.state.epoch,
+                self.state.batch_in_epoch,
+                self.state.n_optim_steps,
+            )
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -377,100 +302,48 @@ class CausalDistiller:
                 _pad_to_multiple(token_ids, 8, self._pad_id),
                 _pad_to_multiple(dual_ids, 8, self._pad_id),
             )
-        input_ids, labels = self._prepare(token_ids, lengths)
-        if not self.causal:
-            return self._build_plan(input_ids, labels, lengths)
-        source_rows = dual_labels = None
+        base = Side(*self._prepare(token_ids, lengths), lengths)
+        if self.mode is Mode.PLAIN:
+            return self._build_plan(StepDraws(base))
+        source_rows = None
         if cfg.fast_mode:
-            # Not the original: the duals are other rows of this batch, as the base runs saw them.
+            # Not the original: the duals are other rows of this batch, as the base runs saw them
+            # (with --data_augment too: their tokens are swapped in).
             source_rows = sample_source_rows(lengths.size(0), self.generator)
-            dual_input_ids, dual_lengths = input_ids[source_rows], lengths[source_rows]
+            dual = Side(base.ids[source_rows], None, lengths[source_rows])
         else:
-            dual_input_ids, dual_labels = self._prepare(dual_ids, dual_lengths)
-        variables = None if cfg.data_augment else sample_interchange_variables(self.mapping, self.mapping_rng)
+            dual = Side(*self._prepare(dual_ids, dual_lengths), dual_lengths)
+        variables = self._draw_variables()
         imask, dmask = sample_interchange_masks(
             lengths,
-            dual_lengths,
-            input_ids.size(1),
-            dual_input_ids.size(1),
+            dual.lengths,
+            base.ids.size(1),
+            dual.ids.size(1),
             prop=cfg.interchange_prop,
             max_token=cfg.interchange_max_token,
             consecutive=cfg.interchange_consecutive_only,
-            masked_tokens=(labels != losses.IGNORE_INDEX) if cfg.interchange_masked_token_only else None,
+            masked_tokens=(base.labels != losses.IGNORE_INDEX) if cfg.interchange_masked_token_only else None,
             generator=self.generator,
         )
-        plan = self._build_plan(
-            input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables, source_rows
-        )
-        if not cfg.fast_mode:
-            # What the crossway sub-step reuses, roles swapped, as the original did.
-            plan.mirror = (dual_input_ids, dual_labels, dual_lengths, input_ids, lengths, dmask, imask)
-        return plan
+        return self._build_plan(StepDraws(base, Pairing(dual, imask, dmask, variables, source_rows)))
+
+    def _draw_variables(self) -> tuple[list[str], list[str]] | None:
+        """One mapping entry, (teacher variables, student variables); None with --data_augment."""
+        return None if self.config.data_augment else sample_interchange_variables(self.mapping, self.mapping_rng)
 
     def _mirrored_plan(self, plan: StepPlan) -> StepPlan:
         """The crossway sub-step of `plan`: (dual, base) with the same corruption and mirrored positions;
         the mapping entry is drawn anew (the original drew one per sub-step)."""
-        input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask = plan.mirror
-        variables = None if self.config.data_augment else sample_interchange_variables(self.mapping, self.mapping_rng)
-        return self._build_plan(input_ids, labels, lengths, dual_input_ids, dual_lengths, imask, dmask, variables)
+        return self._build_plan(plan.draws.mirrored(self._draw_variables()))
 
-    def _build_plan(
-        self,
-        input_ids,
-        labels,
-        lengths,
-        dual_input_ids=None,
-        dual_lengths=None,
-        imask=None,
-        dmask=None,
-        variables=None,
-        source_rows=None,
-    ) -> StepPlan:
-        """The StepPlan of drawn inputs: ids and labels (bs, L), lengths (bs,); for a DIITO step the dual's
-        ids (bs, L') and lengths, the paired masks and the (teacher, student) variables."""
-        cfg = self.config
-        seq_len = input_ids.size(1)
-        attn = real_token_mask(lengths, seq_len)
-        # Rows that get logits: the CE positions (all real tokens, or MLM targets only).
-        lm_rows = None
-        if self.mlm:
-            select = labels != losses.IGNORE_INDEX if cfg.restrict_ce_to_mask else attn
-            sel_labels = labels[select]
-            if not cfg.restrict_ce_to_mask:
-                # About 15% of the rows are MLM targets: no log-softmax over the vocabulary for the others.
-                lm_rows = sel_labels != losses.IGNORE_INDEX
-        else:
-            select = attn
-            # Next-token labels aligned with each position (the last real token has none).
-            next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), losses.IGNORE_INDEX)], 1)
-            sel_labels = next_labels[select]
-        need_hidden = self.alphas["cos"] > 0 or self.alphas["causal_cos"] > 0
-        plan = StepPlan(
-            mode=PLAIN,
-            input_ids=input_ids,
-            attention_mask=attn.long() if self.mlm else None,  # CLM: no mask, as in HF
-            select=select,
-            hidden_rows=attn if need_hidden else None,
-            labels=sel_labels,
-            lm_rows=lm_rows,
+    def _build_plan(self, draws: StepDraws) -> StepPlan:
+        return build_plan(
+            draws,
+            mode=self.mode,
+            mlm=self.mlm,
+            restrict_ce_to_mask=self.config.restrict_ce_to_mask,
+            need_hidden=self.alphas["cos"] > 0 or self.alphas["causal_cos"] > 0,
         )
-        if dual_input_ids is None:
-            return plan
-        plan.source_rows, plan.interchange_mask, plan.dual_interchange_mask = source_rows, imask, dmask
-        if variables is not None:
-            plan.teacher_variables, plan.student_variables = variables
-        if cfg.data_augment:
-            plan.mode = TOKEN_SWAP
-            plan.swapped_ids = swap_tokens(input_ids, dual_input_ids, plan.interchange_mask, plan.dual_interchange_mask)
-        elif cfg.fast_mode:
-            plan.mode = FAST_INTERCHANGE
-        else:
-            plan.mode = INTERCHANGE
-            plan.dual_ids = dual_input_ids
-            plan.dual_attention_mask = (
-                real_token_mask(dual_lengths, dual_input_ids.size(1)).long() if self.mlm else None
-            )
-        return plan
 
     def _loss_step(self, batch: tuple[torch.Tensor, ...] | StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One (base, dual) batch, or a plan already drawn -> (weighted total loss, named metrics).
@@ -492,7 +365,7 @@ class CausalDistiller:
         total = sum(self.alphas[name] * term for name, term in terms.items())
         metrics = {f"loss_{k}": v.detach().float() for k, v in terms.items()}
         metrics["loss"] = total.detach().float()
-        if plan.mode != PLAIN:
+        if plan.mode is not Mode.PLAIN:
             metrics["interchange_accuracy"] = self._interchange_accuracy(s, t, plan.labels)
         return total, metrics
 
@@ -523,7 +396,7 @@ class CausalDistiller:
         in the window's sum, which `_settle_window` drops before any optimizer step.
         DDP arms its all-reduce in the forward, so `no_sync` has to cover the forward too.
         """
-        no_sync = self.student_runs.no_sync() if self.multi_gpu and not sync else contextlib.nullcontext()
+        no_sync = self.student_runs.no_sync() if self.distributed and not sync else contextlib.nullcontext()
         with no_sync:
             loss, metrics = self._loss_step(batch)
             self.scaler.scale(loss / self._window_size()).backward()
@@ -540,7 +413,7 @@ class CausalDistiller:
         A host-side all-reduce (gloo): it waits for the other ranks, not for the device.
         """
         stop = self._stop_requested is not None
-        if self.multi_gpu:
+        if self.distributed:
             flag = torch.tensor([float(stop)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
             stop = bool(flag[0])
@@ -557,7 +430,7 @@ class CausalDistiller:
         if not pending:
             return
         bad = torch.stack([flag for _, flag, _ in pending]).float()
-        if self.multi_gpu:
+        if self.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         names = [list(metrics) for _, _, metrics in pending]
         values = torch.cat([bad, *(torch.stack(list(m.values())) for _, _, m in pending)]).tolist()
@@ -649,14 +522,17 @@ class CausalDistiller:
 
     def train(self) -> str | None:
         """Train to the end, or until a signal: then the state is saved and its name returned."""
+        self.wandb = self.start_wandb() if self.start_wandb is not None else None
+        try:
+            return self._train()
+        finally:
+            if self.wandb is not None:
+                self.wandb.finish()
+
+    def _train(self) -> str | None:
         cfg, st, world = self.config, self.state, self.context.world_size
         if self.is_master:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # On resume, hide the events a killed run logged after its last saved state.
-            self.tensorboard = SummaryWriter(
-                log_dir=str(self.dump_path / "log" / "train"), flush_secs=60, purge_step=st.n_total_iter or None
-            )
+            self.log = TrainingLog(self.dump_path, st, self.wandb)
             logger.info(
                 "Training: %d sequences, %d batches/epoch/process, effective batch %d x %d x %d = %d sequences, "
                 "%d optimizer steps",
@@ -669,7 +545,8 @@ class CausalDistiller:
                 self.num_steps_total,
             )
             if st.n_total_iter == 0:
-                self._log_configs()
+                description = self.run_description or {"config": vars(cfg), "context": self.context.describe()}
+                self.log.configs(description, self.student)
         self.student.train()
         self._start_time, self._start_tokens = time.time(), st.n_tokens
         previous_handlers = self._install_signal_handlers()
@@ -678,8 +555,8 @@ class CausalDistiller:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            if self.log is not None:
+                self.log.close()
             self._log_skip_summary()
 
     def _log_skip_summary(self) -> None:
@@ -714,7 +591,7 @@ class CausalDistiller:
                 break
             if self.stop_reason:
                 self._settle_window()
-                checkpointing.save_state(self)
+                checkpointing.save_state(self.state_dict(), self.context, self.config.save_total_limit)
                 if self.is_master:
                     logger.warning(
                         "Stopped by %s after micro-batch %d; the state is saved: continue with --resume.",
@@ -738,7 +615,8 @@ class CausalDistiller:
             # mirrored positions (fast mode draws its own). Both add to the same gradients.
             plan = self._plan(batch)
             metrics, bad = self._forward_backward(plan, sync=False)
-            mirrored = self._mirrored_plan(plan) if plan.mirror is not None else _crossway(*batch)
+            reuse = plan.mode is not Mode.PLAIN and not cfg.fast_mode
+            mirrored = self._mirrored_plan(plan) if reuse else _crossway(*batch)
             back, bad_back = self._forward_backward(mirrored, sync=sync)
             metrics = {k: (metrics[k] + back[k]) / 2 for k in metrics}
             bad = bad | bad_back
@@ -754,20 +632,23 @@ class CausalDistiller:
         if log_now:
             self._settle_window()  # on every rank: it may all-reduce
         if log_now and self.is_master:
-            self._log_parameters()  # before the step zeroes the gradients
+            self.log.parameters(self.student, st.n_total_iter)  # before the step zeroes the gradients
         grad_norm = self._optimizer_step() if sync else None
         if log_now and self.is_master:
-            self._log(self.last_metrics, grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.log.step(self.last_metrics, st, lr, grad_norm, self.num_steps_total)
         if st.n_total_iter % cfg.checkpoint_interval == 0:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
         """The training state (every rank), checkpoint.pth and a checkpoint-<step>/ model folder (rank 0)."""
         self._settle_window()  # a window that saw a non-finite loss stops here, not in a saved state
-        checkpointing.save_state(self)
+        checkpointing.save_state(self.state_dict(), self.context, self.config.save_total_limit)
         if self.is_master:
             self._save_student("checkpoint.pth")
-            self._save_model_folder()
+            student_files.save_model_folder(
+                self.student, self.tokenizer, self.dump_path, self.state.n_total_iter, self.config.save_total_limit
+            )
 
     def _reached_max_steps(self) -> bool:
         return self.config.max_steps > 0 and self.state.n_optim_steps >= self.config.max_steps
@@ -776,7 +657,7 @@ class CausalDistiller:
         st = self.state
         if self.is_master:
             self._save_student(f"model_epoch_{st.epoch}.pth")
-            self.tensorboard.add_scalar("epoch/loss", st.epoch_loss_sum / max(st.epoch_loss_count, 1), st.epoch)
+            self.log.epoch(st.epoch, st.epoch_loss_sum / max(st.epoch_loss_count, 1))
         logger.info("Epoch %d done", st.epoch)
         st.epoch += 1
         st.batch_in_epoch = 0
@@ -797,83 +678,10 @@ class CausalDistiller:
             previous[sig] = signal.signal(sig, handler)
         return previous
 
-    # --- logging ------------------------------------------------------------------------------
-
-    def _log_configs(self) -> None:
-        tb = self.tensorboard
-        description = self.run_description or {"config": vars(self.config), "context": self.context.describe()}
-        tb.add_text("config", f"<pre>{_json(description)}</pre>", 0)
-        tb.add_text("config/student", f"<pre>{self.student.config.to_json_string()}</pre>", 0)
-
-    def _log_parameters(self) -> None:
-        tb, step = self.tensorboard, self.state.n_total_iter
-        for name, param in self.student.named_parameters():
-            tb.add_scalar(f"parameter_mean/{name}", param.data.mean(), step)
-            tb.add_scalar(f"parameter_std/{name}", param.data.std(), step)
-            if param.grad is not None:
-                tb.add_scalar(f"grad_mean/{name}", param.grad.data.mean(), step)
-                tb.add_scalar(f"grad_std/{name}", param.grad.data.std(), step)
-
-    def _log(self, metrics: dict[str, float], grad_norm: float | None) -> None:
-        """One metrics dict per log step: to TensorBoard (and wandb), and one line on the console."""
-        step, st = self.state.n_total_iter, self.state
-        now = time.time()
-        tokens_per_s = (st.n_tokens - self.last_log_tokens) / max(now - self.last_log_time, 1e-9)
-        scalars = {"losses/cum_avg_loss_epoch": st.epoch_loss_sum / max(st.epoch_loss_count, 1)}
-        for key, value in metrics.items():
-            tag = "losses/loss" if key == "loss" else f"losses/{key}" if key.startswith("loss_") else f"metrics/{key}"
-            scalars[tag] = value
-        lr = self.scheduler.get_last_lr()[0]
-        scalars["learning_rate/lr"] = lr
-        if grad_norm is not None:
-            scalars["global/grad_norm"] = grad_norm
-        scalars["global/memory_usage"] = psutil.Process(os.getpid()).memory_info().rss / 1e6
-        scalars["global/speed"] = now - self.last_log_time
-        scalars["global/tokens_per_s"] = tokens_per_s
-        scalars["global/skipped_steps"] = st.n_skipped_steps
-        for tag, value in scalars.items():
-            self.tensorboard.add_scalar(tag, value, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-        terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
-        logger.info(
-            "step %d/%d | micro-batch %d | loss %.4f | %s | lr %.3g | %.0f tokens/s",
-            st.n_optim_steps,
-            self.num_steps_total,
-            step,
-            metrics["loss"],
-            terms,
-            lr,
-            tokens_per_s,
-        )
-        self.last_log_time, self.last_log_tokens = now, st.n_tokens
-
     # --- the student's files ------------------------------------------------------------------
 
     def _save_student(self, name: str) -> None:
-        save_atomically(self.student.state_dict(), self.dump_path / name)
-
-    def _save_model_folder(self) -> None:
-        """checkpoint-<micro-batch>/: config, weights and tokenizer, loadable with from_pretrained.
-
-        Written as a hidden folder, then renamed; only the newest `save_total_limit` are kept.
-        """
-        name = f"checkpoint-{self.state.n_total_iter}"
-        final, tmp = self.dump_path / name, self.dump_path / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.student.save_pretrained(tmp)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            follow_umask(path)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        folders = sorted(
-            (p for p in self.dump_path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
-            key=lambda p: int(p.name.split("-")[1]),
-        )
-        for old in folders[: -self.config.save_total_limit]:
-            shutil.rmtree(old)
+        student_files.save_weights(self.student, self.dump_path / name)
 
     def train_results(self) -> dict[str, float | int]:
         """The end-of-run summary written to train_results.json (runtime and speed: this process's run)."""
@@ -893,17 +701,9 @@ class CausalDistiller:
     def save_final(self) -> None:
         """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder and train_results.json."""
         write_json(self.train_results(), self.dump_path / "train_results.json")
-        self.student.config.save_pretrained(self.dump_path)
-        before = set(self.dump_path.iterdir())
-        self.student.save_pretrained(self.dump_path)
-        # save_pretrained writes the weights through a private temporary file (mode 0600): give
-        # them the permissions every other output has (the umask's).
-        for path in set(self.dump_path.iterdir()) - before | {self.dump_path / "model.safetensors"}:
-            if path.is_file():
-                follow_umask(path)
-        self._save_student("pytorch_model.bin")
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
+        student_files.save_final(self.student, self.dump_path)
+        if self.log is not None:
+            self.log.flush()
         logger.info("Saved the student in %s", self.dump_path)
 
 
@@ -920,9 +720,3 @@ def _crossway(token_ids, lengths, dual_ids, dual_lengths):
     """
     width = int(dual_lengths.max())
     return dual_ids[:, :width], dual_lengths, token_ids[:, :width], lengths.clamp(max=width)
-
-
-def _json(obj: dict) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

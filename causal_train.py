@@ -40,7 +40,6 @@ import torch.distributed as dist
 import transformers
 from safetensors import SafetensorError
 
-import checkpointing
 import masking
 from architectures import ARCHITECTURES, check_student_teacher, hidden_size, max_positions, special_token_ids
 from causal_distiller import CausalDistiller, StopTraining
@@ -407,14 +406,22 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
     # Every rank built the same student from the same seed (DDP also broadcasts rank 0's weights);
     # from here on each rank draws its own dropout masks instead of the same ones on different data.
     torch.manual_seed(config.seed + context.global_rank)
-    distiller = CausalDistiller(config, context, dataset, token_probs, student, teacher, mapping)
-    distiller.run_description = description
-    distiller.tokenizer = tokenizer
+    distiller = CausalDistiller(
+        config,
+        context,
+        dataset,
+        token_probs,
+        student,
+        teacher,
+        mapping,
+        run_description=description,
+        tokenizer=tokenizer,
+        # Started by train(): after a resume, once the state is accepted.
+        start_wandb=(lambda: start_wandb(options, description)) if options.is_wandb and context.is_master else None,
+    )
     if options.resume:
-        checkpointing.resume(distiller)
+        distiller.resume()
         write_run_info(description, context, student)  # only once the state is accepted, as this run's settings
-    if options.is_wandb and context.is_master:
-        distiller.wandb = start_wandb(options, description)
     try:
         stopped_by = distiller.train()
     except StopTraining as e:
@@ -423,9 +430,6 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
         raise UserError(
             f"cannot write the student into {run_dir}: {one_line(e)}; what was there before is kept"
         ) from None
-    finally:
-        if distiller.wandb is not None:
-            distiller.wandb.finish()
     if stopped_by is not None:
         raise SystemExit(128 + (signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM))
     return run_dir

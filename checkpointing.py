@@ -20,19 +20,19 @@ import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Sampler
 
 from grouped_batch_sampler import GroupedBatchSampler
 from token_store import TokenSequences
+from training_config import RunContext, TrainingConfig
 from utils import UserError, atomic_path
-
-if TYPE_CHECKING:
-    from causal_distiller import CausalDistiller
 
 logger = logging.getLogger(__name__)
 
@@ -150,22 +150,18 @@ def corpus_fingerprint(store: TokenSequences, blocks: int = 4096, block_len: int
     return h.hexdigest()
 
 
-def run_settings(d: CausalDistiller) -> dict[str, Any]:
-    """What a resumed run must share with the run that saved the state."""
-    settings = {k: getattr(d.config, k) for k in RESUME_MUST_MATCH if k != "world_size"}
-    return {
-        "world_size": d.context.world_size,
-        **settings,
-        "n_sequences": len(d.dataset),
-        "corpus": d.corpus_fingerprint,
-    }
+def run_settings(config: TrainingConfig, world_size: int, n_sequences: int, corpus: str) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state; corpus: its fingerprint."""
+    settings = {k: getattr(config, k) for k in RESUME_MUST_MATCH if k != "world_size"}
+    return {"world_size": world_size, **settings, "n_sequences": n_sequences, "corpus": corpus}
 
 
 # --- saving --------------------------------------------------------------------------------------------
 
 
-def _rng_state(d: CausalDistiller) -> dict[str, Any]:
-    """Every random stream of this rank, as tensors and plain Python values."""
+def rng_state(device: torch.device, generator: torch.Generator, mapping_rng: random.Random) -> dict[str, Any]:
+    """Every random stream of this rank, as tensors and plain Python values: the global ones, and the
+    step's `generator` (positions, MLM corruption) and `mapping_rng` (mapping entries) on `device`."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -176,60 +172,66 @@ def _rng_state(d: CausalDistiller) -> dict[str, Any]:
             "cached_gaussian": float(cached_gaussian),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None,
-        "generator": d.generator.get_state(),
-        "mapping": d.mapping_rng.getstate(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "generator": generator.get_state(),
+        "mapping": mapping_rng.getstate(),
     }
 
 
-def _restore_rng(d: CausalDistiller, rng: dict[str, Any]) -> None:
+def restore_rng(
+    rng: dict[str, Any], device: torch.device, generator: torch.Generator, mapping_rng: random.Random
+) -> None:
+    """Set every random stream `rng_state` saved."""
     random.setstate(rng["python"])
     n = rng["numpy"]
     np.random.set_state(
         ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and d.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], d.device)
-    d.generator.set_state(rng["generator"])
-    d.mapping_rng.setstate(rng["mapping"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    generator.set_state(rng["generator"])
+    mapping_rng.setstate(rng["mapping"])
 
 
-def state_dict(d: CausalDistiller) -> dict[str, Any]:
-    """This rank's training state.
+def training_state(
+    *,
+    counters: TrainState,
+    rng: dict[str, Any],
+    run: dict[str, Any],
+    global_rank: int,
+    grads: list[torch.Tensor | None] | None,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """One rank's state file: its `rng_state`, counters, `run_settings` and, mid-accumulation, its
+    `grads` (one per student parameter, not yet all-reduced; None otherwise).
 
     Every rank's holds its own random streams (masking and positions are drawn per rank, dropout
-    differs with the data) and, mid-accumulation, its gradients not yet all-reduced: both are needed
-    to continue exactly. Rank 0's also holds what the ranks share (student, optimizer, scheduler,
-    grad scaler), written once rather than once per rank.
+    differs with the data) and partial gradients: both are needed to continue exactly. Rank 0's
+    also holds what the ranks share (student, optimizer, scheduler, grad scaler), written once
+    rather than once per rank.
     """
-    grads = None
-    if d.state.batch_in_epoch % d.accum != 0:  # mid-accumulation: keep the partial sum
-        grads = [p.grad for p in d.student.parameters()]
-    out = {
-        "grads": grads,
-        "rng": _rng_state(d),
-        "state": asdict(d.state),
-        "run": run_settings(d),
-        "global_rank": d.context.global_rank,
-    }
-    if d.context.global_rank == 0:
+    out = {"grads": grads, "rng": rng, "state": asdict(counters), "run": run, "global_rank": global_rank}
+    if global_rank == 0:
         out.update(
-            student=d.student.state_dict(),
-            optimizer=d.optimizer.state_dict(),
-            scheduler=d.scheduler.state_dict(),
-            scaler=d.scaler.state_dict(),
+            student=student.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
         )
     return out
 
 
-def save_state(d: CausalDistiller) -> None:
-    """Write this rank's state atomically; once every rank has, keep the newest `save_total_limit`."""
-    folder, rank = d.context.run_dir / STATE_DIR, d.context.global_rank
-    save_atomically(state_dict(d), folder / state_file_name(d.state.n_total_iter, rank))
-    if d.context.multi_process:
+def save_state(state: dict[str, Any], context: RunContext, save_total_limit: int) -> None:
+    """Write this rank's `training_state` atomically; once every rank has, keep the newest `save_total_limit`."""
+    folder, rank = context.run_dir / STATE_DIR, context.global_rank
+    save_atomically(state, folder / state_file_name(state["state"]["n_total_iter"], rank))
+    if context.multi_process:
         dist.barrier()  # a kill before every rank has the new state must leave a common older one
-    for old in sorted(folder.glob(f"state_*_rank{rank}.pth"))[: -d.config.save_total_limit]:
+    for old in sorted(folder.glob(f"state_*_rank{rank}.pth"))[:-save_total_limit]:
         old.unlink()
     for partial in folder.glob(f".state_*_rank{rank}.pth.*.tmp"):  # left by a killed write
         partial.unlink()
@@ -284,14 +286,16 @@ def _read_step(folder: Path, step: int, rank: int) -> tuple[dict, dict] | str | 
     return own, shared
 
 
-def resume(d: CausalDistiller) -> None:
-    """Load the newest state that every rank has saved and can read (UserError if there is none).
+def read_resume_state(context: RunContext, settings: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The newest state that every rank has saved and can read (UserError if there is none), checked
+    against this run's `run_settings`. Returns this rank's state with rank 0's shared part (student,
+    optimizer, scheduler, scaler) added, and the path of this rank's file.
 
-    Each rank reads its own file and rank 0's (the shared part), so the run folder must be on a
-    file system all nodes see, as it is for the launch itself on a cluster. The ranks decide
-    together: a damaged file on any rank moves all of them to the next older step.
+    Each rank reads its own file and rank 0's, so the run folder must be on a file system all nodes
+    see, as it is for the launch itself on a cluster. The ranks decide together: a damaged file on
+    any rank moves all of them to the next older step.
     """
-    ctx = d.context
+    ctx = context
     folder, rank = ctx.run_dir / STATE_DIR, ctx.global_rank
     steps = saved_steps(folder, rank)
     if ctx.multi_process:
@@ -320,31 +324,11 @@ def resume(d: CausalDistiller) -> None:
         logger.warning(
             "--resume: resuming from micro-batch %d, the newest intact state (newest saved: %d)", step, steps[-1]
         )
-    _check_run_settings(d, shared["run"], folder / state_file_name(step, 0))
-    d.student.load_state_dict(shared["student"])
-    d.optimizer.load_state_dict(shared["optimizer"])
-    d.scheduler.load_state_dict(shared["scheduler"])
-    if shared["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
-        d.scaler.load_state_dict(shared["scaler"])
-    if own["grads"] is not None:
-        for p, g in zip(d.student.parameters(), own["grads"], strict=False):
-            p.grad = None if g is None else g.to(p.device)
-    _restore_rng(d, own["rng"])
-    d.state = TrainState(**own["state"])
-    d.last_log_tokens = d.state.n_tokens
-    _apply_optimisation_settings(d)
-    if ctx.is_master:
-        logger.info(
-            "Resumed from %s: epoch %d, micro-batch %d of the epoch, %d optimizer steps",
-            folder / state_file_name(step, rank),
-            d.state.epoch,
-            d.state.batch_in_epoch,
-            d.state.n_optim_steps,
-        )
+    _check_run_settings(shared["run"], settings, folder / state_file_name(step, 0))
+    return {**own, **{k: shared[k] for k in _SHARED_KEYS}}, folder / state_file_name(step, rank)
 
 
-def _check_run_settings(d: CausalDistiller, saved: dict[str, Any], path: Path) -> None:
-    now = run_settings(d)
+def _check_run_settings(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     if "corpus" in saved and saved["corpus"] != now["corpus"]:
         raise UserError(
             f"--resume: {path} was saved on another corpus (its fingerprint differs from "
@@ -355,35 +339,56 @@ def _check_run_settings(d: CausalDistiller, saved: dict[str, Any], path: Path) -
         raise UserError(f"--resume: {path} was saved with {', '.join(mismatch)}; resume with those")
 
 
-def _apply_optimisation_settings(d: CausalDistiller) -> None:
-    """Make this run's optimisation flags hold from the resumed step on.
+def restore_grads(model: nn.Module, grads: list[torch.Tensor | None] | None) -> None:
+    """The partial gradient sums a state saved mid-accumulation, one per parameter (None: none saved)."""
+    if grads is not None:
+        for p, g in zip(model.parameters(), grads, strict=False):
+            p.grad = None if g is None else g.to(p.device)
 
-    The optimizer and scheduler states carry the saving run's learning rate, weight decay and
-    epsilon; the flags of this run replace them. The schedule is this run's (rebuilt for its
-    total of steps, with its warm-up), evaluated at the resumed step, so a longer run continues
-    with the learning rate the new schedule gives there rather than the old one's final 0.
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load a saved `optimizer.state_dict()`, its parameter groups matched to this optimizer's by their
+    "name"; the weight decay and epsilon stay this run's (its flags hold from the resumed step on).
+
+    The Adam moments and step counts are the saved ones; the learning rates are set by
+    `load_schedule`. States written before the groups were named hold them in this optimizer's
+    order, and are matched by position.
     """
-    cfg, sched, opt = d.config, d.scheduler, d.optimizer
-    old_lr = list(sched.base_lrs)
-    if any(lr != cfg.learning_rate for lr in old_lr):
-        logger.warning(
-            "--learning_rate %g (the state's: %g) applies from optimizer step %d on",
-            cfg.learning_rate,
-            old_lr[0],
-            d.state.n_optim_steps,
+    names = [group["name"] for group in optimizer.param_groups]
+    groups = saved["param_groups"]
+    if len(groups) == len(names) and not any("name" in g for g in groups):
+        groups = [{**g, "name": name} for g, name in zip(groups, names, strict=True)]
+    by_name = {g.get("name"): g for g in groups}
+    if len(groups) != len(names) or set(by_name) != set(names):
+        raise UserError(
+            f"--resume: the saved optimizer has parameter groups {[g.get('name') for g in groups]}, "
+            f"this run's has {names}: the state was not saved by this student's training"
         )
-    sched.base_lrs = [cfg.learning_rate] * len(opt.param_groups)
-    before = [g["lr"] for g in opt.param_groups]
-    for group, decay, lr_lambda in zip(opt.param_groups, (cfg.weight_decay, 0.0), sched.lr_lambdas, strict=False):
-        group["initial_lr"] = cfg.learning_rate
-        group["lr"] = cfg.learning_rate * lr_lambda(sched.last_epoch)
-        group["weight_decay"] = decay
-        group["eps"] = cfg.adam_epsilon
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
-    if before != sched._last_lr and d.context.is_master:
-        logger.info(
-            "Learning rate at the resumed step: %g (the saved schedule's: %g), for %d steps in all",
-            sched._last_lr[0],
-            before[0],
-            d.num_steps_total,
-        )
+    for group in optimizer.param_groups:
+        n_saved, n_now = len(by_name[group["name"]]["params"]), len(group["params"])
+        if n_saved != n_now:
+            raise UserError(
+                f"--resume: the saved optimizer's parameter group {group['name']!r} holds {n_saved} "
+                f"parameters, this run's {n_now}: the state was not saved by this student's training"
+            )
+    keep = {group["name"]: (group["weight_decay"], group["eps"]) for group in optimizer.param_groups}
+    optimizer.load_state_dict({**saved, "param_groups": [by_name[name] for name in names]})
+    for group in optimizer.param_groups:
+        group["weight_decay"], group["eps"] = keep[group["name"]]
+
+
+def load_schedule(scheduler: LambdaLR, saved: dict[str, Any], learning_rate: float) -> None:
+    """Continue this run's schedule at the step of a saved `scheduler.state_dict()`.
+
+    The schedule is this run's (built for its total of steps, with its warm-up and peak
+    `learning_rate`), evaluated at the resumed step, so a longer run continues with the learning
+    rate the new schedule gives there rather than the old one's final 0. Every parameter group of
+    the scheduler's optimizer gets that learning rate.
+    """
+    step = saved["last_epoch"]
+    lrs = [learning_rate * lr_lambda(step) for lr_lambda in scheduler.lr_lambdas]
+    # The state dict holds every attribute of the scheduler: its base learning rates and the last
+    # ones it set (what get_last_lr returns) become this schedule's, at the saved step.
+    scheduler.load_state_dict({**saved, "base_lrs": [learning_rate] * len(lrs), "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["initial_lr"], group["lr"] = learning_rate, lr

@@ -42,7 +42,7 @@ _UNK_COUNT_BLOCK = 1 << 22  # tokens scanned at once when counting unknowns (bou
 class DatasetParams:
     """What the dataset needs to know about the model and tokenizer.
 
-    special_tok_ids: names as in the original (``cls_token``, ``sep_token``, ``pad_token``,
+    special_token_ids: names as in the original (``cls_token``, ``sep_token``, ``pad_token``,
     ``unk_token``, ``mask_token`` for MLM; ``bos_token``, ``eos_token``, ``unk_token`` for CLM).
     family: the tokenizer's model family (a key of ``architectures.ARCHITECTURES``): its row says
     which tokens start and end a sequence. Without it, MLM sequences are framed by CLS/SEP and CLM
@@ -51,7 +51,7 @@ class DatasetParams:
 
     max_model_input_size: int
     mlm: bool
-    special_tok_ids: dict[str, int]
+    special_token_ids: dict[str, int]
     seed: int = 56
     family: str | None = None
 
@@ -65,22 +65,29 @@ class DatasetParams:
     def start_id(self) -> int | None:
         """Id every sequence starts with, or None where the tokenizer defines no start token."""
         name = self._framing()[0]
-        return None if name is None else self.special_tok_ids.get(name)
+        return None if name is None else self.special_token_ids.get(name)
 
     @property
     def end_id(self) -> int:
-        return self.special_tok_ids[self._framing()[1]]
+        return self.special_token_ids[self._framing()[1]]
 
     @property
     def pad_id(self) -> int:
-        # Causal batches are padded with the unknown id (`<|endoftext|>` for GPT-2), as in HF; a
-        # tokenizer without one pads with its pad, else its end token (causal runs never attend to it).
-        if self.mlm:
-            return self.special_tok_ids["pad_token"]
-        for name in ("unk_token", "pad_token", "eos_token"):
-            if name in self.special_tok_ids:
-                return self.special_tok_ids[name]
-        raise UserError("the tokenizer defines none of unk_token, pad_token, eos_token to pad batches with")
+        return pad_token_id(self.special_token_ids, self.mlm)
+
+
+def pad_token_id(special_token_ids: dict[str, int], mlm: bool) -> int:
+    """The id batches are padded with: the pad token for MLM.
+
+    Causal batches are padded with the unknown id (`<|endoftext|>` for GPT-2), as in HF; a
+    tokenizer without one pads with its pad, else its end token (causal runs never attend to it).
+    """
+    if mlm:
+        return special_token_ids["pad_token"]
+    for name in ("unk_token", "pad_token", "eos_token"):
+        if name in special_token_ids:
+            return special_token_ids[name]
+    raise UserError("the tokenizer defines none of unk_token, pad_token, eos_token to pad batches with")
 
 
 class LmSeqsDataset(Dataset):
@@ -97,7 +104,7 @@ class LmSeqsDataset(Dataset):
         keep = self.lengths >= MIN_LENGTH
         n_short = int((~keep).sum())
         self._select(keep)
-        keep = self._unknown_share() < MAX_UNK_SHARE if "unk_token" in params.special_tok_ids else None
+        keep = self._unknown_share() < MAX_UNK_SHARE if "unk_token" in params.special_token_ids else None
         n_unk = 0 if keep is None else int((~keep).sum())
         if keep is not None:
             self._select(keep)
@@ -165,7 +172,7 @@ class LmSeqsDataset(Dataset):
 
     def _unknown_share(self) -> np.ndarray:
         """(n,) share of unknown tokens per sequence, scanning the corpus in bounded blocks."""
-        unk = self.params.special_tok_ids["unk_token"]
+        unk = self.params.special_token_ids["unk_token"]
         counts = np.zeros(len(self.starts), dtype=np.int64)
         flat, i = self.store.flat, 0
         while i < len(self.starts):

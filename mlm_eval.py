@@ -88,7 +88,7 @@ def masked_heldout_batches(
     uniformly among non-special tokens, all replaced by [MASK]; labels -100 elsewhere. The same
     seed gives the same masks, so every model is scored on the same predictions.
     """
-    masker = eval_masker(vocab_size, dataset.params.special_tok_ids, mask_prop)
+    masker = eval_masker(vocab_size, dataset.params.special_token_ids, mask_prop)
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for ids, lengths, _, _ in dataset.length_ordered_batches(batch_size):
@@ -115,7 +115,7 @@ def heldout_pairs(
 ) -> list[PairBatch]:
     """Each held-out sequence as a base with its dataset dual as the source, prepared as in training:
     both masked (uniformly, [MASK] only), one consecutive span of `interchange_prop` of the tokens."""
-    masker = eval_masker(vocab_size, dataset.params.special_tok_ids)
+    masker = eval_masker(vocab_size, dataset.params.special_token_ids)
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for ids, lengths, dual_ids, dual_lengths in dataset.length_ordered_batches(batch_size):

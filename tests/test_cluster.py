@@ -24,8 +24,9 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 import causal_train
 import losses
 import model_loading
-from causal_distiller import ModelRuns
+from diito_runs import ModelRuns
 from neuron_mapping import load_neuron_mapping
+from step_plan import Mode, Pairing, Side, StepDraws, build_plan
 from training_config import RunContext
 from utils import UserError
 
@@ -184,7 +185,7 @@ def _count_syncs(monkeypatch, d, micro_batches: int) -> dict[str, int]:
         counts["host_all_reduce" if group == "host" else "device_all_reduce"] += 1
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    d.multi_gpu, d._host_group = True, "host"
+    d.distributed, d._host_group = True, "host"
     d.student_runs.no_sync = contextlib.nullcontext
     batch = _batch(d)
     for _ in range(micro_batches):
@@ -307,9 +308,90 @@ def test_crossway_sub_step_reuses_the_corruption_and_mirrors_the_positions(tmp_p
     assert torch.equal(back.attention_mask, plan.dual_attention_mask)
     assert torch.equal(back.dual_attention_mask, plan.attention_mask)
     # The dual's MLM targets are the swapped sub-step's labels.
-    dual_labels = plan.mirror[1]
+    dual_labels = plan.draws.pairing.dual.labels
     assert torch.equal(back.labels, dual_labels[back.select])
     assert (dual_labels != -100).any()
+
+
+# --- step plans, built without a distiller ---------------------------------------------------------------
+
+
+def _side(lengths, width, first_id, mlm=True):
+    """A Side of rows 0..bs-1 with ids first_id + position, real up to `lengths`; MLM: position 1 a target."""
+    lengths = torch.tensor(lengths)
+    ids = first_id + torch.arange(width).repeat(len(lengths), 1)
+    real = torch.arange(width)[None] < lengths[:, None]
+    labels = torch.full_like(ids, losses.IGNORE_INDEX)
+    if mlm:
+        labels[:, 1] = ids[:, 1]
+    else:
+        labels = ids.masked_fill(~real, losses.IGNORE_INDEX)
+    return Side(ids.masked_fill(~real, 0), labels, lengths)
+
+
+def _pairing(base, dual, variables=(["t"], ["s"]), source_rows=None):
+    """Positions 2 of every base row paired with position 3 of the dual's."""
+    imask, dmask = torch.zeros_like(base.ids, dtype=torch.bool), torch.zeros_like(dual.ids, dtype=torch.bool)
+    imask[:, 2], dmask[:, 3] = True, True
+    return Pairing(dual, imask, dmask, variables, source_rows)
+
+
+PLAN_FLAGS = dict(mlm=True, restrict_ce_to_mask=False, need_hidden=True)
+COUNTERFACTUAL_FIELDS = (
+    "interchange_mask",
+    "dual_interchange_mask",
+    "teacher_variables",
+    "student_variables",
+    "dual_ids",
+    "dual_attention_mask",
+    "source_rows",
+    "swapped_ids",
+)
+
+
+def test_a_plain_plan_carries_no_counterfactual_fields():
+    base = _side([6, 4], 6, 10)
+    plan = build_plan(StepDraws(base), mode=Mode.PLAIN, **PLAN_FLAGS)
+    assert all(getattr(plan, name) is None for name in COUNTERFACTUAL_FIELDS)
+    real = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    assert torch.equal(plan.select, real) and torch.equal(plan.hidden_rows, real)
+    assert torch.equal(plan.attention_mask, real.long())
+    # Logits on every real token; the MLM loss reads the rows of the targets (position 1 of each row).
+    assert torch.equal(plan.labels[plan.lm_rows], torch.tensor([11, 11]))
+    with pytest.raises(AssertionError):
+        build_plan(StepDraws(base, _pairing(base, _side([5, 5], 5, 50))), mode=Mode.PLAIN, **PLAN_FLAGS)
+
+
+def test_a_clm_plan_labels_each_real_position_with_its_next_token_and_has_no_attention_mask():
+    plan = build_plan(StepDraws(_side([4], 5, 10, mlm=False)), mode=Mode.PLAIN, **{**PLAN_FLAGS, "mlm": False})
+    assert plan.attention_mask is None and plan.lm_rows is None
+    assert plan.labels.tolist() == [11, 12, 13, losses.IGNORE_INDEX]
+
+
+def test_an_interchange_plan_pairs_the_drawn_positions_with_the_dual_and_its_variables():
+    base, dual = _side([6, 4], 6, 10), _side([5, 3], 5, 50)
+    draws = StepDraws(base, _pairing(base, dual, variables=(["$L:1$H:0"], ["$L:0$H:0"])))
+    plan = build_plan(draws, mode=Mode.INTERCHANGE, **PLAN_FLAGS)
+    assert plan.input_ids[plan.interchange_mask].tolist() == [12, 12]
+    assert plan.dual_ids[plan.dual_interchange_mask].tolist() == [53, 0]  # row 1's dual is shorter: padding
+    assert plan.dual_attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert (plan.teacher_variables, plan.student_variables) == (["$L:1$H:0"], ["$L:0$H:0"])
+    assert plan.swapped_ids is None and plan.source_rows is None
+    fast_draws = StepDraws(base, _pairing(base, dual, source_rows=torch.tensor([1, 0])))
+    fast = build_plan(fast_draws, mode=Mode.FAST_INTERCHANGE, **PLAN_FLAGS)
+    assert fast.source_rows.tolist() == [1, 0] and fast.dual_ids is None and fast.dual_attention_mask is None
+
+
+def test_a_token_swap_plan_swaps_the_dual_tokens_in_and_its_mirror_swaps_the_roles():
+    base, dual = _side([6, 6], 6, 10), _side([5, 5], 5, 50)
+    draws = StepDraws(base, _pairing(base, dual, variables=None))
+    plan = build_plan(draws, mode=Mode.TOKEN_SWAP, **PLAN_FLAGS)
+    assert plan.swapped_ids[:, 2].tolist() == [53, 53] and torch.equal(plan.swapped_ids[:, 3:], base.ids[:, 3:])
+    assert plan.teacher_variables is None and plan.dual_ids is None
+    back = build_plan(draws.mirrored(None), mode=Mode.TOKEN_SWAP, **PLAN_FLAGS)
+    assert torch.equal(back.input_ids, dual.ids) and back.swapped_ids[:, 3].tolist() == [12, 12]
+    assert torch.equal(back.interchange_mask, plan.dual_interchange_mask)
+    assert torch.equal(back.labels, dual.labels[back.select])
 
 
 def test_a_partial_window_at_an_epochs_end_is_divided_by_its_own_size(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from torch.utils.data import DistributedSampler
 
 import token_store
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from lm_seqs_dataset import DatasetParams, LmSeqsDataset
+from lm_seqs_dataset import DatasetParams, LmSeqsDataset, pad_token_id
 from utils import UserError
 
 CLS, SEP, UNK, PAD = 101, 102, 100, 0
@@ -39,7 +39,7 @@ def original_filter(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
 
 
 def bert_params(max_len: int = 512, seed: int = 0) -> DatasetParams:
-    return DatasetParams(max_model_input_size=max_len, mlm=True, special_tok_ids=dict(BERT_SPECIAL_IDS), seed=seed)
+    return DatasetParams(max_model_input_size=max_len, mlm=True, special_token_ids=dict(BERT_SPECIAL_IDS), seed=seed)
 
 
 def test_real_corpus_filters_as_the_original(shared_data):
@@ -90,6 +90,26 @@ def test_collation_pads_base_and_cuts_dual_to_base_length():
     assert ids[0, :12].tolist() == ds.sequence(0).tolist() and (ids[0, 12:] == PAD).all()
     assert dual[0].tolist() == ds.sequence(1)[:16].tolist()  # cut to the base's longest length
     assert dual[1, :12].tolist() == ds.sequence(0).tolist() and (dual[1, 12:] == PAD).all()
+
+
+@pytest.mark.parametrize(
+    "special, mlm, pad",
+    [
+        (BERT_SPECIAL_IDS, True, 0),  # MLM: the pad token
+        (dict(bos_token=7, eos_token=7, unk_token=7), False, 7),  # GPT-2: <|endoftext|>, its unknown token
+        (dict(unk_token=0, bos_token=1, eos_token=2, pad_token=2), False, 0),  # SmolLM2-like: unknown first
+        (dict(eos_token=5, pad_token=5), False, 5),  # Qwen-like: no unknown token, the pad
+        (dict(bos_token=1, eos_token=2), False, 2),  # Llama-3-like: neither, the end token
+    ],
+)
+def test_one_pad_rule_serves_collation_and_fp16_widening(special, mlm, pad):
+    assert pad_token_id(special, mlm) == pad
+    assert DatasetParams(64, mlm, special).pad_id == pad
+
+
+def test_a_causal_tokenizer_with_nothing_to_pad_with_is_refused():
+    with pytest.raises(UserError, match="none of unk_token, pad_token, eos_token"):
+        pad_token_id(dict(bos_token=1), False)
 
 
 def test_length_ordered_batches_cover_every_sequence_once_shortest_first():

@@ -224,6 +224,40 @@ def test_a_truncated_newest_state_falls_back_to_the_previous_one_with_a_warning(
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
 
 
+def test_a_state_saved_before_optimizer_groups_were_named_resumes_bitwise_equal(copied_run, finished_run):
+    argv, run = copied_run
+    (run / "checkpoints" / "state_0000000006_rank0.pth").unlink()  # resume from micro-batch 4: step 3 left
+    (run / "pytorch_model.bin").unlink()
+    path = run / "checkpoints" / "state_0000000004_rank0.pth"
+    state = load(path)
+    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["decay", "no_decay"]
+    for group in state["optimizer"]["param_groups"]:
+        del group["name"]  # as the code before named groups wrote them: decay, then no_decay
+    torch.save(state, path)
+    causal_train.main(resume_argv(argv))
+    expected = torch.load(finished_run / "run" / "pytorch_model.bin", weights_only=True)
+    got = torch.load(run / "pytorch_model.bin", weights_only=True)
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    resaved = load(run / "checkpoints" / "state_0000000006_rank0.pth")["optimizer"]["param_groups"]
+    assert [g["name"] for g in resaved] == ["decay", "no_decay"]
+
+
+def test_a_state_whose_optimizer_groups_do_not_match_is_refused(copied_run):
+    argv, run = copied_run
+    path = run / "checkpoints" / "state_0000000006_rank0.pth"
+    state = load(path)
+    state["optimizer"]["param_groups"][1]["name"] = "embeddings"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"parameter groups \['decay', 'embeddings'\], this run's has"):
+        causal_train.main(resume_argv(argv))
+    state["optimizer"]["param_groups"].reverse()  # named groups are matched by name, not by position
+    state["optimizer"]["param_groups"][0]["name"] = "no_decay"
+    state["optimizer"]["param_groups"][1]["params"] = state["optimizer"]["param_groups"][1]["params"][:-1]
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"parameter group 'decay' holds \d+ parameters, this run's \d+"):
+        causal_train.main(resume_argv(argv))
+
+
 def test_a_new_learning_rate_on_resume_applies_from_the_resumed_step(copied_run):
     argv, run = copied_run
     (run / "checkpoints" / "state_0000000006_rank0.pth").unlink()  # resume from micro-batch 4: step 3 left
