@@ -129,7 +129,7 @@ def check_tagged_words(dataset: datasets.Dataset, text_column: str, label_column
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     eval_common.check_run_flags(data_args, training_args)
-    eval_common.check_output_dir(training_args)
+    eval_common.check_output_dir(training_args, model_args)
     tag_names = [name for arg in training_args.label_names or [] for name in arg.split(",") if name]
     training_args.label_names = None
     eval_common.setup_logging(training_args, logger)
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not tokenizer.is_fast:
         raise UserError(f"tokenizer {tokenizer.name_or_path} has no word alignment (not a fast tokenizer)")
     eval_common.check_vocab_size(tokenizer, config)
+    eval_common.require_pad_token(tokenizer)
     model = eval_common.load_model(
         AutoModelForTokenClassification, model_args, config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
     )
