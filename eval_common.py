@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,7 +41,7 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
-from utils import UserError, cannot_write_in, nearest_existing, require_file
+from utils import UserError, atomic_path, cannot_write_in, nearest_existing, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -654,8 +655,53 @@ def train_and_save(trainer: Trainer, last_checkpoint: str | None) -> None:
     Training resumes from --resume_from_checkpoint if given, else from `last_checkpoint` (if not None).
     """
     train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint or last_checkpoint)
-    trainer.save_model()
+    save_model(trainer)
     metrics = dict(train_result.metrics, train_samples=len(trainer.train_dataset))
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    save_metrics(trainer, "train", metrics)
+    try:
+        trainer.save_state()
+    except OSError as e:
+        out = trainer.args.output_dir
+        raise UserError(f"cannot write trainer_state.json in --output_dir {out}: {e.strerror or one_line(e)}") from None
+
+
+def save_model(trainer: Trainer) -> None:
+    """`trainer.save_model()`, into a hidden folder whose files then replace those in --output_dir.
+
+    A save cut short (disk full) leaves the folder's earlier files as they were and is a `UserError`.
+    """
+    out = Path(trainer.args.output_dir)
+    staging = out / ".saving"
+    try:
+        trainer.save_model(str(staging))
+        if trainer.args.should_save:
+            for path in staging.iterdir():
+                os.replace(path, out / path.name)
+    except OSError as e:
+        raise UserError(
+            f"cannot save the fine-tuned model in --output_dir {out}: {e.strerror or one_line(e)} "
+            "(nothing there was replaced)"
+        ) from None
+    finally:
+        if trainer.args.should_save and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_metrics(trainer: Trainer, split: str, metrics: dict) -> None:
+    """`trainer.save_metrics(split, metrics)` (`{split}_results.json`, merged into `all_results.json`),
+    each file written atomically; a write that fails (disk full) is a `UserError` and leaves the old file."""
+    if not trainer.is_world_process_zero():
+        return
+    out = Path(trainer.args.output_dir)
+    try:
+        all_path = out / "all_results.json"
+        all_metrics = json.loads(all_path.read_text(encoding="utf-8")) if all_path.exists() else {}
+        all_metrics.update(metrics)
+        for path, content in ((out / f"{split}_results.json", metrics), (all_path, all_metrics)):
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=4, sort_keys=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the {split} results in --output_dir {out}: {e.strerror or one_line(e)}"
+        ) from None

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["eval_samples"] = len(eval_datasets[split])
             results.update({k + eval_split_suffix[split]: v for k, v in metrics.items()})
         trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
+        eval_common.save_metrics(trainer, "eval", results)
 
     # ---- predict
     if training_args.do_predict:

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["eval_samples"] = len(eval_dataset)
         results["perplexity"] = eval_metrics.perplexity(results["eval_loss"])
         trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
+        eval_common.save_metrics(trainer, "eval", results)
     return results
 
 

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = trainer.evaluate()
         results["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
+        eval_common.save_metrics(trainer, "eval", results)
 
     # ---- predict: one line of space-separated tags per sentence
     if training_args.do_predict:
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         output = trainer.predict(test_dataset, metric_key_prefix="predict")
         if "test" in labelled_splits:
             trainer.log_metrics("predict", output.metrics)
-            trainer.save_metrics("predict", output.metrics)
+            eval_common.save_metrics(trainer, "predict", output.metrics)
         pred_tags, _ = to_tags(np.argmax(output.predictions, axis=2), output.label_ids)
         if trainer.is_world_process_zero():
             out_file = Path(training_args.output_dir) / "predictions.txt"

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
             if data_args.version_2_with_negative:
                 write_json(null_diffs, out / f"{prefix}_null_odds.json")
         trainer.log_metrics(prefix, metrics)
-        trainer.save_metrics(prefix, metrics)
+        eval_common.save_metrics(trainer, prefix, metrics)
         return metrics
 
     results = answer("validation", data_args.max_eval_samples, "eval") if training_args.do_eval else {}

@@ -713,3 +713,49 @@ def test_a_question_leaving_no_room_for_its_context_is_named(tmp_path, tokenizer
     )
     assert_refused(status, line, "question 'q2'", str(validation), "41 tokens long", "no room is left for its context")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full while saving: one line, and no file left looking complete
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_disk_full_while_saving_leaves_earlier_files_intact(tmp_path, tokenizer_dir, dump_dir, capsys, monkeypatch):
+    from transformers import Trainer
+
+    import eval_common
+
+    data = write_csv(tmp_path / "d.csv", sentiment_rows(8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_results.json").write_text('{"eval_accuracy": 0.5}')
+    args = [
+        "--model_name_or_path",
+        str(dump_dir),
+        "--task_name",
+        "sst2",
+        "--do_eval",
+        "--validation_file",
+        str(data),
+    ] + common_args(tmp_path, tokenizer_dir)
+
+    def write_half_then_fail(self, output_dir=None, _internal_call=False):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half a model")
+        _disk_full()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_model", write_half_then_fail)
+        status, line = cli(run_glue, args + ["--do_train", "--train_file", str(data)], capsys)
+    assert_refused(status, line, f"cannot save the fine-tuned model in --output_dir {out}", "No space left on device")
+    assert sorted(p.name for p in out.iterdir() if p.name != "runs") == ["eval_results.json"]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_common.json, "dump", lambda obj, f, **kw: (f.write("{"), _disk_full()))
+        status, line = cli(run_glue, args, capsys)
+    assert_refused(status, line, f"cannot write the eval results in --output_dir {out}", "No space left on device")
+    assert (out / "eval_results.json").read_text() == '{"eval_accuracy": 0.5}'
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
