@@ -8,11 +8,15 @@ step. Task tables, label handling and metrics stay in the scripts.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
+import re
+import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -35,7 +41,7 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
-from utils import UserError, cannot_write_in, nearest_existing, require_file
+from utils import UserError, atomic_path, cannot_write_in, nearest_existing, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +128,7 @@ def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
     Nothing is created: the folder itself is probed if it exists, else its nearest existing parent.
     """
     folder = Path(folder)
+    require_no_symlink_loop(folder, flag)
     probe = nearest_existing(folder)
     if not probe.is_dir():
         raise UserError(f"{flag} {folder} cannot be created: {probe} is not a folder")
@@ -131,9 +138,85 @@ def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
         raise UserError(f"{flag} {folder} cannot be written{blocked}: {problem}")
 
 
-def check_output_dir(training_args: TrainingArguments) -> None:
-    """`check_writable_dir` for --output_dir: a run that cannot save is refused before it starts."""
+def symlink_loop(path: str | os.PathLike) -> Path | None:
+    """The first of `path` and its parents (from the top) that is a loop of symbolic links, or None."""
+    path = Path(path).expanduser().absolute()
+    for part in reversed([path, *path.parents]):
+        try:
+            os.stat(part)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return part
+            return None  # nothing below a missing folder exists
+    return None
+
+
+def require_no_symlink_loop(path: str | os.PathLike, what: str) -> None:
+    """Raise a `UserError` if `path` goes through a loop of symbolic links (it would read as missing)."""
+    loop = symlink_loop(path)
+    if loop is not None:
+        raise UserError(f"{what} {path} cannot be reached: {loop} is a loop of symbolic links")
+
+
+# The file causal_train.py writes first into every distillation run folder (causal_train.RUN_MARKER).
+RUN_MARKER = ".causal_train_run"
+TRAINER_STATE = "trainer_state.json"  # what makes a `checkpoint-<step>/` folder a Trainer checkpoint
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
+
+
+def distillation_run_folder(folder: Path) -> Path | None:
+    """The distillation run folder (holding `RUN_MARKER`) that `folder` is or lies in, or None."""
+    folder = folder.resolve()
+    return next((p for p in [folder, *folder.parents] if (p / RUN_MARKER).is_file()), None)
+
+
+def check_output_dir(training_args: TrainingArguments, model_args: ModelArguments) -> None:
+    """Refuse, before any work, an --output_dir the run cannot or must not write.
+
+    Besides `check_writable_dir`: the folder must not be one a model, config or tokenizer is read
+    from (training would replace it), nor hold such a folder when training (the Trainer deletes old
+    `checkpoint-*` folders there); it must not be or lie in a distillation run folder (causal_train.py
+    owns those); and when training, every `checkpoint-<step>/` in it must be a Trainer checkpoint
+    (hold trainer_state.json): training would resume from it, and the Trainer deletes old ones.
+    """
     check_writable_dir(training_args.output_dir, "--output_dir")
+    out = Path(training_args.output_dir).expanduser().resolve()
+    sources = (
+        ("--model_name_or_path", model_args.model_name_or_path),
+        ("--config_name", model_args.config_name),
+        ("--tokenizer_name", model_args.tokenizer_name),
+    )
+    for flag, name in sources:
+        path = Path(name).expanduser() if name else None
+        if path is None or not path.is_dir():
+            continue
+        path = path.resolve()
+        if path == out:
+            raise UserError(
+                f"--output_dir {training_args.output_dir} is the folder {flag} reads from: the results would "
+                "be written over it; give another --output_dir"
+            )
+        if training_args.do_train and out in path.parents:
+            raise UserError(
+                f"{flag} {name} lies inside --output_dir {training_args.output_dir}, where training saves and "
+                "deletes checkpoints; give another --output_dir"
+            )
+    run_folder = distillation_run_folder(out)
+    if run_folder is not None:
+        raise UserError(
+            f"--output_dir {training_args.output_dir} is "
+            + ("" if run_folder == out else "inside ")
+            + f"the distillation run folder {run_folder} (it holds {RUN_MARKER}): causal_train.py owns it; "
+            "give another --output_dir"
+        )
+    if training_args.do_train and out.is_dir():
+        for checkpoint in sorted(p for p in out.iterdir() if _CHECKPOINT_NAME.match(p.name) and p.is_dir()):
+            if not (checkpoint / TRAINER_STATE).is_file():
+                raise UserError(
+                    f"--output_dir {training_args.output_dir} holds {checkpoint.name}/ without {TRAINER_STATE}: "
+                    "not a complete Trainer checkpoint (a distillation checkpoint, or a save cut short), which "
+                    "training would resume from or delete; give another --output_dir"
+                )
 
 
 def check_run_flags(
@@ -151,9 +234,20 @@ def check_run_flags(
         value = getattr(data_args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
+    for flag in ("seed", "data_seed"):
+        value = getattr(training_args, flag)
+        if value is not None and not 0 <= value < 2**32:
+            raise UserError(f"--{flag} must be between 0 and {2**32 - 1}, got {value}")
     resume = training_args.resume_from_checkpoint
-    if resume is not None and training_args.do_train and not Path(resume).is_dir():
-        raise UserError(f"--resume_from_checkpoint folder not found: {resume}")
+    if resume is not None and training_args.do_train:
+        require_no_symlink_loop(resume, "--resume_from_checkpoint")
+        if not Path(resume).is_dir():
+            raise UserError(f"--resume_from_checkpoint folder not found: {resume}")
+        if not (Path(resume) / TRAINER_STATE).is_file():
+            raise UserError(
+                f"--resume_from_checkpoint {resume} is not a Trainer checkpoint (no {TRAINER_STATE}); "
+                "to fine-tune a distillation checkpoint, pass it as --model_name_or_path"
+            )
 
 
 def setup_logging(training_args: TrainingArguments, script_logger: logging.Logger) -> None:
@@ -211,6 +305,7 @@ def load_local_files(
     """
     raw = DatasetDict()
     for split, path in files.items():
+        require_no_symlink_loop(path, f"--{split}_file")
         loader = file_loaders.get(require_file(path, f"--{split}_file").suffix.lower())
         if loader is None:
             raise UserError(f"--{split}_file must be {expected}: {path}")
@@ -348,6 +443,8 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )
+# The JSON files of a saved tokenizer, checked before loading so that an error names the file.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
 
 
 def local_folder(name: str, flag: str) -> Path | None:
@@ -357,6 +454,7 @@ def local_folder(name: str, flag: str) -> Path | None:
     than one `/`), is local; anything else (`bert-base-uncased`, `org/model`) goes to the Hub.
     """
     path = Path(name).expanduser()
+    require_no_symlink_loop(path, flag)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{flag} {name} is a file; give the model folder that holds it")
@@ -366,22 +464,61 @@ def local_folder(name: str, flag: str) -> Path | None:
     return None
 
 
+# Config sizes every model family names (through its attribute_map: DistilBERT's `n_layers` is
+# `num_hidden_layers`); each must be a positive integer or the model cannot be built.
+CONFIG_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+
+
 def load_config(model_args: ModelArguments) -> PretrainedConfig:
-    """The model config, from --config_name or else --model_name_or_path."""
+    """The model config, from --config_name or else --model_name_or_path.
+
+    A config.json that is not a JSON object, or whose sizes are not positive integers, is a
+    `UserError` naming the file and the field.
+    """
     flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     config_source = model_args.config_name or model_args.model_name_or_path
     local = local_folder(model_args.model_name_or_path, "--model_name_or_path")
     folder = local_folder(config_source, flag) if model_args.config_name else local
-    if folder is not None and not (folder / "config.json").is_file():
+    config_file = folder / "config.json" if folder is not None else None
+    if config_file is not None and not config_file.is_file():
         raise UserError(
             f"no config.json in {config_source}: a model folder needs config.json and its weights "
             "(model.safetensors or pytorch_model.bin)" + ("" if model_args.config_name else ", or pass --config_name")
         )
+    shown = config_file or config_source
+    raw = None
+    if config_file is not None:
+        try:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"cannot load a model config from {config_source}: {e.strerror or one_line(e)}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot load a model config from {config_file}: not valid JSON ({one_line(e)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{config_file} must hold a JSON object, found {type(raw).__name__}")
     try:
-        return AutoConfig.from_pretrained(config_source, **model_args.hub_kwargs())
+        config = AutoConfig.from_pretrained(config_source, **model_args.hub_kwargs())
+    except StrictDataclassError as e:  # a field of the wrong type, e.g. "n_layers": "4"
+        raise UserError(f"cannot load a model config from {shown}: {one_line(e)}") from None
     except (OSError, ValueError, TypeError, KeyError) as e:
         hint = "" if folder is not None else f" (no local folder {config_source} either)"
         raise UserError(f"cannot load a model config from {config_source}{hint}: {one_line(e)}") from None
+    attribute_map = getattr(config, "attribute_map", {})
+    for name in CONFIG_SIZES:
+        value = getattr(config, name, None)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            continue
+        key = name if raw is None or name in raw else attribute_map.get(name, name)
+        raise UserError(f"{shown}: '{key}' must be a positive integer, got {value!r}")
+    return config
 
 
 def load_tokenizer(model_args: ModelArguments, **tokenizer_kwargs) -> PreTrainedTokenizerBase:
@@ -399,6 +536,14 @@ def load_tokenizer(model_args: ModelArguments, **tokenizer_kwargs) -> PreTrained
             f"no tokenizer files in {tokenizer_source} ({', '.join(TOKENIZER_FILES[:3])}, ...): "
             + _tokenizer_hint(folder, flag)
         )
+    json_files = [folder / name for name in TOKENIZER_JSON_FILES if (folder / name).is_file()] if folder else []
+    for path in json_files:
+        try:  # the library's JSON errors do not say which file
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot load a tokenizer from {path}: not valid JSON ({one_line(e)})") from None
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     try:
         return AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs, **model_args.hub_kwargs())
     except Exception as e:  # many types for one cause: the tokenizer files cannot be read
@@ -441,22 +586,59 @@ def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfi
         )
 
 
+# The weights files `from_pretrained` reads from a local folder, in the order it prefers them.
+WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 def load_model(
     model_class: type, model_args: ModelArguments, config: PretrainedConfig, **model_kwargs
 ) -> PreTrainedModel:
-    """`model_class.from_pretrained(--model_name_or_path, config=config, ...)`, e.g. AutoModelForMaskedLM."""
+    """`model_class.from_pretrained(--model_name_or_path, config=config, ...)`, e.g. AutoModelForMaskedLM.
+
+    A pytorch_model.bin is read with `weights_only=True` (tensors only: nothing in it runs).
+    """
+    folder = local_folder(model_args.model_name_or_path, "--model_name_or_path")
+    weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None) if folder else None
+    if weights is not None and weights.name == "model.safetensors":
+        try:  # reads the header only, which must cover the file: a cut or garbled file fails here
+            with safe_open(weights, framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError: the file is not what its name says
+            raise UserError(
+                f"cannot load model {model_args.model_name_or_path}: {weights} is truncated or corrupt ({one_line(e)})"
+            ) from None
     try:
         return model_class.from_pretrained(
-            model_args.model_name_or_path, config=config, **model_kwargs, **model_args.hub_kwargs()
+            model_args.model_name_or_path,
+            config=config,
+            weights_only=True,
+            **model_kwargs,
+            **model_args.hub_kwargs(),
         )
     except Exception as e:  # many types (OSError, SafetensorError, UnpicklingError, ...) for one cause: bad weights
         if isinstance(e, pickle.UnpicklingError):
-            problem = "its pytorch_model.bin is corrupt or holds more than tensors (weights are read as data only)"
+            problem = f"{weights or 'its pytorch_model.bin'} is corrupt or holds more than tensors (read as data only)"
+        elif weights is not None and weights.suffix == ".bin" and not zipfile.is_zipfile(weights):
+            problem = f"{weights} is truncated or corrupt (not a torch.save archive)"
         elif "ignore_mismatched_sizes" in str(e) and not model_kwargs.get("ignore_mismatched_sizes"):
             problem = "a tensor in its weights does not have the shape its config.json gives (listed above)"
         else:
             problem = _cause(e)
         raise UserError(f"cannot load model {model_args.model_name_or_path}: {problem}") from None
+
+
+def require_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Raise a `UserError` for a tokenizer without a padding token (GPT-2-like): batches cannot be padded."""
+    if tokenizer.pad_token is None:
+        raise UserError(
+            f"tokenizer {tokenizer.name_or_path} has no padding token, which batches of unequal length need; "
+            "give a tokenizer that has one (--tokenizer_name)"
+        )
 
 
 def model_input_limit(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
@@ -473,8 +655,53 @@ def train_and_save(trainer: Trainer, last_checkpoint: str | None) -> None:
     Training resumes from --resume_from_checkpoint if given, else from `last_checkpoint` (if not None).
     """
     train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint or last_checkpoint)
-    trainer.save_model()
+    save_model(trainer)
     metrics = dict(train_result.metrics, train_samples=len(trainer.train_dataset))
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    save_metrics(trainer, "train", metrics)
+    try:
+        trainer.save_state()
+    except OSError as e:
+        out = trainer.args.output_dir
+        raise UserError(f"cannot write trainer_state.json in --output_dir {out}: {e.strerror or one_line(e)}") from None
+
+
+def save_model(trainer: Trainer) -> None:
+    """`trainer.save_model()`, into a hidden folder whose files then replace those in --output_dir.
+
+    A save cut short (disk full) leaves the folder's earlier files as they were and is a `UserError`.
+    """
+    out = Path(trainer.args.output_dir)
+    staging = out / ".saving"
+    try:
+        trainer.save_model(str(staging))
+        if trainer.args.should_save:
+            for path in staging.iterdir():
+                os.replace(path, out / path.name)
+    except OSError as e:
+        raise UserError(
+            f"cannot save the fine-tuned model in --output_dir {out}: {e.strerror or one_line(e)} "
+            "(nothing there was replaced)"
+        ) from None
+    finally:
+        if trainer.args.should_save and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_metrics(trainer: Trainer, split: str, metrics: dict) -> None:
+    """`trainer.save_metrics(split, metrics)` (`{split}_results.json`, merged into `all_results.json`),
+    each file written atomically; a write that fails (disk full) is a `UserError` and leaves the old file."""
+    if not trainer.is_world_process_zero():
+        return
+    out = Path(trainer.args.output_dir)
+    try:
+        all_path = out / "all_results.json"
+        all_metrics = json.loads(all_path.read_text(encoding="utf-8")) if all_path.exists() else {}
+        all_metrics.update(metrics)
+        for path, content in ((out / f"{split}_results.json", metrics), (all_path, all_metrics)):
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=4, sort_keys=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the {split} results in --output_dir {out}: {e.strerror or one_line(e)}"
+        ) from None

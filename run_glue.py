@@ -133,7 +133,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     eval_common.check_run_flags(data_args, training_args)
-    eval_common.check_output_dir(training_args)
+    eval_common.check_output_dir(training_args, model_args)
     eval_common.setup_logging(training_args, logger)
     last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = eval_common.load_tokenizer(model_args)
     eval_common.check_vocab_size(tokenizer, config)
+    eval_common.require_pad_token(tokenizer)
     model = eval_common.load_model(
         AutoModelForSequenceClassification,
         model_args,
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["eval_samples"] = len(eval_datasets[split])
             results.update({k + eval_split_suffix[split]: v for k, v in metrics.items()})
         trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
+        eval_common.save_metrics(trainer, "eval", results)
 
     # ---- predict
     if training_args.do_predict:

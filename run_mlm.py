@@ -88,6 +88,7 @@ def load_raw_datasets(
     """
     files = eval_common.given_files(data_args, ("train", "validation"))
     if data_args.dataset_dir is not None:
+        eval_common.require_no_symlink_loop(data_args.dataset_dir, "--dataset_dir")
         if not Path(data_args.dataset_dir).is_dir():
             raise UserError(f"--dataset_dir not found: {data_args.dataset_dir}")
         try:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_predict:
         raise UserError("run_mlm.py has no --do_predict: score the data with --do_eval")
     eval_common.check_run_flags(data_args, training_args, stages=("--do_train", "--do_eval"))
-    eval_common.check_output_dir(training_args)
+    eval_common.check_output_dir(training_args, model_args)
     eval_common.setup_logging(training_args, logger)
     last_checkpoint = eval_common.detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["eval_samples"] = len(eval_dataset)
         results["perplexity"] = eval_metrics.perplexity(results["eval_loss"])
         trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
+        eval_common.save_metrics(trainer, "eval", results)
     return results
 
 

@@ -129,7 +129,7 @@ def check_tagged_words(dataset: datasets.Dataset, text_column: str, label_column
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     eval_common.check_run_flags(data_args, training_args)
-    eval_common.check_output_dir(training_args)
+    eval_common.check_output_dir(training_args, model_args)
     tag_names = [name for arg in training_args.label_names or [] for name in arg.split(",") if name]
     training_args.label_names = None
     eval_common.setup_logging(training_args, logger)
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not tokenizer.is_fast:
         raise UserError(f"tokenizer {tokenizer.name_or_path} has no word alignment (not a fast tokenizer)")
     eval_common.check_vocab_size(tokenizer, config)
+    eval_common.require_pad_token(tokenizer)
     model = eval_common.load_model(
         AutoModelForTokenClassification, model_args, config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
     )
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = trainer.evaluate()
         results["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", results)
-        trainer.save_metrics("eval", results)
+        eval_common.save_metrics(trainer, "eval", results)
 
     # ---- predict: one line of space-separated tags per sentence
     if training_args.do_predict:
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         output = trainer.predict(test_dataset, metric_key_prefix="predict")
         if "test" in labelled_splits:
             trainer.log_metrics("predict", output.metrics)
-            trainer.save_metrics("predict", output.metrics)
+            eval_common.save_metrics(trainer, "predict", output.metrics)
         pred_tags, _ = to_tags(np.argmax(output.predictions, axis=2), output.label_ids)
         if trainer.is_world_process_zero():
             out_file = Path(training_args.output_dir) / "predictions.txt"

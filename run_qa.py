@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, least in (("doc_stride", 0), ("n_best_size", 1), ("max_answer_length", 1)):
         if getattr(data_args, name) < least:
             raise UserError(f"--{name} must be at least {least}, got {getattr(data_args, name)}")
-    eval_common.check_output_dir(training_args)
+    eval_common.check_output_dir(training_args, model_args)
     eval_common.setup_logging(training_args, logger)
 
     if training_args.eval_strategy != "no":
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not tokenizer.is_fast:
         raise UserError(f"tokenizer {tokenizer.name_or_path} gives no character offsets (not a fast tokenizer)")
     eval_common.check_vocab_size(tokenizer, config)
+    eval_common.require_pad_token(tokenizer)
     model = eval_common.load_model(AutoModelForQuestionAnswering, model_args, config)
 
     max_seq_length = min(data_args.max_seq_length, eval_common.model_input_limit(tokenizer, config))
@@ -194,6 +195,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if data_args.doc_stride >= max_seq_length // 2:
         raise UserError(f"--doc_stride {data_args.doc_stride} must be below half of max_seq_length ({max_seq_length})")
+    room_needed = tokenizer.num_special_tokens_to_add(pair=True) + data_args.doc_stride
+    for split in raw_datasets:
+        questions = [q.lstrip() for q in raw_datasets[split]["question"]]
+        lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[longest] + room_needed >= max_seq_length:
+            raise UserError(
+                f"question {raw_datasets[split][longest]['id']!r} in {where(split, files)} is {lengths[longest]} "
+                f"tokens long: with max_seq_length {max_seq_length} and --doc_stride {data_args.doc_stride} "
+                "no room is left for its context; raise --max_seq_length or lower --doc_stride"
+            )
     pad_on_right = tokenizer.padding_side == "right"  # question first, then context
     context_index = 1 if pad_on_right else 0
     padding = "max_length" if data_args.pad_to_max_length else False
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
             if data_args.version_2_with_negative:
                 write_json(null_diffs, out / f"{prefix}_null_odds.json")
         trainer.log_metrics(prefix, metrics)
-        trainer.save_metrics(prefix, metrics)
+        eval_common.save_metrics(trainer, prefix, metrics)
         return metrics
 
     results = answer("validation", data_args.max_eval_samples, "eval") if training_args.do_eval else {}

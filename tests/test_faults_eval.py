@@ -498,3 +498,264 @@ def test_glue_suite_checks_models_and_outputs_before_any_training(tmp_path, dump
     )
     assert_refused(status, line, "--results_file's folder", f"{blocker} is not a folder")
     assert not (tmp_path / "suite").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening, round 2: broken model folders name the file
+
+
+def _edit_config(folder: Path, **fields) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _cut_in_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _as_pytorch_bin(folder: Path) -> Path:
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder / "pytorch_model.bin"
+
+
+MODEL_FOLDER_FAULTS = {
+    "declared_field_as_text": (lambda f: _edit_config(f, n_layers="4"), "config.json", "'n_layers' expected int"),
+    "alias_field_as_text": (
+        lambda f: _edit_config(f, num_hidden_layers="4"),
+        "config.json",
+        "'num_hidden_layers' must be a positive integer, got '4'",
+    ),
+    "config_not_json": (
+        lambda f: (f / "config.json").write_text('{"model_type": "distilbert", '),
+        "config.json",
+        "not valid JSON",
+    ),
+    "config_a_list": (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json", "must hold a JSON object"),
+    "safetensors_cut_in_half": (lambda f: _cut_in_half(f / "model.safetensors"), "model.safetensors", "truncated"),
+    "pytorch_bin_cut_in_half": (lambda f: _cut_in_half(_as_pytorch_bin(f)), "pytorch_model.bin", "truncated"),
+    "tokenizer_json_broken": (
+        lambda f: (f / "tokenizer.json").write_text('{"version": '),
+        "tokenizer.json",
+        "not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_FOLDER_FAULTS))
+def test_a_broken_model_folder_names_the_broken_file(case, tmp_path, tokenizer_dir, dump_dir, capsys):
+    folder = copy_dump(dump_dir, tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    break_it, file_name, fragment = MODEL_FOLDER_FAULTS[case]
+    break_it(folder)
+    validation = write_jsonl(tmp_path / "v.jsonl", [{"text": "the cat sat on the mat"}] * 4)
+    status, line = cli(
+        run_mlm,
+        ["--model_name_or_path", str(folder), "--validation_file", str(validation), "--do_eval"]
+        + common_args(tmp_path, None),
+        capsys,
+    )
+    assert_refused(status, line, str(folder / file_name), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_padding_token_is_refused(tmp_path, dump_dir, capsys):
+    from conftest import VOCAB
+    from transformers import BertTokenizer
+
+    folder = tmp_path / "no_pad"
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, pad_token=None).save_pretrained(folder)
+    validation = write_csv(tmp_path / "v.csv", sentiment_rows(4))
+    status, line = cli(
+        run_glue,
+        [
+            "--model_name_or_path",
+            str(dump_dir),
+            "--task_name",
+            "sst2",
+            "--do_eval",
+            "--validation_file",
+            str(validation),
+        ]
+        + common_args(tmp_path, folder),
+        capsys,
+    )
+    assert_refused(status, line, f"tokenizer {folder} has no padding token")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders are owned: no script writes where it reads a model, nor into a distillation run
+
+
+def distillation_run(dump_dir: Path, tokenizer_dir: Path, folder: Path) -> Path:
+    """A run folder as causal_train.py leaves it: marker, final student, tokenizer, a checkpoint-<step>/."""
+    import eval_common
+
+    copy_dump(dump_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    (folder / eval_common.RUN_MARKER).write_text("A run folder of causal_train.py (DIITO). --force may replace it.\n")
+    shutil.copytree(folder, folder / "checkpoint-4", ignore=shutil.ignore_patterns(eval_common.RUN_MARKER))
+    return folder
+
+
+def test_the_run_marker_is_the_one_causal_train_writes():
+    import causal_train
+    import eval_common
+
+    assert eval_common.RUN_MARKER == causal_train.RUN_MARKER
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "case", ["output_is_the_model", "output_in_the_run", "model_inside_output", "resume_a_distillation_checkpoint"]
+)
+def test_a_distillation_run_folder_is_never_written_by_fine_tuning(case, tmp_path, tokenizer_dir, dump_dir, capsys):
+    run = distillation_run(dump_dir, tokenizer_dir, tmp_path / "run")
+    before = _snapshot(run)
+    model, output, extra, fragments = {
+        "output_is_the_model": (run, run, [], ["is the folder --model_name_or_path reads from"]),
+        "output_in_the_run": (run, run / "glue", [], ["inside the distillation run folder", ".causal_train_run"]),
+        "model_inside_output": (run / "checkpoint-4", run, [], ["lies inside --output_dir", "deletes checkpoints"]),
+        "resume_a_distillation_checkpoint": (
+            run,
+            tmp_path / "out",
+            ["--resume_from_checkpoint", str(run / "checkpoint-4")],
+            ["is not a Trainer checkpoint (no trainer_state.json)", "--model_name_or_path"],
+        ),
+    }[case]
+    data = write_csv(tmp_path / "d.csv", sentiment_rows(8))
+    status, line = cli(
+        run_glue,
+        ["--model_name_or_path", str(model), "--task_name", "sst2", "--do_train", "--do_eval"]
+        + ["--train_file", str(data), "--validation_file", str(data)]
+        + common_args(tmp_path, None)
+        + ["--output_dir", str(output)]
+        + extra,
+        capsys,
+    )
+    assert_refused(status, line, *fragments, "--output_dir" if case != "resume_a_distillation_checkpoint" else "")
+    assert _snapshot(run) == before
+    assert not (run / "glue").exists() and not (tmp_path / "out").exists()
+
+
+def test_checkpoints_without_trainer_state_are_not_resumed_from(tmp_path, tokenizer_dir, dump_dir, capsys):
+    """A copied run without its marker: its checkpoint-<step>/ is no Trainer checkpoint, and training is refused."""
+    import eval_common
+
+    output = distillation_run(dump_dir, tokenizer_dir, tmp_path / "copied_run")
+    (output / eval_common.RUN_MARKER).unlink()
+    before = _snapshot(output)
+    data = write_csv(tmp_path / "d.csv", sentiment_rows(8))
+    status, line = cli(
+        run_glue,
+        ["--model_name_or_path", str(dump_dir), "--task_name", "sst2", "--do_train", "--train_file", str(data)]
+        + common_args(tmp_path, tokenizer_dir)
+        + ["--output_dir", str(output)],
+        capsys,
+    )
+    assert_refused(status, line, "holds checkpoint-4/ without trainer_state.json", "give another --output_dir")
+    assert _snapshot(output) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, paths and data refused before the model loads
+
+
+def test_seeds_the_trainer_cannot_use_are_refused(tmp_path, capsys):
+    for seed in ("-1", str(2**32)):
+        status, line = cli(
+            run_ner,
+            ["--model_name_or_path", str(tmp_path / "never_read"), "--do_eval", "--seed", seed]
+            + ["--output_dir", str(tmp_path / "out")],
+            capsys,
+        )
+        assert_refused(status, line, f"--seed must be between 0 and {2**32 - 1}, got {seed}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_through_symlink_loops_are_refused_naming_the_loop(tmp_path, tokenizer_dir, dump_dir, capsys):
+    loop = tmp_path / "loop"
+    os.symlink(tmp_path / "loop_back", loop)
+    os.symlink(loop, tmp_path / "loop_back")
+    validation = write_csv(tmp_path / "v.csv", sentiment_rows(4))
+    base = ["--model_name_or_path", str(dump_dir), "--task_name", "sst2", "--do_eval"] + common_args(
+        tmp_path, tokenizer_dir
+    )
+    status, line = cli(
+        run_glue, base + ["--validation_file", str(validation), "--output_dir", str(loop / "out")], capsys
+    )
+    assert_refused(status, line, f"--output_dir {loop / 'out'}", f"{loop} is a loop of symbolic links")
+    status, line = cli(run_glue, base + ["--validation_file", str(loop / "v.csv")], capsys)
+    assert_refused(status, line, f"--validation_file {loop / 'v.csv'}", "loop of symbolic links")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_question_leaving_no_room_for_its_context_is_named(tmp_path, tokenizer_dir, dump_dir, capsys):
+    rows = qa_rows(4)
+    rows[2]["question"] = " ".join(["where"] * 40) + " ?"
+    validation = write_jsonl(tmp_path / "dev.jsonl", rows)
+    status, line = cli(
+        run_qa,
+        ["--model_name_or_path", str(dump_dir), "--validation_file", str(validation), "--do_eval"]
+        + QA_SHAPE
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
+    assert_refused(status, line, "question 'q2'", str(validation), "41 tokens long", "no room is left for its context")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full while saving: one line, and no file left looking complete
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_disk_full_while_saving_leaves_earlier_files_intact(tmp_path, tokenizer_dir, dump_dir, capsys, monkeypatch):
+    from transformers import Trainer
+
+    import eval_common
+
+    data = write_csv(tmp_path / "d.csv", sentiment_rows(8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_results.json").write_text('{"eval_accuracy": 0.5}')
+    args = [
+        "--model_name_or_path",
+        str(dump_dir),
+        "--task_name",
+        "sst2",
+        "--do_eval",
+        "--validation_file",
+        str(data),
+    ] + common_args(tmp_path, tokenizer_dir)
+
+    def write_half_then_fail(self, output_dir=None, _internal_call=False):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half a model")
+        _disk_full()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_model", write_half_then_fail)
+        status, line = cli(run_glue, args + ["--do_train", "--train_file", str(data)], capsys)
+    assert_refused(status, line, f"cannot save the fine-tuned model in --output_dir {out}", "No space left on device")
+    assert sorted(p.name for p in out.iterdir() if p.name != "runs") == ["eval_results.json"]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_common.json, "dump", lambda obj, f, **kw: (f.write("{"), _disk_full()))
+        status, line = cli(run_glue, args, capsys)
+    assert_refused(status, line, f"cannot write the eval results in --output_dir {out}", "No space left on device")
+    assert (out / "eval_results.json").read_text() == '{"eval_accuracy": 0.5}'
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
