@@ -41,6 +41,7 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
+from run_folders import RUN_MARKER  # the file causal_train.py writes first into every run folder
 from utils import UserError, atomic_path, cannot_write_in, nearest_existing, require_file
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,6 @@ def require_no_symlink_loop(path: str | os.PathLike, what: str) -> None:
         raise UserError(f"{what} {path} cannot be reached: {loop} is a loop of symbolic links")
 
 
-# The file causal_train.py writes first into every distillation run folder (causal_train.RUN_MARKER).
-RUN_MARKER = ".causal_train_run"
 TRAINER_STATE = "trainer_state.json"  # what makes a `checkpoint-<step>/` folder a Trainer checkpoint
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
 

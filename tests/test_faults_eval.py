@@ -605,13 +605,6 @@ def distillation_run(dump_dir: Path, tokenizer_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def test_the_run_marker_is_the_one_causal_train_writes():
-    import causal_train
-    import eval_common
-
-    assert eval_common.RUN_MARKER == causal_train.RUN_MARKER
-
-
 def _snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
