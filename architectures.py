@@ -288,6 +288,28 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+# Config rates of parts the distiller never runs (classification and summary heads).
+_UNUSED_DROPOUT_PREFIXES = ("classifier", "summary", "qa_", "seq_classif")
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether `model` in training mode draws random dropout masks: a dropout module with p > 0, or a
+    non-zero config rate that attention applies functionally (e.g. Llama's `attention_dropout`)."""
+    inner = unwrap(model)
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in inner.modules()):
+        return True
+    config = getattr(inner, "config", None)
+    rates = config.to_dict().items() if config is not None else ()
+    return any(
+        ("dropout" in key or "pdrop" in key)
+        and not key.startswith(_UNUSED_DROPOUT_PREFIXES)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        for key, value in rates
+    )
+
+
 def get_architecture(model_or_config: Any) -> Architecture:
     """The row of a model (LM or base model, possibly inside (D)DP) or config, by `config.model_type`."""
     inner = unwrap(model_or_config) if isinstance(model_or_config, nn.Module) else model_or_config

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from architectures import backbone, get_architecture, lm_head_logits
+from architectures import backbone, get_architecture, has_dropout, lm_head_logits
 from interventions import (
     activations_from_cache,
     get_activation_at,
@@ -40,13 +40,20 @@ class DiitoRuns(nn.Module):
     deepest intervened block, and the counterfactual run on the base. The LM head runs on the
     selected rows only. Below the lowest intervened block the counterfactual run computes what the
     base run computed, so it restarts from the base run's recorded output of that block when that
-    is exact -- the model is in eval mode (the teacher: no dropout) -- or when fast mode allows it
-    (a training student then shares the base run's dropout masks below the intervention).
+    is exact -- the model draws no dropout masks: it is in eval mode (the teacher), or it has no
+    dropout (a Llama-family student) -- or when fast mode allows it (a training student with dropout
+    then shares the base run's masks below the intervention).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.has_dropout = has_dropout(model)  # rates are fixed for the run; only the mode changes
+
+    @property
+    def draws_dropout_masks(self) -> bool:
+        """Whether a run draws new dropout masks, so that two runs differ below an intervention."""
+        return self.model.training and self.has_dropout
 
     def forward(self, plan: StepPlan, variables: list[str] | None) -> ModelRuns:
         """The runs `plan.mode` calls for; `variables`: this model's intervened variables."""
@@ -70,7 +77,7 @@ class DiitoRuns(nn.Module):
 
     def interchange(self, plan: StepPlan, variables: list[str]) -> ModelRuns:
         """Base run, source run on the dual, counterfactual run with the source values interchanged."""
-        if not self.model.training:
+        if not self.draws_dropout_masks:
             return self._restart_above(plan, variables, fast=False)
         # Dropout draws new masks in every run: the counterfactual run recomputes every block.
         # The three runs' token embeddings come from one lookup (one embedding backward).

@@ -19,10 +19,11 @@ same machine load:
 - fast: the same with `--fast_mode` (with `--fast`);
 - original: the original's pass structure: three full passes per model (base, source,
   counterfactual), full-vocabulary logits on every position of every pass, student passes with grad;
-- restart (with `--student_restart`): exact DIITO with the student's counterfactual run restarted
-  above its intervened block, as the teacher's is. Exact only for a student without dropout (the
-  Llama family's default); the distiller does this today only for a model in eval mode, so the
-  benchmark runs this variant with the student in eval mode.
+- recompute (with `--student_recompute`, llama only): exact DIITO with the dropout-free student's
+  counterfactual run recomputing every block below the intervention, as a student with dropout must
+  (and as every training student did before the distiller restarted dropout-free ones). The bert
+  student has dropout, so its diito variant recomputes; the llama student has none, so its diito
+  variant restarts above the intervened block, as the teacher's does.
 
 A step is forward + backward (no optimizer update: it is the same in every variant). FLOPs are
 the matmul FLOPs of the passes each variant runs, counted analytically; MFU is those FLOPs per
@@ -138,10 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher_map_layer", type=int, default=None, help="bert default: teacher_layers // 2.")
     p.add_argument("--student_map_layer", type=int, default=None, help="bert default: student_layers // 2.")
     p.add_argument(
-        "--student_restart",
+        "--student_recompute",
         action="store_true",
-        help="Also time exact DIITO with the student's counterfactual run restarted above its "
-        "intervened block (exact for a student without dropout; llama only).",
+        help="Also time exact DIITO with the dropout-free student's counterfactual run recomputing "
+        "every block below the intervention, as a student with dropout does (llama only).",
     )
     p.add_argument(
         "--eager_attention",
@@ -178,10 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.family == "bert" and (
         args.kv_heads != args.teacher_heads
         or args.head_dim * args.teacher_heads != args.teacher_hidden
-        or args.student_restart
+        or args.student_recompute
         or args.eager_attention
     ):
-        p.error("--kv_heads, --head_dim, --student_restart and --eager_attention are for --family llama")
+        p.error("--kv_heads, --head_dim, --student_recompute and --eager_attention are for --family llama")
     if args.train_steps and args.family != "bert":
         p.error("--train_steps runs the BERT setup only")
     return args
@@ -306,21 +307,16 @@ def distiller_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) 
     distiller.student.zero_grad(set_to_none=True)
 
 
-def restart_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) -> None:
-    """The exact step with the student in eval mode: its counterfactual run restarts above the
-    intervened block from its base run, as the teacher's does (exact for a student without dropout)."""
-    assert not _has_dropout(distiller.student), "the restart is exact only without dropout"
-    distiller.student.eval()
+def recompute_step(distiller: CausalDistiller, batch: tuple[torch.Tensor, ...]) -> None:
+    """The exact step with the student's counterfactual run recomputing every block, as it does for a
+    student with dropout (same numbers for this dropout-free student, more work)."""
+    runs = distiller.student_runs
+    assert not runs.has_dropout, "the llama student has no dropout: its exact step restarts"
+    runs.has_dropout = True
     try:
         distiller_step(distiller, batch)
     finally:
-        distiller.student.train()
-
-
-def _has_dropout(model: torch.nn.Module) -> bool:
-    config = model.config
-    rates = [getattr(config, name, 0.0) or 0.0 for name in ("attention_dropout", "hidden_dropout", "dropout")]
-    return any(rate > 0 for rate in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        runs.has_dropout = False
 
 
 # --- the original's pass structure -------------------------------------------------------------
@@ -396,7 +392,7 @@ class Pass:
     backward_head_rows: int = 0
 
 
-VARIANTS = ("plain", "diito", "fast", "original", "restart")
+VARIANTS = ("plain", "diito", "fast", "original", "recompute")
 
 
 def step_passes(args: argparse.Namespace, variant: str) -> list[Pass]:
@@ -407,24 +403,16 @@ def step_passes(args: argparse.Namespace, variant: str) -> list[Pass]:
     plain = [Pass(True, lt, sel), Pass(False, ls, sel, ls, sel)]
     if variant == "plain":
         return plain
-    if variant == "diito":
-        # Sources stop after the mapped block; the teacher's counterfactual run restarts above it.
-        return plain + [
-            Pass(True, kt + 1, 0),
-            Pass(True, lt - kt - 1, sel),
-            Pass(False, ks + 1, 0, ks + 1, 0),
-            Pass(False, ls, sel, ls, sel),
-        ]
+    # Sources stop after the mapped block; the teacher's counterfactual run restarts above it. The
+    # student's restarts too unless it has dropout (the bert student; the llama student has none).
+    restarted = Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)
+    recomputed = Pass(False, ls, sel, ls, sel)
+    if variant in ("diito", "recompute"):
+        student_cf = recomputed if variant == "recompute" or args.family == "bert" else restarted
+        sources = [Pass(True, kt + 1, 0), Pass(False, ks + 1, 0, ks + 1, 0)]
+        return plain + sources + [Pass(True, lt - kt - 1, sel), student_cf]
     if variant == "fast":
         return plain + [Pass(True, lt - kt - 1, sel), Pass(False, ls - ks - 1, sel, ls - ks - 1, sel)]
-    if variant == "restart":
-        # As diito, but the student's counterfactual run restarts above its block ks too.
-        return plain + [
-            Pass(True, kt + 1, 0),
-            Pass(True, lt - kt - 1, sel),
-            Pass(False, ks + 1, 0, ks + 1, 0),
-            Pass(False, ls - ks - 1, sel, ls - ks - 1, sel),
-        ]
     assert variant == "original", variant
     # original: full passes with full logits; gradients reach the source run only below its site.
     return (
@@ -506,8 +494,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             variants["fast"] = lambda: distiller_step(fast, batch)
         if not args.no_original:
             variants["original"] = lambda: original_step(diito, batch, args)
-        if args.student_restart:
-            variants["restart"] = lambda: restart_step(diito, batch)
+        if args.student_recompute:
+            variants["recompute"] = lambda: recompute_step(diito, batch)
 
         peak = matmul_peak(args.device)
         times: dict[str, list[float]] = {name: [] for name in variants}

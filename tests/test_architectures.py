@@ -76,3 +76,28 @@ def test_special_token_ids_leave_out_undefined_tokens(tmp_path):
     expected = save_word_level_tokenizer(tmp_path, 50, with_bos=False)
     ids = special_token_ids(tr.AutoTokenizer.from_pretrained(tmp_path))
     assert ids == expected and "bos_token" not in ids
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+def test_decoder_students_have_no_dropout_unless_attention_dropout_is_set(family):
+    from conftest import tiny_decoder_config
+
+    from architectures import has_dropout
+
+    lm_cls = ARCHITECTURES[family].lm_cls()
+    assert not has_dropout(lm_cls(tiny_decoder_config(family)))
+    assert has_dropout(lm_cls(tiny_decoder_config(family, attention_dropout=0.1)))
+
+
+def test_dropout_modules_count_and_unused_head_rates_do_not():
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    from architectures import has_dropout
+
+    small = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**small, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    assert gpt2.config.summary_first_dropout > 0 and not has_dropout(gpt2)  # a head the distiller never runs
+    assert has_dropout(GPT2LMHeadModel(GPT2Config(**small, attn_pdrop=0.1, resid_pdrop=0.0, embd_pdrop=0.0)))
+    tiny = dict(vocab_size=50, dim=16, hidden_dim=32, n_layers=1, n_heads=2, max_position_embeddings=16)
+    assert not has_dropout(DistilBertForMaskedLM(DistilBertConfig(**tiny, dropout=0.0, attention_dropout=0.0)))
+    assert has_dropout(DistilBertForMaskedLM(DistilBertConfig(**tiny, dropout=0.1, attention_dropout=0.0)))

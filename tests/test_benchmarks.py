@@ -85,9 +85,9 @@ TINY_DECODER = [
 
 
 def test_decoder_step_benchmark_prints_every_variant(capsys):
-    ratios = bench_step.main(TINY_DECODER + ["--reps", "1", "--fast", "--student_restart"])
+    ratios = bench_step.main(TINY_DECODER + ["--reps", "1", "--fast", "--student_recompute"])
     out = capsys.readouterr().out
-    assert set(ratios) == {"plain", "diito", "fast", "original", "restart"} and ratios["plain"] == 1.0
+    assert set(ratios) == {"plain", "diito", "fast", "original", "recompute"} and ratios["plain"] == 1.0
     assert "llama: teacher 4x32 (4 heads, 2 kv heads, MLP 48) -> student 3 layers" in out
     for name in ratios:
         assert f"| {name} |" in out
@@ -123,7 +123,7 @@ def test_decoder_step_flops_equal_flop_counter_mode_for_every_variant(tmp_path):
             args, teacher, student, causal=variant != "plain", fast=variant == "fast", dump=tmp_path
         )
         step = {
-            "restart": lambda d=d: bench_step.restart_step(d, batch),
+            "recompute": lambda d=d: bench_step.recompute_step(d, batch),
             "original": lambda d=d: bench_step.original_step(d, batch, args),
         }.get(variant, lambda d=d: bench_step.distiller_step(d, batch))
         with FlopCounterMode(display=False) as counter:

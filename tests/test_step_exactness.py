@@ -179,11 +179,15 @@ MAPPINGS = {
 # ------------------------------------------------------------------------------------------- exact mode
 
 
-@pytest.mark.parametrize("student_mode", ["eval", "train"])
+@pytest.mark.parametrize("student_mode", ["eval", "train", "train, recomputed"])
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
 def test_exact_step_equals_the_straightforward_step(tmp_path, mapping, student_mode):
-    # eval: the student restarts its counterfactual run too; train (dropout 0): it recomputes every block.
-    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], interchange_consecutive_only=True, student_mode=student_mode)
+    # eval, and train without dropout: the student restarts its counterfactual run above the
+    # intervention. "recomputed": the path a student with dropout takes (every block runs again),
+    # forced here at dropout 0 so that it can be compared with the reference.
+    mode = student_mode.split(",")[0]
+    d = _distiller(tmp_path, "bert", MAPPINGS[mapping], interchange_consecutive_only=True, student_mode=mode)
+    d.student_runs.has_dropout = student_mode.endswith("recomputed")
     assert_step_equals_reference(d, _batch("bert"))
 
 
@@ -252,6 +256,19 @@ def _count_block_calls(model: nn.Module) -> tuple[list[int], list]:
     for i, block in enumerate(backbone(model).get_submodule(get_architecture(model).blocks)):
         handles.append(block.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)))
     return counts, handles
+
+
+def test_a_student_without_dropout_restarts_its_counterfactual_run(tmp_path):
+    # Teacher block 1 <-> student block 0, a training student with dropout 0.
+    d = _distiller(tmp_path, "bert", MAPPINGS["middle"])
+    assert d.student.training and not d.student_runs.draws_dropout_masks
+    t_counts, t_handles = _count_block_calls(d.teacher)
+    s_counts, s_handles = _count_block_calls(d.student)
+    d._loss_step(_batch("bert"))
+    for h in t_handles + s_handles:
+        h.remove()
+    # Both: base; source up to the intervened block; counterfactual above it.
+    assert t_counts == [2, 2, 2, 2] and s_counts == [2, 2]
 
 
 @pytest.mark.parametrize("fast", [False, True])
