@@ -21,6 +21,7 @@ import numpy as np
 
 from quickstart_lib import report
 from quickstart_lib.corpus import build_corpus, write_lines
+from quickstart_lib.memory import peak_rss_mb, release_memory, reset_peak_rss, wait_with_peak_rss
 from quickstart_lib.recipes import RECIPES
 from quickstart_lib.settings import BASELINE, CAUSAL, CONTROL, RunKey, Settings
 from quickstart_lib.statistics import data_efficiency, paired_comparison, teacher_check
@@ -50,18 +51,12 @@ def prepare_output_dir(out: Path, s: Settings, force: bool) -> None:
     write_json(dataclasses.asdict(s), settings_file)
 
 
-def run_training(argv: list[str]) -> int:
-    """`python causal_train.py ARGV` in a child process; its exit status.
+def run_training(argv: list[str]) -> tuple[int, float | None]:
+    """`python causal_train.py ARGV` in a child process; its exit status and peak resident memory (MB).
 
     The quickstart drives the training CLI as a user would, rather than importing the entry point.
-    Ctrl-C reaches the child too, which saves its state and stops: wait for it instead of killing it.
     """
-    child = subprocess.Popen([sys.executable, str(REPO / "causal_train.py"), *argv])
-    while True:
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            continue
+    return wait_with_peak_rss(subprocess.Popen([sys.executable, str(REPO / "causal_train.py"), *argv]))
 
 
 class Pipeline:
@@ -79,6 +74,8 @@ class Pipeline:
         self.out, self.s, self.force = out, s, force
         self.seeds, self.multiples = seeds, multiples
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}  # per stage run: the larger of this process's and its child's
+        self.child_peak_mb: float | None = None  # the current stage's training child's
         self.ran: set[str] = set()  # stages run in this call
         self.corpus = {split: out / "corpus" / f"{split}.txt" for split in ("train", "heldout")}
         self.recipe = RECIPES[s.teacher](out, s, teacher_dir)
@@ -123,11 +120,17 @@ class Pipeline:
             logger.info("[%d/7] %s: done already, skipped", n, name)
             return
         logger.info("[%d/7] %s ...", n, name)
+        reset_peak_rss()
+        self.child_peak_mb = None
         start = time.time()
         fn()
         self.timings[name] = round(time.time() - start, 1)
         self.ran.add(name)
-        logger.info("[%d/7] %s: %.0fs", n, name, self.timings[name])
+        peaks = [mb for mb in (peak_rss_mb(), self.child_peak_mb) if mb is not None]
+        release_memory()
+        if peaks:
+            self.peak_rss_mb[name] = round(max(peaks))
+        logger.info("[%d/7] %s: %.0fs, peak memory %s MB", n, name, self.timings[name], self.peak_rss_mb.get(name, "?"))
 
     def run(self) -> dict:
         r = self.recipe
@@ -264,7 +267,7 @@ class Pipeline:
             "--checkpoint_interval",
             str(max(1, steps // 3)),
         ]
-        status = run_training(argv)
+        status, self.child_peak_mb = run_training(argv)
         if status != 0 or not (run / "pytorch_model.bin").exists():
             raise UserError(
                 f"training {key.path} stopped before the end (exit status {status}; its message is above); "
@@ -319,6 +322,7 @@ class Pipeline:
             "paired": paired,
             "corpus": corpus,
             "timings_s": self.timings,
+            "peak_rss_mb": self.peak_rss_mb,
             "teacher_check": teacher_check(
                 models, reference["unigram_baseline"], next(m for m in metrics if m.key == self.recipe.accuracy_metric)
             ),
