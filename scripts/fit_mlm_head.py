@@ -70,6 +70,12 @@ HEAD_PREFIX = "cls.predictions."
 # The parameters that train: the transform and the output bias (the decoder weight is tied).
 TRAINED = ("cls.predictions.transform.", "cls.predictions.bias")
 RESULTS_FILE = "head_fit.json"  # written last: its presence means the folder is complete
+# An adapted encoder keeps every block's attention maps for the backward pass: 6.5 GB for a padded batch
+# of 32 x 355 tokens. Batches above this many attention cells per head (batch x width^2) recompute their
+# blocks' activations in the backward pass instead: the same ops on the same values (non-reentrant
+# checkpointing replays the dropout masks), so the same gradients bit for bit, for one more forward pass
+# on the few long batches.
+CHECKPOINT_CELLS = 32 * 192**2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +162,15 @@ def head_and_encoder_parameters(model: BertForMaskedLM) -> tuple[list[nn.Paramet
     return head, encoder
 
 
+def set_activation_checkpointing(model: BertForMaskedLM, on: bool) -> None:
+    """Recompute (on) or keep (off) the blocks' activations for the backward pass; see CHECKPOINT_CELLS."""
+    if on:
+        model.activation_checkpointing_enable()
+    else:
+        model.activation_checkpointing_disable()
+        model.disable_input_require_grads()  # the embedding hook that enabling added
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bar = tqdm(range(args.steps), desc="fit MLM head")
     order = torch.randperm(len(train), generator=generator)
     cursor = 0
+    checkpointing = False
     for _ in bar:
         if cursor + args.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=generator), 0
@@ -239,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cursor += args.batch_size
         input_ids, labels = masker(ids, lengths, generator)
         rows = labels != IGNORE_INDEX
+        if checkpointing != (adapt and ids.size(0) * ids.size(1) ** 2 > CHECKPOINT_CELLS):
+            checkpointing = not checkpointing
+            set_activation_checkpointing(model, checkpointing)
         with torch.set_grad_enabled(adapt):
             hidden = encoder(input_ids=input_ids, attention_mask=real_token_mask(lengths, ids.size(1)).long())
         logits = lm_head_logits(model, hidden.last_hidden_state[rows])  # (n_targets, vocab)
@@ -249,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
+    set_activation_checkpointing(model, False)
     model.eval()
     results = evaluate_mlm(model, heldout_batches)
     logger.info(

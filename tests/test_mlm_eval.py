@@ -18,6 +18,7 @@ import token_store
 from losses import IGNORE_INDEX
 from masking import load_token_counts, token_probabilities
 from neuron_mapping import deserialize_variable_name
+from quickstart_lib.statistics import Metric, matching_multiple, paired_comparison
 from utils import UserError
 
 # --- smoothing ----------------------------------------------------------------------------------
@@ -98,35 +99,35 @@ def test_unigram_baseline_scores_the_smoothed_corpus_frequencies():
 
 # --- statistics over seeds ----------------------------------------------------------------------
 
-LOSS = quickstart.Metric("mlm_loss", "loss", higher_is_better=False)
-ACC = quickstart.Metric("acc", "accuracy", higher_is_better=True)
+LOSS = Metric("mlm_loss", "loss", higher_is_better=False)
+ACC = Metric("acc", "accuracy", higher_is_better=True)
 
 
 def test_paired_comparison_is_a_student_t_interval_on_the_per_seed_differences():
     plain, diito = [6.0, 6.2, 5.9, 6.1], [5.8, 6.25, 5.7, 6.0]
-    got = quickstart.paired_comparison(plain, diito, LOSS)
+    got = paired_comparison(plain, diito, LOSS)
     d = np.array(diito) - np.array(plain)
     lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
     assert got["difference"]["mean"] == pytest.approx(d.mean())
     assert got["difference"]["ci"] == pytest.approx([lo, hi])
     assert got["plain"]["std"] == pytest.approx(np.std(plain, ddof=1))
     assert got["wins"] == {"diito": 3, "plain": 1, "tie": 0}  # lower loss wins
-    assert quickstart.paired_comparison(plain, diito, ACC)["wins"] == {"diito": 1, "plain": 3, "tie": 0}
+    assert paired_comparison(plain, diito, ACC)["wins"] == {"diito": 1, "plain": 3, "tie": 0}
 
 
 def test_one_seed_gives_no_interval_and_no_std():
-    got = quickstart.paired_comparison([6.0], [5.5], LOSS)
+    got = paired_comparison([6.0], [5.5], LOSS)
     assert got["difference"]["ci"] is None and got["plain"]["std"] is None
     assert got["difference"]["mean"] == -0.5 and got["wins"]["diito"] == 1
 
 
 def test_matching_multiple_interpolates_between_multiples_or_says_none():
     m = [1.0, 2.0, 4.0]
-    assert quickstart.matching_multiple(m, [0.10, 0.20, 0.30], 0.25, ACC) == pytest.approx(3.0)
-    assert quickstart.matching_multiple(m, [6.0, 5.0, 4.8], 5.5, LOSS) == pytest.approx(1.5)
-    assert quickstart.matching_multiple(m, [0.10, 0.20, 0.30], 0.35, ACC) is None
-    assert quickstart.matching_multiple(m, [0.30, 0.20, 0.10], 0.25, ACC) == 1.0  # no extra data needed
-    assert math.isclose(quickstart.matching_multiple(m, [0.1, 0.2, 0.3], 0.2, ACC), 2.0)
+    assert matching_multiple(m, [0.10, 0.20, 0.30], 0.25, ACC) == pytest.approx(3.0)
+    assert matching_multiple(m, [6.0, 5.0, 4.8], 5.5, LOSS) == pytest.approx(1.5)
+    assert matching_multiple(m, [0.10, 0.20, 0.30], 0.35, ACC) is None
+    assert matching_multiple(m, [0.30, 0.20, 0.10], 0.25, ACC) == 1.0  # no extra data needed
+    assert math.isclose(matching_multiple(m, [0.1, 0.2, 0.3], 0.2, ACC), 2.0)
 
 
 def test_data_multiples_flag_is_checked():

@@ -20,9 +20,11 @@ import pytest
 from scipy import stats
 
 import quickstart
+from quickstart_lib.recipes import MiniLmRecipe, SmolLm2Recipe
+from scripts import convert_gguf
 from utils import UserError
 
-METRICS = {m.key: m for m in quickstart.MiniLmRecipe.metrics}
+METRICS = {m.key: m for m in MiniLmRecipe.metrics}
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +226,7 @@ def test_full_quickstart_finishes_in_15_minutes_with_a_teacher_worth_distilling(
 # --- --teacher smollm2: the decoder quickstart at --tiny size, on the converted real teacher ---------
 
 
-SMOLLM2_METRICS = {m.key: m for m in quickstart.SmolLm2Recipe.metrics}
+SMOLLM2_METRICS = {m.key: m for m in SmolLm2Recipe.metrics}
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +245,7 @@ def smollm2_run(smollm2_dir, tmp_path_factory) -> tuple[Path, dict, list]:
         return folder
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quickstart.convert_gguf, "main", convert)
+        mp.setattr(convert_gguf, "main", convert)
         results = quickstart.main(["--teacher", "smollm2", "--tiny", "--output_dir", str(out)])
     return out, results, calls
 
