@@ -7,10 +7,13 @@ A run folder is created only by rank 0, marked first with `RUN_MARKER`, and repl
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +27,10 @@ logger = logging.getLogger("causal_train")  # the training CLI's log lines, whic
 # Written first into every run folder: what lets --force recognise a folder as a previous run.
 RUN_MARKER = ".causal_train_run"
 RUN_MARKER_TEXT = "A run folder of causal_train.py (DIITO). --force may replace it.\n"
+# Held (fcntl.flock) by the rank 0 that owns the run folder, until it exits: the kernel drops the lock when
+# that process dies, so a crashed run never leaves the folder locked. Holds "pid hostname" for the message.
+RUN_LOCK = ".causal_train.lock"
+_held_locks: list[int] = []  # open descriptors of the locks this process holds; closed only at exit
 # What a run folder of this code holds; a folder made before the marker existed is recognised when
 # its parameters.json has the training flags and it holds nothing else.
 RUN_FILES = (
@@ -38,6 +45,7 @@ RUN_FILES = (
     "checkpoints",
     "log",
     RUN_MARKER,
+    RUN_LOCK,
 )
 RUN_PARAMETER_KEYS = ("student_type", "teacher_type", "teacher_name", "data_file", "dump_path", "alpha_ce")
 
@@ -126,14 +134,33 @@ def prepare_dump_path(path: Path, options: RunOptions, context: RunContext) -> N
     on_master(context, lambda: _claim_dump_path(path, options))
 
 
+def lock_run_dir(path: Path) -> int:
+    """Take the run folder's lock for this process (until it exits) and return its descriptor;
+    raise a UserError naming the holder's pid when another live process holds it."""
+    fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown pid"
+        os.close(fd)
+        raise UserError(f"{path} is in use by another run (pid {holder}); wait for it to end") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _held_locks.append(fd)
+    return fd
+
+
 def _claim_dump_path(path: Path, options: RunOptions) -> None:
     check_run_dir(path, options)  # again: the folder may have changed while the models loaded
+    if path.is_dir():
+        lock_run_dir(path)  # before reading (--resume) or deleting (--force) anything in it
     if options.resume:
         return
     if path.exists():
         logger.info("Overwriting %s (--force)", path)
         shutil.rmtree(path)
     path.mkdir(parents=True)
+    lock_run_dir(path)
     (path / RUN_MARKER).write_text(RUN_MARKER_TEXT)
 
 

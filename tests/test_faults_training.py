@@ -457,3 +457,41 @@ def test_a_failed_student_folder_write_during_extraction_leaves_nothing(monkeypa
             ]
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "s.pth"]  # no (half-made) student folder
+
+
+HOLD_LOCK = (
+    "import sys, time, pathlib; from run_folders import lock_run_dir; "
+    "lock_run_dir(pathlib.Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+)
+
+
+@pytest.mark.parametrize("mode", ["--force", "--resume"])
+def test_a_run_folder_in_use_is_refused_and_untouched(tmp_path, small_run_argv, mode):
+    """A second run on a folder another live process holds exits 2 naming the folder and the holder's pid."""
+    run_dir = tmp_path / "results" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".causal_train_run").write_text("A run folder of causal_train.py (DIITO). --force may replace it.\n")
+    (run_dir / "mine.txt").write_text("live")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        argv = [flag for flag in small_run_argv() if flag != "--force"]  # train_argv passes --force
+        result = run_train([*argv, mode], tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(run_dir) in line and f"pid {holder.pid}" in line
+    assert (run_dir / "mine.txt").read_text() == "live"
+
+
+def test_a_stale_lock_does_not_block(tmp_path):
+    """The lock of a process that died is free: flock ends with its holder."""
+    from run_folders import lock_run_dir
+
+    script = HOLD_LOCK.replace("time.sleep(60)", "pass")
+    holder = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO)
+    assert holder.returncode == 0
+    assert (tmp_path / ".causal_train.lock").read_text().split()[0].isdigit()
+    lock_run_dir(tmp_path)
