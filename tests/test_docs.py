@@ -122,3 +122,17 @@ def test_link_checker_reports_missing_files_and_headings(tmp_path, monkeypatch):
         "page.md: target.md#same-2 (no heading #same-2 in target.md)",
         "page.md: target.md#not-a-heading (no heading #not-a-heading in target.md)",
     ]
+
+
+def test_the_readme_layout_names_every_module_and_folder_of_the_tree():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    named = set(block.split())
+    modules = {p.name for p in REPO.glob("*.py")}
+    folders = {f"{p.name}/" for p in REPO.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")}
+    folders -= {"__pycache__/"}
+    missing = sorted((modules | folders) - named)
+    assert not missing, f"README layout misses {missing}"
+    first = {line.split()[0] for line in block.splitlines() if line.strip()}
+    stale = sorted(n for n in first if n.endswith(".py") and n not in modules)
+    assert not stale, f"README layout names modules that do not exist: {stale}"
