@@ -58,6 +58,7 @@ from run_folders import (
     default_run_name,
     on_master,
     prepare_dump_path,
+    release_run_locks,
     run_description,
     write_run_info,
 )
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         return train(config, options, context)
     finally:
+        release_run_locks()
         if context.multi_process and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -30,7 +30,7 @@ RUN_MARKER_TEXT = "A run folder of causal_train.py (DIITO). --force may replace 
 # Held (fcntl.flock) by the rank 0 that owns the run folder, until it exits: the kernel drops the lock when
 # that process dies, so a crashed run never leaves the folder locked. Holds "pid hostname" for the message.
 RUN_LOCK = ".causal_train.lock"
-_held_locks: list[int] = []  # open descriptors of the locks this process holds; closed only at exit
+_held_locks: list[int] = []  # open descriptors of the locks this process holds (release_run_locks closes them)
 # What a run folder of this code holds; a folder made before the marker existed is recognised when
 # its parameters.json has the training flags and it holds nothing else.
 RUN_FILES = (
@@ -148,6 +148,13 @@ def lock_run_dir(path: Path) -> int:
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     _held_locks.append(fd)
     return fd
+
+
+def release_run_locks() -> None:
+    """Let go of every run folder this process holds: at the end of main(), so that a later run in
+    the same process (tests, notebooks) can take the folder again."""
+    while _held_locks:
+        os.close(_held_locks.pop())
 
 
 def _claim_dump_path(path: Path, options: RunOptions) -> None:
