@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 from grouped_batch_sampler import GroupedBatchSampler
 from token_store import TokenSequences
 from training_config import RunContext, TrainingConfig
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def save_atomically(obj: Any, path: Path) -> None:
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write as a RuntimeError without the cause: the writer kept it.
         cause = writer.error if writer is not None and writer.error is not None else e
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
         raise UserError(f"cannot write {path}: {reason}; the previous {path.name} (if any) is kept") from None
 
 
@@ -261,9 +261,9 @@ def load_state_file(path: Path, rank: int) -> dict[str, Any]:
                 f"--resume: refused {path}: it holds objects a training state never has (tampered, or not "
                 "written by causal_train.py); nothing in it was run"
             ) from None
-        raise UnreadableState(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UnreadableState(f"{path}: {first_line(e)}") from None
     except Exception as e:  # truncated zip, bad CRC, empty or foreign bytes
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = first_line(e)
         raise UnreadableState(f"{path}: {message}") from None
     needed = _RANK_KEYS | (_SHARED_KEYS if rank == 0 else set())
     if not isinstance(obj, dict) or not needed <= set(obj) or obj["global_rank"] != rank:

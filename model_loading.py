@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from architectures import ARCHITECTURES, max_positions
 from training_config import RunOptions, TrainingConfig
-from utils import UserError, one_line
+from utils import UserError, first_line, one_line
 
 logger = logging.getLogger("causal_train")  # the training CLI's log lines, whichever module writes them
 
@@ -166,15 +166,13 @@ def load_teacher(options: RunOptions):
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.teacher_name, cache_dir=options.cache_dir)
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load the tokenizer of teacher {options.teacher_name!r}: {str(e).splitlines()[0]}"
-        ) from None
+        raise UserError(f"cannot load the tokenizer of teacher {options.teacher_name!r}: {first_line(e)}") from None
     try:
         teacher, info = row.lm_cls().from_pretrained(
             options.teacher_name, cache_dir=options.cache_dir, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load teacher {options.teacher_name!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load teacher {options.teacher_name!r}: {first_line(e)}") from None
     if teacher.config.model_type != options.teacher_type:
         raise UserError(
             f"--teacher_name {options.teacher_name} is a {teacher.config.model_type}, not a {options.teacher_type}"
@@ -236,11 +234,10 @@ def load_student_weights(student, path: str, student_type: str) -> None:
                 f"refused student weights {path}: it holds objects a state dict never has "
                 "(tampered, or not a state dict); nothing in it was run"
             ) from None
-        raise UserError(f"cannot read student weights {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read student weights {path}: {first_line(e)}") from None
     except Exception as e:  # truncated zip, bad CRC, empty or foreign bytes
         raise UserError(
-            f"cannot read student weights {path} (truncated or not a torch file): "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"cannot read student weights {path} (truncated or not a torch file): {first_line(e)}"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

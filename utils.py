@@ -19,6 +19,12 @@ class UserError(Exception):
     """A mistake in the user's input (file, flag, value). The CLI prints it on one line and exits 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first message line, or its type's name when it has no message."""
+    text = str(e)
+    return text.splitlines()[0] if text.strip() else type(e).__name__
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (transformers' validation errors span several)."""
     return " ".join(str(e).split()) or type(e).__name__

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from architectures import Architecture, ExtractionLayout
 from checkpointing import save_atomically
 from layer_selection import MEASURED, Selection, select_layers
-from utils import UserError, cannot_write_in, nearest_existing, require_file, write_json
+from utils import UserError, cannot_write_in, first_line, nearest_existing, require_file, write_json
 
 # The original's picks from a 12-layer teacher.
 LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
@@ -276,7 +276,7 @@ def load_teacher(model_class, name: str, head_prefix: str):
     try:
         model, info = model_class.from_pretrained(name, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load {name!r}: {first_line(e)}") from None
     missing = [k for k in info.get("missing_keys", []) if k.startswith(head_prefix)]
     if missing:
         raise UserError(

@@ -62,7 +62,7 @@ from mlm_eval import (  # noqa: E402
     special_token_ids,
 )
 from token_store import TokenSequences  # noqa: E402
-from utils import UserError, run_cli, set_seed, write_json  # noqa: E402
+from utils import UserError, first_line, run_cli, set_seed, write_json  # noqa: E402
 
 logger = logging.getLogger("fit_mlm_head")
 
@@ -145,7 +145,7 @@ def load_encoder_with_head(encoder: str) -> tuple[BertForMaskedLM, object]:
         tokenizer = AutoTokenizer.from_pretrained(encoder)
         model = BertForMaskedLM.from_pretrained(encoder)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a BERT encoder from {encoder}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load a BERT encoder from {encoder}: {first_line(e)}") from None
     if model.config.model_type != "bert":
         raise UserError(f"{encoder} is a {model.config.model_type} model; this script fits BERT heads")
     if not model.config.tie_word_embeddings:

@@ -495,3 +495,11 @@ def test_a_stale_lock_does_not_block(tmp_path):
     assert holder.returncode == 0
     assert (tmp_path / ".causal_train.lock").read_text().split()[0].isdigit()
     lock_run_dir(tmp_path)
+
+
+def test_error_messages_take_the_first_line_or_the_type_of_a_silent_exception():
+    from utils import first_line
+
+    assert first_line(ValueError("bad header\nmore detail")) == "bad header"
+    assert first_line(RuntimeError()) == "RuntimeError"  # no IndexError on an empty message
+    assert first_line(OSError("  \n")) == "OSError"
