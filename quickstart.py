@@ -92,6 +92,20 @@ def parse_multiples(text: str) -> list[float]:
     return sorted(values | {1.0})
 
 
+def parse_mappings(text: str | None, recipe) -> list[str]:
+    """'middle,every_block' -> the recipe's mappings named, in its order; unknown names refused."""
+    if text is None:
+        return []
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in recipe.mappings]
+    if unknown or not names:
+        raise UserError(
+            f"--mappings: {unknown[0] if unknown else text!r} is not a mapping of --teacher "
+            f"{next(k for k, r in RECIPES.items() if r is recipe)} (choose from {', '.join(recipe.mappings)})"
+        )
+    return [n for n in recipe.mappings if n in names]
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     defaults = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -109,6 +123,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         default="1",
         help="Also train plain distillation on these multiples of DIITO's training tokens, e.g. 1,2,4 "
         "(m times the steps; default 1: no extra run).",
+    )
+    p.add_argument(
+        "--mappings",
+        default=None,
+        help="Also train DIITO with these neuron mappings of the recipe, e.g. middle,every_block "
+        "(--teacher smollm2: middle, every_block; the first of the recipe's is the default DIITO). Each is "
+        "compared with the default mapping's DIITO and with plain distillation, seed by seed.",
+    )
+    p.add_argument(
+        "--extra_run_seeds",
+        type=int,
+        default=None,
+        help="Train the --data_multiples and --mappings runs for the first N seeds only (default: every seed).",
     )
     p.add_argument(
         "--teacher_dir",
@@ -145,6 +172,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     args.data_multiples = parse_multiples(args.data_multiples)
+    args.mappings = parse_mappings(args.mappings, recipe)
+    if args.extra_run_seeds is not None and not 1 <= args.extra_run_seeds <= args.seeds:
+        raise UserError(f"--extra_run_seeds must be between 1 and --seeds ({args.seeds}), got {args.extra_run_seeds}")
     if args.teacher_dir is not None:
         if not recipe.takes_teacher_dir:
             takers = ", ".join(name for name, r in RECIPES.items() if r.takes_teacher_dir)
@@ -162,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(s.seed)
     start = time.time()
     seeds = [s.seed + i for i in range(args.seeds)]
-    results = Pipeline(out, s, args.force, seeds, args.data_multiples, args.teacher_dir).run()
+    results = Pipeline(
+        out, s, args.force, seeds, args.data_multiples, args.teacher_dir, args.mappings, args.extra_run_seeds
+    ).run()
     logger.info("Quickstart done in %.1f min: %s", (time.time() - start) / 60, out / "summary.md")
     return results
 

@@ -23,7 +23,7 @@ from quickstart_lib import report
 from quickstart_lib.corpus import build_corpus, write_lines
 from quickstart_lib.memory import peak_rss_mb, release_memory, reset_peak_rss, wait_with_peak_rss
 from quickstart_lib.recipes import RECIPES
-from quickstart_lib.settings import BASELINE, CAUSAL, CONTROL, RunKey, Settings
+from quickstart_lib.settings import BASELINE, CAUSAL, RunKey, Settings
 from quickstart_lib.statistics import data_efficiency, paired_comparison, teacher_check
 from scripts import binarized_data, token_counts
 from token_store import load_sequences
@@ -70,7 +70,11 @@ class Pipeline:
         seeds: list[int],
         multiples: list[float],
         teacher_dir: str | None = None,
+        mappings: list[str] | None = None,
+        extra_run_seeds: int | None = None,
     ):
+        """`multiples` (1 first) and the non-default `mappings` add plain-distillation and DIITO runs for
+        the first `extra_run_seeds` seeds (all by default)."""
         self.out, self.s, self.force = out, s, force
         self.seeds, self.multiples = seeds, multiples
         self.timings: dict[str, float] = {}
@@ -80,10 +84,13 @@ class Pipeline:
         self.corpus = {split: out / "corpus" / f"{split}.txt" for split in ("train", "heldout")}
         self.recipe = RECIPES[s.teacher](out, s, teacher_dir)
         self.counts = self.recipe.counts
+        self.mappings = [m for m in mappings or [] if m != self.recipe.default_mapping]
+        self.extra_seeds = seeds[:extra_run_seeds]
         self.keys = [RunKey(v, seed) for seed in seeds for v in (BASELINE, CAUSAL)]
-        self.keys += [RunKey(BASELINE, seed, m) for seed in seeds for m in multiples if m != 1]
-        if CONTROL in self.recipe.variants:
-            self.keys.append(RunKey(CONTROL, seeds[0]))
+        self.keys += [RunKey(BASELINE, seed, m) for seed in self.extra_seeds for m in multiples if m != 1]
+        self.keys += [RunKey(CAUSAL, seed, mapping=m) for seed in self.extra_seeds for m in self.mappings]
+        if self.recipe.control is not None:
+            self.keys.append(RunKey(self.recipe.control, seeds[0]))
         self.reference = out / "eval" / "reference.json"
         self.results = out / "results.json"
         self.plot = out / "comparison.png"
@@ -135,12 +142,10 @@ class Pipeline:
     def run(self) -> dict:
         r = self.recipe
         self.stage(1, "corpus", list(self.corpus.values()), self.make_corpus, ())
-        if r.teacher_needs_data:
-            self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus",))
-            self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ("data",))
-        else:  # the teacher brings the tokenizer the data is binarized with
-            self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ())
-            self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus", "teacher"))
+        if r.source_outputs:  # the pretrained model brings the tokenizer the data is binarized with
+            self.stage(3, "base model", r.source_outputs, r.make_source, ())
+        self.stage(2, "data", [*self.data.values(), self.counts], self.make_data, ("corpus", "base model"))
+        self.stage(3, "teacher", r.teacher_outputs, r.make_teacher, ("data",))
         self.stage(4, "student", r.student_outputs, r.make_student, ("teacher",))
         prepared = ("data", "teacher", "student")
         for key in self.keys:
@@ -176,7 +181,10 @@ class Pipeline:
 
     def results_cover_the_runs(self) -> bool:
         previous = json.loads(self.results.read_text())
-        return previous.get("seeds") == self.seeds and previous.get("data_multiples") == self.multiples
+        return (
+            set(previous.get("runs", {})) == {key.path for key in self.keys}
+            and previous.get("data_multiples") == self.multiples
+        )
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -241,7 +249,7 @@ class Pipeline:
             "0",
             "--seed",
             str(key.seed),
-            *self.recipe.train_flags(key.variant),
+            *self.recipe.train_flags(key.variant, key.mapping),
             "--temperature",
             str(s.temperature),
             "--data_file",
@@ -296,9 +304,9 @@ class Pipeline:
             models[variant] = {
                 k: float(np.mean([r[k] for r in rows])) if isinstance(v, float) else v for k, v in rows[0].items()
             }
-        control = RunKey(CONTROL, self.seeds[0])
+        control = RunKey(self.recipe.control, self.seeds[0])
         if control in self.keys:
-            models[CONTROL] = runs[control.path]
+            models[self.recipe.control] = runs[control.path]
         paired = {
             m.key: paired_comparison(
                 [runs[RunKey(BASELINE, s).path][m.key] for s in self.seeds],
@@ -324,15 +332,53 @@ class Pipeline:
             "timings_s": self.timings,
             "peak_rss_mb": self.peak_rss_mb,
             "teacher_check": teacher_check(
-                models, reference["unigram_baseline"], next(m for m in metrics if m.key == self.recipe.accuracy_metric)
+                models,
+                reference["unigram_baseline"],
+                next(m for m in metrics if m.key == self.recipe.accuracy_metric),
+                self.recipe.control,
             ),
         }
         if len(self.multiples) > 1:
             results["data_efficiency"] = {
+                "seeds": self.extra_seeds,
                 "training_tokens": {f"{m:g}": m * tokens for m in self.multiples},
-                "metrics": {m.key: data_efficiency(runs, self.seeds, self.multiples, m) for m in metrics},
+                "metrics": {m.key: data_efficiency(runs, self.extra_seeds, self.multiples, m) for m in metrics},
             }
+        if self.mappings:
+            results["mappings"] = self.compare_mappings(runs)
         write_json(results, self.results)
+
+    def compare_mappings(self, runs: dict) -> dict:
+        """Each other mapping's DIITO against the default mapping's and against plain distillation, seed by seed."""
+        r, seeds = self.recipe, self.extra_seeds
+        default = r.default_mapping
+        scores = {
+            name: {m.key: [runs[RunKey(CAUSAL, s, mapping=name).path][m.key] for s in seeds] for m in r.metrics}
+            for name in self.mappings
+        }
+        return {
+            "seeds": seeds,
+            "default": default,
+            "descriptions": r.mappings,
+            "vs_default": {
+                name: {
+                    m.key: paired_comparison(
+                        [runs[RunKey(CAUSAL, s).path][m.key] for s in seeds], scores[name][m.key], m, (default, name)
+                    )
+                    for m in r.metrics
+                }
+                for name in self.mappings
+            },
+            "vs_plain": {
+                name: {
+                    m.key: paired_comparison(
+                        [runs[RunKey(BASELINE, s).path][m.key] for s in seeds], scores[name][m.key], m, (BASELINE, name)
+                    )
+                    for m in r.metrics
+                }
+                for name in self.mappings
+            },
+        }
 
     def corpus_stats(self) -> dict:
         stats = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quickstart_lib.recipes.base import Recipe
-from quickstart_lib.settings import BASELINE, CAUSAL, CONTROL, VARIANT_LABELS
+from quickstart_lib.settings import BASELINE, CAUSAL, VARIANT_LABELS
 from quickstart_lib.statistics import CONFIDENCE, Metric
 from scripts import plot_runs
 from utils import atomic_path
@@ -86,8 +86,8 @@ def write_summary(
     n = len(seeds)
     mean_note = "" if n == 1 else f" (mean of {n} seeds)"
     names = {key: label.format(name=recipe.name) for key, label in REFERENCE_LABELS.items()}
-    if CONTROL in m:
-        names[CONTROL] = f"student, MLM loss only: no teacher signal (seed {seeds[0]})"
+    if recipe.control in m:
+        names[recipe.control] = f"student, {recipe.lm_loss} loss only: no teacher signal (seed {seeds[0]})"
     names.update({BASELINE: f"student, plain distillation{mean_note}", CAUSAL: f"student, DIITO{mean_note}"})
 
     def cell(row: dict, metric: Metric) -> str:
@@ -176,7 +176,8 @@ def write_summary(
             "Plain distillation trained for m times the steps of the DIITO run (the same batch size, "
             "learning-rate schedule stretched over the longer run, the same student and seeds), so on m "
             f"times its training tokens (about {eff['training_tokens']['1']:.0f} base tokens at 1x); the "
-            "corpus is small, so more steps revisit the same paragraphs. Means over seeds:",
+            "corpus is small, so more steps revisit the same paragraphs. Means over seeds "
+            f"{', '.join(map(str, eff.get('seeds', seeds)))}:",
             "",
             "| metric | DIITO 1x | " + " | ".join(f"plain {x}x" for x in multiples) + " | plain needs |",
             "|---|---|" + "---|" * len(multiples) + "---|",
@@ -200,5 +201,44 @@ def write_summary(
             f"![held-out scores against training tokens]({data_plot})",
             "",
         ]
+    if "mappings" in results:
+        lines += mapping_lines(results["mappings"], metrics)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def mapping_lines(comparison: dict, metrics: tuple[Metric, ...]) -> list[str]:
+    """The summary's section on DIITO with each other mapping, against the default mapping and plain."""
+    default, seeds = comparison["default"], comparison["seeds"]
+    ci = f"{100 * CONFIDENCE:.0f} % CI"
+    lines = [
+        "## Which mapping",
+        "",
+        f"DIITO with other neuron mappings, on seeds {', '.join(map(str, seeds))} (the same student, data order "
+        f"and steps). `{default}` (the default): {comparison['descriptions'][default]}. Held-out interchange "
+        "accuracy always intervenes at the default mapping's site.",
+        "",
+    ]
+
+    def show(mt: Metric, d: dict) -> str:
+        interval = "" if d["ci"] is None else f" [{mt.show(d['ci'][0])}, {mt.show(d['ci'][1])}]"
+        return f"{mt.show(d['mean'])}{interval}"
+
+    for name, rows in comparison["vs_default"].items():
+        lines += [
+            f"`{name}`: {comparison['descriptions'][name]}.",
+            "",
+            f"| metric | DIITO, {default} | DIITO, {name} | {name} − {default} ({ci}) | seeds won: "
+            f"{name} / {default} / tie | {name} − plain ({ci}) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mt in metrics:
+            row, vs_plain = rows[mt.key], comparison["vs_plain"][name][mt.key]
+            w = row["wins"]
+            lines.append(
+                f"| {mt.label} | {mt.show(row[default]['mean'])} | {mt.show(row[name]['mean'])} | "
+                f"{show(mt, row['difference'])} | {w[name]} / {w[default]} / {w['tie']} | "
+                f"{show(mt, vs_plain['difference'])} |"
+            )
+        lines.append("")
+    return lines

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BASELINE, CAUSAL = "plain", "diito"  # the two variants every recipe trains, compared seed by seed
-CONTROL = "mlm_only"  # a recipe's optional control run (first seed): the student's own LM loss, no teacher signal
 VARIANT_LABELS = {BASELINE: "plain distillation", CAUSAL: "DIITO"}
+# A recipe's control run (`Recipe.control`, first seed): the student's own LM loss alone, no teacher signal.
 
 
 @dataclass
@@ -37,15 +37,18 @@ TINY = dict(max_docs=150, max_heldout_docs=24, teacher_steps=3, teacher_batch_si
 
 @dataclass(frozen=True)
 class RunKey:
-    """One training run: a variant (plain or DIITO), a seed, and a multiple of the base steps."""
+    """One training run: a variant (plain or DIITO), a seed, a multiple of the base steps, and the neuron
+    mapping when it is not the recipe's default one."""
 
     variant: str
     seed: int
     multiple: float = 1.0
+    mapping: str | None = None
 
     @property
     def name(self) -> str:
-        return self.variant if self.multiple == 1 else f"{self.variant}_x{self.multiple:g}"
+        name = self.variant if self.mapping is None else f"{self.variant}_{self.mapping}"
+        return name if self.multiple == 1 else f"{name}_x{self.multiple:g}"
 
     @property
     def path(self) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quickstart_lib.settings import BASELINE, CAUSAL, CONTROL, RunKey
+from quickstart_lib.settings import BASELINE, CAUSAL, RunKey
 
 CONFIDENCE = 0.95
 
@@ -42,11 +42,15 @@ def describe(values: list[float]) -> dict:
     }
 
 
-def paired_comparison(plain: list[float], diito: list[float], metric: Metric) -> dict:
+def paired_comparison(
+    plain: list[float], diito: list[float], metric: Metric, names: tuple[str, str] = (BASELINE, CAUSAL)
+) -> dict:
     """Per-variant mean ± std, the paired difference DIITO - plain (seed by seed) with a Student-t
-    CONFIDENCE interval (None with one seed), and how many seeds each variant wins."""
+    CONFIDENCE interval (None with one seed), and how many seeds each variant wins. `names` are the
+    keys of the two variants (another pair, e.g. two mappings of DIITO, is compared the same way)."""
     from scipy import stats
 
+    a_name, b_name = names
     d = describe([b - a for a, b in zip(plain, diito, strict=True)])
     n = len(plain)
     if n > 1:
@@ -56,13 +60,13 @@ def paired_comparison(plain: list[float], diito: list[float], metric: Metric) ->
         d["ci"] = None
     d["confidence"] = CONFIDENCE
     wins = {
-        CAUSAL: sum(metric.better(b, a) for a, b in zip(plain, diito, strict=False)),
-        BASELINE: sum(metric.better(a, b) for a, b in zip(plain, diito, strict=False)),
+        b_name: sum(metric.better(b, a) for a, b in zip(plain, diito, strict=False)),
+        a_name: sum(metric.better(a, b) for a, b in zip(plain, diito, strict=False)),
     }
-    wins["tie"] = n - wins[CAUSAL] - wins[BASELINE]
+    wins["tie"] = n - wins[a_name] - wins[b_name]
     return {
-        BASELINE: describe(plain),
-        CAUSAL: describe(diito),
+        a_name: describe(plain),
+        b_name: describe(diito),
         "difference": d,
         "wins": wins,
         "higher_is_better": metric.higher_is_better,
@@ -119,9 +123,9 @@ def data_efficiency(runs: dict, seeds: list[int], multiples: list[float], metric
     }
 
 
-def teacher_check(models: dict, unigram: dict, metric: Metric) -> dict:
+def teacher_check(models: dict, unigram: dict, metric: Metric, control: str | None = None) -> dict:
     """Is the teacher worth distilling? Its held-out accuracy against the context-free baseline's
-    (as a ratio) and against the student trained without a teacher (the control run, if any)."""
+    (as a ratio) and against the student trained without a teacher (`models[control]`, if any)."""
     teacher = models["teacher"][metric.key]
     check = {
         "metric": metric.key,
@@ -129,7 +133,7 @@ def teacher_check(models: dict, unigram: dict, metric: Metric) -> dict:
         "unigram_baseline": unigram[metric.key],
         "ratio_to_baseline": teacher / unigram[metric.key] if unigram[metric.key] > 0 else None,
     }
-    if CONTROL in models:
-        check["control"] = models[CONTROL][metric.key]
+    if control in models:
+        check["control"] = models[control][metric.key]
         check["teacher_beats_control"] = metric.better(teacher, check["control"])
     return check

@@ -262,7 +262,7 @@ def test_tiny_decoder_quickstart_reports_consistent_held_out_numbers(smollm2_run
     lengths = np.diff(load_sequences(heldout).offsets)
     n_predictions = int(sum(n - 1 for n in lengths if n >= 12))
     models = results["models"]
-    assert set(models) == {"teacher", "extracted", "plain", "diito"}
+    assert set(models) == {"teacher", "extracted", "clm_only", "plain", "diito"}
     for name, row in {**models, "unigram": results["unigram_baseline"]}.items():
         assert math.isfinite(row["nll"]) and row["nll"] > 0, name
         assert row["perplexity"] == pytest.approx(math.exp(row["nll"])), name
@@ -278,7 +278,7 @@ def test_tiny_decoder_quickstart_reports_consistent_held_out_numbers(smollm2_run
 
     summary = (out / "summary.md").read_text()
     rows = [line for line in summary.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 5 and "perplexity" in summary.splitlines()[4]
+    assert len(rows) == 6 and "perplexity" in summary.splitlines()[4]
     assert f"| {SMOLLM2_METRICS['perplexity'].show(models['teacher']['perplexity'])} |" in rows[1]
 
 
@@ -301,18 +301,53 @@ def test_tiny_decoder_quickstart_trains_both_variants_causally_from_one_student(
         "neuron_mapping",
     )
     assert {k: params["plain"][k] for k in same} == {k: params["diito"][k] for k in same}
+    # The student's blocks are the teacher's two of highest block influence on the training text, in order;
+    # the default mapping is its middle block (block 1 of 2) <-> the teacher block it was copied from.
+    selection = json.loads(next((out / "student").glob("*.layer_selection.json")).read_text())
+    layers = selection["teacher_layers"]
+    assert selection["method"] == "block_influence" and selection["calibration_file"] == params["diito"]["data_file"]
+    assert layers == sorted(np.argsort(selection["scores"], kind="stable")[-2:].tolist())
     mapping = json.loads(Path(params["diito"]["neuron_mapping"]).read_text())["interchange_variable_mappings"]
-    assert mapping[0]["student_variable_names"] == ["$L:1$H:[0:9]$[0:64]"]  # 2 blocks at --tiny: 0 and 29
-    assert mapping[0]["teacher_variable_names"] == ["$L:29$H:[0:9]$[0:64]"]
+    assert mapping == [
+        {
+            "teacher_variable_names": [f"$L:{layers[1]}$H:[0:9]$[0:64]"],
+            "student_variable_names": ["$L:1$H:[0:9]$[0:64]"],
+        }
+    ]
 
 
-def test_tiny_decoder_quickstart_converts_the_teacher_once_before_the_data(smollm2_run):
-    out, _, calls = smollm2_run
-    teacher = out / "teacher" / "smollm2-135m-instruct"
-    assert calls == [["--gguf_file", "smollm2", "--output_dir", str(teacher)]]
+def test_tiny_decoder_quickstart_has_a_control_trained_with_the_clm_loss_alone(smollm2_run):
+    out, results, _ = smollm2_run
+    runs = out / "runs" / "seed_56"
+    params = {v: json.loads((runs / v / "parameters.json").read_text()) for v in ("plain", "clm_only")}
+    control, plain = params["clm_only"], params["plain"]
+    assert control["alpha_clm"] == plain["alpha_clm"] > 0
+    assert control["alpha_ce"] == control["alpha_cos"] == control["alpha_causal_ce"] == 0
+    for key in ("seed", "student_pretrained_weights", "max_steps", "batch_size", "learning_rate", "data_file"):
+        assert control[key] == plain[key], key
+    check, models = results["teacher_check"], results["models"]
+    assert check["metric"] == "accuracy" and check["control"] == models["clm_only"]["accuracy"]
+    assert check["teacher_beats_control"] == (models["teacher"]["accuracy"] > models["clm_only"]["accuracy"])
+    assert "student, CLM loss only: no teacher signal (seed 56)" in (out / "summary.md").read_text()
+
+
+def test_tiny_decoder_quickstart_converts_once_then_adapts_the_teacher_on_the_training_data(smollm2_run):
+    out, results, calls = smollm2_run
+    base = out / "base" / "smollm2-135m-instruct"
+    assert calls == [["--gguf_file", "smollm2", "--output_dir", str(base)]]
     params = json.loads((out / "runs" / "seed_56" / "diito" / "parameters.json").read_text())
-    assert params["teacher_name"] == str(teacher)
+    assert params["teacher_name"] == str(out / "teacher")
     assert Path(params["data_file"]).name == "binarized_text.train.smollm2-135m-instruct.pickle"
+    adaptation = json.loads((out / "teacher" / "clm_adaptation.json").read_text())
+    s = results["settings"]
+    assert adaptation["args"]["model_name"] == str(base) and adaptation["args"]["data_file"] == params["data_file"]
+    assert (adaptation["args"]["steps"], adaptation["args"]["batch_size"]) == (
+        s["teacher_steps"],
+        s["teacher_batch_size"],
+    )
+    assert len(adaptation["train_losses"]) == s["teacher_steps"]
+    # The report's teacher is the adapted one: its held-out scores are the ones the adaptation measured.
+    assert results["models"]["teacher"]["perplexity"] == pytest.approx(adaptation["heldout"]["perplexity"], rel=1e-5)
 
 
 def test_a_converted_teacher_dir_is_only_read_and_refused_when_it_is_not_one(smollm2_run, smollm2_dir):  # noqa: F811
@@ -343,9 +378,10 @@ def test_a_converted_teacher_dir_is_only_read_and_refused_when_it_is_not_one(smo
     assert not (out.parent / "other").exists() and not (out.parent / "third").exists()  # refused before writing
 
 
-def test_decoder_paired_seeds_and_data_multiples_report_the_causal_metrics(smollm2_run, smollm2_dir):  # noqa: F811
-    """#14's evidence for the decoder teacher: the --tiny folder continued with --seeds 2 --data_multiples 1,2
-    trains only the new runs, and the statistics are over perplexity, accuracy, agreement and interchange."""
+def test_decoder_paired_seeds_data_multiples_and_mappings_report_the_causal_metrics(smollm2_run, smollm2_dir):  # noqa: F811
+    """#14/#20's evidence for the decoder teacher: the --tiny folder continued with --seeds 2, data multiples and
+    a second mapping for the first seed only trains the new runs; the statistics are over perplexity, accuracy,
+    agreement and interchange, and the mapping comparison is the per-seed difference."""
     out, _, _ = smollm2_run
     results = quickstart.main(
         [
@@ -358,20 +394,59 @@ def test_decoder_paired_seeds_and_data_multiples_report_the_causal_metrics(smoll
             "2",
             "--data_multiples",
             "1,2",
+            "--mappings",
+            "every_block,middle",
+            "--extra_run_seeds",
+            "1",
             "--output_dir",
             str(out),
         ]
     )
-    assert set(results["runs"]) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito", "plain_x2")}
+    runs = results["runs"]
+    assert set(runs) == {f"seed_{s}/{r}" for s in (56, 57) for r in ("plain", "diito")} | {
+        "seed_56/plain_x2",
+        "seed_56/diito_every_block",
+        "seed_56/clm_only",
+    }
     assert set(results["paired"]) == set(results["data_efficiency"]["metrics"]) == set(SMOLLM2_METRICS)
+    assert results["data_efficiency"]["seeds"] == [56]
     summary = (out / "summary.md").read_text()
     for key in SMOLLM2_METRICS:
-        plain = np.array([results["runs"][f"seed_{s}/plain"][key] for s in (56, 57)])
-        diito = np.array([results["runs"][f"seed_{s}/diito"][key] for s in (56, 57)])
+        plain = np.array([runs[f"seed_{s}/plain"][key] for s in (56, 57)])
+        diito = np.array([runs[f"seed_{s}/diito"][key] for s in (56, 57)])
         d = results["paired"][key]["difference"]
         assert d["mean"] == pytest.approx((diito - plain).mean())
         half = stats.t.ppf(0.975, 1) * (diito - plain).std(ddof=1) / math.sqrt(2)
         assert d["ci"] == pytest.approx([d["mean"] - half, d["mean"] + half])
         assert f"- {results['data_efficiency']['metrics'][key]['statement']}" in summary
-    assert results["teacher_check"]["metric"] == "accuracy" and "control" not in results["teacher_check"]
+        other = results["mappings"]["vs_default"]["every_block"][key]
+        assert other["difference"]["mean"] == pytest.approx(
+            runs["seed_56/diito_every_block"][key] - runs["seed_56/diito"][key]
+        )
+        assert other["middle"]["values"] == [runs["seed_56/diito"][key]] and other["difference"]["ci"] is None
+        vs_plain = results["mappings"]["vs_plain"]["every_block"][key]["difference"]["mean"]
+        assert vs_plain == pytest.approx(runs["seed_56/diito_every_block"][key] - runs["seed_56/plain"][key])
+    assert results["mappings"]["seeds"] == [56] and "## Which mapping" in summary
+    # every_block maps each student block but the last to the teacher block it was copied from.
+    layers = json.loads(next((out / "student").glob("*.layer_selection.json")).read_text())["teacher_layers"]
+    params = json.loads((out / "runs" / "seed_56" / "diito_every_block" / "parameters.json").read_text())
+    mapping = json.loads(Path(params["neuron_mapping"]).read_text())["interchange_variable_mappings"]
+    assert [m["teacher_variable_names"] for m in mapping] == [[f"$L:{layers[0]}$H:[0:9]$[0:64]"]]
+    assert [m["student_variable_names"] for m in mapping] == [["$L:0$H:[0:9]$[0:64]"]]
+    assert results["teacher_check"]["metric"] == "accuracy" and "control" in results["teacher_check"]
     assert (out / "data_efficiency.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--teacher", "smollm2", "--mappings", "late"], "--mappings: 'late' is not a mapping of --teacher smollm2"),
+        (["--mappings", "every_block"], "'every_block' is not a mapping of --teacher minilm .choose from middle."),
+        (["--seeds", "2", "--extra_run_seeds", "3"], "--extra_run_seeds must be between 1 and --seeds .2."),
+        (["--extra_run_seeds", "0"], "--extra_run_seeds must be between 1 and --seeds .1."),
+    ],
+)
+def test_mappings_and_extra_run_seeds_are_checked_before_anything_is_written(tmp_path, argv, message):
+    with pytest.raises(UserError, match=message):
+        quickstart.main(["--tiny", "--output_dir", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()

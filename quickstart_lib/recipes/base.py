@@ -22,7 +22,7 @@ from neuron_mapping import deserialize_variable_name, load_neuron_mapping
 from quickstart_lib.settings import Settings
 from quickstart_lib.statistics import Metric
 from scripts import binarized_data
-from utils import UserError
+from utils import UserError, write_json
 
 
 def check_teacher_dir(folder: str | Path) -> None:
@@ -36,9 +36,15 @@ def check_teacher_dir(folder: str | Path) -> None:
 class Recipe(ABC):
     """One teacher's stages 3-6 over the output folder `out` (see the module docstring).
 
-    A subclass sets the class attributes below and, in `__init__`, the paths: `source` (the tokenizer's
-    folder, known before the teacher stage), `teacher`, `student_weights`, `student_config`, `mapping`,
-    and the outputs that mark its teacher and student stages done (`teacher_outputs`, `student_outputs`).
+    A subclass sets the class attributes below and, in `__init__`, the paths: `source` (the pretrained
+    model the teacher is made from, whose tokenizer binarizes the corpus), `teacher`, `student_weights`,
+    `student_config`, and the outputs that mark its stages done (`source_outputs` when the recipe makes its
+    source, `teacher_outputs`, `student_outputs`).
+
+    Mappings: `mappings` names the neuron mappings a recipe can train DIITO with, the first being the
+    default (the DIITO of the paired comparison); `mapped_blocks(name)` lists the (teacher block, student
+    block) pairs of each, one mapping entry per pair, and `mapping_file(name)` is where it is written.
+    Held-out interchange accuracy always intervenes at the default mapping's first entry.
     """
 
     name: ClassVar[str]  # the teacher, as the report names it
@@ -47,14 +53,15 @@ class Recipe(ABC):
     teacher_type: ClassVar[str]  # causal_train.py --teacher_type
     defaults: ClassVar[dict] = {}  # replace Settings' defaults
     tiny: ClassVar[dict] = {}  # added to TINY with --tiny
-    teacher_needs_data: ClassVar[bool]  # True: the teacher stage follows the data; False: it brings the tokenizer
     takes_teacher_dir: ClassVar[bool]  # whether --teacher_dir may name a teacher made already
     log_points: ClassVar[int]  # TensorBoard logs per run
     unigram_label: ClassVar[str]  # the report's row of the context-free baseline ({top}: its top-1)
     accuracy_metric: ClassVar[str]  # the metric of the teacher check
     metrics: ClassVar[tuple[Metric, ...]]
+    lm_loss: ClassVar[str]  # the student's own loss, "MLM" or "CLM"
+    control: ClassVar[str | None] = None  # the variant trained with lm_loss alone (first seed), if any
     alphas: ClassVar[list[str]]  # causal_train.py loss weights of every variant
-    variants: ClassVar[dict[str, list[str]]]  # flags added per variant (later flags win)
+    variants: ClassVar[dict[str, list[str]]]  # flags added per variant (later flags win), the control's too
     variant_flags: ClassVar[list[str]] = []  # flags after the variant's, before the interchange ones
     recipe_text: ClassVar[str]  # the summary's words on the training recipe
     plot_title: ClassVar[str]
@@ -62,17 +69,20 @@ class Recipe(ABC):
     heldout_class: ClassVar[type]  # mlm_eval.HeldoutMlm or clm_eval.HeldoutClm
     make_dataset: ClassVar  # mclm_eval.make_dataset or clm_eval.make_dataset, as a staticmethod
 
+    mappings: ClassVar[dict[str, str]]  # name -> what it maps, for the report; the first is the default
+
     source: Path
     teacher: Path
     student_weights: Path
     student_config: Path
-    mapping: Path
+    source_outputs: list[Path]  # empty (the default): the source exists already, e.g. an installed package
     teacher_outputs: list[Path]
     student_outputs: list[Path]
 
     def __init__(self, out: Path, s: Settings, teacher_dir: str | None = None):
         self.out, self.s, self.teacher_dir = out, s, teacher_dir  # teacher_dir: only if takes_teacher_dir
         self.student = out / "student"
+        self.source_outputs = []
         self.counts = out / "data" / "binarized_text.train.token_counts.pickle"
         self._heldout = None  # the heldout_class instance, made on first use
         self._variable_names: tuple[str, str] = ("", "")  # serialized (teacher, student), set with _heldout
@@ -98,20 +108,36 @@ class Recipe(ABC):
     def teacher_config(self):
         """The teacher's Hugging Face config."""
 
+    def make_source(self) -> None:
+        """Make `source` (before the data: its tokenizer binarizes the corpus); nothing by default."""
+        return None
+
     @abstractmethod
-    def make_teacher(self) -> None: ...
+    def make_teacher(self) -> None:
+        """The teacher folder, made from `source` on the binarized training data."""
 
     @abstractmethod
     def make_student(self) -> None:
         """The student's weights, config and neuron mapping (`student_outputs`)."""
 
     @abstractmethod
-    def mapped_blocks(self) -> tuple[int, int]:
-        """(teacher block, student block) of the neuron mapping."""
+    def mapped_blocks(self, name: str) -> list[tuple[int, int]]:
+        """(teacher block, student block) pairs of mapping `name`, one mapping entry each."""
 
-    def neuron_mapping(self, teacher_config) -> dict:
-        """The mapped blocks' full output: every $H slice of hidden_size // num_attention_heads dims."""
-        t_block, s_block = self.mapped_blocks()
+    @property
+    def default_mapping(self) -> str:
+        return next(iter(self.mappings))
+
+    @property
+    def mapping(self) -> Path:
+        """The default mapping's file (the DIITO runs of the paired comparison, held-out interchange)."""
+        return self.mapping_file(self.default_mapping)
+
+    def mapping_file(self, name: str) -> Path:
+        return self.student / f"{name}_layer_{self.s.student_layers}.nm"
+
+    def neuron_mapping(self, teacher_config, name: str) -> dict:
+        """Each mapped block's full output: every $H slice of hidden_size // num_attention_heads dims."""
         heads = teacher_config.num_attention_heads
         width = teacher_config.hidden_size // heads
         return {
@@ -120,11 +146,17 @@ class Recipe(ABC):
                     "teacher_variable_names": [f"$L:{t_block}$H:[0:{heads}]$[0:{width}]"],
                     "student_variable_names": [f"$L:{s_block}$H:[0:{heads}]$[0:{width}]"],
                 }
+                for t_block, s_block in self.mapped_blocks(name)
             ]
         }
 
-    def train_flags(self, variant: str) -> list[str]:
-        """causal_train.py flags of `variant` that depend on the teacher: models, mapping, losses, interchange."""
+    def write_mappings(self, teacher_config) -> None:
+        for name in self.mappings:
+            write_json(self.neuron_mapping(teacher_config, name), self.mapping_file(name))
+
+    def train_flags(self, variant: str, mapping: str | None = None) -> list[str]:
+        """causal_train.py flags of `variant` that depend on the teacher: models, mapping (the default one
+        unless named), losses, interchange."""
         return [
             "--student_type",
             self.student_type,
@@ -137,7 +169,7 @@ class Recipe(ABC):
             "--teacher_name",
             str(self.teacher),
             "--neuron_mapping",
-            str(self.mapping),
+            str(self.mapping_file(mapping or self.default_mapping)),
             *self.alphas,
             *self.variants[variant],
             *self.variant_flags,
@@ -191,7 +223,7 @@ class Recipe(ABC):
     def heldout(self):
         """The teacher's predictions on the held-out set, computed once per call of the script."""
         if self._heldout is None:
-            ((t_names, s_names),) = load_neuron_mapping(self.mapping)  # one entry: the mapped blocks
+            (t_names, s_names), *_ = load_neuron_mapping(self.mapping)  # the default mapping's first entry
             self._variable_names = (t_names[0], s_names[0])
             self._heldout = self.heldout_class(
                 self.load_teacher(),

