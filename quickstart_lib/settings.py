@@ -17,10 +17,10 @@ class Settings:
     max_heldout_docs: int = 400
     max_words: int = 100  # longer paragraphs are cut at sentence ends
     heldout_percent: int = 10
-    teacher_steps: int = 150  # MLM adaptation of the minilm teacher (encoder and new head)
+    teacher_steps: int = 150  # adaptation of the teacher to the training text (MLM for minilm, CLM for smollm2)
     teacher_batch_size: int = 32
-    teacher_learning_rate: float = 2e-3  # of the teacher's new head
-    teacher_encoder_learning_rate: float = 1e-4  # of the teacher's encoder and embeddings
+    teacher_learning_rate: float = 2e-3  # minilm: of the teacher's new head; smollm2: of every parameter
+    teacher_encoder_learning_rate: float = 1e-4  # minilm only: of the teacher's encoder and embeddings
     steps: int = 150  # distillation optimizer steps, the same for both runs
     batch_size: int = 16
     learning_rate: float = 5e-4
