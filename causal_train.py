@@ -41,6 +41,7 @@ import transformers
 from safetensors import SafetensorError
 
 import masking
+import rank_faults
 from architectures import ARCHITECTURES, check_student_teacher, hidden_size, max_positions, special_token_ids
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
@@ -64,7 +65,7 @@ from run_folders import (
 )
 from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
 from training_config import RunContext, RunOptions, TrainingConfig, flag_values
-from utils import UserError, one_line, require_file, run_cli, set_seed
+from utils import AbortRun, UserError, one_line, require_file, run_cli, set_seed
 
 logger = logging.getLogger("causal_train")
 
@@ -348,6 +349,10 @@ def main(argv: list[str] | None = None) -> Path:
     context = init_distributed(options)
     try:
         return train(config, options, context)
+    except RuntimeError as e:  # a collective with a rank gone: at start-up, in --resume or in the loop
+        if context.multi_process and rank_faults.is_collective_failure(e):
+            raise AbortRun(rank_faults.lost_rank_message(e, context, options.ddp_timeout)) from None
+        raise
     finally:
         release_run_locks()
         if context.multi_process and dist.is_initialized():
