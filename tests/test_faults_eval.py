@@ -805,3 +805,22 @@ def test_a_declared_tag_never_seen_in_training_is_kept_with_a_warning(tmp_path, 
     warned = [r.getMessage() for r in caplog.records if "never occurs in the training data" in r.getMessage()]
     assert len(warned) == 1 and "'B-ORG'" in warned[0] and "dev.jsonl" in warned[0], warned
     assert "count as errors" in warned[0]
+
+
+def test_an_mlm_tokenizer_without_padding_token_is_refused(tmp_path, dump_dir, capsys):
+    from conftest import VOCAB
+    from transformers import BertTokenizer
+
+    folder = tmp_path / "no_pad"
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, pad_token=None).save_pretrained(folder)
+    validation = write_jsonl(tmp_path / "v.jsonl", [{"text": row["sentence"]} for row in sentiment_rows(8)])
+    for layout in ([], ["--line_by_line"]):
+        status, line = cli(
+            run_mlm,
+            ["--model_name_or_path", str(dump_dir), "--do_eval", "--validation_file", str(validation), *layout]
+            + ["--max_seq_length", "16"]
+            + common_args(tmp_path, folder),
+            capsys,
+        )
+        assert_refused(status, line, f"tokenizer {folder} has no padding token")
+        assert not (tmp_path / "out").exists()
