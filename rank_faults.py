@@ -58,6 +58,21 @@ def lost_rank_message(e: BaseException, context: RunContext, ddp_timeout: int) -
     )
 
 
+def not_connected_message(e: BaseException, global_rank: int, world_size: int, ddp_timeout: int) -> str:
+    """One line for a rank whose process group could not be formed (a peer died or started too late)."""
+    return (
+        f"rank {global_rank} could not connect to the other {world_size - 1} process(es) within --ddp_timeout "
+        f"{ddp_timeout} s ({backend_reason(e)}): one of them ended or started too late; see its own output, "
+        "or raise --ddp_timeout if start-up is slow"
+    )
+
+
+def backend_reason(e: BaseException) -> str:
+    """The backend's message without its source locations (`[.../pair.cc:152] `) or advice, on one line."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\] ?", "", " ".join(str(e).split()))
+    return re.split(r"(?<=\w)\. ", text, maxsplit=1)[0] or type(e).__name__
+
+
 def other_ranks(context: RunContext) -> list[int]:
     return [r for r in range(context.world_size) if r != context.global_rank]
 

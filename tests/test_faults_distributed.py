@@ -18,11 +18,13 @@ from launch import TORCHRUN, finish, launch, processes, wait_for
 
 import rank_faults
 from training_config import RunContext
-from utils import AbortRun, run_cli
+from utils import AbortRun, UserError, run_cli
 
 # 6 micro-batches (3 optimizer steps of 2), a state every 2; rank 1 stops after micro-batch 4.
 PAUSE_AFTER = 4
-DDP_TIMEOUT = 5  # seconds; long enough for start-up skew between the two processes on a busy machine
+# --ddp_timeout, seconds. It also bounds how late the second process may connect at start-up, which
+# took over 5 s on a busy 2-core machine; the stall test waits it out once.
+DDP_TIMEOUT = {"killed": 60, "stalled": 15}
 
 
 def rank_lines(log, rank: int) -> list[str]:
@@ -45,7 +47,7 @@ def states(run) -> list[str]:
 
 @pytest.mark.parametrize("fault", ["killed", "stalled"])
 def test_a_rank_that_dies_or_stalls_ends_the_other_with_one_line_and_resume_finishes(fault, small_run_argv, tmp_path):
-    argv = small_run_argv("--ddp_timeout", str(DDP_TIMEOUT))
+    argv = small_run_argv("--ddp_timeout", str(DDP_TIMEOUT[fault]))
     run, marker = tmp_path / "results" / "run", tmp_path / "paused"
     log, resumed_log = tmp_path / "cut.log", tmp_path / "resumed.log"
     with processes() as started:
@@ -68,8 +70,8 @@ def test_a_rank_that_dies_or_stalls_ends_the_other_with_one_line_and_resume_fini
             assert "closed its connection" in error, error
             assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*-9", log.read_text()), log.read_text()[-3000:]
         else:
-            assert f"did not answer within --ddp_timeout {DDP_TIMEOUT} s" in error, error
-            assert elapsed >= DDP_TIMEOUT - 1
+            assert f"did not answer within --ddp_timeout {DDP_TIMEOUT[fault]} s" in error, error
+            assert elapsed >= DDP_TIMEOUT[fault] - 1
         # Both ranks' states of micro-batch 4 are kept, and nothing newer was written.
         assert states(run) == [f"state_{PAUSE_AFTER:010d}_rank{r}.pth" for r in (0, 1)]
         assert not (run / "pytorch_model.bin").exists()
@@ -143,6 +145,31 @@ def test_a_gone_store_leaves_every_other_rank_named(monkeypatch):
     assert message.startswith("rank 0 lost contact with ranks 1, 2, which closed"), message
 
 
+def test_a_process_group_that_cannot_form_is_one_user_error_naming_the_timeout(monkeypatch):
+    import causal_train
+
+    def refused(**kwargs):
+        raise RuntimeError(
+            "Gloo connectFullMesh failed with [/w/third_party/gloo/gloo/transport/tcp/pair.cc:152] timed out "
+            "connecting: SO_ERROR: Connection refused, remote=[127.0.0.1]:9646"
+        )
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", refused)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    required = ["--dump_path", "x", "--data_file", "x", "--student_type", "distilbert", "--student_config", "x"]
+    required += ["--teacher_type", "bert", "--teacher_name", "x", "--n_gpu", "0"]
+    _, options = causal_train.parse_args([*required, "--ddp_timeout", "5"])
+    with pytest.raises(UserError) as refusal:
+        causal_train.init_distributed(options)
+    message = str(refusal.value)
+    assert message.startswith("rank 1 could not connect to the other 1 process(es) within --ddp_timeout 5 s")
+    assert "(Gloo connectFullMesh failed with timed out connecting: SO_ERROR: Connection refused" in message
+    assert "pair.cc" not in message and "\n" not in message
+
+
 def test_a_lost_rank_error_is_printed_on_one_line_and_ends_the_process_at_once(monkeypatch, capsys):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)  # the real one would end the test process
@@ -170,5 +197,11 @@ def test_a_collective_failure_outside_the_loop_is_one_user_error(monkeypatch, sm
         raise GLOO_RESET
 
     monkeypatch.setattr(causal_train, "train", failing_train)
-    with pytest.raises(AbortRun, match="rank 0 lost contact with rank 1, which closed its connection"):
-        causal_train.main(small_run_argv())
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(AbortRun, match="rank 0 lost contact with rank 1, which closed its connection"):
+            causal_train.main(small_run_argv())
+        # torchrun's SIGTERM to the survivors must not cut the report short.
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
