@@ -37,6 +37,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import checkpointing
 import losses
+import rank_faults
 import student_files
 from checkpointing import SkipBatches, TrainState
 from diito_runs import DiitoRuns, ModelRuns
@@ -552,6 +553,12 @@ class CausalDistiller:
         previous_handlers = self._install_signal_handlers()
         try:
             return self._train_loop()
+        except RuntimeError as e:
+            if self.distributed and rank_faults.is_collective_failure(e):
+                # A rank is gone and nothing can be saved: the launcher's SIGTERM to the survivors must
+                # not cut short their one-line report (causal_train.main writes it).
+                previous_handlers[signal.SIGTERM] = signal.SIG_IGN
+            raise
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)

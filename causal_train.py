@@ -41,6 +41,7 @@ import transformers
 from safetensors import SafetensorError
 
 import masking
+import rank_faults
 from architectures import ARCHITECTURES, check_student_teacher, hidden_size, max_positions, special_token_ids
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
@@ -64,7 +65,7 @@ from run_folders import (
 )
 from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
 from training_config import RunContext, RunOptions, TrainingConfig, flag_values
-from utils import UserError, one_line, require_file, run_cli, set_seed
+from utils import AbortRun, UserError, one_line, require_file, run_cli, set_seed
 
 logger = logging.getLogger("causal_train")
 
@@ -263,7 +264,14 @@ def init_distributed(options: RunOptions) -> RunContext:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if multi_process and not dist.is_initialized():
         # Rendezvous from the launcher's MASTER_ADDR / MASTER_PORT (torchrun sets them on every node).
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=options.ddp_timeout))
+        try:
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=options.ddp_timeout)
+            )
+        except RuntimeError as e:  # gloo's connection to a peer, or the rendezvous store, timed out
+            raise UserError(
+                rank_faults.not_connected_message(e, global_rank, world_size, options.ddp_timeout)
+            ) from None
     return RunContext(global_rank=global_rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -346,11 +354,19 @@ def main(argv: list[str] | None = None) -> Path:
     cluster_checks(options)
     set_precision_backends(options)
     context = init_distributed(options)
+    lost_rank = False
     try:
         return train(config, options, context)
+    except RuntimeError as e:  # a collective with a rank gone: at start-up, in --resume or in the loop
+        if context.multi_process and rank_faults.is_collective_failure(e):
+            lost_rank = True
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, to the survivors: report first
+            raise AbortRun(rank_faults.lost_rank_message(e, context, options.ddp_timeout)) from None
+        raise
     finally:
         release_run_locks()
-        if context.multi_process and dist.is_initialized():
+        # A group with a rank gone is not taken down: that could wait on the broken connection (AbortRun ends it).
+        if context.multi_process and dist.is_initialized() and not lost_rank:
             dist.destroy_process_group()
 
 

@@ -415,6 +415,34 @@ def require_scalar_column(dataset: Dataset, column: str, source: str, numeric: b
         raise UserError(f"column '{column}' in {source} must hold {wanted} per row, found {describe(arrow_type)}")
 
 
+def check_seen_in_training(
+    ids: Mapping[str, set[int]], names: Sequence, files: Mapping[str, str], what: str, declared: bool
+) -> None:
+    """Evaluation labels (or tags) that the training split never holds, by class id per split.
+
+    A class that training never shows cannot be learned. When the classes are inferred from the
+    files (`declared` False) they are meant to be the training data's, so such a value is refused,
+    naming it and both files (Hugging Face's scripts fail there with a KeyError). Classes declared
+    by a task's table, the data set's ClassLabel or --label_names stay: a warning names the value,
+    whose examples then count as errors.
+    """
+    if "train" not in ids:
+        return
+    for split, seen in ids.items():
+        unseen = sorted(seen - ids["train"])
+        if split == "train" or not unseen:
+            continue
+        message = (
+            f"{what} {names[unseen[0]]!r} in {where(split, files)} never occurs in the training data "
+            f"{where('train', files)}"
+        )
+        if not declared:
+            raise UserError(
+                f"{message}: no model trained on it can predict it; add training examples with it, or drop those rows"
+            )
+        logger.warning("%s: the model cannot learn it, and its examples count as errors", message)
+
+
 def load_hub_dataset(
     name: str, config_name: str | None, cache_dir: str | None, offline_hint: str, shown_as: str | None = None
 ) -> DatasetDict:

@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     if task_name is not None:
         label_list = task_to_labels[task_name]
         is_regression = label_list is None
+        declared = True  # the classes are the task's, whatever the files hold
     else:
         label_feature = first.features.get("label")
+        declared = isinstance(label_feature, datasets.ClassLabel)
         is_regression = getattr(label_feature, "dtype", "") in ("float32", "float64")
         if is_regression:
             label_list = None
@@ -209,6 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
             unknown = [v for v in raw_datasets[split].unique("label") if v not in label_to_id]
             if unknown:
                 raise UserError(f"label {unknown[0]!r} in {where(split, files)} is not one of {label_list}")
+        eval_common.check_seen_in_training(
+            {s: {label_to_id[v] for v in raw_datasets[s].unique("label")} for s in labelled_splits},
+            label_list,
+            files,
+            "label",
+            declared=declared,
+        )
 
     # ---- model
     config = eval_common.load_config(model_args)

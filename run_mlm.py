@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(
             f"tokenizer {tokenizer.name_or_path} has no mask token: it cannot be used for masked language modelling"
         )
+    eval_common.require_pad_token(tokenizer)  # the MLM collator pads every batch, even grouped texts
     eval_common.check_vocab_size(tokenizer, config)
     model = eval_common.load_model(AutoModelForMaskedLM, model_args, config)
 

@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Tag names, in id order: the data set's own, --label_names, or the tags the files spell out.
     tag_feature = getattr(raw_datasets[next(iter(raw_datasets))].features.get(label_column), "feature", None)
-    tags_seen = {t for s in labelled_splits for tags in raw_datasets[s][label_column] for t in tags}
+    tags_by_split = {s: {t for tags in raw_datasets[s][label_column] for t in tags} for s in labelled_splits}
+    tags_seen = set().union(*tags_by_split.values())
+    declared = True  # by the data set, --label_names or the Hub table; else the files' own tags
     if isinstance(tag_feature, datasets.ClassLabel):
         label_list = tag_feature.names
     elif tag_names:
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif data_args.dataset_name in hub_datasets and not files:
         label_list = hub_datasets[data_args.dataset_name][1]
     elif all(isinstance(t, str) for t in tags_seen):
-        label_list = sorted(tags_seen)
+        label_list, declared = sorted(tags_seen), False
     else:
         raise UserError(
             f"the tags in {where(labelled_splits[0], files)} are ids: give their names in id order with --label_names"
@@ -174,10 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("the data has no tags: give the tag names in id order with --label_names")
     label_to_id = {name: i for i, name in enumerate(label_list)}
     label_to_id.update({i: i for i in range(len(label_list))})
-    for split in labelled_splits:
-        unknown = sorted({t for tags in raw_datasets[split][label_column] for t in tags} - label_to_id.keys(), key=str)
+    for split, tags in tags_by_split.items():
+        unknown = sorted(tags - label_to_id.keys(), key=str)
         if unknown:
             raise UserError(f"tag {unknown[0]!r} in {where(split, files)} is not one of the labels {label_list}")
+    eval_common.check_seen_in_training(
+        {s: {label_to_id[t] for t in tags} for s, tags in tags_by_split.items()}, label_list, files, "tag", declared
+    )
     num_labels = len(label_list)
     # With --label_all_tokens, the later pieces of a word get the I- tag of its B- tag.
     b_to_i = [label_to_id.get("I-" + name[2:], i) if name.startswith("B-") else i for i, name in enumerate(label_list)]

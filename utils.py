@@ -19,6 +19,14 @@ class UserError(Exception):
     """A mistake in the user's input (file, flag, value). The CLI prints it on one line and exits 2."""
 
 
+class AbortRun(UserError):
+    """A UserError after which the process ends at once, without the interpreter's clean-up.
+
+    A run that lost a rank would otherwise wait at exit for the collectives still queued on the
+    broken connection (gloo runs them one after another, each until --ddp_timeout).
+    """
+
+
 def first_line(e: BaseException) -> str:
     """An exception's first message line, or its type's name when it has no message."""
     text = str(e)
@@ -41,6 +49,12 @@ def run_cli(main: Callable[[], object]) -> None:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, AbortRun):
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

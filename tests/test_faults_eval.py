@@ -21,6 +21,7 @@ from conftest import (
     REPO,
     common_args,
     ner_rows,
+    nli_rows,
     qa_rows,
     sentiment_rows,
     squad_official_json,
@@ -752,3 +753,74 @@ def test_a_disk_full_while_saving_leaves_earlier_files_intact(tmp_path, tokenize
     assert_refused(status, line, f"cannot write the eval results in --output_dir {out}", "No space left on device")
     assert (out / "eval_results.json").read_text() == '{"eval_accuracy": 0.5}'
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation classes that training never shows
+
+
+def test_a_validation_label_never_seen_in_training_is_refused_naming_it_and_both_files(
+    tmp_path, tokenizer_dir, dump_dir, capsys
+):
+    train = write_csv(tmp_path / "train.csv", nli_rows(6, labels=("entailment", "contradiction")))
+    validation = write_csv(tmp_path / "dev.csv", nli_rows(6))  # also "neutral"
+    status, line = cli(
+        run_glue,
+        ["--model_name_or_path", str(dump_dir), "--train_file", str(train), "--validation_file", str(validation)]
+        + ["--do_train", "--do_eval"]
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
+    assert_refused(status, line, "label 'neutral' in", "dev.csv", "never occurs in the training data", "train.csv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_tag_never_seen_in_training_is_refused_naming_it_and_both_files(
+    tmp_path, tokenizer_dir, dump_dir, capsys
+):
+    rows = ner_rows(6)
+    train = write_jsonl(tmp_path / "train.jsonl", [r for r in rows if "B-ORG" not in r["ner_tags"]])
+    validation = write_jsonl(tmp_path / "dev.jsonl", rows)
+    status, line = cli(
+        run_ner,
+        ["--model_name_or_path", str(dump_dir), "--train_file", str(train), "--validation_file", str(validation)]
+        + ["--do_train", "--do_eval"]
+        + common_args(tmp_path, tokenizer_dir),
+        capsys,
+    )
+    assert_refused(status, line, "tag 'B-ORG' in", "dev.jsonl", "never occurs in the training data", "train.jsonl")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_declared_tag_never_seen_in_training_is_kept_with_a_warning(tmp_path, tokenizer_dir, dump_dir, caplog):
+    rows = ner_rows(6)
+    train = write_jsonl(tmp_path / "train.jsonl", [r for r in rows if "B-ORG" not in r["ner_tags"]])
+    validation = write_jsonl(tmp_path / "dev.jsonl", rows)
+    metrics = run_ner.main(
+        ["--model_name_or_path", str(dump_dir), "--train_file", str(train), "--validation_file", str(validation)]
+        + ["--do_train", "--do_eval", "--label_names", "O,B-PER,B-LOC,B-ORG"]
+        + common_args(tmp_path, tokenizer_dir)
+    )
+    assert any(key.startswith("eval_") for key in metrics), metrics
+    warned = [r.getMessage() for r in caplog.records if "never occurs in the training data" in r.getMessage()]
+    assert len(warned) == 1 and "'B-ORG'" in warned[0] and "dev.jsonl" in warned[0], warned
+    assert "count as errors" in warned[0]
+
+
+def test_an_mlm_tokenizer_without_padding_token_is_refused(tmp_path, dump_dir, capsys):
+    from conftest import VOCAB
+    from transformers import BertTokenizer
+
+    folder = tmp_path / "no_pad"
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, pad_token=None).save_pretrained(folder)
+    validation = write_jsonl(tmp_path / "v.jsonl", [{"text": row["sentence"]} for row in sentiment_rows(8)])
+    for layout in ([], ["--line_by_line"]):
+        status, line = cli(
+            run_mlm,
+            ["--model_name_or_path", str(dump_dir), "--do_eval", "--validation_file", str(validation), *layout]
+            + ["--max_seq_length", "16"]
+            + common_args(tmp_path, folder),
+            capsys,
+        )
+        assert_refused(status, line, f"tokenizer {folder} has no padding token")
+        assert not (tmp_path / "out").exists()
