@@ -75,14 +75,14 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if not is_sharded(model):
         return model.state_dict()
     weights = get_model_state_dict(model, options=_GATHER)
-    if weights:  # rank 0: tied parameters (embeddings and LM head) under every name, as in state_dict()
+    if weights:  # rank 0: tied parameters (embeddings, LM head) are one tensor under each name, as in state_dict()
         names: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
         for aliases in names.values():
             kept = next((name for name in aliases if name in weights), None)
             for name in aliases:
-                if kept is not None and name not in weights:
+                if kept is not None:
                     weights[name] = weights[kept]
         weights = {name: weights[name] for name in model.state_dict() if name in weights}  # state_dict()'s order
     return weights

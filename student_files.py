@@ -35,7 +35,7 @@ def save_model_folder(
     name = f"checkpoint-{micro_batch}"
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, state_dict=weights)
+    student.save_pretrained(tmp, state_dict=None if weights is None else dict(weights))  # it empties the dict
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for path in tmp.iterdir():
@@ -57,7 +57,7 @@ def save_final(student: Any, run_dir: Path, weights: dict[str, torch.Tensor]) ->
     """
     student.config.save_pretrained(run_dir)
     before = set(run_dir.iterdir())
-    student.save_pretrained(run_dir, state_dict=weights)
+    student.save_pretrained(run_dir, state_dict=dict(weights))  # it empties the dict it gets
     # save_pretrained writes the weights through a private temporary file (mode 0600): give
     # them the permissions every other output has (the umask's).
     for path in set(run_dir.iterdir()) - before | {run_dir / "model.safetensors"}:
