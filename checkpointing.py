@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 STATE_DIR = "checkpoints"
 # Settings a resumed run must share with the run that saved the state: the batches, their order and
 # the random streams follow from them (and from the corpus, compared by fingerprint).
-RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size")
+# --fsdp too: its states hold each rank's gradient shard and a name-keyed optimizer state.
+RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "fsdp")
 _RANK_KEYS = {"grads", "rng", "state", "run", "global_rank"}
 _SHARED_KEYS = {"student", "optimizer", "scheduler", "scaler"}
 

@@ -103,8 +103,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
     replace the saved ones. A state that does not fit (another student, or saved without --fsdp) is a
     UserError.
     """
-    if saved.get("state") and not all(isinstance(key, str) for key in saved["state"]):
-        raise UserError("--resume: the state was saved without --fsdp; resume without --fsdp (or start afresh)")
+    if saved.get("state") and not all(isinstance(key, str) for key in saved["state"]):  # states older than "fsdp"
+        raise UserError("--resume: the state was saved without --fsdp; resume without --fsdp")
     keep = [(group["weight_decay"], group["eps"]) for group in optimizer.param_groups]
     try:
         set_model_state_dict(model, weights, options=_SCATTER)
