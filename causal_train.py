@@ -399,11 +399,11 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
 
     freeze_embeddings(student, options)
     device = context.device
-    student.to(device)
+    student.to(None if config.fsdp else device)  # --fsdp moves only each rank's shards (sharding.shard)
     dtype = teacher_dtype(config, options, device)
     if dtype is not None and context.is_master:
         logger.info("--teacher_fp16: the teacher is kept in %s", str(dtype).removeprefix("torch."))
-    teacher.to(None if config.fsdp else device, dtype=dtype)  # --fsdp moves only each rank's shards
+    teacher.to(None if config.fsdp else device, dtype=dtype)
     for p in teacher.parameters():
         p.requires_grad = False
 
