@@ -38,6 +38,7 @@ from transformers import get_linear_schedule_with_warmup
 import checkpointing
 import losses
 import rank_faults
+import sharding
 import student_files
 from checkpointing import SkipBatches, TrainState
 from diito_runs import DiitoRuns, ModelRuns
@@ -147,6 +148,27 @@ class CausalDistiller:
         # The mapping entry of a step must be the same on every rank: its own seeded stream.
         self.mapping_rng = random.Random(config.seed)
 
+        self.student_runs = DiitoRuns(student)
+        self.teacher_runs = DiitoRuns(self.teacher)
+        if config.fsdp:
+            # Sharded before the optimizer is built: fully_shard replaces the parameters (sharding.py).
+            sharding.shard(self.student_runs, bf16=config.bf16, frozen=False)
+            sharding.shard(self.teacher_runs, bf16=config.bf16, frozen=True, cpu_offload=config.fsdp_offload_teacher)
+        elif self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Only the student is wrapped (the teacher takes no gradients). No find_unused_parameters:
+            # the student's source run stops below the top blocks, but its base run uses every
+            # trainable parameter, LM head included (alpha_mlm or alpha_clm is always > 0), and
+            # frozen embeddings have requires_grad False, so every backward reaches them all.
+            # Should a change leave one out, DDP fails loudly at the next step rather than silently.
+            on_cuda = self.device.type == "cuda"
+            self.student_runs = DistributedDataParallel(
+                self.student_runs,
+                device_ids=[context.local_rank] if on_cuda else None,
+                output_device=context.local_rank if on_cuda else None,
+            )
+
         self.state = TrainState()
         self.accum = config.gradient_accumulation_steps
         self.num_steps_total = (
@@ -162,23 +184,6 @@ class CausalDistiller:
         )
         self.amp_dtype = torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
-
-        self.student_runs = DiitoRuns(student)
-        self.teacher_runs = DiitoRuns(self.teacher)
-        if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Only the student is wrapped (the teacher takes no gradients). No find_unused_parameters:
-            # the student's source run stops below the top blocks, but its base run uses every
-            # trainable parameter, LM head included (alpha_mlm or alpha_clm is always > 0), and
-            # frozen embeddings have requires_grad False, so every backward reaches them all.
-            # Should a change leave one out, DDP fails loudly at the next step rather than silently.
-            on_cuda = self.device.type == "cuda"
-            self.student_runs = DistributedDataParallel(
-                self.student_runs,
-                device_ids=[context.local_rank] if on_cuda else None,
-                output_device=context.local_rank if on_cuda else None,
-            )
 
         self._stop_requested: str | None = None  # set by this process's signal handler
         self.stop_reason: str | None = None  # the same on every rank: set when all ranks agree
@@ -231,9 +236,10 @@ class CausalDistiller:
             rng=checkpointing.rng_state(self.device, self.generator, self.mapping_rng),
             run=self.run_settings(),
             global_rank=self.context.global_rank,
-            grads=[p.grad for p in self.student.parameters()] if mid_window else None,
-            student=self.student,
-            optimizer=self.optimizer,
+            grads=sharding.local_grads(self.student) if mid_window else None,
+            # Under --fsdp every rank takes part in gathering these; rank 0 keeps them.
+            student=sharding.full_model_state(self.student),
+            optimizer=sharding.full_optimizer_state(self.student, self.optimizer),
             scheduler=self.scheduler,
             scaler=self.scaler,
         )
@@ -246,12 +252,15 @@ class CausalDistiller:
         (`checkpointing.load_schedule`), weight decay and epsilon replace the saved ones.
         """
         cfg = self.config
-        self.student.load_state_dict(state["student"])
-        checkpointing.load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.config.fsdp:
+            sharding.load_full_state(self.student, self.optimizer, state["student"], state["optimizer"])
+        else:
+            self.student.load_state_dict(state["student"])
+            checkpointing.load_optimizer_state(self.optimizer, state["optimizer"])
         checkpointing.load_schedule(self.scheduler, state["scheduler"], cfg.learning_rate)
         if state["scaler"]:  # empty when the saving run had no --fp16: a new scaler then starts afresh
             self.scaler.load_state_dict(state["scaler"])
-        checkpointing.restore_grads(self.student, state["grads"])
+        sharding.restore_grads(self.student, state["grads"])
         checkpointing.restore_rng(state["rng"], self.device, self.generator, self.mapping_rng)
         self.state = TrainState(**state["state"])
         saved_peak = state["scheduler"]["base_lrs"]
@@ -395,9 +404,11 @@ class CausalDistiller:
 
         Returns the metrics and a (device) flag: the loss was not finite. Its gradients are then
         in the window's sum, which `_settle_window` drops before any optimizer step.
-        DDP arms its all-reduce in the forward, so `no_sync` has to cover the forward too.
+        DDP arms its all-reduce in the forward, so `no_sync` has to cover the forward too. Under --fsdp
+        every backward reduce-scatters its gradients, so they stay sharded (`sync` does not apply).
         """
-        no_sync = self.student_runs.no_sync() if self.distributed and not sync else contextlib.nullcontext()
+        ddp_no_sync = self.distributed and not self.config.fsdp and not sync
+        no_sync = self.student_runs.no_sync() if ddp_no_sync else contextlib.nullcontext()
         with no_sync:
             loss, metrics = self._loss_step(batch)
             self.scaler.scale(loss / self._window_size()).backward()
@@ -469,7 +480,9 @@ class CausalDistiller:
         norm = None
         if not st.window_skipped:
             self.scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm))
+            norm = sharding.as_float(
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
+            )
             # GradScaler skips an fp16 step with inf gradients itself (and lowers the scale); without
             # it, a non-finite norm would write NaN into the weights. Gradients are all-reduced, so
             # every rank sees the same norm and decides alike.
@@ -609,8 +622,9 @@ class CausalDistiller:
             self._end_epoch()
         # Gradients left from a partial accumulation (max_steps reached mid-way) are dropped.
         self.optimizer.zero_grad(set_to_none=True)
+        weights = sharding.full_model_state(self.student)  # every rank: a gather under --fsdp
         if self.is_master:
-            self.save_final()
+            self.save_final(weights)
         return None
 
     def _train_micro_batch(self, batch) -> None:
@@ -638,7 +652,7 @@ class CausalDistiller:
         log_now = st.n_total_iter % cfg.log_interval == 0
         if log_now:
             self._settle_window()  # on every rank: it may all-reduce
-        if log_now and self.is_master:
+        if log_now and self.is_master and not cfg.fsdp:  # sharded: rank 0 alone cannot read the weights
             self.log.parameters(self.student, st.n_total_iter)  # before the step zeroes the gradients
         grad_norm = self._optimizer_step() if sync else None
         if log_now and self.is_master:
@@ -650,11 +664,17 @@ class CausalDistiller:
     def _save_checkpoint(self) -> None:
         """The training state (every rank), checkpoint.pth and a checkpoint-<step>/ model folder (rank 0)."""
         self._settle_window()  # a window that saw a non-finite loss stops here, not in a saved state
-        checkpointing.save_state(self.state_dict(), self.context, self.config.save_total_limit)
+        state = self.state_dict()
+        checkpointing.save_state(state, self.context, self.config.save_total_limit)
         if self.is_master:
-            self._save_student("checkpoint.pth")
+            self._save_student("checkpoint.pth", state["student"])
             student_files.save_model_folder(
-                self.student, self.tokenizer, self.dump_path, self.state.n_total_iter, self.config.save_total_limit
+                self.student,
+                self.tokenizer,
+                self.dump_path,
+                self.state.n_total_iter,
+                self.config.save_total_limit,
+                weights=state["student"],
             )
 
     def _reached_max_steps(self) -> bool:
@@ -662,8 +682,9 @@ class CausalDistiller:
 
     def _end_epoch(self) -> None:
         st = self.state
+        weights = sharding.full_model_state(self.student)  # every rank: a gather under --fsdp
         if self.is_master:
-            self._save_student(f"model_epoch_{st.epoch}.pth")
+            self._save_student(f"model_epoch_{st.epoch}.pth", weights)
             self.log.epoch(st.epoch, st.epoch_loss_sum / max(st.epoch_loss_count, 1))
         logger.info("Epoch %d done", st.epoch)
         st.epoch += 1
@@ -687,8 +708,8 @@ class CausalDistiller:
 
     # --- the student's files ------------------------------------------------------------------
 
-    def _save_student(self, name: str) -> None:
-        student_files.save_weights(self.student, self.dump_path / name)
+    def _save_student(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        student_files.save_weights(weights, self.dump_path / name)
 
     def train_results(self) -> dict[str, float | int]:
         """The end-of-run summary written to train_results.json (runtime and speed: this process's run)."""
@@ -705,10 +726,15 @@ class CausalDistiller:
             **{f"train_{k}": v for k, v in st.last_loss.items()},
         }
 
-    def save_final(self) -> None:
-        """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder and train_results.json."""
+    def save_final(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder and train_results.json.
+
+        weights: the student's full state dict (`sharding.full_model_state`); default its `state_dict()`.
+        """
         write_json(self.train_results(), self.dump_path / "train_results.json")
-        student_files.save_final(self.student, self.dump_path)
+        student_files.save_final(
+            self.student, self.dump_path, self.student.state_dict() if weights is None else weights
+        )
         if self.log is not None:
             self.log.flush()
         logger.info("Saved the student in %s", self.dump_path)

@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 
 import masking
 import rank_faults
+import sharding
 from architectures import ARCHITECTURES, check_student_teacher, hidden_size, max_positions, special_token_ids
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> Path:
     """Data, teacher, student, distiller, training: everything after the launcher's set-up."""
+    sharding.check_flags(config, context.world_size)
     run_dir = Path(options.dump_path) / (options.run_name or default_run_name(config, options, context.world_size))
     on_master(context, lambda: check_run_dir(run_dir, options))  # before the long work, nothing written
     set_seed(config.seed)
@@ -413,11 +415,11 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
 
     freeze_embeddings(student, options)
     device = context.device
-    student.to(device)
+    student.to(None if config.fsdp else device)  # --fsdp moves only each rank's shards (sharding.shard)
     dtype = teacher_dtype(config, options, device)
     if dtype is not None and context.is_master:
         logger.info("--teacher_fp16: the teacher is kept in %s", str(dtype).removeprefix("torch."))
-    teacher.to(device, dtype=dtype)
+    teacher.to(None if config.fsdp else device, dtype=dtype)
     for p in teacher.parameters():
         p.requires_grad = False
 

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Sampler
 
@@ -39,7 +38,8 @@ logger = logging.getLogger(__name__)
 STATE_DIR = "checkpoints"
 # Settings a resumed run must share with the run that saved the state: the batches, their order and
 # the random streams follow from them (and from the corpus, compared by fingerprint).
-RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size")
+# --fsdp too: its states hold each rank's gradient shard and a name-keyed optimizer state.
+RESUME_MUST_MATCH = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "fsdp")
 _RANK_KEYS = {"grads", "rng", "state", "run", "global_rank"}
 _SHARED_KEYS = {"student", "optimizer", "scheduler", "scaler"}
 
@@ -201,8 +201,8 @@ def training_state(
     run: dict[str, Any],
     global_rank: int,
     grads: list[torch.Tensor | None] | None,
-    student: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    student: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
     scheduler: LRScheduler,
     scaler: torch.amp.GradScaler,
 ) -> dict[str, Any]:
@@ -212,13 +212,13 @@ def training_state(
     Every rank's holds its own random streams (masking and positions are drawn per rank, dropout
     differs with the data) and partial gradients: both are needed to continue exactly. Rank 0's
     also holds what the ranks share (student, optimizer, scheduler, grad scaler), written once
-    rather than once per rank.
+    rather than once per rank. student, optimizer: their state dicts (full ones: `sharding`).
     """
     out = {"grads": grads, "rng": rng, "state": asdict(counters), "run": run, "global_rank": global_rank}
     if global_rank == 0:
         out.update(
-            student=student.state_dict(),
-            optimizer=optimizer.state_dict(),
+            student=student,
+            optimizer=optimizer,
             scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),
         )
@@ -337,13 +337,6 @@ def _check_run_settings(saved: dict[str, Any], now: dict[str, Any], path: Path) 
     mismatch = [f"{k}={v} (this run: {now.get(k)})" for k, v in saved.items() if k != "corpus" and now.get(k) != v]
     if mismatch:
         raise UserError(f"--resume: {path} was saved with {', '.join(mismatch)}; resume with those")
-
-
-def restore_grads(model: nn.Module, grads: list[torch.Tensor | None] | None) -> None:
-    """The partial gradient sums a state saved mid-accumulation, one per parameter (None: none saved)."""
-    if grads is not None:
-        for p, g in zip(model.parameters(), grads, strict=False):
-            p.grad = None if g is None else g.to(p.device)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

@@ -12,26 +12,30 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
 
 from checkpointing import save_atomically
 from utils import follow_umask
 
 
-def save_weights(student: nn.Module, path: Path) -> None:
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     """The student's state dict, written atomically (checkpoint.pth, model_epoch_<n>.pth, pytorch_model.bin)."""
-    save_atomically(student.state_dict(), path)
+    save_atomically(weights, path)
 
 
-def save_model_folder(student: Any, tokenizer: Any, run_dir: Path, micro_batch: int, keep: int) -> None:
+def save_model_folder(
+    student: Any, tokenizer: Any, run_dir: Path, micro_batch: int, keep: int, weights: dict | None = None
+) -> None:
     """checkpoint-<micro_batch>/: config, weights and (if given) tokenizer, loadable with from_pretrained.
 
-    Written as a hidden folder, then renamed; only the newest `keep` folders are kept.
+    weights: the student's full state dict (default its `state_dict()`; a sharded student's is gathered
+    first, `sharding.full_model_state`). Written as a hidden folder, then renamed; only the newest
+    `keep` folders are kept.
     """
     name = f"checkpoint-{micro_batch}"
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=None if weights is None else dict(weights))  # it empties the dict
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for path in tmp.iterdir():
@@ -46,14 +50,17 @@ def save_model_folder(student: Any, tokenizer: Any, run_dir: Path, micro_batch: 
         shutil.rmtree(old)
 
 
-def save_final(student: Any, run_dir: Path) -> None:
-    """The run folder as a `from_pretrained` folder, and `pytorch_model.bin` (state dict, original name)."""
+def save_final(student: Any, run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The run folder as a `from_pretrained` folder, and `pytorch_model.bin` (state dict, original name).
+
+    weights: the student's full state dict (`student.state_dict()`, or `sharding.full_model_state`).
+    """
     student.config.save_pretrained(run_dir)
     before = set(run_dir.iterdir())
-    student.save_pretrained(run_dir)
+    student.save_pretrained(run_dir, state_dict=dict(weights))  # it empties the dict it gets
     # save_pretrained writes the weights through a private temporary file (mode 0600): give
     # them the permissions every other output has (the umask's).
     for path in set(run_dir.iterdir()) - before | {run_dir / "model.safetensors"}:
         if path.is_file():
             follow_umask(path)
-    save_weights(student, run_dir / "pytorch_model.bin")
+    save_weights(weights, run_dir / "pytorch_model.bin")

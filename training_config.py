@@ -93,6 +93,17 @@ class TrainingConfig:
     )
     fp16: bool = field(default=False, metadata={"help": "Mixed precision float16 (torch.amp + GradScaler)."})
     bf16: bool = field(default=False, metadata={"help": "Mixed precision bfloat16 (torch.amp)."})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard teacher and student per transformer block with FSDP2 over the torchrun processes "
+            "(2 or more) instead of a full copy of each on every process (DDP)."
+        },
+    )
+    fsdp_offload_teacher: bool = field(
+        default=False,
+        metadata={"help": "With --fsdp: keep the teacher's shards in CPU memory, copied to the device block by block."},
+    )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     seed: int = field(default=56, metadata={"help": "Seeds python, numpy and torch; dual pairing and draws follow."})
     # logging and checkpoints

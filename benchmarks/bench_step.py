@@ -274,8 +274,13 @@ def synthetic_batch(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     return rows(), lengths, rows(), lengths.clone()
 
 
-def make_distiller(args, teacher, student, causal: bool, fast: bool, dump: Path) -> CausalDistiller:
-    """A CausalDistiller as causal_train.main builds it, with the family's recipe of losses."""
+def make_distiller(
+    args, teacher, student, causal: bool, fast: bool, dump: Path, world_size: int = 1, rank: int = 0, **settings
+) -> CausalDistiller:
+    """A CausalDistiller as causal_train.main builds it, with the family's recipe of losses.
+
+    world_size, rank: this process's place (a process group must be open when world_size > 1);
+    settings: other `TrainingConfig` fields (e.g. fsdp=True)."""
     decoder = args.family == "llama"
     special = special_ids(args)
     config = TrainingConfig(
@@ -286,8 +291,16 @@ def make_distiller(args, teacher, student, causal: bool, fast: bool, dump: Path)
         alpha_causal_ce=0.25 if causal else 0.0,
         fast_mode=fast,
         bf16=args.device.startswith("cuda"),
+        **settings,
     )
-    context = RunContext(device=torch.device(args.device), special_token_ids=special, run_dir=dump)
+    context = RunContext(
+        global_rank=rank,
+        local_rank=rank,
+        world_size=world_size,
+        device=torch.device(args.device),
+        special_token_ids=special,
+        run_dir=dump,
+    )
     rng = np.random.default_rng(0)
     start, end = (special["bos_token"], special["eos_token"]) if decoder else (101, 102)
     corpus = [

@@ -129,3 +129,20 @@ def test_decoder_step_flops_equal_flop_counter_mode_for_every_variant(tmp_path):
         with FlopCounterMode(display=False) as counter:
             step()
         assert counter.get_total_flops() == bench_step.step_flops(args, variant), variant
+
+
+def test_fsdp_memory_benchmark_prints_ddp_and_fsdp_at_one_and_two_ranks(capsys):
+    import bench_fsdp_memory
+
+    tiny = ["--teacher_layers", "4", "--teacher_hidden", "32", "--teacher_heads", "4", "--kv_heads", "2"]
+    tiny += ["--intermediate", "48", "--vocab", "120", "--student_layers", "2", "--seq_len", "16"]
+    results = bench_fsdp_memory.main(tiny)
+    out = capsys.readouterr().out
+    assert set(results) == {("DDP", 1), ("FSDP", 1), ("DDP", 2), ("FSDP", 2)}
+    for mode, world in results:
+        assert f"| {mode} | {world} |" in out
+    # Two ranks: DDP holds everything on each; FSDP about half of the student, its states and the teacher.
+    ddp, fsdp = results["DDP", 2], results["FSDP", 2]
+    assert ddp == {**results["DDP", 1], "rss": ddp["rss"]}
+    for column in ("teacher", "student", "adam"):
+        assert fsdp[column] < 0.6 * ddp[column], column

@@ -1,0 +1,188 @@
+"""`--fsdp` on CPU: two gloo processes through torchrun, compared with DDP runs of the same flags.
+
+A BERT teacher with a DistilBERT student (dropout: every counterfactual run recomputes all blocks)
+and a Llama teacher with a Llama student (no dropout: the counterfactual run restarts above the
+intervened block, calling sharded blocks directly), DIITO's causal losses on. The losses of every
+logged micro-batch equal DDP's; a run stopped by SIGTERM and resumed ends bitwise equal to the
+uninterrupted FSDP run; the final student folder loads with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tr
+from conftest import load_state as load
+from conftest import resume_argv, save_tiny_decoder_teacher, train_argv
+from conftest import tensorboard_scalars as scalars
+from launch import TORCHRUN, finish, launch, processes, wait_for
+from test_decoder_families import _train_args as decoder_argv
+
+import causal_train
+import sharding
+from scripts import extract
+from training_config import TrainingConfig
+from utils import UserError
+
+# 50 sequences, 2 ranks, batch 4: 7 micro-batches per rank and epoch; accumulation 2 (as test_distributed).
+BERT_FLAGS = ("--n_epoch", "2", "--max_steps", "-1", "--gradient_accumulation_steps", "2", "--checkpoint_interval", "4")
+# 24 sequences, 2 ranks, batch 4: 3 micro-batches per rank; accumulation 1.
+LLAMA_FLAGS = ("--max_steps", "3", "--checkpoint_interval", "3")
+LOSSES = ("losses/loss", "losses/loss_ce", "losses/loss_causal_ce", "losses/loss_cos")
+
+
+def run_all(runs: dict[str, tuple[list[str], dict]], tmp_path: Path) -> dict[str, Path]:
+    """Launch each named (argv, hooks) under torchrun at once; wait for all; return their logs."""
+    logs = {name: tmp_path / f"{name}.log" for name in runs}
+    with processes() as started:
+        procs = {name: launch(started, argv, logs[name], TORCHRUN, **hooks) for name, (argv, hooks) in runs.items()}
+        for name, proc in procs.items():
+            assert finish(proc, logs[name]) == 0, logs[name].read_text()[-3000:]
+    return logs
+
+
+def assert_same_losses(run: Path, reference: Path, rtol: float) -> None:
+    for tag in LOSSES:
+        got, want = scalars(run, tag), scalars(reference, tag)
+        assert want and got.keys() == want.keys(), tag
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=rtol, abs=1e-6), (tag, step)
+
+
+@pytest.fixture(scope="module")
+def bert_runs(tmp_path_factory, small_corpus, tiny_bert_teacher, tiny_student_config, tiny_mapping) -> Path:
+    """Under tmp: ddp/ and fsdp/ whole runs, and cut/: an FSDP run stopped by SIGTERM at micro-batch 5
+    (mid-window) and resumed."""
+    tmp = tmp_path_factory.mktemp("bert_fsdp")
+
+    def argv(folder: str, *extra: str) -> list[str]:
+        return train_argv(
+            tmp / folder,
+            tiny_bert_teacher,
+            tiny_student_config,
+            tiny_mapping,
+            *BERT_FLAGS,
+            *extra,
+            data_file=small_corpus,
+        )
+
+    marker, logs = tmp / "paused", {name: tmp / f"{name}.log" for name in ("ddp", "fsdp", "cut", "resumed")}
+    with processes() as started:
+        procs = {
+            "ddp": launch(started, argv("ddp"), logs["ddp"], TORCHRUN),
+            "fsdp": launch(started, argv("fsdp", "--fsdp"), logs["fsdp"], TORCHRUN),
+        }
+        cut = launch(started, argv("cut", "--fsdp"), logs["cut"], TORCHRUN, pause_after=4, pause_rank=1, marker=marker)
+        wait_for(marker, cut, logs["cut"])
+        os.kill(int(marker.read_text()), signal.SIGTERM)
+        assert finish(cut, logs["cut"]) != 0
+        assert re.search(r"exitcode\s*:\s*143", logs["cut"].read_text()), logs["cut"].read_text()[-3000:]
+        states = tmp / "cut" / "results" / "run" / "checkpoints"
+        assert sorted(p.name for p in states.iterdir()) == [f"state_0000000005_rank{r}.pth" for r in (0, 1)]
+        resumed = launch(started, resume_argv(argv("cut", "--fsdp")), logs["resumed"], TORCHRUN)
+        assert finish(resumed, logs["resumed"]) == 0, logs["resumed"].read_text()[-3000:]
+        for name, proc in procs.items():
+            assert finish(proc, logs[name]) == 0, logs[name].read_text()[-3000:]
+    return tmp
+
+
+def test_fsdp_losses_equal_ddp_losses_for_a_bert_teacher_and_distilbert_student(bert_runs):
+    run = bert_runs / "fsdp" / "results" / "run"
+    assert_same_losses(run, bert_runs / "ddp" / "results" / "run", rtol=1e-4)
+    assert len(scalars(run, "losses/loss")) == 14
+    final, ddp_final = (
+        torch.load(bert_runs / k / "results/run/pytorch_model.bin", weights_only=True) for k in ("fsdp", "ddp")
+    )
+    assert final.keys() == ddp_final.keys()
+    assert all(torch.allclose(final[k], ddp_final[k], rtol=1e-3, atol=1e-5) for k in final)
+
+
+def test_fsdp_resume_after_sigterm_ends_bitwise_equal_to_the_uninterrupted_run(bert_runs):
+    cut_state = load(bert_runs / "cut" / "results" / "run" / "checkpoints" / "state_0000000012_rank0.pth")
+    whole_state = load(bert_runs / "fsdp" / "results" / "run" / "checkpoints" / "state_0000000012_rank0.pth")
+    # The state holds full tensors (gathered on rank 0), keyed as a plain student's.
+    assert (
+        cut_state["student"].keys()
+        == tr.DistilBertForMaskedLM(tr.DistilBertConfig.from_pretrained(bert_runs / "fsdp" / "results" / "run"))
+        .state_dict()
+        .keys()
+    )
+    final, resumed = (
+        torch.load(bert_runs / k / "results" / "run" / "pytorch_model.bin", weights_only=True) for k in ("fsdp", "cut")
+    )
+    different = [k for k in final if not torch.equal(final[k], resumed[k])]
+    assert not different, different
+    for name in cut_state["optimizer"]["state"]:
+        for key, value in whole_state["optimizer"]["state"][name].items():
+            assert torch.equal(cut_state["optimizer"]["state"][name][key], value), (name, key)
+    for tag in LOSSES:  # the resumed run's micro-batches 6..14 (TensorBoard purges the cut run's 5)
+        cut, whole = (scalars(bert_runs / k / "results" / "run", tag) for k in ("cut", "fsdp"))
+        assert {k: v for k, v in whole.items() if k > 5} == {k: v for k, v in cut.items() if k > 5}, tag
+
+
+def test_fsdp_final_student_folder_loads_with_from_pretrained(bert_runs):
+    run = bert_runs / "fsdp" / "results" / "run"
+    model = tr.AutoModelForMaskedLM.from_pretrained(run)
+    saved = torch.load(run / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    checkpoint = tr.AutoModelForMaskedLM.from_pretrained(run / "checkpoint-12")
+    assert all(torch.isfinite(v).all() for v in checkpoint.state_dict().values())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny 4-block Llama teacher and its 2-block extracted student (folder with student.pth)."""
+    tmp = tmp_path_factory.mktemp("llama_fsdp")
+    teacher = save_tiny_decoder_teacher("llama", tmp / "teacher", vocab=200)
+    extract.main(
+        ["--model_type", "llama", "--model_name", str(teacher), "--num_layers", "2"]
+        + ["--dump_checkpoint", str(tmp / "student.pth"), "--dump_folder", str(tmp / "student")]
+    )
+    return teacher, tmp
+
+
+@pytest.mark.parametrize("mode", [(), ("--fast_mode",)], ids=["exact", "fast_mode"])
+def test_fsdp_losses_equal_ddp_losses_for_a_llama_teacher_and_student(llama, tmp_path, mode):
+    teacher, files = llama
+
+    def argv(name: str, *extra: str) -> list[str]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "student.pth").symlink_to(files / "student.pth")
+        return decoder_argv(folder, "llama", teacher, files / "student", *LLAMA_FLAGS, *mode, *extra)
+
+    runs = {"ddp": (argv("ddp"), {}), "fsdp": (argv("fsdp", "--fsdp"), {})}
+    if not mode:  # bf16 mixed precision and the teacher's CPU offload, against the float32 run
+        runs["bf16"] = (argv("bf16", "--fsdp", "--bf16", "--fsdp_offload_teacher"), {})
+    run_all(runs, tmp_path)
+    assert_same_losses(tmp_path / "fsdp" / "results" / "run", tmp_path / "ddp" / "results" / "run", rtol=1e-4)
+    assert max(scalars(tmp_path / "fsdp" / "results" / "run", "losses/loss_causal_ce").values()) > 0
+    if not mode:
+        assert_same_losses(tmp_path / "bf16" / "results" / "run", tmp_path / "ddp" / "results" / "run", rtol=5e-2)
+    model = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "results" / "run")
+    saved = torch.load(tmp_path / "fsdp" / "results" / "run" / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_fsdp_without_a_launcher_is_refused_with_the_torchrun_command(small_run_argv):
+    with pytest.raises(UserError, match=r"^--fsdp shards the models over several processes: launch with `torchrun"):
+        causal_train.main(small_run_argv("--fsdp"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(fsdp_offload_teacher=True), "--fsdp_offload_teacher needs --fsdp"),
+        (dict(fsdp=True, fp16=True), "--fsdp does not support --fp16"),
+    ],
+    ids=["offload_without_fsdp", "fp16"],
+)
+def test_fsdp_flag_combinations_that_cannot_work_are_refused(flags, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}") as error:
+        sharding.check_flags(TrainingConfig(**flags), world_size=2)
+    assert "\n" not in str(error.value)
