@@ -182,6 +182,9 @@ def test_the_quickstart_teacher_dir_is_checked_like_every_model_folder(tmp_path)
             check_teacher_dir(broken)
     import quickstart
 
+    shutil.rmtree(broken)
+    shutil.copytree(teacher, broken)
+    other_tokenizer(broken, 300)
     out = tmp_path / "out"
     with pytest.raises(UserError, match="has 300 tokens"):
         quickstart.main(["--tiny", "--teacher", "smollm2", "--teacher_dir", str(broken), "--output_dir", str(out)])
