@@ -332,8 +332,35 @@ def cluster_checks(options: RunOptions) -> None:
         raise UserError(f"--ddp_timeout must be >= 1 (seconds), got {options.ddp_timeout}")
     if options.is_wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("--is_wandb: the wandb package is not installed (pip install wandb), or drop --is_wandb")
+
+
+def warn_idle_flags(config: TrainingConfig, options: RunOptions) -> list[str]:
+    """Warn about flags that this run reads but that change nothing, and return the warnings.
+
+    A flag whose prerequisite is missing (--restrict_ce_to_mask without --mlm) is refused by
+    `sanity_checks`; one that only has no effect at these loss weights is warned about, since
+    scripts such as the quickstart give every variant the same flags and vary the weights.
+    """
+    idle = []
     if options.interchange_mlm:
-        logger.warning("--interchange_mlm has no effect: the original accepted it and never used it")
+        idle.append("--interchange_mlm has no effect: the original accepted it and never used it")
+    interchange = [
+        f"--{name}"
+        for name in ("interchange_consecutive_only", "interchange_masked_token_only", "data_augment", "fast_mode")
+        if getattr(config, name)
+    ]
+    if not config.causal and (interchange or options.neuron_mapping is not None):
+        flags = ", ".join(interchange + (["--neuron_mapping"] if options.neuron_mapping is not None else []))
+        idle.append(f"{flags}: no effect without a causal loss (--alpha_causal_ce or --alpha_causal_cos > 0)")
+    elif config.data_augment and options.neuron_mapping is not None:
+        idle.append("--neuron_mapping: no effect with --data_augment (token ids are swapped, no activations)")
+    if options.token_counts is not None and not config.mlm:
+        idle.append("--token_counts: no effect without --mlm (it weights the choice of MLM targets)")
+    if config.restrict_ce_to_mask and config.alpha_ce == 0 and config.alpha_causal_ce == 0:
+        idle.append("--restrict_ce_to_mask: no effect with --alpha_ce 0 and --alpha_causal_ce 0")
+    for line in idle:
+        logger.warning(line)
+    return idle
 
 
 def set_precision_backends(options: RunOptions) -> None:
@@ -383,6 +410,7 @@ def main(argv: list[str] | None = None) -> Path:
     """
     config, options = parse_args(argv)
     sanity_checks(config, options)
+    warn_idle_flags(config, options)
     cluster_checks(options)
     set_precision_backends(options)
     context = init_distributed(options)

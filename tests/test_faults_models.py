@@ -317,6 +317,24 @@ def test_flags_that_would_do_nothing_are_refused_before_any_work(monkeypatch, sm
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, warning",
+    [
+        (["--alpha_causal_ce", "0"], "--interchange_consecutive_only, --neuron_mapping: no effect without a causal"),
+        (["--data_augment"], "--neuron_mapping: no effect with --data_augment"),
+        (["--restrict_ce_to_mask", "--alpha_ce", "0", "--alpha_causal_ce", "0"], "--restrict_ce_to_mask: no effect"),
+        (["--clm"], "--token_counts: no effect without --mlm"),
+    ],
+)
+def test_flags_without_effect_at_these_weights_are_warned_about(small_run_argv, flags, warning):
+    argv = small_run_argv(*[f for f in flags if f != "--clm"])
+    if "--clm" in flags:
+        argv = clm_argv(argv)
+    config, options = causal_train.parse_args(argv)
+    assert any(warning in line for line in causal_train.warn_idle_flags(config, options))
+    assert causal_train.warn_idle_flags(*causal_train.parse_args(small_run_argv())) == []  # the recipe: none
+
+
 def test_an_interchange_prop_too_small_for_the_corpus_is_refused(small_run_argv, tmp_path):
     with pytest.raises(UserError, match=r"--interchange_prop 0.01 interchanges no position: the longest sequence"):
         causal_train.main(small_run_argv("--interchange_prop", "0.01"))
@@ -357,6 +375,23 @@ def test_a_full_disk_while_resuming_keeps_the_previous_parameters(monkeypatch, c
         causal_train.main(resume_argv(argv, "--max_steps", "2"))
     assert (run / "parameters.json").read_bytes() == before
     assert not list(run.glob(".parameters.json.*"))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_folder_leaves_no_half_folder(monkeypatch, tmp_path):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=16, n_heads=2, hidden_dim=32, n_layers=1))
+    student_files.save_model_folder(student, None, tmp_path, 2, keep=2)
+
+    def half_then_full(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(student), "save_pretrained", half_then_full)
+    with pytest.raises(OSError):
+        student_files.save_model_folder(student, None, tmp_path, 4, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
 
 
 def options_for(argv: list[str]):
