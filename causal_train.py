@@ -194,7 +194,7 @@ def sanity_checks(config: TrainingConfig, options: RunOptions) -> None:
         raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
     require_file(options.student_config, "student config")
     check_student_config(options.student_config, options.student_type)
-    check_teacher_folder(options.teacher_name)
+    check_teacher_folder(options.teacher_name, options.teacher_type)
     require_file(options.data_file, "data file")
     if options.token_counts is not None:
         require_file(options.token_counts, "token counts file")

@@ -82,13 +82,14 @@ def check_config_sizes(config: PretrainedConfig, raw: dict | None, shown: str | 
         raise UserError(f"{shown}: '{key}' must be a positive integer, got {value!r}")
 
 
-def load_folder_config(folder: Path) -> PretrainedConfig:
+def load_folder_config(folder: Path, config_class: type[PretrainedConfig] | None = None) -> PretrainedConfig:
     """The config of a local model folder, every field of its declared type and every size positive;
-    a `UserError` naming `folder/config.json` otherwise."""
+    a `UserError` naming `folder/config.json` otherwise. `config_class`: the family's config class when
+    the caller knows it (a config.json without `model_type` then still reads), else AutoConfig."""
     config_file = folder / "config.json"
     raw = read_config_json(config_file, folder)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = (config_class or AutoConfig).from_pretrained(folder)
     except StrictDataclassError as e:  # a field of the wrong type, e.g. "n_layers": "4"
         raise UserError(f"cannot load a model config from {config_file}: {one_line(e)}") from None
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -183,11 +184,14 @@ def check_tokenizer_fits(tokenizer, config: PretrainedConfig, shown: str | Path)
     check_same_padding(tokenizer, config, shown)
 
 
-def check_model_folder(folder: Path, tokenizer_hint: str | None) -> PretrainedConfig:
+def check_model_folder(
+    folder: Path, tokenizer_hint: str | None, config_class: type[PretrainedConfig] | None = None
+) -> PretrainedConfig:
     """Every file of a local model folder that can be checked without loading the model: config.json
-    (JSON, typed fields, sizes), the weights' headers and, unless `tokenizer_hint` is None, the
-    tokenizer files (`tokenizer_hint`: what to do when there are none). Returns the config."""
-    config = load_folder_config(folder)
+    (JSON, typed fields, sizes; read with `config_class` if given), the weights' headers and, unless
+    `tokenizer_hint` is None, the tokenizer files (`tokenizer_hint`: what to do when there are none).
+    Returns the config."""
+    config = load_folder_config(folder, config_class)
     weights = weights_file(folder)
     if weights is not None:
         check_weights_header(weights, folder)

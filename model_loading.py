@@ -130,7 +130,7 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or os.path.exists(name)
 
 
-def check_teacher_folder(name: str) -> Path | None:
+def check_teacher_folder(name: str, teacher_type: str | None = None) -> Path | None:
     """Refuse a local teacher folder whose files are broken, before any model loads: no config.json, a
     config.json that is not JSON or has wrongly typed fields, weights cut short, no tokenizer files
     or tokenizer files that are not JSON (`model_files`). Returns the folder, or None for a Hub id."""
@@ -145,7 +145,8 @@ def check_teacher_folder(name: str) -> Path | None:
     if not (folder / "config.json").is_file():
         raise UserError(f"--teacher_name: {folder} has no config.json (save the teacher with save_pretrained)")
     try:
-        check_model_folder(folder, "save the teacher's tokenizer into it with tokenizer.save_pretrained")
+        config_class = ARCHITECTURES[teacher_type].config_cls() if teacher_type else None
+        check_model_folder(folder, "save the teacher's tokenizer into it with tokenizer.save_pretrained", config_class)
     except UserError as e:
         raise UserError(f"--teacher_name: {e}") from None
     return folder
@@ -154,7 +155,7 @@ def check_teacher_folder(name: str) -> Path | None:
 def load_teacher(options: RunOptions):
     """The teacher's tokenizer and LM, refused unless every weight of the LM (its head included) was trained
     and the tokenizer is the LM's (no id beyond its vocabulary, its padding id)."""
-    folder = check_teacher_folder(options.teacher_name)
+    folder = check_teacher_folder(options.teacher_name, options.teacher_type)
     row = ARCHITECTURES[options.teacher_type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.teacher_name, cache_dir=options.cache_dir)

@@ -291,7 +291,7 @@ def load_teacher(model_class, name: str, head_prefix: str, with_tokenizer: bool 
         if not (folder / "config.json").is_file():
             raise UserError(f"--model_name: {name} has no config.json (save the teacher with save_pretrained)")
         try:
-            check_model_folder(folder, None)
+            check_model_folder(folder, None, model_class.config_class)
             if with_tokenizer and any((folder / f).is_file() for f in MODEL_TOKENIZER_FILES):
                 check_tokenizer_files(folder, "")
         except UserError as e:

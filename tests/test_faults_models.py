@@ -126,6 +126,17 @@ def test_a_broken_teacher_folder_is_refused_naming_the_file(
     assert not (tmp_path / "payload_ran").exists()  # nothing in the pickle ran
 
 
+def test_a_sound_teacher_folder_passes_even_without_model_type(tiny_bert_teacher, tmp_path):
+    import model_loading
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bert_teacher, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    del config["model_type"]  # as some older saves wrote it: the family's config class reads it
+    (teacher / "config.json").write_text(json.dumps(config))
+    assert model_loading.check_teacher_folder(str(teacher), "bert") == teacher
+
+
 def test_a_truncated_teacher_fails_through_the_cli_in_one_line(small_run_argv, tiny_bert_teacher, tmp_path):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_bert_teacher, teacher)
