@@ -727,14 +727,18 @@ class CausalDistiller:
         }
 
     def save_final(self, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder and train_results.json.
+        """`pytorch_model.bin` (state dict, original name), a `from_pretrained` folder, then train_results.json.
 
         weights: the student's full state dict (`sharding.full_model_state`); default its `state_dict()`.
+        The summary comes last, and a resumed run's old one goes first: a save cut short never leaves a
+        train_results.json beside a model it does not describe.
         """
-        write_json(self.train_results(), self.dump_path / "train_results.json")
+        summary = self.dump_path / "train_results.json"
+        summary.unlink(missing_ok=True)
         student_files.save_final(
             self.student, self.dump_path, self.student.state_dict() if weights is None else weights
         )
+        write_json(self.train_results(), summary)
         if self.log is not None:
             self.log.flush()
         logger.info("Saved the student in %s", self.dump_path)

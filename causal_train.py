@@ -47,6 +47,7 @@ from architectures import ARCHITECTURES, check_student_teacher, hidden_size, max
 from causal_distiller import CausalDistiller, StopTraining
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from model_loading import (
+    check_resumed_student,
     check_student_config,
     check_teacher_folder,
     freeze_embeddings,
@@ -62,11 +63,12 @@ from run_folders import (
     prepare_dump_path,
     release_run_locks,
     run_description,
+    run_finished,
     write_run_info,
 )
 from token_store import PICKLE_SUFFIXES, check_vocab_range, load_sequences
 from training_config import RunContext, RunOptions, TrainingConfig, flag_values
-from utils import AbortRun, UserError, one_line, require_file, run_cli, set_seed
+from utils import AbortRun, UserError, check_seed, one_line, require_file, run_cli, set_seed
 
 logger = logging.getLogger("causal_train")
 
@@ -173,8 +175,11 @@ def sanity_checks(config: TrainingConfig, options: RunOptions) -> None:
         raise UserError("choose one of --interchange_consecutive_only and --interchange_masked_token_only")
     if config.interchange_masked_token_only and not config.mlm:
         raise UserError("--interchange_masked_token_only needs --mlm")
+    if config.restrict_ce_to_mask and not config.mlm:
+        raise UserError("--restrict_ce_to_mask needs --mlm (without it there are no MLM targets to restrict to)")
     if not 0 <= config.interchange_prop <= 1:
         raise UserError(f"--interchange_prop must be in [0, 1], got {config.interchange_prop}")
+    check_interchange_flags(config)
     for name in (
         "batch_size",
         "gradient_accumulation_steps",
@@ -186,11 +191,12 @@ def sanity_checks(config: TrainingConfig, options: RunOptions) -> None:
         if getattr(config, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(config, name)}")
     check_numeric_flags(config, options)
+    check_seed(config.seed, "--seed")
     if abs(config.word_mask + config.word_keep + config.word_rand - 1) > 1e-6:
         raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
     require_file(options.student_config, "student config")
     check_student_config(options.student_config, options.student_type)
-    check_teacher_folder(options.teacher_name)
+    check_teacher_folder(options.teacher_name, options.teacher_type)
     require_file(options.data_file, "data file")
     if options.token_counts is not None:
         require_file(options.token_counts, "token counts file")
@@ -198,6 +204,40 @@ def sanity_checks(config: TrainingConfig, options: RunOptions) -> None:
         require_file(options.student_pretrained_weights, "student pretrained weights")
     if options.neuron_mapping is not None:
         require_file(options.neuron_mapping, "neuron mapping")
+
+
+def check_interchange_flags(config: TrainingConfig) -> None:
+    """Refuse interchange settings that would make a causal loss train nothing, or that the run would ignore.
+
+    --interchange_masked_token_only interchanges every MLM target: --interchange_prop and
+    --interchange_max_token do not apply to it. Otherwise --interchange_prop 0 interchanges no position.
+    """
+    if config.interchange_masked_token_only:
+        if config.interchange_max_token != -1:
+            raise UserError(
+                "--interchange_max_token does not apply with --interchange_masked_token_only (every MLM target "
+                "is interchanged): drop one of them"
+            )
+        return
+    if config.causal and config.interchange_prop == 0:
+        raise UserError(
+            "--interchange_prop 0 interchanges no position, so the causal losses (--alpha_causal_ce, "
+            "--alpha_causal_cos) would train nothing: give --interchange_prop > 0, or set those alphas to 0"
+        )
+
+
+def check_interchange_reaches(config: TrainingConfig, lengths, max_input: int, data_file: str) -> None:
+    """Refuse an --interchange_prop too small to interchange a position of even the longest sequence of
+    the corpus (`lengths`, cut to the teacher's `max_input` tokens): the causal losses would train nothing."""
+    if not config.causal or config.interchange_masked_token_only or len(lengths) == 0:
+        return
+    longest = torch.tensor([min(int(lengths.max()), max_input)])
+    if int(masking.interchange_counts(longest, longest, config.interchange_prop, config.interchange_max_token)) == 0:
+        raise UserError(
+            f"--interchange_prop {config.interchange_prop} interchanges no position: the longest sequence of "
+            f"{data_file} has {int(longest)} tokens, and int({int(longest)} * {config.interchange_prop}) is 0, so the "
+            "causal losses would train nothing; give a larger --interchange_prop"
+        )
 
 
 # Flag -> (lowest, highest, whether the bounds themselves are allowed) of the numeric flags whose
@@ -301,8 +341,35 @@ def cluster_checks(options: RunOptions) -> None:
         raise UserError(f"--ddp_timeout must be >= 1 (seconds), got {options.ddp_timeout}")
     if options.is_wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("--is_wandb: the wandb package is not installed (pip install wandb), or drop --is_wandb")
+
+
+def warn_idle_flags(config: TrainingConfig, options: RunOptions) -> list[str]:
+    """Warn about flags that this run reads but that change nothing, and return the warnings.
+
+    A flag whose prerequisite is missing (--restrict_ce_to_mask without --mlm) is refused by
+    `sanity_checks`; one that only has no effect at these loss weights is warned about, since
+    scripts such as the quickstart give every variant the same flags and vary the weights.
+    """
+    idle = []
     if options.interchange_mlm:
-        logger.warning("--interchange_mlm has no effect: the original accepted it and never used it")
+        idle.append("--interchange_mlm has no effect: the original accepted it and never used it")
+    interchange = [
+        f"--{name}"
+        for name in ("interchange_consecutive_only", "interchange_masked_token_only", "data_augment", "fast_mode")
+        if getattr(config, name)
+    ]
+    if not config.causal and (interchange or options.neuron_mapping is not None):
+        flags = ", ".join(interchange + (["--neuron_mapping"] if options.neuron_mapping is not None else []))
+        idle.append(f"{flags}: no effect without a causal loss (--alpha_causal_ce or --alpha_causal_cos > 0)")
+    elif config.data_augment and options.neuron_mapping is not None:
+        idle.append("--neuron_mapping: no effect with --data_augment (token ids are swapped, no activations)")
+    if options.token_counts is not None and not config.mlm:
+        idle.append("--token_counts: no effect without --mlm (it weights the choice of MLM targets)")
+    if config.restrict_ce_to_mask and config.alpha_ce == 0 and config.alpha_causal_ce == 0:
+        idle.append("--restrict_ce_to_mask: no effect with --alpha_ce 0 and --alpha_causal_ce 0")
+    for line in idle:
+        logger.warning(line)
+    return idle
 
 
 def set_precision_backends(options: RunOptions) -> None:
@@ -352,6 +419,7 @@ def main(argv: list[str] | None = None) -> Path:
     """
     config, options = parse_args(argv)
     sanity_checks(config, options)
+    warn_idle_flags(config, options)
     cluster_checks(options)
     set_precision_backends(options)
     context = init_distributed(options)
@@ -376,6 +444,11 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
     sharding.check_flags(config, context.world_size)
     run_dir = Path(options.dump_path) / (options.run_name or default_run_name(config, options, context.world_size))
     on_master(context, lambda: check_run_dir(run_dir, options))  # before the long work, nothing written
+    finished = run_finished(run_dir, config) if options.resume else None
+    if finished is not None:  # every rank reads the same summary: all return
+        if context.is_master:
+            logger.warning("%s", finished)
+        return run_dir
     set_seed(config.seed)
     if config.fp16 and options.fp16_opt_level != "O1" and context.is_master:
         logger.info("--fp16_opt_level %s: torch.amp has one mixed-precision mode, apex's O1", options.fp16_opt_level)
@@ -386,6 +459,8 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
         context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config), run_dir=run_dir
     )
     student = load_student(options, teacher.config)
+    if options.resume:
+        check_resumed_student(student.config, run_dir, options.student_config)
     if (config.alpha_cos > 0 or config.alpha_causal_cos > 0) and hidden_size(student) != hidden_size(teacher):
         raise UserError(
             f"cos losses need equal hidden sizes: student {hidden_size(student)}, teacher {hidden_size(teacher)}"
@@ -399,6 +474,7 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
     warn_pickle_in_multi_process(options.data_file, context)
     store = load_sequences(options.data_file)
     check_vocab_range(store, teacher.config.vocab_size, options.data_file)
+    check_interchange_reaches(config, store.lengths, context.max_model_input_size, options.data_file)
     dataset = LmSeqsDataset(
         DatasetParams(
             context.max_model_input_size, config.mlm, special_ids, seed=config.seed, family=options.teacher_type
@@ -409,9 +485,7 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
     description = run_description(config, options, context)  # parameters.json: the flags as given
     prepare_dump_path(run_dir, options, context)
     if not options.resume:  # at once, beside the marker: the folder is one --force may replace
-        write_run_info(description, context, student)
-    if context.is_master:  # evaluation scripts then need no --tokenizer_name
-        tokenizer.save_pretrained(run_dir)
+        write_run_info(description, context, student, tokenizer)
 
     freeze_embeddings(student, options)
     device = context.device
@@ -441,7 +515,8 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
     )
     if options.resume:
         distiller.resume()
-        write_run_info(description, context, student)  # only once the state is accepted, as this run's settings
+        # Only once the state is accepted: this run's settings, and the tokenizer (folders of older runs had none).
+        write_run_info(description, context, student, tokenizer)
     try:
         stopped_by = distiller.train()
     except StopTraining as e:

@@ -8,15 +8,12 @@ step. Task tables, label handling and metrics stay in the scripts.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import sys
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,6 @@ import pyarrow.compute as pc
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -41,8 +37,25 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
+from model_files import (  # the model-folder rules every script shares
+    check_config_sizes,
+    check_tokenizer_files,
+    check_weights_header,
+    read_config_json,
+    weights_file,
+    weights_problem,
+)
+from model_files import check_vocab_size as check_vocab_size  # the scripts call it from here
 from run_folders import RUN_MARKER  # the file causal_train.py writes first into every run folder
-from utils import UserError, atomic_path, cannot_write_in, nearest_existing, require_file
+from utils import (
+    UserError,
+    atomic_path,
+    cannot_write_in,
+    check_seed,
+    nearest_existing,
+    require_file,
+    require_no_symlink_loop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,26 +152,6 @@ def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
         raise UserError(f"{flag} {folder} cannot be written{blocked}: {problem}")
 
 
-def symlink_loop(path: str | os.PathLike) -> Path | None:
-    """The first of `path` and its parents (from the top) that is a loop of symbolic links, or None."""
-    path = Path(path).expanduser().absolute()
-    for part in reversed([path, *path.parents]):
-        try:
-            os.stat(part)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                return part
-            return None  # nothing below a missing folder exists
-    return None
-
-
-def require_no_symlink_loop(path: str | os.PathLike, what: str) -> None:
-    """Raise a `UserError` if `path` goes through a loop of symbolic links (it would read as missing)."""
-    loop = symlink_loop(path)
-    if loop is not None:
-        raise UserError(f"{what} {path} cannot be reached: {loop} is a loop of symbolic links")
-
-
 TRAINER_STATE = "trainer_state.json"  # what makes a `checkpoint-<step>/` folder a Trainer checkpoint
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
 
@@ -234,9 +227,7 @@ def check_run_flags(
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
     for flag in ("seed", "data_seed"):
-        value = getattr(training_args, flag)
-        if value is not None and not 0 <= value < 2**32:
-            raise UserError(f"--{flag} must be between 0 and {2**32 - 1}, got {value}")
+        check_seed(getattr(training_args, flag), f"--{flag}")
     resume = training_args.resume_from_checkpoint
     if resume is not None and training_args.do_train:
         require_no_symlink_loop(resume, "--resume_from_checkpoint")
@@ -460,19 +451,6 @@ def load_hub_dataset(
 
 # ---- model
 
-# Files one of which every saved tokenizer has; a folder with none holds no tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-# The JSON files of a saved tokenizer, checked before loading so that an error names the file.
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
-
 
 def local_folder(name: str, flag: str) -> Path | None:
     """`name` as a local folder, None for a Hub name; a `UserError` for a path that is not a folder.
@@ -489,19 +467,6 @@ def local_folder(name: str, flag: str) -> Path | None:
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
         raise UserError(f"{flag} folder not found: {name}")
     return None
-
-
-# Config sizes every model family names (through its attribute_map: DistilBERT's `n_layers` is
-# `num_hidden_layers`); each must be a positive integer or the model cannot be built.
-CONFIG_SIZES = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-)
 
 
 def load_config(model_args: ModelArguments) -> PretrainedConfig:
@@ -521,16 +486,7 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
             "(model.safetensors or pytorch_model.bin)" + ("" if model_args.config_name else ", or pass --config_name")
         )
     shown = config_file or config_source
-    raw = None
-    if config_file is not None:
-        try:
-            raw = json.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UserError(f"cannot load a model config from {config_source}: {e.strerror or one_line(e)}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot load a model config from {config_file}: not valid JSON ({one_line(e)})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{config_file} must hold a JSON object, found {type(raw).__name__}")
+    raw = read_config_json(config_file, config_source) if config_file is not None else None
     try:
         config = AutoConfig.from_pretrained(config_source, **model_args.hub_kwargs())
     except StrictDataclassError as e:  # a field of the wrong type, e.g. "n_layers": "4"
@@ -538,13 +494,7 @@ def load_config(model_args: ModelArguments) -> PretrainedConfig:
     except (OSError, ValueError, TypeError, KeyError) as e:
         hint = "" if folder is not None else f" (no local folder {config_source} either)"
         raise UserError(f"cannot load a model config from {config_source}{hint}: {one_line(e)}") from None
-    attribute_map = getattr(config, "attribute_map", {})
-    for name in CONFIG_SIZES:
-        value = getattr(config, name, None)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            continue
-        key = name if raw is None or name in raw else attribute_map.get(name, name)
-        raise UserError(f"{shown}: '{key}' must be a positive integer, got {value!r}")
+    check_config_sizes(config, raw, shown)
     return config
 
 
@@ -558,19 +508,8 @@ def load_tokenizer(model_args: ModelArguments, **tokenizer_kwargs) -> PreTrained
     folder = local_folder(tokenizer_source, flag)
     # transformers 5 builds an empty-vocabulary tokenizer from a folder without tokenizer files:
     # every word would become [UNK], so such a folder is refused here.
-    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(
-            f"no tokenizer files in {tokenizer_source} ({', '.join(TOKENIZER_FILES[:3])}, ...): "
-            + _tokenizer_hint(folder, flag)
-        )
-    json_files = [folder / name for name in TOKENIZER_JSON_FILES if (folder / name).is_file()] if folder else []
-    for path in json_files:
-        try:  # the library's JSON errors do not say which file
-            json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot load a tokenizer from {path}: not valid JSON ({one_line(e)})") from None
-        except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+    if folder is not None:
+        check_tokenizer_files(folder, _tokenizer_hint(folder, flag))
     try:
         return AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs, **model_args.hub_kwargs())
     except Exception as e:  # many types for one cause: the tokenizer files cannot be read
@@ -604,24 +543,6 @@ def _tokenizer_hint(folder: Path, flag: str) -> str:
     )
 
 
-def check_vocab_size(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
-    """Raise a `UserError` if the tokenizer has ids the model has no embedding for."""
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer.name_or_path} has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{config.vocab_size}"
-        )
-
-
-# The weights files `from_pretrained` reads from a local folder, in the order it prefers them.
-WEIGHTS_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
 def load_model(
     model_class: type, model_args: ModelArguments, config: PretrainedConfig, **model_kwargs
 ) -> PreTrainedModel:
@@ -630,15 +551,9 @@ def load_model(
     A pytorch_model.bin is read with `weights_only=True` (tensors only: nothing in it runs).
     """
     folder = local_folder(model_args.model_name_or_path, "--model_name_or_path")
-    weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None) if folder else None
-    if weights is not None and weights.name == "model.safetensors":
-        try:  # reads the header only, which must cover the file: a cut or garbled file fails here
-            with safe_open(weights, framework="pt"):
-                pass
-        except Exception as e:  # SafetensorError, OSError: the file is not what its name says
-            raise UserError(
-                f"cannot load model {model_args.model_name_or_path}: {weights} is truncated or corrupt ({one_line(e)})"
-            ) from None
+    weights = weights_file(folder) if folder else None
+    if weights is not None:
+        check_weights_header(weights, model_args.model_name_or_path)
     try:
         return model_class.from_pretrained(
             model_args.model_name_or_path,
@@ -648,14 +563,10 @@ def load_model(
             **model_args.hub_kwargs(),
         )
     except Exception as e:  # many types (OSError, SafetensorError, UnpicklingError, ...) for one cause: bad weights
-        if isinstance(e, pickle.UnpicklingError):
-            problem = f"{weights or 'its pytorch_model.bin'} is corrupt or holds more than tensors (read as data only)"
-        elif weights is not None and weights.suffix == ".bin" and not zipfile.is_zipfile(weights):
-            problem = f"{weights} is truncated or corrupt (not a torch.save archive)"
-        elif "ignore_mismatched_sizes" in str(e) and not model_kwargs.get("ignore_mismatched_sizes"):
+        problem = weights_problem(weights, e)
+        if problem is None and "ignore_mismatched_sizes" in str(e) and not model_kwargs.get("ignore_mismatched_sizes"):
             problem = "a tensor in its weights does not have the shape its config.json gives (listed above)"
-        else:
-            problem = _cause(e)
+        problem = problem or _cause(e)
         raise UserError(f"cannot load model {model_args.model_name_or_path}: {problem}") from None
 
 

@@ -18,8 +18,9 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer
 
 from architectures import ARCHITECTURES, max_positions
+from model_files import check_model_folder, check_tokenizer_fits, weights_file, weights_problem
 from training_config import RunOptions, TrainingConfig
-from utils import UserError, first_line, one_line
+from utils import UserError, first_line, one_line, require_no_symlink_loop
 
 logger = logging.getLogger("causal_train")  # the training CLI's log lines, whichever module writes them
 
@@ -124,27 +125,18 @@ def _config_keys(row) -> set[str]:
     return set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}) or {})
 
 
-# Files one of which a model folder's tokenizer needs (fast, WordPiece, BPE or SentencePiece).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
-
-
 def _is_local_path(name: str) -> bool:
     """Whether --teacher_name names a folder rather than a Hub id (`name` or `org/name`)."""
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or os.path.exists(name)
 
 
-def check_teacher_folder(name: str) -> None:
-    """Refuse a local teacher that is not a model folder with a config and a tokenizer (no loading)."""
+def check_teacher_folder(name: str, teacher_type: str | None = None) -> Path | None:
+    """Refuse a local teacher folder whose files are broken, before any model loads: no config.json, a
+    config.json that is not JSON or has wrongly typed fields, weights cut short, no tokenizer files
+    or tokenizer files that are not JSON (`model_files`). Returns the folder, or None for a Hub id."""
+    require_no_symlink_loop(name, "--teacher_name")
     if not _is_local_path(name):
-        return
+        return None
     folder = Path(name).expanduser()
     if not folder.exists():
         raise UserError(f"--teacher_name: the folder {name} does not exist (a Hub id is `name` or `org/name`)")
@@ -152,31 +144,40 @@ def check_teacher_folder(name: str) -> None:
         raise UserError(f"--teacher_name: {folder} is a file, not a model folder")
     if not (folder / "config.json").is_file():
         raise UserError(f"--teacher_name: {folder} has no config.json (save the teacher with save_pretrained)")
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(
-            f"--teacher_name: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): "
-            "save the teacher's tokenizer into it with tokenizer.save_pretrained"
-        )
+    try:
+        config_class = ARCHITECTURES[teacher_type].config_cls() if teacher_type else None
+        check_model_folder(folder, "save the teacher's tokenizer into it with tokenizer.save_pretrained", config_class)
+    except UserError as e:
+        raise UserError(f"--teacher_name: {e}") from None
+    return folder
 
 
 def load_teacher(options: RunOptions):
-    """The teacher's tokenizer and LM, refused unless every weight of the LM (its head included) was trained."""
-    check_teacher_folder(options.teacher_name)
+    """The teacher's tokenizer and LM, refused unless every weight of the LM (its head included) was trained
+    and the tokenizer is the LM's (no id beyond its vocabulary, its padding id)."""
+    folder = check_teacher_folder(options.teacher_name, options.teacher_type)
     row = ARCHITECTURES[options.teacher_type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.teacher_name, cache_dir=options.cache_dir)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of teacher {options.teacher_name!r}: {first_line(e)}") from None
+        raise UserError(
+            f"--teacher_name: cannot load the tokenizer of {options.teacher_name}: {first_line(e)}"
+        ) from None
     try:
         teacher, info = row.lm_cls().from_pretrained(
-            options.teacher_name, cache_dir=options.cache_dir, output_loading_info=True
+            options.teacher_name, cache_dir=options.cache_dir, output_loading_info=True, weights_only=True
         )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load teacher {options.teacher_name!r}: {first_line(e)}") from None
+    except Exception as e:  # many types (OSError, SafetensorError, UnpicklingError, ...) for one cause: bad files
+        problem = weights_problem(weights_file(folder) if folder else None, e) or first_line(e)
+        raise UserError(f"--teacher_name: cannot load the teacher {options.teacher_name}: {problem}") from None
     if teacher.config.model_type != options.teacher_type:
         raise UserError(
             f"--teacher_name {options.teacher_name} is a {teacher.config.model_type}, not a {options.teacher_type}"
         )
+    try:
+        check_tokenizer_fits(tokenizer, teacher.config, options.teacher_name)
+    except UserError as e:
+        raise UserError(f"--teacher_name: {e}") from None
     tied = _tied_sources(teacher)
     missing = sorted(k for k in info["missing_keys"] if k not in tied or tied[k] in info["missing_keys"])
     head = [k for k in missing if not k.startswith(row.backbone + ".")]
@@ -221,6 +222,39 @@ def load_student(options: RunOptions, teacher_config):
             f"student accepts {max_positions(student.config)} positions, teacher {max_positions(teacher_config)}"
         )
     return student
+
+
+# Config keys that say nothing of the student's architecture: bookkeeping, the init range (the weights
+# come from the state), and what save_pretrained adds.
+NOT_ARCHITECTURE = (
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "initializer_range",
+)
+
+
+def check_resumed_student(config, run_dir: Path, student_config: str) -> None:
+    """--resume: refuse a --student_config that builds another student than the one the run trained
+    (its config.json); a run folder without one (made before runs wrote it) is not checked."""
+    saved_file = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict):
+        return
+    now = config.to_dict()
+    saved = type(config).from_dict(saved).to_dict() if saved.get("model_type") == now.get("model_type") else saved
+    changed = sorted(k for k in set(saved) | set(now) if k not in NOT_ARCHITECTURE and saved.get(k) != now.get(k))
+    if changed:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        raise UserError(
+            f"--resume: --student_config {student_config} builds another student than the run's ({saved_file}): "
+            f"{what}{'...' if len(changed) > 3 else ''}; resume with the run's student config, or start a new run"
+        )
 
 
 def load_student_weights(student, path: str, student_type: str) -> None:

@@ -76,7 +76,7 @@ from quickstart_lib.pipeline import Pipeline, prepare_output_dir
 from quickstart_lib.recipes import RECIPES
 from quickstart_lib.recipes.base import check_teacher_dir
 from quickstart_lib.settings import TINY, Settings
-from utils import UserError, run_cli, set_seed
+from utils import UserError, check_seed, run_cli, set_seed
 
 logger = logging.getLogger("quickstart")
 
@@ -171,6 +171,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         raise UserError("--interchange_prop must be in (0, 1] and --heldout_percent below 100")
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    check_seed(s.seed, "--seed")
+    check_seed(s.seed + args.seeds - 1, "--seed + --seeds - 1 (the last seed trained)")
     args.data_multiples = parse_multiples(args.data_multiples)
     args.mappings = parse_mappings(args.mappings, recipe)
     if args.extra_run_seeds is not None and not 1 <= args.extra_run_seeds <= args.seeds:

@@ -14,13 +14,23 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
 
 from training_config import RunContext, RunOptions, TrainingConfig, flag_values
-from utils import UserError, cannot_write_in, nearest_existing, write_json
+from utils import (
+    UserError,
+    atomic_path,
+    cannot_write_in,
+    first_line,
+    nearest_existing,
+    require_no_symlink_loop,
+    staged_files,
+    write_json,
+)
 
 logger = logging.getLogger("causal_train")  # the training CLI's log lines, whichever module writes them
 
@@ -92,21 +102,51 @@ def on_master(context: RunContext, check: Callable[[], None]) -> None:
 
 def check_run_dir(path: Path, options: RunOptions) -> None:
     """Refuse, before any work, a run folder that this run could not create, continue or replace."""
+    require_no_symlink_loop(path, "--dump_path/--run_name")
     if options.resume and not path.is_dir():
         raise UserError(f"--resume: {path} does not exist")
     if path.exists() and not options.resume:
-        if not options.force:
-            raise UserError(f"{path} already exists: pass --force to overwrite it or --resume to continue it")
-        if not is_previous_run(path):
-            raise UserError(
-                f"--force refuses to delete {path}: it is not a run's dump (no {RUN_MARKER} written by causal_train.py)"
-            )
+        _check_replaceable(path, options)
     existing = nearest_existing(path)
     if not existing.is_dir():
         raise UserError(f"--dump_path: {existing} is not a folder")
     problem = cannot_write_in(existing)
     if problem is not None:
         raise UserError(f"--dump_path: cannot write in {existing} ({problem})")
+
+
+def _check_replaceable(path: Path, options: RunOptions) -> None:
+    """A folder that exists may be replaced only with --force, and only if it is a previous run's."""
+    if not options.force:
+        raise UserError(f"{path} already exists: pass --force to overwrite it or --resume to continue it")
+    if not is_previous_run(path):
+        raise UserError(
+            f"--force refuses to delete {path}: it is not a run's dump (no {RUN_MARKER} written by causal_train.py)"
+        )
+
+
+def run_finished(path: Path, config: TrainingConfig) -> str | None:
+    """With --resume: why the run in `path` has nothing left to do, or None.
+
+    A run is done when its train_results.json (written after its final model) records --max_steps
+    optimizer steps, or --n_epoch epochs; a resume then changes nothing. A larger --max_steps or
+    --n_epoch continues it.
+    """
+    try:
+        results = json.loads((path / "train_results.json").read_text())
+        steps, epochs = int(results["optimizer_steps"]), int(results["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if config.max_steps > 0 and steps >= config.max_steps:
+        reached = f"--max_steps {config.max_steps} ({steps} optimizer steps)"
+    elif epochs >= config.n_epoch:
+        reached = f"--n_epoch {config.n_epoch} ({epochs} epochs)"
+    else:
+        return None
+    return (
+        f"--resume: {path} already reached {reached}, as its train_results.json says: nothing to do, "
+        "nothing was changed; pass a larger --max_steps or --n_epoch to train on"
+    )
 
 
 def is_previous_run(path: Path) -> bool:
@@ -158,26 +198,62 @@ def release_run_locks() -> None:
 
 
 def _claim_dump_path(path: Path, options: RunOptions) -> None:
+    """Take the run folder: lock it, then (unless --resume) empty it of a previous run and mark it.
+
+    The folder itself is never deleted: emptying it under the lock leaves no moment when another
+    run could create it, or take its lock, between the delete and the relock.
+    """
     check_run_dir(path, options)  # again: the folder may have changed while the models loaded
-    if path.is_dir():
-        lock_run_dir(path)  # before reading (--resume) or deleting (--force) anything in it
+    if not options.resume:
+        path.mkdir(parents=True, exist_ok=True)  # a run creating it at the same moment: the lock decides
+    lock_run_dir(path)  # before reading (--resume) or deleting (--force) anything in it
     if options.resume:
         return
-    if path.exists():
+    entries = [p for p in path.iterdir() if p.name != RUN_LOCK]
+    if entries:  # checked again under the lock: another run may have made or filled it meanwhile
+        _check_replaceable(path, options)
         logger.info("Overwriting %s (--force)", path)
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    lock_run_dir(path)
-    (path / RUN_MARKER).write_text(RUN_MARKER_TEXT)
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    with run_file(path / RUN_MARKER) as marker:
+        marker.write_text(RUN_MARKER_TEXT)
 
 
-def write_run_info(description: dict, context: RunContext, student) -> None:
+def write_run_info(description: dict, context: RunContext, student, tokenizer=None) -> None:
     """parameters.json (`description`: the arguments as given, and what the run derived from them),
-    git_log.json and config.json of the run (rank 0)."""
-    if context.is_master:
-        write_json(description, context.run_dir / "parameters.json")
-        write_json(git_log(), context.run_dir / "git_log.json")
-        student.config.to_json_file(str(context.run_dir / "config.json"))
+    git_log.json, config.json and the teacher's tokenizer (evaluation scripts then need no
+    --tokenizer_name) of the run (rank 0).
+
+    Each file is written whole or not at all: a full disk is a UserError naming the file, and the
+    file as it was before (if any) is kept.
+    """
+    if not context.is_master:
+        return
+    run_dir = context.run_dir
+    with run_file(run_dir / "parameters.json") as path:
+        write_json(description, path)
+    with run_file(run_dir / "git_log.json") as path:
+        write_json(git_log(), path)
+    with run_file(run_dir / "config.json") as path, atomic_path(path) as tmp:
+        student.config.to_json_file(str(tmp))
+    if tokenizer is not None:
+        with run_file(run_dir, "the tokenizer files in"), staged_files(run_dir) as staging:
+            tokenizer.save_pretrained(staging)
+
+
+@contextmanager
+def run_file(path: Path, what: str = "") -> Iterator[Path]:
+    """Yield `path`; an OSError while writing it (disk full, quota) becomes a UserError naming `what` `path`."""
+    try:
+        yield path
+    except OSError as e:
+        raise UserError(
+            f"cannot write {what + ' ' if what else ''}{path}: {e.strerror or first_line(e)}; "
+            "the files written before are kept"
+        ) from None
 
 
 def run_description(config: TrainingConfig, options: RunOptions, context: RunContext) -> dict:

@@ -35,9 +35,13 @@ def save_model_folder(
     name = f"checkpoint-{micro_batch}"
     final, tmp = run_dir / name, run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, state_dict=None if weights is None else dict(weights))  # it empties the dict
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    try:
+        student.save_pretrained(tmp, state_dict=None if weights is None else dict(weights))  # it empties the dict
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:  # a full disk: no half-written hidden folder left behind, earlier folders kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for path in tmp.iterdir():
         follow_umask(path)
     shutil.rmtree(final, ignore_errors=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -81,6 +83,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder inside `folder`; on success the files written into it are moved into
+    `folder` (replacing those of the same name), else it is removed.
+
+    For a save of several files (a tokenizer): one cut short (disk full) leaves `folder` as it was.
+    """
+    folder = Path(folder)
+    staging = Path(tempfile.mkdtemp(prefix=".saving.", dir=folder))
+    try:
+        yield staging
+        for path in staging.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def follow_umask(path: str | os.PathLike) -> None:
     """Give a file the permissions a plain open() would have given it (0666 less the umask)."""
     umask = os.umask(0)
@@ -126,8 +145,41 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def symlink_loop(path: str | os.PathLike) -> Path | None:
+    """The first of `path` and its parents (from the top) that is a loop of symbolic links, or None."""
+    path = Path(path).expanduser().absolute()
+    for part in reversed([path, *path.parents]):
+        try:
+            os.stat(part)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return part
+            return None  # nothing below a missing folder exists
+    return None
+
+
+def require_no_symlink_loop(path: str | os.PathLike, what: str) -> None:
+    """Raise a `UserError` if `path` goes through a loop of symbolic links (it would read as missing)."""
+    loop = symlink_loop(path)
+    if loop is not None:
+        raise UserError(f"{what} {path} cannot be reached: {loop} is a loop of symbolic links")
+
+
+# Seeds every generator takes: numpy's (and the Trainer's) must lie in [0, 2**32).
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(value: int | None, flag: str) -> None:
+    """Raise a `UserError` for a seed numpy cannot take (None: not given)."""
+    low, high = SEED_RANGE
+    if value is not None and not low <= value <= high:
+        raise UserError(f"{flag} must be between {low} and {high}, got {value}")
+
+
 def require_file(path: str | os.PathLike, what: str) -> Path:
-    """Return `path` as a Path, or raise a UserError naming `what` if it is not an existing file."""
+    """Return `path` as a Path, or raise a UserError naming `what` if it is not an existing file
+    (or cannot be reached: a loop of symbolic links)."""
+    require_no_symlink_loop(path, what)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")

@@ -27,28 +27,78 @@ from quickstart_lib.settings import BASELINE, CAUSAL, RunKey, Settings
 from quickstart_lib.statistics import data_efficiency, paired_comparison, teacher_check
 from scripts import binarized_data, token_counts
 from token_store import load_sequences
-from utils import UserError, write_json
+from utils import UserError, require_no_symlink_loop, write_json
 
 logger = logging.getLogger("quickstart")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Written first into every quickstart output folder: what marks a folder as the quickstart's own.
+OUTPUT_MARKER = ".quickstart_output"
+OUTPUT_MARKER_TEXT = "An output folder of quickstart.py (DIITO); settings.json holds its settings.\n"
+# What a quickstart folder holds at its top: a folder made before the marker existed is recognised
+# when its settings.json holds quickstart settings and it holds nothing else.
+OUTPUT_NAMES = (
+    "settings.json",
+    "corpus",
+    "data",
+    "teacher",
+    "student",
+    "runs",
+    "eval",
+    "results.json",
+    "comparison.png",
+    "seeds.png",
+    "data_efficiency.png",
+    "summary.md",
+    OUTPUT_MARKER,
+)
+
+
 def prepare_output_dir(out: Path, s: Settings, force: bool) -> None:
-    """Create the folder, or check that it is a quickstart folder made with the same settings."""
-    settings_file = out / "settings.json"
-    if out.exists() and any(out.iterdir()) and not settings_file.exists():
-        raise UserError(
-            f"{out} exists and is not a quickstart output folder (no settings.json): choose another --output_dir"
-        )
-    if settings_file.exists() and not force:
-        previous = {**dataclasses.asdict(Settings()), **json.loads(settings_file.read_text())}
+    """Create the folder, or check that it is a quickstart folder (it holds `OUTPUT_MARKER`) made with
+    the same settings. An older quickstart folder (settings.json, no marker) is taken over, marker
+    written, only if it holds nothing the quickstart does not write; any other folder is refused."""
+    require_no_symlink_loop(out, "--output_dir")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder")
+    settings_file, marker = out / "settings.json", out / OUTPUT_MARKER
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names and not marker.is_file():
+        strangers = [n for n in names if n not in OUTPUT_NAMES]
+        if "settings.json" not in names or strangers:
+            why = f"it holds {strangers[0]}" if "settings.json" in names else "no settings.json"
+            raise UserError(
+                f"{out} exists and is not a quickstart output folder (no {OUTPUT_MARKER}, {why}): "
+                "choose another --output_dir"
+            )
+    previous = None
+    if settings_file.exists():
+        try:
+            previous = json.loads(settings_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"cannot read {settings_file}: {e}; choose another --output_dir") from None
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        if not isinstance(previous, dict) or not set(previous) <= fields:
+            raise UserError(
+                f"{settings_file} does not hold quickstart settings: {out} is not a quickstart output folder; "
+                "choose another --output_dir"
+            )
+    if previous is not None and not force:
+        previous = {**dataclasses.asdict(Settings()), **previous}
         changed = {k: (previous.get(k), v) for k, v in dataclasses.asdict(s).items() if previous.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise UserError(
                 f"{out} was made with other settings ({what}): pass --force to redo it, or choose another --output_dir"
             )
-    write_json(dataclasses.asdict(s), settings_file)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not marker.is_file():
+            marker.write_text(OUTPUT_MARKER_TEXT)
+        write_json(dataclasses.asdict(s), settings_file)
+    except OSError as e:
+        raise UserError(f"cannot write in --output_dir {out}: {e.strerror or e}") from None
 
 
 def run_training(argv: list[str]) -> tuple[int, float | None]:

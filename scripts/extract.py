@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parse_extraction_args(parser, argv)
     row = ARCHITECTURES[args.model_type]
-    teacher = load_teacher(row.lm_cls(), args.model_name, head_prefix="lm_head.")
+    teacher = load_teacher(
+        row.lm_cls(), args.model_name, head_prefix="lm_head.", with_tokenizer=args.dump_folder is not None
+    )
     if teacher.config.model_type != args.model_type:
         raise UserError(f"{args.model_name} is a {teacher.config.model_type} model, not {args.model_type}")
     layers, selection = choose_teacher_layers(args, teacher, logger)

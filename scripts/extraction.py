@@ -13,11 +13,22 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
+from transformers import AutoTokenizer
 
 from architectures import Architecture, ExtractionLayout
 from checkpointing import save_atomically
 from layer_selection import MEASURED, Selection, select_layers
-from utils import UserError, cannot_write_in, first_line, nearest_existing, require_file, write_json
+from model_files import TOKENIZER_FILES as MODEL_TOKENIZER_FILES
+from model_files import check_model_folder, check_tokenizer_files, check_tokenizer_fits, weights_file, weights_problem
+from utils import (
+    UserError,
+    cannot_write_in,
+    first_line,
+    nearest_existing,
+    require_file,
+    require_no_symlink_loop,
+    write_json,
+)
 
 # The original's picks from a 12-layer teacher.
 LAYERS_UP_TO_6 = [0, 2, 4, 7, 9, 11]
@@ -262,26 +273,48 @@ def save_selection_report(selection: Selection, args: argparse.Namespace, n_teac
     return path
 
 
-def load_teacher(model_class, name: str, head_prefix: str):
+def load_teacher(model_class, name: str, head_prefix: str, with_tokenizer: bool = False):
     """`model_class.from_pretrained(name)`, refusing a checkpoint whose LM head had to be made up.
 
     from_pretrained silently initialises missing weights at random; a student extracted
-    from such a head would start from noise.
+    from such a head would start from noise. A local folder's files are checked first (`model_files`:
+    config.json, the weights' headers); a pickled .bin is read as data only. With `with_tokenizer`
+    (the tokenizer files are copied into --dump_folder), tokenizer files the folder holds must load
+    and fit the model.
     """
+    require_no_symlink_loop(name, "--model_name")
     local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)  # else a Hub id
-    if local and not Path(name).expanduser().is_dir():
-        raise UserError(f"--model_name: the folder {name} does not exist (a Hub id is `name` or `org/name`)")
-    if local and not (Path(name).expanduser() / "config.json").is_file():
-        raise UserError(f"--model_name: {name} has no config.json (save the teacher with save_pretrained)")
+    folder = Path(name).expanduser() if local else None
+    if folder is not None:
+        if not folder.is_dir():
+            raise UserError(f"--model_name: the folder {name} does not exist (a Hub id is `name` or `org/name`)")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--model_name: {name} has no config.json (save the teacher with save_pretrained)")
+        try:
+            check_model_folder(folder, None, model_class.config_class)
+            if with_tokenizer and any((folder / f).is_file() for f in MODEL_TOKENIZER_FILES):
+                check_tokenizer_files(folder, "")
+        except UserError as e:
+            raise UserError(f"--model_name: {e}") from None
     try:
-        model, info = model_class.from_pretrained(name, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load {name!r}: {first_line(e)}") from None
+        model, info = model_class.from_pretrained(name, output_loading_info=True, weights_only=True)
+    except Exception as e:  # many types (OSError, SafetensorError, UnpicklingError, ...) for one cause: bad files
+        problem = weights_problem(weights_file(folder) if folder else None, e) or first_line(e)
+        raise UserError(f"cannot load {name!r}: {problem}") from None
     missing = [k for k in info.get("missing_keys", []) if k.startswith(head_prefix)]
     if missing:
         raise UserError(
             f"{name} has no trained LM head (missing {missing[0]}); fit one first with scripts/fit_mlm_head.py"
         )
+    if with_tokenizer and folder is not None and any((folder / f).is_file() for f in MODEL_TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # many types for one cause: the tokenizer files cannot be read
+            raise UserError(f"--model_name: cannot load the tokenizer in {folder}: {first_line(e)}") from None
+        try:
+            check_tokenizer_fits(tokenizer, model.config, name)
+        except UserError as e:
+            raise UserError(f"--model_name: {e}") from None
     return model
 
 
@@ -392,7 +425,8 @@ def _probe(folder: Path, flag: str, target: Path) -> None:
 
 
 def check_writable_file(path: str, flag: str) -> None:
-    """Refuse an output file that cannot be written (a folder, under a file, unwritable folder)."""
+    """Refuse an output file that cannot be written (a folder, under a file, unwritable folder, a loop of links)."""
+    require_no_symlink_loop(path, flag)
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {p} is a folder, not a file")
@@ -401,6 +435,7 @@ def check_writable_file(path: str, flag: str) -> None:
 
 def check_writable_folder(path: str, flag: str) -> None:
     """Refuse an output folder that exists and is not empty, or cannot be created or written."""
+    require_no_symlink_loop(path, flag)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p} is a file, not a folder")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -661,3 +663,45 @@ def squad_official_json(path: Path, rows: list[dict]) -> Path:
     ]
     path.write_text(json.dumps({"version": "1.1", "data": data}))
     return path
+
+
+# --- fault injection: the CLI in a child process, a pickle that would run code, folder snapshots ----------
+
+
+class Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def run_train(argv: list[str], cwd: Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`python causal_train.py argv` (with `ulimit -f` as `file_size_limit` bytes)."""
+
+    def limit():
+        if file_size_limit is not None:  # a write past it fails with EFBIG ("File too large")
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "causal_train.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        preexec_fn=limit,
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -20,41 +19,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, resume_argv, save_tokenizer_files, train_argv
+from conftest import (
+    REPO,
+    TINY,
+    Payload,
+    assert_one_error_line,
+    resume_argv,
+    run_train,
+    save_tokenizer_files,
+    snapshot,
+    train_argv,
+)
 
 import causal_train
+import model_files
 import model_loading
 from scripts import extract, extract_distilbert
 from utils import UserError
-
-
-def run_train(argv: list[str], cwd: Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
-    """`python causal_train.py argv` (with `ulimit -f` as `file_size_limit` bytes)."""
-
-    def limit():
-        if file_size_limit is not None:  # a write past it fails with EFBIG ("File too large")
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    return subprocess.run(
-        [sys.executable, str(REPO / "causal_train.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        preexec_fn=limit,
-    )
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def distilbert_config(**changes) -> dict:
@@ -160,16 +141,6 @@ def test_every_shipped_student_config_passes_the_checks():
 # --- malformed student weights ------------------------------------------------------------------------
 
 
-class Payload:
-    """A pickle that would create a file when unpickled."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def student_state(**changes) -> dict:
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
@@ -227,7 +198,7 @@ def teacher_without(part: str, tiny_bert_teacher: Path, folder: Path) -> Path:
         return folder
     shutil.copytree(tiny_bert_teacher, folder)
     for name in (
-        ["config.json"] if part == "config" else list(model_loading.TOKENIZER_FILES) + ["special_tokens_map.json"]
+        ["config.json"] if part == "config" else list(model_files.TOKENIZER_FILES) + ["special_tokens_map.json"]
     ):
         (folder / name).unlink(missing_ok=True)
     return folder
@@ -237,7 +208,7 @@ def teacher_without(part: str, tiny_bert_teacher: Path, folder: Path) -> Path:
     "part, message",
     [
         ("config", "has no config.json"),
-        ("tokenizer", "has no tokenizer files"),
+        ("tokenizer", "no tokenizer files in"),
         ("lm head", "has no trained LM head (missing cls.predictions.bias"),
     ],
 )

@@ -176,10 +176,13 @@ def finished_run(tmp_path_factory, tiny_bert_teacher, tiny_student_config, tiny_
 
 @pytest.fixture
 def copied_run(finished_run, tmp_path, small_run_argv):
-    """(argv of the finished run, its run folder), copied to this test's tmp_path."""
+    """(argv of the finished run, its run folder), copied to this test's tmp_path without its
+    train_results.json: the tests resume from its states as from a run that had not finished (a
+    finished run is only reported; tests/test_faults_models.py)."""
     import shutil
 
     shutil.copytree(finished_run, tmp_path / "results")
+    (tmp_path / "results" / "run" / "train_results.json").unlink()
     return small_run_argv("--save_total_limit", "3"), tmp_path / "results" / "run"
 
 

@@ -14,23 +14,35 @@ from typing import ClassVar
 
 import numpy as np
 from torch import nn
+from transformers import AutoTokenizer
 
 import mlm_eval
 from architectures import num_layers
 from masking import load_token_counts
+from model_files import check_model_folder, check_tokenizer_fits
 from neuron_mapping import deserialize_variable_name, load_neuron_mapping
 from quickstart_lib.settings import Settings
 from quickstart_lib.statistics import Metric
 from scripts import binarized_data
-from utils import UserError, write_json
+from utils import UserError, first_line, require_no_symlink_loop, write_json
 
 
 def check_teacher_dir(folder: str | Path) -> None:
-    if not (Path(folder) / "config.json").is_file():
+    """Refuse a teacher folder whose files are broken, naming the file: no or a broken config.json
+    (not JSON, wrongly typed fields), weights cut short, no tokenizer or another model's (`model_files`)."""
+    require_no_symlink_loop(folder, "--teacher_dir")
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
         raise UserError(
             f"--teacher_dir {folder} is not a model folder (no config.json): convert one with "
             "python scripts/convert_gguf.py --gguf_file smollm2 --output_dir DIR"
         )
+    config = check_model_folder(folder, "a teacher folder brings its tokenizer (scripts/convert_gguf.py writes it)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # many types for one cause: the tokenizer files cannot be read
+        raise UserError(f"cannot load the tokenizer in {folder}: {first_line(e)}") from None
+    check_tokenizer_fits(tokenizer, config, folder)
 
 
 class Recipe(ABC):
