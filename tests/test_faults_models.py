@@ -268,9 +268,9 @@ def test_the_summary_is_written_after_the_model(monkeypatch, copied_run):
     seen = []
     save_final = student_files.save_final
 
-    def watch(student, run_dir):
+    def watch(student, run_dir, *weights):
         seen.append((run_dir / "train_results.json").exists())
-        save_final(student, run_dir)
+        save_final(student, run_dir, *weights)
 
     monkeypatch.setattr(student_files, "save_final", watch)
     causal_train.main(resume_argv(argv, "--max_steps", "2"))
@@ -281,7 +281,7 @@ def test_the_summary_is_written_after_the_model(monkeypatch, copied_run):
 def test_a_failed_model_save_leaves_no_summary_claiming_it(monkeypatch, copied_run):
     argv, run = copied_run
 
-    def half_then_full(student, run_dir):
+    def half_then_full(student, run_dir, *weights):
         (run_dir / "model.safetensors").write_bytes(b"half a model")
         raise OSError(errno.ENOSPC, "No space left on device")
 
