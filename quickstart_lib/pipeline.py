@@ -402,32 +402,25 @@ class Pipeline:
         """Each other mapping's DIITO against the default mapping's and against plain distillation, seed by seed."""
         r, seeds = self.recipe, self.extra_seeds
         default = r.default_mapping
-        scores = {
-            name: {m.key: [runs[RunKey(CAUSAL, s, mapping=name).path][m.key] for s in seeds] for m in r.metrics}
-            for name in self.mappings
-        }
+
+        def against(name: str, key: RunKey, label: str) -> dict:
+            """`name`'s DIITO against the run `key` (of the first seed; the same variant for every seed)."""
+            return {
+                m.key: paired_comparison(
+                    [runs[dataclasses.replace(key, seed=s).path][m.key] for s in seeds],
+                    [runs[RunKey(CAUSAL, s, mapping=name).path][m.key] for s in seeds],
+                    m,
+                    (label, name),
+                )
+                for m in r.metrics
+            }
+
         return {
             "seeds": seeds,
             "default": default,
             "descriptions": r.mappings,
-            "vs_default": {
-                name: {
-                    m.key: paired_comparison(
-                        [runs[RunKey(CAUSAL, s).path][m.key] for s in seeds], scores[name][m.key], m, (default, name)
-                    )
-                    for m in r.metrics
-                }
-                for name in self.mappings
-            },
-            "vs_plain": {
-                name: {
-                    m.key: paired_comparison(
-                        [runs[RunKey(BASELINE, s).path][m.key] for s in seeds], scores[name][m.key], m, (BASELINE, name)
-                    )
-                    for m in r.metrics
-                }
-                for name in self.mappings
-            },
+            "vs_default": {name: against(name, RunKey(CAUSAL, seeds[0]), default) for name in self.mappings},
+            "vs_plain": {name: against(name, RunKey(BASELINE, seeds[0]), BASELINE) for name in self.mappings},
         }
 
     def corpus_stats(self) -> dict:
