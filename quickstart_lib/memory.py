@@ -1,5 +1,6 @@
 """Resident memory per stage: the quickstart process's peak (Linux's VmHWM, restarted per stage), a
-training child's (its ru_maxrss), and handing freed heap back to the system between stages.
+training child's (its ru_maxrss), handing freed heap back to the system between stages, and keeping
+glibc's heap from fragmenting during a stage.
 
 Elsewhere than on Linux with glibc these are no-ops and the peaks are unknown (None).
 """
@@ -13,6 +14,32 @@ import subprocess
 from pathlib import Path
 
 MB = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+MMAP_THRESHOLD = 64 * 1024  # bytes
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def limit_heap_fragmentation() -> None:
+    """Serve every allocation of `MMAP_THRESHOLD` bytes or more (every tensor but the smallest) from its
+    own mapping, returned to the system when freed. Children get the same through `child_env`.
+
+    glibc's default threshold rises to the size of the largest block freed (up to 32 MB), after which
+    tensors of a few MB come from the heap, whose freed holes are reused poorly while training: the
+    MiniLM teacher stage peaked at 4.6 GB with the default and 2.4 GB with this one. A threshold the
+    user set in the environment is left alone (glibc applied it at start-up).
+    """
+    if MMAP_THRESHOLD_ENV in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with glibc's mmap threshold set as `limit_heap_fragmentation` sets it (glibc
+    reads the variable at start-up; other C libraries ignore it)."""
+    return {MMAP_THRESHOLD_ENV: str(MMAP_THRESHOLD), **os.environ}
 
 
 def reset_peak_rss() -> None:
