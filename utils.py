@@ -100,6 +100,41 @@ def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def replacing_folder(dst: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new folder beside `dst` to write into; on success it becomes `dst` (an old `dst` is
+    moved aside first and removed last, or put back if the move fails), else it is removed.
+
+    For a model folder: `dst` is always either the old folder or the whole new one, never a mix, and
+    the new one has the modes a plain mkdir/open would have given it (mkdtemp makes 0700, safetensors
+    0600).
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    old = None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if dst.exists():
+            old = dst.with_name(f"{tmp.name}.old")
+            dst.rename(old)
+        try:
+            tmp.rename(dst)
+        except OSError:
+            if old is not None:
+                old.rename(dst)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def follow_umask(path: str | os.PathLike) -> None:
     """Give a file the permissions a plain open() would have given it (0666 less the umask)."""
     umask = os.umask(0)

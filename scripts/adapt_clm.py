@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from losses import IGNORE_INDEX  # noqa: E402
 from masking import real_token_mask  # noqa: E402
 from mlm_eval import collate, load_store  # noqa: E402
 from scripts.extraction import load_teacher  # noqa: E402
-from utils import UserError, first_line, run_cli, set_seed, write_json  # noqa: E402
+from utils import UserError, first_line, replacing_folder, run_cli, set_seed, write_json  # noqa: E402
 
 logger = logging.getLogger("adapt_clm")
 
@@ -130,25 +128,13 @@ def heldout_scores(model, batches: list[clm_eval.ClmBatch], n: int, desc: str) -
 
 def save_folder(model, tokenizer, results: dict, out: Path) -> None:
     """Write the folder beside `out`, then move it in: `out` is either the old folder or the new one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = None
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(results, tmp / RESULTS_FILE)
-        if out.exists():
-            old = out.with_name(f"{tmp.name}.old")
-            out.rename(old)
-        tmp.rename(out)
+        with replacing_folder(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(results, tmp / RESULTS_FILE)
     except OSError as e:
-        if old is not None and not out.exists():
-            old.rename(out)
         raise UserError(f"cannot save the adapted model in {out}: {first_line(e)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

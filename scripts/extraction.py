@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from utils import (
     cannot_write_in,
     first_line,
     nearest_existing,
+    replacing_folder,
     require_file,
     require_no_symlink_loop,
     write_json,
@@ -390,9 +390,7 @@ def save_student_folder(
     missing = [k for k in result.missing_keys if k not in set(tied)]
     assert not result.unexpected_keys, result.unexpected_keys
     dst = Path(folder)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with replacing_folder(dst) as tmp:  # an existing dst was checked empty before the teacher was loaded
         try:
             student.save_pretrained(tmp)
         except (OSError, SafetensorError) as e:
@@ -404,15 +402,6 @@ def save_student_folder(
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
                     shutil.copy(src / name, tmp / name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; follow the umask like other outputs
-        if dst.is_dir():
-            dst.rmdir()  # checked empty before the teacher was loaded
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return missing
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -87,6 +88,11 @@ def test_adapting_lowers_the_training_loss_and_saves_a_loadable_model_with_its_r
     assert report["heldout"]["n_predictions"] == n
     assert report["heldout"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".adapted.*"))
+    # The modes a plain mkdir/open gives, not mkdtemp's 0700 and safetensors' 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
 
 
 def test_a_second_run_replaces_only_with_overwrite_and_keeps_the_old_model_when_saving_fails(

@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 
 import clm_eval
-from quickstart_lib.recipes.base import Recipe, check_teacher_dir
+from quickstart_lib.recipes.base import Recipe
 from quickstart_lib.settings import BASELINE, CAUSAL, Settings
 from quickstart_lib.statistics import Metric
 from scripts import adapt_clm, convert_gguf, extract, extraction
@@ -102,8 +102,7 @@ class SmolLm2Recipe(Recipe):
         # The pretrained model as converted (the user's folder with --teacher_dir, only read), then adapted.
         self.source = Path(teacher_dir) if self.external else out / "base" / self.folder_name
         self.teacher = out / "teacher"
-        self.layers = s.student_layers
-        self.student_weights = self.student / f"smollm2_num_layer_{self.layers}.pth"
+        self.student_weights = self.student / f"smollm2_num_layer_{s.student_layers}.pth"
         self.selection = extraction.selection_report_path(str(self.student_weights))
         self.student_model = self.student / "model"  # a from_pretrained folder (config, weights, tokenizer)
         self.student_config = self.student_model / "config.json"
@@ -119,8 +118,7 @@ class SmolLm2Recipe(Recipe):
     def source_config(self):
         from transformers import AutoConfig
 
-        check_teacher_dir(self.source)
-        config = AutoConfig.from_pretrained(self.source)
+        config = AutoConfig.from_pretrained(self.source)  # a --teacher_dir folder was checked by parse_args
         if config.model_type != "llama":
             raise UserError(f"teacher folder {self.source} holds a {config.model_type} model, not a llama one")
         return config
@@ -139,7 +137,7 @@ class SmolLm2Recipe(Recipe):
         convert_gguf.main(["--gguf_file", self.gguf, "--output_dir", str(self.source)])
 
     def make_teacher(self) -> None:
-        self.source_config()  # a --teacher_dir folder is checked before it is read
+        self.source_config()  # a --teacher_dir folder holds a llama model
         s = self.s
         adapt_clm.main(
             [
@@ -168,11 +166,11 @@ class SmolLm2Recipe(Recipe):
         return json.loads(self.selection.read_text())["teacher_layers"]
 
     def mapped_blocks(self, name: str) -> list[tuple[int, int]]:
-        layers = self.copied_blocks()
+        layers, n = self.copied_blocks(), self.s.student_layers
         if name == "middle":
-            return [(layers[self.layers // 2], self.layers // 2)]
+            return [(layers[n // 2], n // 2)]
         # The last block is left out: what it writes reaches the outputs of its own positions only.
-        return [(layers[i], i) for i in range(max(1, self.layers - 1))]
+        return [(layers[i], i) for i in range(max(1, n - 1))]
 
     def make_student(self) -> None:
         if self.student.exists():  # our own earlier student (--force, or a changed teacher)
@@ -185,7 +183,7 @@ class SmolLm2Recipe(Recipe):
                 "--model_name",
                 str(self.teacher),
                 "--num_layers",
-                str(self.layers),
+                str(self.s.student_layers),
                 "--layer_selection",
                 self.layer_selection,
                 "--calibration_file",
