@@ -75,7 +75,6 @@ import math
 import time
 from pathlib import Path
 
-from quickstart_lib.memory import limit_heap_fragmentation
 from quickstart_lib.pipeline import Pipeline, prepare_output_dir
 from quickstart_lib.recipes import RECIPES
 from quickstart_lib.recipes.base import check_teacher_dir
@@ -195,7 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
     args, s = parse_args(argv)
     out = Path(args.output_dir)
     prepare_output_dir(out, s, args.force)
-    limit_heap_fragmentation()
     set_seed(s.seed)
     start = time.time()
     seeds = [s.seed + i for i in range(args.seeds)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -98,6 +99,19 @@ def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def trim_heap() -> None:
+    """Hand the free pages of glibc's heap back to the system (a no-op elsewhere).
+
+    Training on CPU frees tensors of a few MB that glibc keeps in its heap, where they are poorly
+    reused: a loop calling this after each optimizer step keeps its resident memory near what it uses
+    (the MiniLM teacher stage of the quickstart: 4.6 GB without, 3.1 GB with, 2 % slower).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager

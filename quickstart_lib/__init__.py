@@ -6,5 +6,5 @@ recipes    stages 3-6 as far as they depend on the teacher: one `Recipe` class p
 pipeline   the stages in order over the output folder, skipped when done
 statistics the held-out metrics and the statistics over paired seeds
 report     stage 7: the plots and summary.md
-memory     each stage's peak memory, and glibc's heap kept from fragmenting
+memory     each stage's peak memory; freed heap handed back between stages
 """

@@ -21,7 +21,7 @@ import numpy as np
 
 from quickstart_lib import report
 from quickstart_lib.corpus import build_corpus, write_lines
-from quickstart_lib.memory import child_env, peak_rss_mb, release_memory, reset_peak_rss, wait_with_peak_rss
+from quickstart_lib.memory import peak_rss_mb, release_memory, reset_peak_rss, wait_with_peak_rss
 from quickstart_lib.recipes import RECIPES
 from quickstart_lib.settings import BASELINE, CAUSAL, RunKey, Settings
 from quickstart_lib.statistics import data_efficiency, paired_comparison, teacher_check
@@ -107,7 +107,7 @@ def run_training(argv: list[str]) -> tuple[int, float | None]:
 
     The quickstart drives the training CLI as a user would, rather than importing the entry point.
     """
-    return wait_with_peak_rss(subprocess.Popen([sys.executable, str(REPO / "causal_train.py"), *argv], env=child_env()))
+    return wait_with_peak_rss(subprocess.Popen([sys.executable, str(REPO / "causal_train.py"), *argv]))
 
 
 class Pipeline:

@@ -62,7 +62,7 @@ from mlm_eval import (  # noqa: E402
     special_token_ids,
 )
 from token_store import TokenSequences  # noqa: E402
-from utils import UserError, first_line, run_cli, set_seed, write_json  # noqa: E402
+from utils import UserError, first_line, run_cli, set_seed, trim_heap, write_json  # noqa: E402
 
 logger = logging.getLogger("fit_mlm_head")
 
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        trim_heap()  # else glibc keeps the freed activations: 4.6 GB instead of 3.1 at the quickstart's size
 
     set_activation_checkpointing(model, False)
     model.eval()

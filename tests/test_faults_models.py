@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -497,3 +499,33 @@ def test_the_quickstart_marks_its_folders_and_takes_over_only_its_own_old_ones(t
         with pytest.raises(UserError, match=message):
             pipeline.prepare_output_dir(folder, s, force=True)
         assert snapshot(folder) == before
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+HEAP_PROBE = """
+import ctypes
+from utils import trim_heap
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+blocks = []
+for _ in range(600):  # 60 MB of 100 kB blocks (under glibc's mmap threshold: from the heap), each touched
+    b = libc.malloc(100_000)
+    ctypes.memset(b, 1, 100_000)
+    blocks.append(b)
+for b in blocks[:-1]:
+    libc.free(b)  # the last block pins the heap's top: glibc returns nothing by itself
+before = rss_mb()
+trim_heap()
+print(before - rss_mb())
+"""
+
+
+def test_trim_heap_hands_freed_heap_pages_back_to_the_system():
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
+    assert float(out.stdout) > 40  # MB returned of the 60 freed

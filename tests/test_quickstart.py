@@ -12,8 +12,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +20,11 @@ import pytest
 from scipy import stats
 
 import quickstart
-from quickstart_lib import memory, pipeline
+from quickstart_lib import pipeline
 from quickstart_lib.recipes import MiniLmRecipe, SmolLm2Recipe
 from scripts import convert_gguf
 from utils import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS = {m.key: m for m in MiniLmRecipe.metrics}
 
 
@@ -456,41 +453,3 @@ def test_mappings_and_extra_run_seeds_are_checked_before_anything_is_written(tmp
     with pytest.raises(UserError, match=message):
         quickstart.main(["--tiny", "--output_dir", str(tmp_path / "out"), *argv])
     assert not (tmp_path / "out").exists()
-
-
-# --- memory: glibc's mmap threshold ------------------------------------------------------------------------
-
-MMAP_PROBE = """
-import ctypes, sys
-from quickstart_lib import memory
-libc = ctypes.CDLL("libc.so.6")
-FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS.split()]
-libc.mallinfo2.restype = MallInfo2
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1] == "limit":
-    memory.limit_heap_fragmentation()
-libc.free(libc.malloc(24 << 20))  # by default this raises glibc's threshold to 24 MB
-before = libc.mallinfo2().hblks
-block = libc.malloc(1 << 20)
-print(libc.mallinfo2().hblks - before)  # 1: the 1 MB block has its own mapping; 0: it came from the heap
-"""
-
-
-@pytest.mark.parametrize(
-    ("how", "env", "mapped"),
-    [
-        ("default", {}, 0),
-        ("limit", {}, 1),  # the quickstart process
-        ("default", memory.child_env(), 1),  # a training child it starts
-        ("limit", {memory.MMAP_THRESHOLD_ENV: str(64 << 20)}, 0),  # the user's own threshold is kept
-    ],
-)
-def test_megabyte_tensors_get_their_own_mappings_in_the_quickstart_and_its_children(how, env, mapped):
-    env = {**{k: v for k, v in os.environ.items() if k != memory.MMAP_THRESHOLD_ENV}, **env}
-    out = subprocess.run(
-        [sys.executable, "-c", MMAP_PROBE, how], env=env, capture_output=True, text=True, check=True, cwd=REPO
-    )
-    assert int(out.stdout) == mapped
