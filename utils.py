@@ -106,7 +106,8 @@ def trim_heap() -> None:
 
     Training on CPU frees tensors of a few MB that glibc keeps in its heap, where they are poorly
     reused: a loop calling this after each optimizer step keeps its resident memory near what it uses
-    (the MiniLM teacher stage of the quickstart: 4.6 GB without, 3.1 GB with, 2 % slower).
+    (the MiniLM teacher stage of the quickstart: 4.2-4.4 GB without, 3.1 GB with, about 8 % slower;
+    benchmarks/bench_heap.py).
     """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -42,7 +42,7 @@ from losses import IGNORE_INDEX  # noqa: E402
 from masking import real_token_mask  # noqa: E402
 from mlm_eval import collate, load_store  # noqa: E402
 from scripts.extraction import load_teacher  # noqa: E402
-from utils import UserError, first_line, replacing_folder, run_cli, set_seed, trim_heap, write_json  # noqa: E402
+from utils import UserError, first_line, replacing_folder, run_cli, set_seed, write_json  # noqa: E402
 
 logger = logging.getLogger("adapt_clm")
 
@@ -182,7 +182,6 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        trim_heap()  # glibc would keep the freed activations in its heap
     train_seconds = time.time() - start
     model.eval()
     after = heldout_scores(model, batches, n_heldout, "held-out CLM: after")

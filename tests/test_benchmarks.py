@@ -146,3 +146,15 @@ def test_fsdp_memory_benchmark_prints_ddp_and_fsdp_at_one_and_two_ranks(capsys):
     assert ddp == {**results["DDP", 1], "rss": ddp["rss"]}
     for column in ("teacher", "student", "adam"):
         assert fsdp[column] < 0.6 * ddp[column], column
+
+
+def test_heap_benchmark_runs_the_quickstart_teacher_stage_per_setting(capsys, monkeypatch):
+    import bench_heap
+
+    settings = {k: bench_heap.SETTINGS[k] for k in ("trim after each step (shipped)", "glibc default")}
+    monkeypatch.setattr(bench_heap, "SETTINGS", settings)
+    results = bench_heap.main(["--tiny", "--steps", "2"])
+    assert set(results) == set(settings)
+    assert all(r["seconds"] > 0 and r["peak_mb"] > 100 for r in results.values())  # torch alone is more
+    out = capsys.readouterr().out
+    assert "| glibc default |" in out and "| 1.00x |" in out
