@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -110,19 +111,25 @@ def trim_heap() -> None:
     benchmarks/bench_heap.py).
     """
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
+
+
 @contextmanager
-def replacing_folder(dst: str | os.PathLike) -> Iterator[Path]:
-    """Yield a new folder beside `dst` to write into; on success it becomes `dst` (an old `dst` is
-    moved aside first and removed last, or put back if the move fails), else it is removed.
+def replacing_folder(dst: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a new folder beside `dst` to write into; on success it becomes `dst`, else it is removed.
 
     For a model folder: `dst` is always either the old folder or the whole new one, never a mix, and
     the new one has the modes a plain mkdir/open would have given it (mkdtemp makes 0700, safetensors
-    0600).
+    0600). An old `dst` is moved aside first and removed last (put back if the move fails); with
+    `replace=False` it must be empty (checked by the caller before its work): it is removed with
+    rmdir, which fails, deleting nothing, if something appeared in it meanwhile.
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -130,11 +137,12 @@ def replacing_folder(dst: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        if dst.exists():
+        if dst.exists() and not replace:
+            dst.rmdir()
+        elif dst.exists():
             old = dst.with_name(f"{tmp.name}.old")
             dst.rename(old)
         try:
@@ -150,11 +158,15 @@ def replacing_folder(dst: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def follow_umask(path: str | os.PathLike) -> None:
-    """Give a file the permissions a plain open() would have given it (0666 less the umask)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain open() would have given it (0666 less the umask)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def nearest_existing(path: str | os.PathLike) -> Path:

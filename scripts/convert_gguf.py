@@ -20,15 +20,13 @@ import argparse
 import importlib.metadata
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...`: find the repo's modules
 
-from utils import UserError, run_cli  # noqa: E402
+from utils import UserError, replacing_folder, run_cli  # noqa: E402
 
 logger = logging.getLogger("convert_gguf")
 
@@ -73,18 +71,12 @@ def check_gguf_header(path: Path) -> None:
         raise UserError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})")
 
 
-def prepare_output(output_dir: Path) -> Path:
-    """A fresh temporary folder beside `output_dir` (checks, before any work, that it can be written)."""
+def check_output(output_dir: Path) -> None:
+    """Refuse a file or a non-empty folder as --output_dir, before any work."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise UserError(f"--output_dir {output_dir} is not empty: give a new or empty folder")
-    parent = output_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise UserError(f"cannot write --output_dir {output_dir}: {e.strerror or e}") from None
 
 
 def load_gguf(path: Path, dtype: str):
@@ -111,15 +103,6 @@ def load_gguf(path: Path, dtype: str):
     return model, tokenizer
 
 
-def follow_umask(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder and safetensors a 0600 file: give them the modes a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~umask)
-
-
 def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -132,22 +115,17 @@ def convert(gguf_file: str, output_dir: str | os.PathLike, dtype: str = "float32
     path = locate_gguf(gguf_file)
     check_gguf_header(path)
     output_dir = Path(output_dir)
-    tmp = prepare_output(output_dir)
+    check_output(output_dir)
     try:
-        logger.info("Dequantizing %s to %s", path, dtype)
-        model, tokenizer = load_gguf(path, dtype)
-        try:
+        # The folder is written beside output_dir (whose writability the temporary folder checks
+        # before the slow part) and moved in whole.
+        with replacing_folder(output_dir, replace=False) as tmp:
+            logger.info("Dequantizing %s to %s", path, dtype)
+            model, tokenizer = load_gguf(path, dtype)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        except OSError as e:
-            raise UserError(f"cannot write --output_dir {output_dir}: {e.strerror or e}") from None
-        follow_umask(tmp)
-        if output_dir.is_dir():
-            output_dir.rmdir()  # empty (checked above); fails, as it should, if something appeared meanwhile
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot write --output_dir {output_dir}: {e.strerror or e}") from None
     config = model.config
     logger.info(
         "%s: %s, %d layers, hidden %d, %d heads (%d key-value), vocabulary %d; %.0f MB in %.1fs -> %s",

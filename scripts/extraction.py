@@ -390,7 +390,7 @@ def save_student_folder(
     missing = [k for k in result.missing_keys if k not in set(tied)]
     assert not result.unexpected_keys, result.unexpected_keys
     dst = Path(folder)
-    with replacing_folder(dst) as tmp:  # an existing dst was checked empty before the teacher was loaded
+    with replacing_folder(dst, replace=False) as tmp:  # dst was checked empty before the teacher was loaded
         try:
             student.save_pretrained(tmp)
         except (OSError, SafetensorError) as e:

@@ -35,7 +35,7 @@ def test_conversion_writes_an_ordinary_llama_folder(smollm2_dir):
     os.umask(umask)
     assert (smollm2_dir.stat().st_mode & 0o777) == 0o777 & ~umask
     assert {p.name: p.stat().st_mode & 0o777 for p in smollm2_dir.iterdir()}["model.safetensors"] == 0o666 & ~umask
-    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.endswith(".tmp")]  # no work folder left
+    assert not list(smollm2_dir.parent.glob(f".{smollm2_dir.name}.*"))  # no work folder left
 
 
 def test_converted_teacher_continues_the_capital_of_germany_with_berlin(smollm2_dir):
