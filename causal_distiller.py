@@ -7,7 +7,7 @@ One step (`CausalDistiller._loss_step`) reads like the method:
    positions and one mapping entry with one teacher and one student variable;
 2. teacher (no grad): base run, and the counterfactual run the plan's mode calls for;
 3. student: the same runs, with gradients through all of them;
-4. losses: the terms of `LOSS_TERMS` whose alpha is non-zero, weighted and summed; with both
+4. losses: the terms of `losses.LOSS_TERMS` whose alpha is non-zero, weighted and summed; with both
    causal alphas at 0 no counterfactual run happens at all.
 
 The LM head runs only on the positions a loss reads. What a step computes is `step_plan.py`'s,
@@ -22,18 +22,14 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 import checkpointing
 import losses
@@ -46,42 +42,14 @@ from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from lm_seqs_dataset import LmSeqsDataset, pad_token_id
 from masking import MlmMasker, real_token_mask, sample_interchange_masks, sample_source_rows
 from neuron_mapping import sample_interchange_variables
-from step_plan import Mode, Pairing, Side, StepDraws, StepPlan, build_plan, step_mode
+from optimization import StepWindow
+from step_plan import Mode, Pairing, Side, StepDraws, StepPlan, build_plan, crossway_batch, pad_to_multiple, step_mode
+from stop_signals import StopSignals
 from training_config import RunContext, TrainingConfig
 from training_log import TrainingLog
 from utils import write_json
 
 logger = logging.getLogger(__name__)
-
-# Share of skipped optimizer steps (after SKIP_WARN_AFTER steps) that earns a console warning.
-SKIP_WARN_SHARE, SKIP_WARN_AFTER = 0.5, 10
-
-
-@dataclass
-class LossInputs:
-    """What the loss terms read: both models' runs, the LM rows and labels, the temperature."""
-
-    s: ModelRuns
-    t: ModelRuns
-    lm_logits: torch.Tensor  # (N_lm, V) student logits of the rows with an LM label
-    lm_labels: torch.Tensor  # (N_lm,)
-    temperature: float
-
-
-# Loss name -> term; the step sums alpha * term over the non-zero alphas.
-LOSS_TERMS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
-    "ce": lambda x: losses.ce_loss(x.s.logits, x.t.logits, x.temperature),
-    "mlm": lambda x: losses.mlm_loss(x.lm_logits, x.lm_labels),
-    "clm": lambda x: losses.mlm_loss(x.lm_logits, x.lm_labels),  # next-token labels: the same cross-entropy
-    "mse": lambda x: losses.mse_loss(x.s.logits, x.t.logits),
-    "cos": lambda x: losses.cos_loss(x.s.hidden, x.t.hidden),
-    "causal_ce": lambda x: losses.ce_loss(x.s.cf_logits, x.t.cf_logits, x.temperature),
-    "causal_cos": lambda x: losses.cos_loss(x.s.cf_hidden, x.t.cf_hidden),
-}
-
-
-class StopTraining(Exception):
-    """Raised inside the loop to end training on a non-finite loss or gradient (a signal only sets a flag)."""
 
 
 class CausalDistiller:
@@ -133,7 +101,7 @@ class CausalDistiller:
         )
         groups = create_lengths_groups(dataset.lengths, k=0 if config.group_by_size else 1)
         self.batch_sampler = GroupedBatchSampler(self.sampler, groups, config.batch_size)
-        self.batches_per_epoch = len(self.batch_sampler)
+        batches_per_epoch = len(self.batch_sampler)  # this rank's micro-batches per epoch
 
         if self.mlm:
             self.masker = MlmMasker(
@@ -172,53 +140,35 @@ class CausalDistiller:
         self.state = TrainState()
         self.accum = config.gradient_accumulation_steps
         self.num_steps_total = (
-            config.max_steps
-            if config.max_steps > 0
-            else math.ceil(self.batches_per_epoch / self.accum) * config.n_epoch
+            config.max_steps if config.max_steps > 0 else math.ceil(batches_per_epoch / self.accum) * config.n_epoch
         )
-        self.optimizer = self._build_optimizer()
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer,
-            num_warmup_steps=math.ceil(self.num_steps_total * config.warmup_prop),
-            num_training_steps=self.num_steps_total,
+        self.window = StepWindow(
+            student,
+            config,
+            device_type=self.device.type,
+            batches_per_epoch=batches_per_epoch,
+            num_steps_total=self.num_steps_total,
+            distributed=self.distributed,
+            is_master=self.is_master,
         )
+        self.optimizer, self.scheduler, self.scaler = self.window.optimizer, self.window.scheduler, self.window.scaler
         self.amp_dtype = torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
 
-        self._stop_requested: str | None = None  # set by this process's signal handler
-        self.stop_reason: str | None = None  # the same on every rank: set when all ranks agree
-        self._warned_skips = False
+        self.stop = StopSignals(self.distributed)  # SIGTERM / SIGINT, agreed on by every rank
         self.log: TrainingLog | None = None  # rank 0's, opened by train() once the resume step is known
         self.run_description = run_description or {}
         self.tokenizer = tokenizer
         self.start_wandb = start_wandb
         self.wandb = None  # the run start_wandb started, while training
-        # (micro-batch, non-finite flag, metrics) of the micro-batches not read back yet: device tensors.
-        self._pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
-        self.last_metrics: dict[str, float] = {}
-        # Stop signals are agreed on every micro-batch over a host (gloo) group: no device wait.
-        self._host_group = None
-        if self.distributed and dist.get_backend() != "gloo":
-            self._host_group = dist.new_group(backend="gloo")
         # --fp16 widens batches (`_plan`) with the id collation pads them with.
         self._pad_id = pad_token_id(context.special_token_ids, config.mlm) if config.fp16 else None
         self._start_time, self._start_tokens = time.time(), 0
 
     # --- set-up -----------------------------------------------------------------------------
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on biases and on every LayerNorm weight (any 1-D parameter)."""
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        # Named: a resumed run matches the saved groups by name (checkpointing.load_optimizer_state).
-        groups = [
-            {"name": "decay", "params": decay, "weight_decay": self.config.weight_decay},
-            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=self.config.learning_rate, eps=self.config.adam_epsilon, betas=(0.9, 0.98))
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.window.batches_per_epoch
 
     # --- the training state ---------------------------------------------------------------------
 
@@ -230,7 +180,7 @@ class CausalDistiller:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's training state, in the layout of `checkpointing.training_state`."""
-        mid_window = self.state.batch_in_epoch % self.accum != 0  # keep the partial gradient sums
+        mid_window = self.window.mid_window(self.state)  # keep the partial gradient sums
         return checkpointing.training_state(
             counters=self.state,
             rng=checkpointing.rng_state(self.device, self.generator, self.mapping_rng),
@@ -309,8 +259,8 @@ class CausalDistiller:
         token_ids, lengths, dual_ids, dual_lengths = (t.to(self.device, non_blocking=True) for t in batch)
         if cfg.fp16:  # as the original did for float16 kernels: widths a multiple of 8 (padding only)
             token_ids, dual_ids = (
-                _pad_to_multiple(token_ids, 8, self._pad_id),
-                _pad_to_multiple(dual_ids, 8, self._pad_id),
+                pad_to_multiple(token_ids, 8, self._pad_id),
+                pad_to_multiple(dual_ids, 8, self._pad_id),
             )
         base = Side(*self._prepare(token_ids, lengths), lengths)
         if self.mode is Mode.PLAIN:
@@ -359,7 +309,7 @@ class CausalDistiller:
         """One (base, dual) batch, or a plan already drawn -> (weighted total loss, named metrics).
 
         The metrics are detached float32 scalars on the device: reading them would wait for the
-        device, so they are read once per accumulation window (`_settle_window`).
+        device, so they are read once per accumulation window (`StepWindow.settle`).
         """
         plan = batch if isinstance(batch, StepPlan) else self._plan(batch)
         with self._autocast():
@@ -370,8 +320,8 @@ class CausalDistiller:
         lm_logits, lm_labels = (
             (s.logits, plan.labels) if plan.lm_rows is None else (s.logits[plan.lm_rows], plan.labels[plan.lm_rows])
         )
-        inputs = LossInputs(s, t, lm_logits, lm_labels, self.temperature)
-        terms = {name: LOSS_TERMS[name](inputs) for name, alpha in self.alphas.items() if alpha > 0}
+        inputs = losses.LossInputs(s, t, lm_logits, lm_labels, self.temperature)
+        terms = {name: losses.LOSS_TERMS[name](inputs) for name, alpha in self.alphas.items() if alpha > 0}
         total = sum(self.alphas[name] * term for name, term in terms.items())
         metrics = {f"loss_{k}": v.detach().float() for k, v in terms.items()}
         metrics["loss"] = total.detach().float()
@@ -403,7 +353,7 @@ class CausalDistiller:
         """Loss and backward of one (sub-)step; gradients are all-reduced across ranks only if `sync`.
 
         Returns the metrics and a (device) flag: the loss was not finite. Its gradients are then
-        in the window's sum, which `_settle_window` drops before any optimizer step.
+        in the window's sum, which `StepWindow.settle` drops before any optimizer step.
         DDP arms its all-reduce in the forward, so `no_sync` has to cover the forward too. Under --fsdp
         every backward reduce-scatters its gradients, so they stay sharded (`sync` does not apply).
         """
@@ -411,112 +361,8 @@ class CausalDistiller:
         no_sync = self.student_runs.no_sync() if ddp_no_sync else contextlib.nullcontext()
         with no_sync:
             loss, metrics = self._loss_step(batch)
-            self.scaler.scale(loss / self._window_size()).backward()
+            self.scaler.scale(loss / self.window.size(self.state)).backward()
         return metrics, ~torch.isfinite(loss.detach())
-
-    def _window_size(self) -> int:
-        """Micro-batches in the current accumulation window: the full window, or what the epoch has left."""
-        start = self.state.batch_in_epoch // self.accum * self.accum
-        return min(self.accum, self.batches_per_epoch - start)
-
-    def _agree_on_stop(self) -> None:
-        """Turn a stop signal received by any rank into `stop_reason` on all of them (every micro-batch).
-
-        A host-side all-reduce (gloo): it waits for the other ranks, not for the device.
-        """
-        stop = self._stop_requested is not None
-        if self.distributed:
-            flag = torch.tensor([float(stop)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
-            stop = bool(flag[0])
-        if stop and self.stop_reason is None:
-            self.stop_reason = self._stop_requested or "a signal on another rank"
-
-    def _settle_window(self) -> None:
-        """Read the pending micro-batches' metrics and non-finite flags: one all-reduce, one device read.
-
-        Called at the end of each accumulation window, before a state is saved and at log steps.
-        A non-finite loss on any rank stops the run, or (--skip_nonfinite_loss) drops the window.
-        """
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        bad = torch.stack([flag for _, flag, _ in pending]).float()
-        if self.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        names = [list(metrics) for _, _, metrics in pending]
-        values = torch.cat([bad, *(torch.stack(list(m.values())) for _, _, m in pending)]).tolist()
-        st, flags, values = self.state, values[: len(pending)], values[len(pending) :]
-        for (micro_batch, _, _), keys, flag in zip(pending, names, flags, strict=False):
-            metrics, values = dict(zip(keys, values[: len(keys)], strict=False)), values[len(keys) :]
-            if flag:
-                self._nonfinite(f"loss at micro-batch {micro_batch}")
-            st.last_loss = {k: v for k, v in metrics.items() if k.startswith("loss")}
-            st.epoch_loss_sum += metrics["loss"]
-            st.epoch_loss_count += 1
-            self.last_metrics = metrics
-
-    def _nonfinite(self, what: str) -> None:
-        """Stop with a message, or (--skip_nonfinite_loss) drop the current accumulation window."""
-        st = self.state
-        if not self.config.skip_nonfinite_loss:
-            raise StopTraining(
-                f"non-finite {what} (epoch {st.epoch}, optimizer step {st.n_optim_steps}); the last good "
-                "checkpoint is kept. Lower the learning rate, use --bf16 instead of --fp16, "
-                "or pass --skip_nonfinite_loss"
-            )
-        if self.is_master and not st.window_skipped:
-            logger.warning("non-finite %s: this optimizer step is skipped", what)
-        st.window_skipped = True
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _optimizer_step(self) -> float | None:
-        """Unscale, clip, step, schedule, zero. Returns the grad norm before clipping (None if skipped).
-
-        A skipped window still advances the scheduler and the step count, so --max_steps ends.
-        """
-        st = self.state
-        self._settle_window()
-        norm = None
-        if not st.window_skipped:
-            self.scaler.unscale_(self.optimizer)
-            norm = sharding.as_float(
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
-            )
-            # GradScaler skips an fp16 step with inf gradients itself (and lowers the scale); without
-            # it, a non-finite norm would write NaN into the weights. Gradients are all-reduced, so
-            # every rank sees the same norm and decides alike.
-            if not self.scaler.is_enabled() and not math.isfinite(norm):
-                self._nonfinite("gradient norm")
-        skipped = st.window_skipped
-        if skipped:
-            st.n_skipped_steps += 1
-            st.window_skipped = False
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        st.n_optim_steps += 1
-        if skipped:
-            self._warn_if_most_steps_skipped()
-        return norm
-
-    def _warn_if_most_steps_skipped(self) -> None:
-        st = self.state
-        if (
-            self.is_master
-            and not self._warned_skips
-            and st.n_optim_steps >= SKIP_WARN_AFTER
-            and st.n_skipped_steps > SKIP_WARN_SHARE * st.n_optim_steps
-        ):
-            self._warned_skips = True
-            logger.warning(
-                "%d of the %d optimizer steps so far were skipped for a non-finite loss or gradient: the run is "
-                "hardly training (lower the learning rate, or use --bf16 instead of --fp16)",
-                st.n_skipped_steps,
-                st.n_optim_steps,
-            )
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -563,30 +409,18 @@ class CausalDistiller:
                 self.log.configs(description, self.student)
         self.student.train()
         self._start_time, self._start_tokens = time.time(), st.n_tokens
-        previous_handlers = self._install_signal_handlers()
+        self.stop.install()
         try:
             return self._train_loop()
         except RuntimeError as e:
             if self.distributed and rank_faults.is_collective_failure(e):
-                # A rank is gone and nothing can be saved: the launcher's SIGTERM to the survivors must
-                # not cut short their one-line report (causal_train.main writes it).
-                previous_handlers[signal.SIGTERM] = signal.SIG_IGN
+                self.stop.ignore_sigterm_after()  # a rank is gone and nothing can be saved
             raise
         finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
+            self.stop.restore()
             if self.log is not None:
                 self.log.close()
-            self._log_skip_summary()
-
-    def _log_skip_summary(self) -> None:
-        st = self.state
-        if self.is_master and st.n_skipped_steps:
-            logger.warning(
-                "%d of %d optimizer steps were skipped for a non-finite loss or gradient",
-                st.n_skipped_steps,
-                st.n_optim_steps,
-            )
+            self.window.log_skip_summary(self.state)
 
     def _train_loop(self) -> str | None:
         cfg, st = self.config, self.state
@@ -604,21 +438,21 @@ class CausalDistiller:
                 self._train_micro_batch(batch)
                 if self.is_master:
                     bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in st.last_loss.items()})
-                if self.stop_reason or self._reached_max_steps():
+                if self.stop.reason or self._reached_max_steps():
                     break
             bar.close()
             if self._reached_max_steps():
                 break
-            if self.stop_reason:
-                self._settle_window()
+            if self.stop.reason:
+                self.window.settle(self.state)
                 checkpointing.save_state(self.state_dict(), self.context, self.config.save_total_limit)
                 if self.is_master:
                     logger.warning(
                         "Stopped by %s after micro-batch %d; the state is saved: continue with --resume.",
-                        self.stop_reason,
+                        self.stop.reason,
                         st.n_total_iter,
                     )
-                return self.stop_reason
+                return self.stop.reason
             self._end_epoch()
         # Gradients left from a partial accumulation (max_steps reached mid-way) are dropped.
         self.optimizer.zero_grad(set_to_none=True)
@@ -630,14 +464,14 @@ class CausalDistiller:
     def _train_micro_batch(self, batch) -> None:
         cfg, st = self.config, self.state
         # The last micro-batch of a window, or of the epoch, all-reduces and steps.
-        sync = (st.batch_in_epoch + 1) % self.accum == 0 or st.batch_in_epoch + 1 == self.batches_per_epoch
+        sync = self.window.ends_at(st)
         if cfg.include_crossway:
             # Second sub-step with roles swapped: (dual, base), on the first one's corrupted inputs and
             # mirrored positions (fast mode draws its own). Both add to the same gradients.
             plan = self._plan(batch)
             metrics, bad = self._forward_backward(plan, sync=False)
             reuse = plan.mode is not Mode.PLAIN and not cfg.fast_mode
-            mirrored = self._mirrored_plan(plan) if reuse else _crossway(*batch)
+            mirrored = self._mirrored_plan(plan) if reuse else crossway_batch(*batch)
             back, bad_back = self._forward_backward(mirrored, sync=sync)
             metrics = {k: (metrics[k] + back[k]) / 2 for k in metrics}
             bad = bad | bad_back
@@ -647,23 +481,23 @@ class CausalDistiller:
         st.n_tokens += int(batch[1].sum()) * self.context.world_size  # host lengths: no device wait
         st.batch_in_epoch += 1
         st.n_total_iter += 1
-        self._pending.append((st.n_total_iter, bad, metrics))
-        self._agree_on_stop()
+        self.window.add(st.n_total_iter, bad, metrics)
+        self.stop.agree()
         log_now = st.n_total_iter % cfg.log_interval == 0
         if log_now:
-            self._settle_window()  # on every rank: it may all-reduce
+            self.window.settle(self.state)  # on every rank: it may all-reduce
         if log_now and self.is_master and not cfg.fsdp:  # sharded: rank 0 alone cannot read the weights
             self.log.parameters(self.student, st.n_total_iter)  # before the step zeroes the gradients
-        grad_norm = self._optimizer_step() if sync else None
+        grad_norm = self.window.step(st) if sync else None
         if log_now and self.is_master:
             lr = self.scheduler.get_last_lr()[0]
-            self.log.step(self.last_metrics, st, lr, grad_norm, self.num_steps_total)
+            self.log.step(self.window.last_metrics, st, lr, grad_norm, self.num_steps_total)
         if st.n_total_iter % cfg.checkpoint_interval == 0:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
         """The training state (every rank), checkpoint.pth and a checkpoint-<step>/ model folder (rank 0)."""
-        self._settle_window()  # a window that saw a non-finite loss stops here, not in a saved state
+        self.window.settle(self.state)  # a window that saw a non-finite loss stops here, not in a saved state
         state = self.state_dict()
         checkpointing.save_state(state, self.context, self.config.save_total_limit)
         if self.is_master:
@@ -690,21 +524,6 @@ class CausalDistiller:
         st.epoch += 1
         st.batch_in_epoch = 0
         st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
-
-    # --- signals ------------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> dict:
-        """SIGTERM / SIGINT ask for a stop at the next micro-batch (state saved); a second Ctrl-C aborts."""
-
-        def handler(signum, _frame):
-            if signum == signal.SIGINT and self._stop_requested is not None:
-                raise KeyboardInterrupt
-            self._stop_requested = signal.Signals(signum).name
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
 
     # --- the student's files ------------------------------------------------------------------
 
@@ -742,18 +561,3 @@ class CausalDistiller:
         if self.log is not None:
             self.log.flush()
         logger.info("Saved the student in %s", self.dump_path)
-
-
-def _pad_to_multiple(ids: torch.Tensor, multiple: int, pad_id: int) -> torch.Tensor:
-    """(bs, L) ids padded on the right with `pad_id` to a width that is a multiple of `multiple`."""
-    extra = -ids.size(1) % multiple
-    return ids if extra == 0 else torch.cat([ids, ids.new_full((ids.size(0), extra), pad_id)], 1)
-
-
-def _crossway(token_ids, lengths, dual_ids, dual_lengths):
-    """(base, dual) -> (dual, base), cut to the dual's longest length as collation would.
-
-    The dual is already padded or cut to the base's width, so the new width never exceeds it.
-    """
-    width = int(dual_lengths.max())
-    return dual_ids[:, :width], dual_lengths, token_ids[:, :width], lengths.clamp(max=width)

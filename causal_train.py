@@ -44,7 +44,7 @@ import masking
 import rank_faults
 import sharding
 from architectures import ARCHITECTURES, check_student_teacher, hidden_size, max_positions, special_token_ids
-from causal_distiller import CausalDistiller, StopTraining
+from causal_distiller import CausalDistiller
 from lm_seqs_dataset import DatasetParams, LmSeqsDataset
 from model_loading import (
     check_resumed_student,
@@ -56,6 +56,7 @@ from model_loading import (
     teacher_dtype,
 )
 from neuron_mapping import load_neuron_mapping, validate_neuron_mapping
+from optimization import StopTraining
 from run_folders import (
     check_run_dir,
     default_run_name,

@@ -7,6 +7,10 @@ Shapes: ``N`` selected positions, ``V`` vocabulary size, ``D`` hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +94,26 @@ def top1_agreement(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tens
     if s_logits.size(0) == 0:
         return s_logits.new_zeros(())
     return (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
+
+
+@dataclass
+class LossInputs:
+    """What the loss terms read: both models' runs, the LM rows and labels, the temperature."""
+
+    s: Any  # the student's runs (diito_runs.ModelRuns: logits, hidden, cf_logits, cf_hidden)
+    t: Any  # the teacher's
+    lm_logits: torch.Tensor  # (N_lm, V) student logits of the rows with an LM label
+    lm_labels: torch.Tensor  # (N_lm,)
+    temperature: float
+
+
+# Loss name -> term; the step sums alpha * term over the non-zero alphas.
+LOSS_TERMS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "ce": lambda x: ce_loss(x.s.logits, x.t.logits, x.temperature),
+    "mlm": lambda x: mlm_loss(x.lm_logits, x.lm_labels),
+    "clm": lambda x: mlm_loss(x.lm_logits, x.lm_labels),  # next-token labels: the same cross-entropy
+    "mse": lambda x: mse_loss(x.s.logits, x.t.logits),
+    "cos": lambda x: cos_loss(x.s.hidden, x.t.hidden),
+    "causal_ce": lambda x: ce_loss(x.s.cf_logits, x.t.cf_logits, x.temperature),
+    "causal_cos": lambda x: cos_loss(x.s.cf_hidden, x.t.cf_hidden),
+}

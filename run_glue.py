@@ -31,8 +31,10 @@ from transformers import (
 )
 
 import eval_common
+import eval_data
 import eval_metrics
-from eval_common import ModelArguments, where
+from eval_common import ModelArguments
+from eval_data import where
 from utils import UserError, atomic_path, run_cli
 
 logger = logging.getLogger(__name__)
@@ -116,9 +118,9 @@ def parse_args(argv: list[str] | None) -> tuple[GlueModelArguments, DataTraining
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and for local files the file each split came from (for error messages)."""
-    files = eval_common.given_files(data_args, ("train", "validation", "validation_mismatched", "test"))
+    files = eval_data.given_files(data_args, ("train", "validation", "validation_mismatched", "test"))
     if files:
-        return eval_common.load_local_files(files, file_loaders, cache_dir, expected=".csv, .json or .jsonl"), files
+        return eval_data.load_local_files(files, file_loaders, cache_dir, expected=".csv, .json or .jsonl"), files
     if data_args.task_name is None and data_args.dataset_name is None:
         raise UserError("no data: pass --task_name, --dataset_name or --train_file/--validation_file")
     name, config = (
@@ -127,7 +129,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
         else (data_args.dataset_name, data_args.dataset_config_name)
     )
     offline_hint = "offline, pass local files with --train_file/--validation_file"
-    return eval_common.load_hub_dataset(name, config, cache_dir, offline_hint, shown_as=f"{name} ({config})"), {}
+    return eval_data.load_hub_dataset(name, config, cache_dir, offline_hint, shown_as=f"{name} ({config})"), {}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,18 +169,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"no text column in {where(first_split, files)}")
     for split in raw_datasets:
         required = [sentence1_key, sentence2_key] + (["label"] if split in labelled_splits else [])
-        eval_common.require_columns(raw_datasets[split], filter(None, required), where(split, files))
-        eval_common.require_text_columns(
+        eval_data.require_columns(raw_datasets[split], filter(None, required), where(split, files))
+        eval_data.require_text_columns(
             raw_datasets[split], filter(None, [sentence1_key, sentence2_key]), where(split, files)
         )
         if "label" in raw_datasets[split].column_names:
-            eval_common.require_scalar_column(
+            eval_data.require_scalar_column(
                 raw_datasets[split],
                 "label",
                 where(split, files),
                 numeric=task_name is not None and task_to_labels[task_name] is None,
             )
-        row = eval_common.first_null_row(raw_datasets[split], "label") if split in labelled_splits else None
+        row = eval_data.first_null_row(raw_datasets[split], "label") if split in labelled_splits else None
         if row is not None:
             raise UserError(f"column 'label' in {where(split, files)} has no value in row {row + 1}")
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
             unknown = [v for v in raw_datasets[split].unique("label") if v not in label_to_id]
             if unknown:
                 raise UserError(f"label {unknown[0]!r} in {where(split, files)} is not one of {label_list}")
-        eval_common.check_seen_in_training(
+        eval_data.check_seen_in_training(
             {s: {label_to_id[v] for v in raw_datasets[s].unique("label")} for s in labelled_splits},
             label_list,
             files,

@@ -32,8 +32,10 @@ from transformers import (
 )
 
 import eval_common
+import eval_data
 import eval_metrics
-from eval_common import ModelArguments, one_line, where
+from eval_common import ModelArguments, one_line
+from eval_data import where
 from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def load_raw_datasets(
     A plain Dataset in --dataset_dir is evaluation data, unless training: then it is the training
     data. Training data without a validation split gives up --validation_split_percentage of it.
     """
-    files = eval_common.given_files(data_args, ("train", "validation"))
+    files = eval_data.given_files(data_args, ("train", "validation"))
     if data_args.dataset_dir is not None:
         eval_common.require_no_symlink_loop(data_args.dataset_dir, "--dataset_dir")
         if not Path(data_args.dataset_dir).is_dir():
@@ -102,13 +104,11 @@ def load_raw_datasets(
         raw, origin = loaded, {split: f"{data_args.dataset_dir} ({split})" for split in loaded}
     elif files:
         expected = "one of " + ", ".join(file_loaders)
-        raw = eval_common.load_local_files(files, file_loaders, cache_dir, expected)
+        raw = eval_data.load_local_files(files, file_loaders, cache_dir, expected)
         origin = files
     elif data_args.dataset_name is not None:
         offline_hint = "offline, pass --dataset_dir or --train_file/--validation_file"
-        raw = eval_common.load_hub_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir, offline_hint
-        )
+        raw = eval_data.load_hub_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir, offline_hint)
         origin = {}
     else:
         raise UserError("no data: pass --dataset_dir, --dataset_name or --train_file/--validation_file")
@@ -143,14 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
     first = raw_datasets[splits[0] if splits else next(iter(raw_datasets))]
     text_column = data_args.text_column_name or ("text" if "text" in first.column_names else first.column_names[0])
     for split in splits:
-        eval_common.require_columns(
+        eval_data.require_columns(
             raw_datasets[split], [text_column], where(split, origin), hint="see --text_column_name"
         )
         arrow_type = raw_datasets[split].data.schema.field(text_column).type
         if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_null(arrow_type)):
             raise UserError(
                 f"column '{text_column}' in {where(split, origin)} must hold text, found "
-                f"{eval_common.describe(arrow_type)}; "
+                f"{eval_data.describe(arrow_type)}; "
                 "see --text_column_name"
             )
 

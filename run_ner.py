@@ -30,8 +30,10 @@ from transformers import (
 )
 
 import eval_common
+import eval_data
 import eval_metrics
-from eval_common import ModelArguments, where
+from eval_common import ModelArguments
+from eval_data import where
 from utils import UserError, atomic_path, run_cli
 
 logger = logging.getLogger(__name__)
@@ -98,23 +100,23 @@ def parse_args(argv: list[str] | None) -> tuple[NerModelArguments, DataTrainingA
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and for local files the file each split came from (for error messages)."""
-    files = eval_common.given_files(data_args, ("train", "validation", "test"))
+    files = eval_data.given_files(data_args, ("train", "validation", "test"))
     if files:
         expected = ".json or .jsonl (lists of words and tags)"
-        return eval_common.load_local_files(files, file_loaders, cache_dir, expected), files
+        return eval_data.load_local_files(files, file_loaders, cache_dir, expected), files
     if data_args.dataset_name is None:
         raise UserError("no data: pass --dataset_name (e.g. conll2003) or --train_file/--validation_file")
     name = hub_datasets.get(data_args.dataset_name, (data_args.dataset_name,))[0]
     offline_hint = "offline, pass local files with --train_file/--validation_file"
-    return eval_common.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
+    return eval_data.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
 
 
 def check_tagged_words(dataset: datasets.Dataset, text_column: str, label_column: str | None, source: str) -> None:
     """Raise a `UserError` unless each row holds a list of words and (if labelled) as many tags."""
-    eval_common.require_list_column(dataset, text_column, source, ("string",))
+    eval_data.require_list_column(dataset, text_column, source, ("string",))
     if label_column is None:
         return
-    eval_common.require_list_column(dataset, label_column, source, ("string", "integer"))
+    eval_data.require_list_column(dataset, label_column, source, ("string", "integer"))
     words = pc.list_value_length(dataset.data.column(text_column))
     tags = pc.list_value_length(dataset.data.column(label_column))
     differ = pc.not_equal(words, tags)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     text_column, label_column = data_args.text_column_name, data_args.label_column_name
     for split in raw_datasets:
         required = [text_column] + ([label_column] if split != "test" else [])
-        eval_common.require_columns(
+        eval_data.require_columns(
             raw_datasets[split], required, where(split, files), hint="see --text_column_name/--label_column_name"
         )
         check_tagged_words(
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = sorted(tags - label_to_id.keys(), key=str)
         if unknown:
             raise UserError(f"tag {unknown[0]!r} in {where(split, files)} is not one of the labels {label_list}")
-    eval_common.check_seen_in_training(
+    eval_data.check_seen_in_training(
         {s: {label_to_id[t] for t in tags} for s, tags in tags_by_split.items()}, label_list, files, "tag", declared
     )
     num_labels = len(label_list)

@@ -32,8 +32,10 @@ from transformers import (
 )
 
 import eval_common
+import eval_data
 import eval_metrics
-from eval_common import ModelArguments, where
+from eval_common import ModelArguments
+from eval_data import where
 from qa_utils import answer_mismatch, postprocess_qa_predictions, read_squad_json
 from utils import UserError, run_cli, write_json
 
@@ -64,7 +66,7 @@ def check_questions(dataset: Dataset, source: str, offsets_used: bool) -> None:
     answers, when present, are {"text": [...], "answer_start": [...]}. Where the offsets are used
     (`offsets_used`: the training split), each answer must sit at its answer_start in the context.
     """
-    eval_common.require_text_columns(dataset, ["context", "question"], source)
+    eval_data.require_text_columns(dataset, ["context", "question"], source)
     ids = dataset.data.column("id").to_pylist()
     if None in ids:
         raise UserError(f"column 'id' in {source} has no value in row {ids.index(None) + 1}")
@@ -87,7 +89,7 @@ def check_questions(dataset: Dataset, source: str, offsets_used: bool) -> None:
     ):
         raise UserError(
             f'column \'answers\' in {source} must hold {{"text": [...], "answer_start": [...]}} '
-            f"per row, found {eval_common.describe(answers_type)}"
+            f"per row, found {eval_data.describe(answers_type)}"
         )
     if offsets_used:
         for row in dataset.select_columns(["id", "context", "answers"]):
@@ -132,15 +134,15 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArgu
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str]]:
     """The raw splits, and for local files the file each split came from (for error messages)."""
-    files = eval_common.given_files(data_args, ("train", "validation", "test"))
+    files = eval_data.given_files(data_args, ("train", "validation", "test"))
     if files:
         expected = ".json or .jsonl (SQuAD fields)"
-        return eval_common.load_local_files(files, file_loaders, cache_dir, expected), files
+        return eval_data.load_local_files(files, file_loaders, cache_dir, expected), files
     if data_args.dataset_name is None:
         raise UserError("no data: pass --dataset_name (e.g. squad) or --train_file/--validation_file")
     name = hub_datasets.get(data_args.dataset_name, data_args.dataset_name)
     offline_hint = "offline, pass local files with --train_file/--validation_file"
-    return eval_common.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
+    return eval_data.load_hub_dataset(name, data_args.dataset_config_name, cache_dir, offline_hint), {}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"{flag} needs a {split} split: pass --{split}_file (or --dataset_name with network)")
     for split in raw_datasets:
         required = ["id", "context", "question"] + (["answers"] if split != "test" else [])
-        eval_common.require_columns(raw_datasets[split], required, where(split, files), hint=LAYOUT_HINT)
+        eval_data.require_columns(raw_datasets[split], required, where(split, files), hint=LAYOUT_HINT)
         check_questions(raw_datasets[split], where(split, files), offsets_used=split == "train")
     if training_args.do_train and not data_args.version_2_with_negative:
         unanswered = [

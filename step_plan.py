@@ -166,3 +166,18 @@ def build_plan(draws: StepDraws, *, mode: Mode, mlm: bool, restrict_ce_to_mask: 
         plan.dual_ids = p.dual.ids
         plan.dual_attention_mask = real_token_mask(p.dual.lengths, p.dual.ids.size(1)).long() if mlm else None
     return plan
+
+
+def pad_to_multiple(ids: torch.Tensor, multiple: int, pad_id: int) -> torch.Tensor:
+    """(bs, L) ids padded on the right with `pad_id` to a width that is a multiple of `multiple`."""
+    extra = -ids.size(1) % multiple
+    return ids if extra == 0 else torch.cat([ids, ids.new_full((ids.size(0), extra), pad_id)], 1)
+
+
+def crossway_batch(token_ids, lengths, dual_ids, dual_lengths):
+    """(base, dual) -> (dual, base), cut to the dual's longest length as collation would.
+
+    The dual is already padded or cut to the base's width, so the new width never exceeds it.
+    """
+    width = int(dual_lengths.max())
+    return dual_ids[:, :width], dual_lengths, token_ids[:, :width], lengths.clamp(max=width)

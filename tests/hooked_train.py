@@ -82,7 +82,7 @@ def pause_hook(after: int, marker: str, rank: int) -> list:
             Path(marker + ".tmp").write_text(str(os.getpid()))
             os.replace(marker + ".tmp", marker)
             deadline = time.time() + 60
-            while self._stop_requested is None and time.time() < deadline:
+            while self.stop.requested is None and time.time() < deadline:
                 time.sleep(0.01)
 
     return [mock.patch.object(causal_distiller.CausalDistiller, "_train_micro_batch", pausing_step)]

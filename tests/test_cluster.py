@@ -185,7 +185,8 @@ def _count_syncs(monkeypatch, d, micro_batches: int) -> dict[str, int]:
         counts["host_all_reduce" if group == "host" else "device_all_reduce"] += 1
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    d.distributed, d._host_group = True, "host"
+    d.distributed = d.stop.distributed = d.window.distributed = True
+    d.stop.host_group = "host"
     d.student_runs.no_sync = contextlib.nullcontext
     batch = _batch(d)
     for _ in range(micro_batches):
@@ -199,7 +200,7 @@ def test_synchronisations_are_per_window_not_per_micro_batch(monkeypatch, tmp_pa
     counts = {}
     for accum in (4, 8):
         d = _distiller(tmp_path / str(accum), gradient_accumulation_steps=accum, **settings)
-        d.batches_per_epoch = 100  # one window, whatever the tiny corpus holds
+        d.window.batches_per_epoch = 100  # one window, whatever the tiny corpus holds
         d.student.train()
         counts[accum] = _count_syncs(monkeypatch, d, accum)
         assert d.state.n_optim_steps == 1 and math.isfinite(d.state.last_loss["loss"])
@@ -396,11 +397,11 @@ def test_a_token_swap_plan_swaps_the_dual_tokens_in_and_its_mirror_swaps_the_rol
 
 def test_a_partial_window_at_an_epochs_end_is_divided_by_its_own_size(tmp_path, monkeypatch):
     d = _distiller(tmp_path, gradient_accumulation_steps=3)
-    d.batches_per_epoch = 13
+    d.window.batches_per_epoch = 13
     sizes = []
     for i in range(13):
         d.state.batch_in_epoch = i
-        sizes.append(d._window_size())
+        sizes.append(d.window.size(d.state))
     assert sizes == [3] * 12 + [1]
     scaled = []
     monkeypatch.setattr(d.scaler, "scale", lambda loss: scaled.append(loss) or loss)
