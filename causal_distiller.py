@@ -120,8 +120,14 @@ class CausalDistiller:
         self.teacher_runs = DiitoRuns(self.teacher)
         if config.fsdp:
             # Sharded before the optimizer is built: fully_shard replaces the parameters (sharding.py).
-            sharding.shard(self.student_runs, bf16=config.bf16, frozen=False)
-            sharding.shard(self.teacher_runs, bf16=config.bf16, frozen=True, cpu_offload=config.fsdp_offload_teacher)
+            sharding.shard(self.student_runs, bf16=config.bf16, frozen=False, device=self.device)
+            sharding.shard(
+                self.teacher_runs,
+                bf16=config.bf16,
+                frozen=True,
+                device=self.device,
+                cpu_offload=config.fsdp_offload_teacher,
+            )
         elif self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 

@@ -454,12 +454,17 @@ def train(config: TrainingConfig, options: RunOptions, context: RunContext) -> P
     if config.fp16 and options.fp16_opt_level != "O1" and context.is_master:
         logger.info("--fp16_opt_level %s: torch.amp has one mixed-precision mode, apex's O1", options.fp16_opt_level)
 
-    tokenizer, teacher = load_teacher(options)
+    # Under --fsdp only rank 0 reads the models' weights; sharding fills the other ranks' shards from its.
+    tokenizer, teacher = sharding.load_on_rank0(
+        lambda weights: load_teacher(options, weights=weights), config.fsdp, context.is_master
+    )
     special_ids = special_token_ids(tokenizer)
     context = dataclasses.replace(
         context, special_token_ids=special_ids, max_model_input_size=max_positions(teacher.config), run_dir=run_dir
     )
-    student = load_student(options, teacher.config)
+    student = sharding.load_on_rank0(
+        lambda weights: load_student(options, teacher.config, weights=weights), config.fsdp, context.is_master
+    )
     if options.resume:
         check_resumed_student(student.config, run_dir, options.student_config)
     if (config.alpha_cos > 0 or config.alpha_causal_cos > 0) and hidden_size(student) != hidden_size(teacher):

@@ -244,15 +244,15 @@ class UnreadableState(Exception):
     """A state file that cannot be read: truncated, empty, or not a torch file."""
 
 
-def load_state_file(path: Path, rank: int) -> dict[str, Any]:
-    """Read one state file without running code.
+def load_state_file(path: Path, rank: int, mmap: bool = False) -> dict[str, Any]:
+    """Read one state file without running code; `mmap`: its tensors are mapped, read only when used.
 
     Raises UnreadableState for a damaged file, and UserError for a file that reads but is not a
     training state of this code: a pickle payload (objects beyond tensors and plain values) or
     another program's file.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:
@@ -275,7 +275,9 @@ def _read_step(folder: Path, step: int, rank: int) -> tuple[dict, dict] | str | 
     """(own, shared) states of `step`; None if a file is damaged; a message if one must be refused."""
     try:
         own = load_state_file(folder / state_file_name(step, rank), rank)
-        shared = own if rank == 0 else load_state_file(folder / state_file_name(step, 0), 0)
+        # Mapped: the other ranks read rank 0's student and optimizer only where they use them (under --fsdp
+        # rank 0 sends them the values, so they read none); rank 0 reads the whole file and judges it.
+        shared = own if rank == 0 else load_state_file(folder / state_file_name(step, 0), 0, mmap=True)
     except UnreadableState as e:
         logger.warning("--resume: cannot read %s; trying an older state", e)
         return None

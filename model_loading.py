@@ -14,6 +14,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer
 
@@ -152,9 +153,25 @@ def check_teacher_folder(name: str, teacher_type: str | None = None) -> Path | N
     return folder
 
 
-def load_teacher(options: RunOptions):
+def empty_model(row, config):
+    """The `row` family's LM for `config` with its parameters on the meta device: no memory, no values.
+
+    Buffers are real (a rotary embedding's frequencies, position ids are computed from the config,
+    not saved). Under --fsdp every rank but 0 builds its models so, and `sharding.shard` fills their
+    shards with rank 0's weights.
+    """
+    with init_empty_weights(include_buffers=False):
+        model = row.lm_cls()(config)
+    model.tie_weights()  # the context makes a new parameter of each assignment, tied ones included
+    return model
+
+
+def load_teacher(options: RunOptions, *, weights: bool = True):
     """The teacher's tokenizer and LM, refused unless every weight of the LM (its head included) was trained
-    and the tokenizer is the LM's (no id beyond its vocabulary, its padding id)."""
+    and the tokenizer is the LM's (no id beyond its vocabulary, its padding id).
+
+    weights False: the LM is built empty from the folder's config (`empty_model`), its weights unread.
+    """
     folder = check_teacher_folder(options.teacher_name, options.teacher_type)
     row = ARCHITECTURES[options.teacher_type]
     try:
@@ -163,6 +180,14 @@ def load_teacher(options: RunOptions):
         raise UserError(
             f"--teacher_name: cannot load the tokenizer of {options.teacher_name}: {first_line(e)}"
         ) from None
+    if not weights:
+        try:
+            config = row.config_cls().from_pretrained(options.teacher_name, cache_dir=options.cache_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"--teacher_name: cannot load the config of {options.teacher_name}: {first_line(e)}"
+            ) from None
+        return tokenizer, empty_model(row, config)
     try:
         teacher, info = row.lm_cls().from_pretrained(
             options.teacher_name, cache_dir=options.cache_dir, output_loading_info=True, weights_only=True
@@ -199,20 +224,23 @@ def _tied_sources(model) -> dict[str, str]:
     return dict(keys) if isinstance(keys, dict) else {k: k for k in keys}
 
 
-def load_student(options: RunOptions, teacher_config):
-    """A student built from --student_config (and --student_pretrained_weights), sized for the teacher."""
+def load_student(options: RunOptions, teacher_config, *, weights: bool = True):
+    """A student built from --student_config (and --student_pretrained_weights), sized for the teacher.
+
+    weights False: built empty (`empty_model`), without initialising or reading any weight.
+    """
     row = ARCHITECTURES[options.student_type]
     config = check_student_config(options.student_config, options.student_type)
     config.output_hidden_states = False
     if row.init_range_from_flag:
         config.initializer_range = options.initializer_range
     try:
-        student = row.lm_cls()(config)
+        student = row.lm_cls()(config) if weights else empty_model(row, config)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(
             f"student config {options.student_config}: cannot build a {options.student_type}: {one_line(e)}"
         ) from None
-    if options.student_pretrained_weights is not None:
+    if options.student_pretrained_weights is not None and weights:
         load_student_weights(student, options.student_pretrained_weights, options.student_type)
     s_vocab, t_vocab = student.config.vocab_size, teacher_config.vocab_size
     if s_vocab != t_vocab:

@@ -12,15 +12,21 @@ The student's states are saved in the formats of a DDP run: one full state dict,
 `torch.load(weights_only=True)` and set with `set_model_state_dict` / `set_optimizer_state_dict`.
 `torch.distributed.checkpoint` is not used: its `.metadata` file is a pickle, unpickled in full on load.
 
+Only rank 0 reads the weights (`load_on_rank0`): the other ranks build teacher and student empty, on
+the meta device, and `shard` fills every rank's shards from rank 0's full weights, one tensor at a
+time. A host thus holds one full copy of each model (rank 0's), not one per rank.
+
 The functions taking a model work on a plain model too (then they are `state_dict()` and friends), so
 the distiller calls them whether or not it shards.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,19 +43,44 @@ from training_config import TrainingConfig
 from utils import UserError, first_line
 
 # Full (unsharded) states on rank 0 only, moved to CPU tensor by tensor as they are gathered.
+T = TypeVar("T")
+
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# Every rank holds the full saved state (`checkpointing.read_resume_state`) and keeps its own shards.
-_SCATTER = StateDictOptions(full_state_dict=True)
+# Rank 0 holds the full state; every rank receives it tensor by tensor and keeps its shards.
+_BROADCAST = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
-def shard(runs: nn.Module, *, bf16: bool, frozen: bool, cpu_offload: bool = False) -> nn.Module:
+def load_on_rank0(load: Callable[[bool], T], fsdp: bool, is_master: bool) -> T:
+    """`load(weights)`, which returns a model (or a tuple holding one): under --fsdp rank 0 alone reads the
+    weights (`load(True)`) and, once it succeeded, the other ranks build theirs empty (`load(False)`);
+    rank 0's refusal (a `UserError`) ends every rank with its message. Without --fsdp: `load(True)`."""
+    if not fsdp:
+        return load(True)
+    result, refusal = None, [None]
+    if is_master:
+        try:
+            result = load(True)
+        except UserError as e:
+            refusal = [str(e)]
+    dist.broadcast_object_list(refusal, src=0)  # rank 0's own message string, never a user's file
+    if refusal[0] is not None:
+        raise UserError(refusal[0])
+    return result if is_master else load(False)
+
+
+def shard(runs: nn.Module, *, bf16: bool, frozen: bool, device: torch.device, cpu_offload: bool = False) -> nn.Module:
     """Shard `runs` (a `DiitoRuns`) in place: one FSDP2 unit per block of `runs.model`, then `runs` as the root.
 
+    Every rank's shards take rank 0's weights; the other ranks' models may be empty (`load_on_rank0`).
     bf16: blocks compute in bfloat16 (gradients reduced in float32; the sharded weights and the
     optimizer stay float32). frozen: a model that never runs backward (the teacher): its root unit is
-    resharded after each forward, since no backward would do it. cpu_offload: the sharded parameters
-    live in CPU memory and are copied to the device for each block's all-gather.
+    resharded after each forward, since no backward would do it. device: where this rank computes.
+    cpu_offload: the sharded parameters live in CPU memory and are copied to the device for each
+    block's all-gather.
     """
+    full = runs.state_dict() if dist.get_rank() == 0 else {}
+    _take_rank0_layout(runs.model)
+    buffers = {name: b.detach().clone() for name, b in runs.named_buffers(remove_duplicate=False)}
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs: dict[str, Any] = {
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
@@ -58,9 +89,36 @@ def shard(runs: nn.Module, *, bf16: bool, frozen: bool, cpu_offload: bool = Fals
     for block in transformer_blocks(runs.model):
         fully_shard(block, **kwargs)
     fully_shard(runs, **kwargs)
+    if any(p.device.type == "meta" for p in runs.parameters()):  # built empty: storage for the shards
+        runs.to_empty(device="cpu" if cpu_offload else device)
+        for prefix, module in runs.named_modules():  # to_empty emptied the buffers too: put them back
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffers[f"{prefix}.{name}" if prefix else name].to(device)
+    set_model_state_dict(runs, full, options=_BROADCAST)
     if frozen:
         runs.register_forward_hook(lambda module, args, output: module.reshard())
     return runs
+
+
+def _take_rank0_layout(model: nn.Module) -> None:
+    """Give an empty model rank 0's parameter and buffer dtypes and attention implementation (set as it loaded)."""
+    layout = [
+        {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())},
+        getattr(model.config, "_attn_implementation", None),
+    ]
+    dist.broadcast_object_list(layout, src=0)  # dtypes and a name, made by rank 0
+    dtypes, attention = layout
+    for name, p in model.named_parameters():
+        if p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if buffer is not None and buffer.dtype != dtypes.get(key, buffer.dtype):
+                module._buffers[name] = buffer.to(dtypes[key])
+    if attention is not None and getattr(model.config, "_attn_implementation", None) != attention:
+        model.config._attn_implementation = attention
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -99,16 +157,28 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, saved: dict) -> None:
     """Set a sharded model's and optimizer's shards from full states (`full_model_state`, `full_optimizer_state`).
 
+    Rank 0's states are used: it sends every rank its shards, so the other ranks never read theirs.
     As `checkpointing.load_optimizer_state` does for a plain run, this run's weight decay and epsilon
     replace the saved ones. A state that does not fit (another student, or saved without --fsdp) is a
-    UserError.
+    UserError on every rank.
     """
     if saved.get("state") and not all(isinstance(key, str) for key in saved["state"]):  # states older than "fsdp"
         raise UserError("--resume: the state was saved without --fsdp; resume without --fsdp")
+    rank0 = dist.get_rank() == 0
+    problem = [None]
+    if rank0:  # the same keys, or a refusal every rank shares (before any rank waits for values)
+        names = sorted(set(model.state_dict()) ^ set(weights))
+        if names:
+            problem = [
+                f"--resume: the saved student does not fit this run's ({len(names)} names differ: {names[0]}...)"
+            ]
+    dist.broadcast_object_list(problem, src=0)  # rank 0's own message string
+    if problem[0] is not None:
+        raise UserError(problem[0])
     keep = [(group["weight_decay"], group["eps"]) for group in optimizer.param_groups]
     try:
-        set_model_state_dict(model, weights, options=_SCATTER)
-        set_optimizer_state_dict(model, optimizer, saved, options=_SCATTER)
+        set_model_state_dict(model, weights if rank0 else {}, options=_BROADCAST)
+        set_optimizer_state_dict(model, optimizer, saved if rank0 else {}, options=_BROADCAST)
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"--resume: the saved student or optimizer does not fit this run's: {first_line(e)}") from None
     for group, (weight_decay, eps) in zip(optimizer.param_groups, keep, strict=True):

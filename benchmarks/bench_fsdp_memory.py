@@ -9,11 +9,14 @@ plain single-process run). Each process builds a Llama teacher and student (benc
 grouped-query attention, SwiGLU, tied embeddings), the distiller as causal_train builds it, and
 takes one DIITO training step (exact mode, causal_ce on): forward, backward, AdamW step.
 
+Under FSDP, as `causal_train.py --fsdp` does, only rank 0 builds the models with weights; the other
+ranks build them empty (`model_loading.empty_model`) and `sharding.shard` fills their shards from rank 0.
+
 Each rank then reports the bytes of the tensors it holds -- counted from the live tensors, each
 storage once, a sharded parameter by its local shard: the teacher's parameters, the student's
 parameters, its gradients (before they are zeroed) and the AdamW states. Activations and the
-blocks FSDP gathers while they run (one block at a time) are transient and not counted; RSS is the
-whole process (torch itself included), for scale only.
+blocks FSDP gathers while they run (one block at a time) are transient and not counted. The peak
+RSS is each whole process's (torch itself included), rank 0 and the largest of the others.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import sys
 import tempfile
@@ -36,6 +40,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_step  # noqa: E402
+
+from architectures import ARCHITECTURES  # noqa: E402
+from model_loading import empty_model  # noqa: E402
 
 SETUPS = [("DDP", 1), ("FSDP", 1), ("DDP", 2), ("FSDP", 2)]
 COLUMNS = ("teacher", "student", "grads", "adam", "total")
@@ -79,7 +86,12 @@ def worker(rank: int, mode: str, world: int, port: int, args: argparse.Namespace
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         sargs = step_args(args)
-        teacher, student = bench_step.build_models(sargs)
+        if mode == "FSDP" and rank > 0:  # as causal_train.py --fsdp: only rank 0 holds weights before sharding
+            row = ARCHITECTURES["llama"]
+            teacher = empty_model(row, bench_step.llama_config(sargs, sargs.teacher_layers)).eval()
+            student = empty_model(row, bench_step.llama_config(sargs, sargs.student_layers)).train()
+        else:
+            teacher, student = bench_step.build_models(sargs)
         for p in teacher.parameters():
             p.requires_grad = False
         with tempfile.TemporaryDirectory() as dump:
@@ -106,6 +118,7 @@ def worker(rank: int, mode: str, world: int, port: int, args: argparse.Namespace
             sizes["adam"] = local_bytes(v for s in d.optimizer.state.values() for v in s.values() if v.dim() > 0)
         sizes["total"] = sum(sizes.values())
         sizes["rss"] = psutil.Process().memory_info().rss
+        sizes["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process's peak (KiB)
         Path(out, f"{mode}_{world}_{rank}.json").write_text(json.dumps(sizes))
     finally:
         dist.destroy_process_group()
@@ -124,7 +137,11 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, int]]:
         for mode, world in SETUPS:
             mp.spawn(worker, args=(mode, world, free_port(), args, out), nprocs=world, join=True)
             ranks = [json.loads(Path(out, f"{mode}_{world}_{r}.json").read_text()) for r in range(world)]
-            results[mode, world] = max(ranks, key=lambda sizes: sizes["total"])
+            results[mode, world] = {
+                **max(ranks, key=lambda sizes: sizes["total"]),
+                "peak_rss_rank0": ranks[0]["peak_rss"],
+                "peak_rss_others": max((r["peak_rss"] for r in ranks[1:]), default=None),
+            }
     return results
 
 
@@ -132,12 +149,16 @@ def table(results: dict[tuple[str, int], dict[str, int]]) -> str:
     mb = 2**20
     base = results["DDP", 1]["total"]
     lines = [
-        "| set-up | ranks | " + " | ".join(f"{c} (MiB)" for c in COLUMNS) + " | RSS (MiB) | total × DDP 1 rank |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 2),
+        "| set-up | ranks | "
+        + " | ".join(f"{c} (MiB)" for c in COLUMNS)
+        + " | total × DDP 1 rank | peak RSS rank 0 (MiB) | peak RSS other ranks (MiB) |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 3),
     ]
     for (mode, world), sizes in results.items():
         cells = " | ".join(f"{sizes[c] / mb:.1f}" for c in COLUMNS)
-        lines.append(f"| {mode} | {world} | {cells} | {sizes['rss'] / mb:.0f} | {sizes['total'] / base:.2f}x |")
+        rank0 = f"{sizes['peak_rss_rank0'] / mb:.0f}"
+        others = "–" if sizes["peak_rss_others"] is None else f"{sizes['peak_rss_others'] / mb:.0f}"
+        lines.append(f"| {mode} | {world} | {cells} | {sizes['total'] / base:.2f}x | {rank0} | {others} |")
     return "\n".join(lines)
 
 

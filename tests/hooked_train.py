@@ -10,6 +10,8 @@ training code knows about tests.
 - TEST_PAUSE_AFTER=N, TEST_MARKER=PATH (TEST_PAUSE_RANK=R: only rank R): after micro-batch N,
   write the process id into PATH and wait (up to 60 s) until a stop signal arrived.
 - TEST_HANG_IN_SAVE=N, TEST_MARKER=PATH: the N-th state write stops halfway, touches PATH and hangs.
+- TEST_WEIGHTLESS_RANK=R: on rank R, reading a model's weights (`from_pretrained`, the student's
+  `--student_pretrained_weights`) fails the run.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 import causal_distiller  # noqa: E402
 import checkpointing  # noqa: E402
+import model_loading  # noqa: E402
 from neuron_mapping import sample_interchange_variables  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -106,6 +110,19 @@ def hang_in_save_hook(nth: int, marker: str) -> list:
     return [mock.patch.object(torch, "save", hanging_save)]
 
 
+def weightless_hook(rank: int) -> list:
+    if rank != RANK:
+        return []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"rank {RANK} read model weights")
+
+    return [
+        mock.patch.object(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse)),
+        mock.patch.object(model_loading, "load_student_weights", refuse),
+    ]
+
+
 def main() -> None:
     env = os.environ.get
     hooks = []
@@ -115,6 +132,8 @@ def main() -> None:
         hooks += pause_hook(int(env("TEST_PAUSE_AFTER")), env("TEST_MARKER"), int(env("TEST_PAUSE_RANK", RANK)))
     if env("TEST_HANG_IN_SAVE"):
         hooks += hang_in_save_hook(int(env("TEST_HANG_IN_SAVE")), env("TEST_MARKER"))
+    if env("TEST_WEIGHTLESS_RANK"):
+        hooks += weightless_hook(int(env("TEST_WEIGHTLESS_RANK")))
     with ExitStack() as stack:
         for hook in hooks:
             stack.enter_context(hook)

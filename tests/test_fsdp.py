@@ -9,13 +9,17 @@ uninterrupted FSDP run; the final student folder loads with `from_pretrained`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import transformers as tr
 from conftest import load_state as load
 from conftest import resume_argv, save_tiny_decoder_teacher, train_argv
@@ -24,7 +28,10 @@ from launch import TORCHRUN, finish, launch, processes, wait_for
 from test_decoder_families import _train_args as decoder_argv
 
 import causal_train
+import model_loading
 import sharding
+from architectures import ARCHITECTURES
+from diito_runs import DiitoRuns
 from scripts import extract
 from training_config import TrainingConfig
 from utils import UserError
@@ -75,7 +82,8 @@ def bert_runs(tmp_path_factory, small_corpus, tiny_bert_teacher, tiny_student_co
     with processes() as started:
         procs = {
             "ddp": launch(started, argv("ddp"), logs["ddp"], TORCHRUN),
-            "fsdp": launch(started, argv("fsdp", "--fsdp"), logs["fsdp"], TORCHRUN),
+            # Rank 1 reads no weights: it builds both models empty and takes rank 0's.
+            "fsdp": launch(started, argv("fsdp", "--fsdp"), logs["fsdp"], TORCHRUN, weightless_rank=1),
         }
         cut = launch(started, argv("cut", "--fsdp"), logs["cut"], TORCHRUN, pause_after=4, pause_rank=1, marker=marker)
         wait_for(marker, cut, logs["cut"])
@@ -156,7 +164,7 @@ def test_fsdp_losses_equal_ddp_losses_for_a_llama_teacher_and_student(llama, tmp
         (folder / "student.pth").symlink_to(files / "student.pth")
         return decoder_argv(folder, "llama", teacher, files / "student", *LLAMA_FLAGS, *mode, *extra)
 
-    runs = {"ddp": (argv("ddp"), {}), "fsdp": (argv("fsdp", "--fsdp"), {})}
+    runs = {"ddp": (argv("ddp"), {}), "fsdp": (argv("fsdp", "--fsdp"), {"weightless_rank": 1})}
     if not mode:  # bf16 mixed precision and the teacher's CPU offload, against the float32 run
         runs["bf16"] = (argv("bf16", "--fsdp", "--bf16", "--fsdp_offload_teacher"), {})
     run_all(runs, tmp_path)
@@ -186,3 +194,103 @@ def test_fsdp_flag_combinations_that_cannot_work_are_refused(flags, message):
     with pytest.raises(UserError, match=f"^{re.escape(message)}") as error:
         sharding.check_flags(TrainingConfig(**flags), world_size=2)
     assert "\n" not in str(error.value)
+
+
+# --- rank 0 alone reads the weights ------------------------------------------------------------------
+
+
+def _tiny_llama_config() -> tr.LlamaConfig:
+    return tr.LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+
+
+def _reference_llama() -> tr.LlamaForCausalLM:
+    """Rank 0's model: seeded, loaded as bfloat16 (the empty rank builds float32 and must follow)."""
+    torch.manual_seed(0)
+    return tr.LlamaForCausalLM(_tiny_llama_config()).to(torch.bfloat16)
+
+
+def _rank0_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        calls = []
+
+        def load(weights: bool, refuse: bool = False):
+            calls.append(weights)
+            if refuse:
+                raise UserError("the teacher folder is broken")
+            return (
+                _reference_llama()
+                if weights
+                else model_loading.empty_model(ARCHITECTURES["llama"], _tiny_llama_config())
+            )
+
+        try:
+            sharding.load_on_rank0(lambda weights: load(weights, refuse=True), True, rank == 0)
+            refusal = None
+        except UserError as e:
+            refusal = str(e)
+        refused_calls, calls[:] = list(calls), []
+        model = sharding.load_on_rank0(load, True, rank == 0)
+        empty = all(p.device.type == "meta" for p in model.parameters())
+        runs = sharding.shard(DiitoRuns(model), bf16=False, frozen=True, device=torch.device("cpu"))
+        reference = _reference_llama()
+        params = {n: p.full_tensor() for n, p in runs.model.named_parameters()}
+        result = {
+            "refusal": refusal,
+            "refused_calls": refused_calls,
+            "calls": calls,
+            "empty_before_shard": empty,
+            "params_equal": all(torch.equal(params[n], p) for n, p in reference.named_parameters()),
+            "dtypes": sorted({str(p.dtype) for p in params.values()}),
+            "buffers_equal": all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in model.named_buffers()),
+            "tied": runs.model.lm_head.weight is runs.model.model.embed_tokens.weight,
+            "attention": runs.model.config._attn_implementation,
+        }
+        # A saved student that does not fit: rank 0 finds it out, every rank refuses it in the same words.
+        weights = {k: v for k, v in sharding.full_model_state(runs.model).items() if k != "lm_head.weight"}
+        optimizer = torch.optim.AdamW(runs.model.parameters())
+        try:
+            sharding.load_full_state(runs.model, optimizer, weights, {"state": {}, "param_groups": []})
+        except UserError as e:
+            result["misfit"] = str(e)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_0_reads_weights_and_the_empty_rank_takes_its_weights_dtypes_buffers_and_ties(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank0_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # Rank 0's refusal is every rank's, and the other rank never builds its model then.
+    assert rank0["refusal"] == rank1["refusal"] == "the teacher folder is broken"
+    assert (rank0["refused_calls"], rank1["refused_calls"]) == ([True], [])
+    assert (rank0["calls"], rank1["calls"]) == ([True], [False])
+    assert (rank0["empty_before_shard"], rank1["empty_before_shard"]) == (False, True)
+    assert rank0["misfit"] == rank1["misfit"]
+    assert rank0["misfit"].startswith("--resume: the saved student does not fit this run's (1 names differ: lm_head")
+    for result in (rank0, rank1):
+        assert result["params_equal"] and result["buffers_equal"] and result["tied"], result
+        assert result["dtypes"] == ["torch.bfloat16"]
+        assert result["attention"] == rank0["attention"]
+
+
+def test_an_empty_model_holds_no_weights_but_its_buffers_and_ties():
+    model = model_loading.empty_model(ARCHITECTURES["llama"], _tiny_llama_config())
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = dict(tr.LlamaForCausalLM(_tiny_llama_config()).named_buffers())
+    for name, buffer in model.named_buffers():  # rotary frequencies: computed from the config, not saved
+        assert buffer.device.type == "cpu" and torch.equal(buffer, reference[name]), name
