@@ -28,9 +28,6 @@ import json
 import logging
 import math
 import os
-import pickle
-import platform
-import re
 import shlex
 import signal
 import subprocess
@@ -44,214 +41,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gpu_check_report import RESULT_TAG, Result, environment, format_table, nccl_version, result_of  # noqa: E402
+from gpu_check_workspace import Sizes, Workspace, build_workspace, sizes_for, train_argv  # noqa: E402
+
 from utils import UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
-
-RESULT_TAG = "GPU_CHECK_RESULT "
-VOCAB = 30522
-SPECIAL = dict(pad_token=0, unk_token=100, cls_token=101, sep_token=102, mask_token=103)
-REAL_DATA = REPO.parent / "shared" / "data" / "binarized_text.train.bert-base-uncased.pickle"
-REAL_COUNTS = REPO.parent / "shared" / "data" / "binarized_text.train.token_counts.bert-base-uncased.pickle"
-# The README's recipe with DIITO on: ce + mlm + cos + causal_ce.
-RECIPE = [
-    "--mlm",
-    "--alpha_ce",
-    "0.25",
-    "--alpha_mlm",
-    "0.25",
-    "--alpha_cos",
-    "0.25",
-    "--alpha_clm",
-    "0",
-    "--alpha_causal_ce",
-    "0.25",
-    "--alpha_causal_cos",
-    "0",
-    "--interchange_prop",
-    "0.3",
-    "--interchange_consecutive_only",
-]
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Model and run sizes of one mode (device, --quick)."""
-
-    teacher_layers: int
-    teacher_hidden: int
-    teacher_heads: int
-    student_layers: int
-    batch_size: int
-    seq_len: int
-    train_steps: int
-    bench_shapes: tuple[tuple[int, int], ...]  # (batch, seq_len) per bench_step run
-    bench_reps: int
-    timeout_s: int  # per check
-
-
-def sizes_for(device: str, quick: bool) -> Sizes:
-    if device == "cpu":  # tiny: the CPU mode only shows the script works apart from CUDA
-        return Sizes(4, 32, 4, 2, 4, 32, 2 if quick else 4, ((2, 16),), 1, 300)
-    if quick:
-        return Sizes(12, 768, 12, 6, 32, 128, 20, ((32, 128),), 5, 240)
-    return Sizes(12, 768, 12, 6, 32, 128, 60, ((32, 128), (16, 512)), 10, 300)
-
-
-# --- the workspace: tokenizer, teacher, student, mapping, corpus ----------------------------------
-
-
-@dataclass
-class Workspace:
-    teacher: Path
-    student_config: Path
-    student_weights: Path
-    mapping: Path
-    corpus: Path
-    counts: Path
-    data: str  # what the corpus is, for the report
-
-
-def vocabulary() -> dict[str, int]:
-    """30522 entries with bert-base-uncased's special-token ids (0, 100-103), so its binarized ids fit."""
-    words = {f"w{i}": i for i in range(VOCAB)}
-    for name, i in SPECIAL.items():
-        del words[f"w{i}"]
-        words[
-            {
-                "pad_token": "[PAD]",
-                "unk_token": "[UNK]",
-                "cls_token": "[CLS]",
-                "sep_token": "[SEP]",
-                "mask_token": "[MASK]",
-            }[name]
-        ] = i
-    return words
-
-
-def build_workspace(folder: Path, sizes: Sizes, data: str = "auto") -> Workspace:
-    """Write a random teacher (with tokenizer), a student config + initial weights, a mapping and a corpus."""
-    import numpy as np
-    import torch
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer, DistilBertConfig, DistilBertForMaskedLM
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    h, heads = sizes.teacher_hidden, sizes.teacher_heads
-    teacher_dir = folder / "teacher"
-    BertForMaskedLM(
-        BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=h,
-            num_hidden_layers=sizes.teacher_layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * h,
-            max_position_embeddings=512,
-        )
-    ).save_pretrained(teacher_dir)
-    BertTokenizer(vocab=vocabulary()).save_pretrained(teacher_dir)
-    student_config = dict(
-        vocab_size=VOCAB,
-        dim=h,
-        n_layers=sizes.student_layers,
-        n_heads=heads,
-        hidden_dim=4 * h,
-        max_position_embeddings=512,
-        sinusoidal_pos_embds=False,
-        model_type="distilbert",
-    )
-    (folder / "student.json").write_text(json.dumps(student_config))
-    student = DistilBertForMaskedLM(DistilBertConfig(**student_config))
-    torch.save(student.state_dict(), folder / "student.pth")
-    d = h // heads
-    (folder / "map.nm").write_text(
-        json.dumps(
-            {
-                "interchange_variable_mappings": [
-                    {
-                        "teacher_variable_names": [f"$L:{sizes.teacher_layers // 2}$H:[0:{heads}]$[0:{d}]"],
-                        "student_variable_names": [f"$L:{sizes.student_layers // 2}$H:[0:{heads}]$[0:{d}]"],
-                    }
-                ]
-            }
-        )
-    )
-
-    if data == "auto":
-        data = str(REAL_DATA) if REAL_DATA.is_file() else "synthetic"
-    if data == "synthetic":
-        rng = np.random.default_rng(0)
-        n = sizes.batch_size * (sizes.train_steps + 2)
-        corpus = [
-            np.concatenate(
-                [[SPECIAL["cls_token"]], rng.integers(1000, VOCAB, sizes.seq_len - 2), [SPECIAL["sep_token"]]]
-            ).astype(np.uint16)
-            for _ in range(n)
-        ]
-        what = f"synthetic, {n} rows of {sizes.seq_len} tokens"
-    else:
-        with open(data, "rb") as f:  # the project's own binarized sample (a list of uint16 arrays)
-            corpus = [np.asarray(s, dtype=np.uint16) for s in pickle.load(f)]
-        what = f"{Path(data).name}, {len(corpus)} sequences"
-    with open(folder / "corpus.pickle", "wb") as f:
-        pickle.dump(corpus, f)
-    counts = np.bincount(np.concatenate(corpus), minlength=VOCAB).tolist()
-    (folder / "counts.pickle").write_bytes(pickle.dumps(counts))
-    return Workspace(
-        teacher_dir,
-        folder / "student.json",
-        folder / "student.pth",
-        folder / "map.nm",
-        folder / "corpus.pickle",
-        folder / "counts.pickle",
-        what,
-    )
-
-
-def train_argv(ws: Workspace, sizes: Sizes, device: str, run_name: str, *extra: str) -> list[str]:
-    """`causal_train.py` flags of one check: the DIITO recipe, one micro-batch per optimizer step."""
-    return [
-        "--force",
-        "--n_gpu",
-        "1" if device == "cuda" else "0",
-        "--dump_path",
-        str(ws.corpus.parent / "runs"),
-        "--run_name",
-        run_name,
-        "--data_file",
-        str(ws.corpus),
-        "--token_counts",
-        str(ws.counts),
-        "--student_type",
-        "distilbert",
-        "--student_config",
-        str(ws.student_config),
-        "--student_pretrained_weights",
-        str(ws.student_weights),
-        "--teacher_type",
-        "bert",
-        "--teacher_name",
-        str(ws.teacher),
-        "--neuron_mapping",
-        str(ws.mapping),
-        "--batch_size",
-        str(sizes.batch_size),
-        "--gradient_accumulation_steps",
-        "1",
-        "--max_steps",
-        str(sizes.train_steps),
-        "--log_interval",
-        "1",
-        "--checkpoint_interval",
-        "1000000",
-        "--seed",
-        "0",
-        *RECIPE,
-        *extra,
-    ]
-
-
-# --- the plan ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -343,18 +138,6 @@ def plan(args: argparse.Namespace, sizes: Sizes, ws: Workspace, spec_dir: Path) 
 # --- running a check -----------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    name: str
-    status: str  # pass / fail / skip
-    seconds: float = 0.0
-    tokens_per_s: float | None = None
-    mfu: float | None = None
-    peak_gib: float | None = None
-    loss: str = ""  # "first -> last"
-    notes: str = ""
-
-
 def run_check(check: Check, timeout_s: int, log) -> tuple[int | None, str, float]:
     """(exit status or None on timeout, stdout + stderr, seconds). Kills the whole process group on timeout."""
     start = time.perf_counter()
@@ -378,162 +161,6 @@ def run_check(check: Check, timeout_s: int, log) -> tuple[int | None, str, float
     log.write(f"===== {check.name}: {shlex.join(check.command)}\n{out}\n===== exit {rc}, {seconds:.1f} s\n\n")
     log.flush()
     return rc, out, seconds
-
-
-def result_of(check: Check, rc: int | None, out: str, seconds: float, timeout_s: int) -> Result:
-    """Turn a check's exit status and output into a table row."""
-    r = Result(check.name, "pass" if rc == 0 else "fail", seconds)
-    if rc is None:
-        r.notes = f"timed out after {timeout_s} s"
-        return r
-    if check.name == "cuda_tests":
-        counts = parse_pytest_summary(out)
-        r.notes = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no pytest summary"
-        if rc == 0 and counts.get("skipped") and not counts.get("passed"):
-            r.status = "fail"  # on a GPU machine every CUDA test must run
-            r.notes += " (all skipped: CUDA not seen by pytest?)"
-        return r
-    child = parse_result_line(out)
-    if child is None:
-        r.status, r.notes = "fail", last_error_line(out) or f"exit {rc}, no result line"
-        return r
-    r.peak_gib = child.get("peak_gib")
-    problems = child.get("problems", [])
-    if problems or rc != 0:
-        r.status = "fail"
-    if check.name.startswith("bench_step"):
-        table = parse_bench_table(out)
-        peak = parse_bench_peak(out)
-        if "diito" in table:
-            r.tokens_per_s, r.mfu = table["diito"]["tokens_per_s"], table["diito"]["mfu"]
-        ratios = " / ".join(f"{name} {row['x_plain']:.2f}x ({row['mfu']:.0%})" for name, row in table.items())
-        r.notes = f"x plain (MFU): {ratios}" + (f"; matmul peak {peak:.0f} GFLOP/s" if peak else "")
-        if not table:
-            r.status, r.notes = "fail", "no bench_step table in the output"
-    else:
-        r.tokens_per_s = child.get("tokens_per_s")
-        if child.get("losses"):
-            r.loss = f"{child['losses'][0]:.3f} -> {child['losses'][-1]:.3f}"
-        r.notes = "; ".join(child.get("notes", []))
-    if problems:
-        r.notes = "; ".join(problems) + (f"; {r.notes}" if r.notes else "")
-    return r
-
-
-# --- parsing what the checks print ---------------------------------------------------------------
-
-
-def parse_result_line(text: str) -> dict | None:
-    """The last `GPU_CHECK_RESULT {json}` line a child printed (torchrun may prefix it), or None."""
-    found = None
-    for line in text.splitlines():
-        i = line.find(RESULT_TAG)
-        if i >= 0:
-            try:
-                found = json.loads(line[i + len(RESULT_TAG) :])
-            except json.JSONDecodeError:
-                continue
-    return found
-
-
-def parse_pytest_summary(text: str) -> dict[str, int]:
-    """Counts from pytest's last summary line, e.g. `4 passed, 1 skipped in 12.3s` -> {passed: 4, skipped: 1}."""
-    for line in reversed(text.splitlines()):
-        if re.search(r"\d+ (passed|failed|skipped|error|errors|deselected)\b", line) and " in " in line:
-            counts = {}
-            for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", line):
-                counts["errors" if kind.startswith("error") else kind] = int(n)
-            return counts
-    return {}
-
-
-def parse_bench_table(text: str) -> dict[str, dict[str, float]]:
-    """bench_step.py's step table: {variant: {seconds, tokens_per_s, x_plain, mfu}}."""
-    rows: dict[str, dict[str, float]] = {}
-    header: list[str] | None = None
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| step |"):
-            header = cells
-            continue
-        if header is None or not line.startswith("|") or set(cells[0]) <= {"-"}:
-            if header is not None and rows and not line.startswith("|"):
-                break  # the end-to-end table that may follow has other columns
-            continue
-        row = dict(zip(header, cells, strict=False))
-        rows[row["step"]] = dict(
-            seconds=float(row["s/step"]),
-            tokens_per_s=float(row["tokens/s"].replace(",", "")),
-            x_plain=float(row["x plain"].rstrip("x")),
-            mfu=float(row["MFU"].rstrip("%")) / 100,
-        )
-    return rows
-
-
-def parse_bench_peak(text: str) -> float | None:
-    m = re.search(r"matmul peak ([\d.]+) GFLOP/s", text)
-    return float(m.group(1)) if m else None
-
-
-def last_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("error:") or re.match(r"\w+(Error|Exception)\b", line):
-            return line[:200]
-    return lines[-1][:200] if lines else ""
-
-
-# --- the table -----------------------------------------------------------------------------------
-
-
-def environment(device: str) -> dict[str, str]:
-    import torch
-    import transformers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    if device == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(
-            gpu=f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
-            cuda=str(torch.version.cuda),
-            nccl=nccl_version(),
-            bf16=str(torch.cuda.is_bf16_supported()),
-        )
-    else:
-        env.update(device=f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    return env
-
-
-def nccl_version() -> str:
-    import torch
-
-    version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
-    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
-def format_table(results: list[Result], env: dict[str, str]) -> str:
-    lines = [
-        ", ".join(f"{k} {v}" for k, v in env.items()),
-        "",
-        "| check | status | s | tokens/s | MFU | peak GiB | loss | notes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {r.status} | {r.seconds:.0f} | {_fmt(r.tokens_per_s, ',.0f')} | "
-            f"{_fmt(r.mfu, '.0%')} | {_fmt(r.peak_gib, '.2f')} | {r.loss} | {r.notes.replace('|', '/')} |"
-        )
-    lines += [
-        "",
-        "tokens/s: training, median over logged steps after the first; bench_step: the DIITO (exact) "
-        "step. MFU: bench_step's, against its measured matmul peak. peak GiB: torch.cuda.max_memory_allocated "
-        "(CPU: the process's peak RSS). loss: losses/loss at the first and last step.",
-    ]
-    return "\n".join(lines)
 
 
 # --- children: what runs inside each check's subprocess -------------------------------------------
@@ -735,7 +362,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     check.spec_path.write_text(json.dumps(check.spec))
                 logger.info("Running %s (timeout %d s)", check.name, timeout_s)
                 rc, text, seconds = run_check(check, timeout_s, log)
-                results.append(result_of(check, rc, text, seconds, timeout_s))
+                results.append(result_of(check.name, rc, text, seconds, timeout_s))
                 logger.info("%s: %s in %.0f s", check.name, results[-1].status, seconds)
         env = environment(args.device)
         env["data"] = ws.data

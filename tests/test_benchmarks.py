@@ -10,6 +10,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_kl  # noqa: E402
 import bench_step  # noqa: E402
+import step_variants  # noqa: E402
 
 TINY = [
     "--teacher_layers",
@@ -41,10 +42,10 @@ def test_step_benchmark_prints_every_variant_and_the_end_to_end_table(capsys):
 
 def test_flop_count_orders_the_variants_as_their_passes_do():
     args = bench_step.parse_args(TINY)
-    flops = {v: bench_step.step_flops(args, v) for v in ("plain", "fast", "diito", "original")}
+    flops = {v: step_variants.step_flops(args, v) for v in ("plain", "fast", "diito", "original")}
     assert flops["plain"] < flops["fast"] < flops["diito"] < flops["original"]
     # The exact step adds the teacher's source blocks 0..k and its blocks above k: one teacher pass.
-    teacher = [p for p in bench_step.step_passes(args, "diito") if p.teacher]
+    teacher = [p for p in step_variants.step_passes(args, "diito") if p.teacher]
     assert sum(p.blocks for p in teacher) == 2 * args.teacher_layers
 
 
@@ -101,8 +102,8 @@ def test_decoder_block_flops_equal_a_hand_count_and_flop_counter_mode():
     # By hand, per token: q 32x32, k and v 32x(2 kv heads x 8), o 32x32, gate/up/down 32x48, and
     # scores + weighted sum over 16 keys for 4 heads of 8 dims; 2 FLOPs per multiply-add.
     hand = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48) + 2 * 2 * 16 * 32
-    assert bench_step.block_flops_per_token(args) == hand
-    assert bench_step.head_flops_per_row(args) == 2 * 32 * 120
+    assert step_variants.block_flops_per_token(args) == hand
+    assert step_variants.head_flops_per_row(args) == 2 * 32 * 120
     teacher, _ = bench_step.build_models(args)
     x = torch.randn(args.batch_size, args.seq_len, args.teacher_hidden)
     positions = teacher.model.rotary_emb(x, torch.arange(args.seq_len)[None])
@@ -118,17 +119,17 @@ def test_decoder_step_flops_equal_flop_counter_mode_for_every_variant(tmp_path):
     args = bench_step.parse_args(TINY_DECODER + ["--eager_attention"])
     teacher, student = bench_step.build_models(args)
     batch = bench_step.synthetic_batch(args)
-    for variant in bench_step.VARIANTS:
+    for variant in step_variants.VARIANTS:
         d = bench_step.make_distiller(
             args, teacher, student, causal=variant != "plain", fast=variant == "fast", dump=tmp_path
         )
         step = {
-            "recompute": lambda d=d: bench_step.recompute_step(d, batch),
-            "original": lambda d=d: bench_step.original_step(d, batch, args),
-        }.get(variant, lambda d=d: bench_step.distiller_step(d, batch))
+            "recompute": lambda d=d: step_variants.recompute_step(d, batch),
+            "original": lambda d=d: step_variants.original_step(d, batch, args),
+        }.get(variant, lambda d=d: step_variants.distiller_step(d, batch))
         with FlopCounterMode(display=False) as counter:
             step()
-        assert counter.get_total_flops() == bench_step.step_flops(args, variant), variant
+        assert counter.get_total_flops() == step_variants.step_flops(args, variant), variant
 
 
 def test_fsdp_memory_benchmark_prints_ddp_and_fsdp_at_one_and_two_ranks(capsys):

@@ -2,7 +2,7 @@
 
 Skipped without CUDA (the CI has none). `python benchmarks/gpu_check.py` runs this file on a GPU
 machine among its checks. Nothing here needs the real data or the offline tokenizer package: the
-models, tokenizer and corpus are built by `gpu_check.build_workspace` (the GPU machine has neither).
+models, tokenizer and corpus are built by `gpu_check_workspace.build_workspace` (the GPU machine has neither).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from neuron_mapping import deserialize_variable_name
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_check_workspace  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-SIZES = gpu_check.Sizes(
+SIZES = gpu_check_workspace.Sizes(
     teacher_layers=4,
     teacher_hidden=64,
     teacher_heads=4,
@@ -42,19 +43,20 @@ SIZES = gpu_check.Sizes(
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> gpu_check.Workspace:
-    return gpu_check.build_workspace(tmp_path_factory.mktemp("cuda_ws"), SIZES, data="synthetic")
+def workspace(tmp_path_factory) -> gpu_check_workspace.Workspace:
+    return gpu_check_workspace.build_workspace(tmp_path_factory.mktemp("cuda_ws"), SIZES, data="synthetic")
 
 
-def _train_on_cuda(ws: gpu_check.Workspace, name: str, *flags: str):
+def _train_on_cuda(ws: gpu_check_workspace.Workspace, name: str, *flags: str):
     """causal_train.main on cuda:0; returns (run folder, peak CUDA bytes allocated)."""
     torch.cuda.init()
     torch.cuda.reset_peak_memory_stats()
-    run = causal_train.main(gpu_check.train_argv(ws, SIZES, "cuda", name, "--checkpoint_interval", "4", *flags))
+    argv = gpu_check_workspace.train_argv(ws, SIZES, "cuda", name, "--checkpoint_interval", "4", *flags)
+    run = causal_train.main(argv)
     return run, torch.cuda.max_memory_allocated()
 
 
-def _assert_trained(ws: gpu_check.Workspace, run, peak: int) -> None:
+def _assert_trained(ws: gpu_check_workspace.Workspace, run, peak: int) -> None:
     assert peak > 0  # the models and the step lived on the GPU
     loss = gpu_check._scalars(run, "losses/loss")
     assert len(loss) == SIZES.train_steps and all(math.isfinite(v) for v in loss), loss

@@ -14,6 +14,7 @@ from utils import UserError, run_cli
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_check_report  # noqa: E402
 
 # Recorded from a CPU run of `bench_step.py ... --fast --train_steps 3` (step table, then the end-to-end one).
 BENCH_OUTPUT = """\
@@ -85,33 +86,29 @@ def test_without_cuda_the_cli_says_so_in_one_line_and_exits_2(monkeypatch, capsy
 
 
 def test_bench_table_and_peak_are_parsed_from_bench_step_output():
-    table = gpu_check.parse_bench_table(BENCH_OUTPUT)
+    table = gpu_check_report.parse_bench_table(BENCH_OUTPUT)
     assert list(table) == ["plain", "diito", "fast", "original"]  # the end-to-end table is not mixed in
     assert table["plain"] == dict(seconds=2.749, tokens_per_s=1212.0, x_plain=1.0, mfu=0.0)
     assert table["diito"]["x_plain"] == 0.71 and table["original"]["mfu"] == pytest.approx(0.81)
-    assert gpu_check.parse_bench_peak(BENCH_OUTPUT) == 24.0
-    assert gpu_check.parse_bench_table("no table here") == {}
+    assert gpu_check_report.parse_bench_peak(BENCH_OUTPUT) == 24.0
+    assert gpu_check_report.parse_bench_table("no table here") == {}
 
 
 def test_pytest_summary_and_child_result_lines_are_parsed():
-    parse = gpu_check.parse_pytest_summary
+    parse = gpu_check_report.parse_pytest_summary
     assert parse("....s\n4 passed, 1 skipped, 2 warnings in 10.52s\n") == dict(passed=4, skipped=1)
     assert parse("===== 1 failed, 3 passed in 3.20s =====") == dict(failed=1, passed=3)
     assert parse("ERROR tests/x.py\n!!!\n========= 2 errors in 1.01s =========") == dict(errors=2)
     assert parse("no summary") == {}
     # torchrun may prefix a worker's lines; the last result line wins; a broken one is ignored.
     text = 'GPU_CHECK_RESULT {"a": 1}\n[default0]:GPU_CHECK_RESULT {"a": 2}\nGPU_CHECK_RESULT {"a": \n'
-    assert gpu_check.parse_result_line(text) == {"a": 2}
-    assert gpu_check.parse_result_line("nothing") is None
-
-
-def _check(name: str) -> gpu_check.Check:
-    return gpu_check.Check(name, "", ["true"])
+    assert gpu_check_report.parse_result_line(text) == {"a": 2}
+    assert gpu_check_report.parse_result_line("nothing") is None
 
 
 def test_results_are_judged_from_exit_status_output_and_the_child_report():
-    result_of = gpu_check.result_of
-    bench = result_of(_check("bench_step_2x16"), 0, BENCH_OUTPUT, 12.0, 60)
+    result_of = gpu_check_report.result_of
+    bench = result_of("bench_step_2x16", 0, BENCH_OUTPUT, 12.0, 60)
     assert (bench.status, bench.tokens_per_s, bench.mfu, bench.peak_gib) == ("pass", 16.0, 0.01, 1.5)
     assert "diito 0.71x (1%)" in bench.notes and "matmul peak 24 GFLOP/s" in bench.notes
     child = {
@@ -121,26 +118,26 @@ def test_results_are_judged_from_exit_status_output_and_the_child_report():
         "losses": [2.85, 2.5],
         "tokens_per_s": 1000.0,
     }
-    train = result_of(_check("train_bf16"), 0, "log\nGPU_CHECK_RESULT " + json.dumps(child), 30.0, 60)
+    train = result_of("train_bf16", 0, "log\nGPU_CHECK_RESULT " + json.dumps(child), 30.0, 60)
     assert (train.status, train.loss, train.tokens_per_s) == ("pass", "2.850 -> 2.500", 1000.0)
     child["problems"] = ["non-finite loss: [nan]"]
-    bad = result_of(_check("train_fp16"), 0, "GPU_CHECK_RESULT " + json.dumps(child), 30.0, 60)
+    bad = result_of("train_fp16", 0, "GPU_CHECK_RESULT " + json.dumps(child), 30.0, 60)
     assert bad.status == "fail" and bad.notes.startswith("non-finite loss")
-    crashed = result_of(_check("train_fp32"), 2, "INFO starting\nerror: --data_file x: no such file\n", 3.0, 60)
+    crashed = result_of("train_fp32", 2, "INFO starting\nerror: --data_file x: no such file\n", 3.0, 60)
     assert crashed.status == "fail" and crashed.notes == "error: --data_file x: no such file"
-    assert result_of(_check("torchrun"), None, "", 60.0, 60).notes == "timed out after 60 s"
-    tests = result_of(_check("cuda_tests"), 0, "3 passed, 1 skipped in 9.1s", 10.0, 60)
+    assert result_of("torchrun", None, "", 60.0, 60).notes == "timed out after 60 s"
+    tests = result_of("cuda_tests", 0, "3 passed, 1 skipped in 9.1s", 10.0, 60)
     assert tests.status == "pass" and tests.notes == "3 passed, 1 skipped"
-    all_skipped = result_of(_check("cuda_tests"), 0, "sssss\n5 skipped in 1.0s", 2.0, 60)
+    all_skipped = result_of("cuda_tests", 0, "sssss\n5 skipped in 1.0s", 2.0, 60)
     assert all_skipped.status == "fail" and "all skipped" in all_skipped.notes
 
 
 def test_table_has_one_row_per_check_with_every_column():
     results = [
-        gpu_check.Result("train_bf16", "pass", 31.4, 12345.6, None, 3.21, "2.850 -> 2.500", "a | b"),
-        gpu_check.Result("bench_step_32x128", "fail", 5.0, 800.0, 0.456, None, "", ""),
+        gpu_check_report.Result("train_bf16", "pass", 31.4, 12345.6, None, 3.21, "2.850 -> 2.500", "a | b"),
+        gpu_check_report.Result("bench_step_32x128", "fail", 5.0, 800.0, 0.456, None, "", ""),
     ]
-    table = gpu_check.format_table(results, {"gpu": "NVIDIA H200", "torch": "2.11"})
+    table = gpu_check_report.format_table(results, {"gpu": "NVIDIA H200", "torch": "2.11"})
     lines = table.splitlines()
     assert lines[0] == "gpu NVIDIA H200, torch 2.11"
     rows = [line for line in lines if line.startswith("| ")]
