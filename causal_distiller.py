@@ -116,7 +116,7 @@ class CausalDistiller:
         # The mapping entry of a step must be the same on every rank: its own seeded stream.
         self.mapping_rng = random.Random(config.seed)
 
-        self.student_runs = DiitoRuns(student)
+        self.student_runs = DiitoRuns(student, recompute_blocks=config.gradient_checkpointing)
         self.teacher_runs = DiitoRuns(self.teacher)
         if config.fsdp:
             # Sharded before the optimizer is built: fully_shard replaces the parameters (sharding.py).

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from architectures import backbone, get_architecture, has_dropout, lm_head_logits
+from architectures import backbone, get_architecture, has_dropout, lm_head_logits, transformer_blocks
 from interventions import (
     activations_from_cache,
     get_activation_at,
@@ -45,10 +46,12 @@ class DiitoRuns(nn.Module):
     then shares the base run's masks below the intervention).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, recompute_blocks: bool = False):
         super().__init__()
         self.model = model
         self.has_dropout = has_dropout(model)  # rates are fixed for the run; only the mode changes
+        if recompute_blocks:
+            recompute_in_backward(model)
 
     @property
     def draws_dropout_masks(self) -> bool:
@@ -134,3 +137,21 @@ class DiitoRuns(nn.Module):
     def _rows(self, h: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = h[plan.hidden_rows] if plan.hidden_rows is not None else None
         return lm_head_logits(self.model, h[plan.select]), hidden
+
+
+def recompute_in_backward(model: nn.Module) -> None:
+    """--gradient_checkpointing: each transformer block keeps only its inputs for backward and recomputes
+    its activations there (`torch.utils.checkpoint`, non-reentrant; dropout masks are replayed).
+
+    Only the block's own `forward` is checkpointed, not the module call (Hugging Face's own gradient
+    checkpointing wraps the call). So the hooks -- the interventions' reads and interchanges, FSDP's
+    gathers -- run once, in the forward, outside the recomputed part: the recomputation never depends
+    on a hook that the step has removed by then.
+    """
+    for block in transformer_blocks(model):
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward

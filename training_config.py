@@ -104,6 +104,13 @@ class TrainingConfig:
         default=False,
         metadata={"help": "With --fsdp: keep the teacher's shards in CPU memory, copied to the device block by block."},
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only each student block's inputs for backward and recompute the rest there: less "
+            "activation memory for about one more student forward. Same gradients."
+        },
+    )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     seed: int = field(default=56, metadata={"help": "Seeds python, numpy and torch; dual pairing and draws follow."})
     # logging and checkpoints

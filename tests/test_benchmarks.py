@@ -161,3 +161,16 @@ def test_heap_benchmark_runs_the_quickstart_teacher_stage_per_setting(capsys, mo
     assert all(r["seconds"] > 0 and r["peak_mb"] > 100 for r in results.values())  # torch alone is more
     out = capsys.readouterr().out
     assert "| glibc default |" in out and "| 1.00x |" in out
+
+
+def test_recompute_benchmark_reports_both_settings_from_their_own_processes(capsys):
+    import bench_recompute
+
+    tiny = ["--teacher_layers", "4", "--teacher_hidden", "32", "--teacher_heads", "4", "--student_layers", "2"]
+    results = bench_recompute.main([*tiny, "--vocab", "200", "--batch_size", "2", "--seq_len", "32", "--reps", "1"])
+    assert set(results) == set(bench_recompute.SETTINGS)
+    assert all(
+        r[0]["seconds"] > 0 and r[0]["peak_bytes"] > 100 * 2**20 and r[0]["shape"] == "2x32" for r in results.values()
+    )
+    out = capsys.readouterr().out
+    assert "| activations stored | " in out and "| --gradient_checkpointing | " in out

@@ -167,11 +167,19 @@ def test_fsdp_losses_equal_ddp_losses_for_a_llama_teacher_and_student(llama, tmp
     runs = {"ddp": (argv("ddp"), {}), "fsdp": (argv("fsdp", "--fsdp"), {"weightless_rank": 1})}
     if not mode:  # bf16 mixed precision and the teacher's CPU offload, against the float32 run
         runs["bf16"] = (argv("bf16", "--fsdp", "--bf16", "--fsdp_offload_teacher"), {})
+        runs["recompute"] = (argv("recompute", "--fsdp", "--gradient_checkpointing"), {})
     run_all(runs, tmp_path)
     assert_same_losses(tmp_path / "fsdp" / "results" / "run", tmp_path / "ddp" / "results" / "run", rtol=1e-4)
     assert max(scalars(tmp_path / "fsdp" / "results" / "run", "losses/loss_causal_ce").values()) > 0
     if not mode:
         assert_same_losses(tmp_path / "bf16" / "results" / "run", tmp_path / "ddp" / "results" / "run", rtol=5e-2)
+        # Sharded blocks recomputed in backward: the same run bit for bit.
+        assert_same_losses(tmp_path / "recompute" / "results" / "run", tmp_path / "fsdp" / "results" / "run", rtol=0)
+        recomputed, stored = (
+            torch.load(tmp_path / k / "results" / "run" / "pytorch_model.bin", weights_only=True)
+            for k in ("recompute", "fsdp")
+        )
+        assert all(torch.equal(recomputed[k], stored[k]) for k in stored)
     model = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "results" / "run")
     saved = torch.load(tmp_path / "fsdp" / "results" / "run" / "pytorch_model.bin", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())

@@ -289,6 +289,53 @@ def test_each_block_runs_only_where_the_step_needs_it(tmp_path, fast):
         assert t_counts == [2, 2, 2, 2] and s_counts == [3, 2]
 
 
+# ------------------------------------------------------------------------------- --gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    "arch, dropout, settings",
+    [
+        ("bert", 0.1, {}),  # a student with dropout: every counterfactual block recomputed, masks replayed
+        ("bert", 0.0, {}),  # no dropout: the counterfactual run restarts above the intervention
+        ("bert", 0.1, dict(fast_mode=True)),
+        ("bert", 0.1, dict(data_augment=True)),
+        ("bert", 0.1, dict(alpha_causal_ce=0.0, alpha_causal_cos=0.0)),  # plain distillation
+        ("gpt2", 0.1, {}),
+    ],
+    ids=["dropout", "restart", "fast_mode", "data_augment", "plain", "gpt2"],
+)
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path, arch, dropout, settings):
+    """Each student block recomputed in backward (hooks outside the recomputed part): the step's loss and
+    every gradient equal the stored-activations step bit for bit, dropout masks included."""
+    results = []
+    for recompute in (False, True):
+        (tmp_path / str(recompute)).mkdir()
+        d = _distiller(
+            tmp_path / str(recompute),
+            arch,
+            MAPPINGS["middle"],
+            dropout=dropout,
+            gradient_checkpointing=recompute,
+            **settings,
+        )
+        torch.manual_seed(7)  # the dropout masks
+        counts, handles = _count_block_calls(d.student)
+        inner = [0]  # calls of a module inside block 0: its forward runs again when recomputed
+        first = next(backbone(d.student).get_submodule(get_architecture(d.student).blocks)[0].children())
+        handles.append(first.register_forward_hook(lambda *_, inner=inner: inner.__setitem__(0, inner[0] + 1)))
+        loss, grads = _loss_and_grads(d, _batch(arch), reference=False)
+        for h in handles:
+            h.remove()
+        results.append((loss, grads, counts))
+        assert inner[0] == counts[0] * (2 if recompute else 1), (recompute, inner, counts)
+    (loss, grads, counts), (ckpt_loss, ckpt_grads, ckpt_counts) = results
+    assert torch.equal(loss, ckpt_loss)
+    assert grads.keys() == ckpt_grads.keys() and len(grads) == len(list(d.student.parameters()))
+    different = [name for name in grads if not torch.equal(grads[name], ckpt_grads[name])]
+    assert not different, different
+    assert counts == ckpt_counts  # the hooks ran in the forward only: never again in the recomputation
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_the_vocabulary_projection_sees_only_selected_rows(tmp_path, fast):
     d = _distiller(tmp_path, "bert", MAPPINGS["middle"], restrict_ce_to_mask=True, fast_mode=fast)
