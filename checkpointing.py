@@ -271,13 +271,15 @@ def load_state_file(path: Path, rank: int, mmap: bool = False) -> dict[str, Any]
     return obj
 
 
-def _read_step(folder: Path, step: int, rank: int) -> tuple[dict, dict] | str | None:
-    """(own, shared) states of `step`; None if a file is damaged; a message if one must be refused."""
+def _read_step(folder: Path, step: int, rank: int, mmap: bool) -> tuple[dict, dict] | str | None:
+    """(own, shared) states of `step`; None if a file is damaged; a message if one must be refused.
+
+    mmap (--fsdp): the other ranks map rank 0's file into memory (one page-cache copy per node); under
+    DDP they copy it, as each keeps a full student and optimizer anyway.
+    """
     try:
         own = load_state_file(folder / state_file_name(step, rank), rank)
-        # Mapped: the other ranks read rank 0's student and optimizer only where they use them (under --fsdp
-        # rank 0 sends them the values, so they read none); rank 0 reads the whole file and judges it.
-        shared = own if rank == 0 else load_state_file(folder / state_file_name(step, 0), 0, mmap=True)
+        shared = own if rank == 0 else load_state_file(folder / state_file_name(step, 0), 0, mmap=mmap)
     except UnreadableState as e:
         logger.warning("--resume: cannot read %s; trying an older state", e)
         return None
@@ -307,7 +309,7 @@ def read_resume_state(context: RunContext, settings: dict[str, Any]) -> tuple[di
     if not steps:
         raise UserError(f"--resume: no state in {folder} that all {ctx.world_size} process(es) saved")
     for step in reversed(steps):
-        result = _read_step(folder, step, rank)
+        result = _read_step(folder, step, rank, mmap=bool(settings.get("fsdp")))
         outcomes = [result if isinstance(result, str) else result is not None]
         if ctx.multi_process:
             outcomes = [None] * ctx.world_size

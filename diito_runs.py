@@ -143,15 +143,19 @@ def recompute_in_backward(model: nn.Module) -> None:
     """--gradient_checkpointing: each transformer block keeps only its inputs for backward and recomputes
     its activations there (`torch.utils.checkpoint`, non-reentrant; dropout masks are replayed).
 
-    Only the block's own `forward` is checkpointed, not the module call (Hugging Face's own gradient
-    checkpointing wraps the call). So the hooks -- the interventions' reads and interchanges, FSDP's
-    gathers -- run once, in the forward, outside the recomputed part: the recomputation never depends
-    on a hook that the step has removed by then.
+    Only the block's own `forward` is checkpointed, not the module call, so the hooks -- the
+    interventions' reads and interchanges, FSDP's gathers -- run once, in the forward, outside the
+    recomputed part: the recomputation never depends on a hook that the step has removed by then.
+    Done here rather than with `gradient_checkpointing_enable`, so that this placement does not depend
+    on how the installed transformers release wraps its layers. A block is wrapped once.
     """
     for block in transformer_blocks(model):
+        if getattr(block, "_recomputes_in_backward", False):
+            continue
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
+        block._recomputes_in_backward = True

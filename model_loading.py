@@ -14,7 +14,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer
 
@@ -160,6 +159,8 @@ def empty_model(row, config):
     not saved). Under --fsdp every rank but 0 builds its models so, and `sharding.shard` fills their
     shards with rank 0's weights.
     """
+    from accelerate import init_empty_weights  # only under --fsdp, on the ranks that read no weights
+
     with init_empty_weights(include_buffers=False):
         model = row.lm_cls()(config)
     model.tie_weights()  # the context makes a new parameter of each assignment, tied ones included

@@ -48,21 +48,28 @@ T = TypeVar("T")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Rank 0 holds the full state; every rank receives it tensor by tensor and keeps its shards.
 _BROADCAST = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+# Every rank holds the full saved state (`checkpointing.read_resume_state`) and keeps its own shards.
+_SCATTER = StateDictOptions(full_state_dict=True)
 
 
 def load_on_rank0(load: Callable[[bool], T], fsdp: bool, is_master: bool) -> T:
     """`load(weights)`, which returns a model (or a tuple holding one): under --fsdp rank 0 alone reads the
     weights (`load(True)`) and, once it succeeded, the other ranks build theirs empty (`load(False)`);
-    rank 0's refusal (a `UserError`) ends every rank with its message. Without --fsdp: `load(True)`."""
+    rank 0's refusal (a `UserError`), or any failure there, ends every rank with its message. The other
+    ranks wait for rank 0's load within --ddp_timeout. Without --fsdp: `load(True)`."""
     if not fsdp:
         return load(True)
-    result, refusal = None, [None]
+    result, refusal, failure = None, [None], None
     if is_master:
         try:
             result = load(True)
         except UserError as e:
             refusal = [str(e)]
+        except Exception as e:  # not a user's mistake: rank 0 shows its traceback, the others one line
+            failure, refusal = e, [f"rank 0 failed while loading the models: {type(e).__name__}: {first_line(e)}"]
     dist.broadcast_object_list(refusal, src=0)  # rank 0's own message string, never a user's file
+    if failure is not None:
+        raise failure
     if refusal[0] is not None:
         raise UserError(refusal[0])
     return result if is_master else load(False)
@@ -157,28 +164,18 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, saved: dict) -> None:
     """Set a sharded model's and optimizer's shards from full states (`full_model_state`, `full_optimizer_state`).
 
-    Rank 0's states are used: it sends every rank its shards, so the other ranks never read theirs.
-    As `checkpointing.load_optimizer_state` does for a plain run, this run's weight decay and epsilon
+    Every rank passes the same full states: rank 0 reads its file, the others map it into memory
+    (`checkpointing.read_resume_state`), so a node holds one copy, in the page cache. As
+    `checkpointing.load_optimizer_state` does for a plain run, this run's weight decay and epsilon
     replace the saved ones. A state that does not fit (another student, or saved without --fsdp) is a
-    UserError on every rank.
+    UserError, alike on every rank: each judges the same data.
     """
     if saved.get("state") and not all(isinstance(key, str) for key in saved["state"]):  # states older than "fsdp"
         raise UserError("--resume: the state was saved without --fsdp; resume without --fsdp")
-    rank0 = dist.get_rank() == 0
-    problem = [None]
-    if rank0:  # the same keys, or a refusal every rank shares (before any rank waits for values)
-        names = sorted(set(model.state_dict()) ^ set(weights))
-        if names:
-            problem = [
-                f"--resume: the saved student does not fit this run's ({len(names)} names differ: {names[0]}...)"
-            ]
-    dist.broadcast_object_list(problem, src=0)  # rank 0's own message string
-    if problem[0] is not None:
-        raise UserError(problem[0])
     keep = [(group["weight_decay"], group["eps"]) for group in optimizer.param_groups]
     try:
-        set_model_state_dict(model, weights if rank0 else {}, options=_BROADCAST)
-        set_optimizer_state_dict(model, optimizer, saved if rank0 else {}, options=_BROADCAST)
+        set_model_state_dict(model, weights, options=_SCATTER)
+        set_optimizer_state_dict(model, optimizer, saved, options=_SCATTER)
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"--resume: the saved student or optimizer does not fit this run's: {first_line(e)}") from None
     for group, (weight_decay, eps) in zip(optimizer.param_groups, keep, strict=True):

@@ -11,7 +11,7 @@ training code knows about tests.
   write the process id into PATH and wait (up to 60 s) until a stop signal arrived.
 - TEST_HANG_IN_SAVE=N, TEST_MARKER=PATH: the N-th state write stops halfway, touches PATH and hangs.
 - TEST_WEIGHTLESS_RANK=R: on rank R, reading a model's weights (`from_pretrained`, the student's
-  `--student_pretrained_weights`) fails the run.
+  `--student_pretrained_weights`), or a model with weights reaching `sharding.shard`, fails the run.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import transformers  # noqa: E402
 import causal_distiller  # noqa: E402
 import checkpointing  # noqa: E402
 import model_loading  # noqa: E402
+import sharding  # noqa: E402
 from neuron_mapping import sample_interchange_variables  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -117,9 +118,17 @@ def weightless_hook(rank: int) -> list:
     def refuse(*args, **kwargs):
         raise AssertionError(f"rank {RANK} read model weights")
 
+    shard = sharding.shard
+
+    def shard_empty(runs, **kwargs):
+        if not all(p.device.type == "meta" for p in runs.model.parameters()):
+            raise AssertionError(f"rank {RANK} built a model with weights")
+        return shard(runs, **kwargs)
+
     return [
         mock.patch.object(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse)),
         mock.patch.object(model_loading, "load_student_weights", refuse),
+        mock.patch.object(sharding, "shard", shard_empty),
     ]
 
 

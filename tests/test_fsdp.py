@@ -32,7 +32,9 @@ import model_loading
 import sharding
 from architectures import ARCHITECTURES
 from diito_runs import DiitoRuns
+from masking import real_token_mask
 from scripts import extract
+from step_plan import Mode, Side, StepDraws, build_plan
 from training_config import TrainingConfig
 from utils import UserError
 
@@ -207,6 +209,9 @@ def test_fsdp_flag_combinations_that_cannot_work_are_refused(flags, message):
 # --- rank 0 alone reads the weights ------------------------------------------------------------------
 
 
+PLAIN_PLAN = dict(restrict_ce_to_mask=False, need_hidden=False)
+
+
 def _tiny_llama_config() -> tr.LlamaConfig:
     return tr.LlamaConfig(
         vocab_size=101,
@@ -221,9 +226,12 @@ def _tiny_llama_config() -> tr.LlamaConfig:
 
 
 def _reference_llama() -> tr.LlamaForCausalLM:
-    """Rank 0's model: seeded, loaded as bfloat16 (the empty rank builds float32 and must follow)."""
+    """Rank 0's model: seeded, loaded as bfloat16 with eager attention (the empty rank builds float32
+    with the default attention and must follow)."""
     torch.manual_seed(0)
-    return tr.LlamaForCausalLM(_tiny_llama_config()).to(torch.bfloat16)
+    config = _tiny_llama_config()
+    config._attn_implementation = "eager"
+    return tr.LlamaForCausalLM(config).to(torch.bfloat16)
 
 
 def _rank0_worker(rank: int, port: int, out: str) -> None:
@@ -256,7 +264,7 @@ def _rank0_worker(rank: int, port: int, out: str) -> None:
         result = {
             "refusal": refusal,
             "refused_calls": refused_calls,
-            "calls": calls,
+            "calls": list(calls),
             "empty_before_shard": empty,
             "params_equal": all(torch.equal(params[n], p) for n, p in reference.named_parameters()),
             "dtypes": sorted({str(p.dtype) for p in params.values()}),
@@ -264,13 +272,29 @@ def _rank0_worker(rank: int, port: int, out: str) -> None:
             "tied": runs.model.lm_head.weight is runs.model.model.embed_tokens.weight,
             "attention": runs.model.config._attn_implementation,
         }
-        # A saved student that does not fit: rank 0 finds it out, every rank refuses it in the same words.
-        weights = {k: v for k, v in sharding.full_model_state(runs.model).items() if k != "lm_head.weight"}
+        # A saved student that does not fit: every rank judges the same states and refuses them alike.
+        weights = {**reference.state_dict(), "model.norm.weight": torch.ones(5, dtype=torch.bfloat16)}
         optimizer = torch.optim.AdamW(runs.model.parameters())
         try:
             sharding.load_full_state(runs.model, optimizer, weights, {"state": {}, "param_groups": []})
         except UserError as e:
             result["misfit"] = str(e)
+        # A student recomputing its blocks in backward, sharded from an empty rank: block 0's inner
+        # module runs twice per step (forward, and again in backward), and every weight gets a gradient.
+        student = sharding.load_on_rank0(load, True, rank == 0)
+        student_runs = sharding.shard(
+            DiitoRuns(student, recompute_blocks=True), bf16=False, frozen=False, device=torch.device("cpu")
+        )
+        calls_inside = [0]
+        inner = next(student_runs.model.model.layers[0].children())
+        inner.register_forward_hook(lambda *_: calls_inside.__setitem__(0, calls_inside[0] + 1))
+        ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(rank))
+        lengths = torch.tensor([9, 6])
+        labels = ids.masked_fill(~real_token_mask(lengths, 9), -100)
+        plan = build_plan(StepDraws(Side(ids, labels, lengths)), mode=Mode.PLAIN, mlm=False, **PLAIN_PLAN)
+        student_runs(plan, None).logits.float().square().mean().backward()
+        result["inner_calls"] = calls_inside[0]
+        result["all_grads"] = all(p.grad is not None for p in student_runs.model.parameters())
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -288,11 +312,12 @@ def test_only_rank_0_reads_weights_and_the_empty_rank_takes_its_weights_dtypes_b
     assert (rank0["calls"], rank1["calls"]) == ([True], [False])
     assert (rank0["empty_before_shard"], rank1["empty_before_shard"]) == (False, True)
     assert rank0["misfit"] == rank1["misfit"]
-    assert rank0["misfit"].startswith("--resume: the saved student does not fit this run's (1 names differ: lm_head")
+    assert rank0["misfit"].startswith("--resume: the saved student or optimizer does not fit this run's")
+    assert rank0["inner_calls"] == rank1["inner_calls"] == 2 and rank0["all_grads"] and rank1["all_grads"]
     for result in (rank0, rank1):
         assert result["params_equal"] and result["buffers_equal"] and result["tied"], result
         assert result["dtypes"] == ["torch.bfloat16"]
-        assert result["attention"] == rank0["attention"]
+        assert result["attention"] == "eager"
 
 
 def test_an_empty_model_holds_no_weights_but_its_buffers_and_ties():
