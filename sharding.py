@@ -87,7 +87,9 @@ def shard(runs: nn.Module, *, bf16: bool, frozen: bool, device: torch.device, cp
     """
     full = runs.state_dict() if dist.get_rank() == 0 else {}
     _take_rank0_layout(runs.model)
-    buffers = {name: b.detach().clone() for name, b in runs.named_buffers(remove_duplicate=False)}
+    empty = any(p.device.type == "meta" for p in runs.parameters())
+    # to_empty below empties the buffers too: an empty model keeps its computed ones aside.
+    buffers = {name: b.detach().clone() for name, b in runs.named_buffers(remove_duplicate=False)} if empty else {}
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs: dict[str, Any] = {
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
@@ -96,12 +98,9 @@ def shard(runs: nn.Module, *, bf16: bool, frozen: bool, device: torch.device, cp
     for block in transformer_blocks(runs.model):
         fully_shard(block, **kwargs)
     fully_shard(runs, **kwargs)
-    if any(p.device.type == "meta" for p in runs.parameters()):  # built empty: storage for the shards
+    if empty:  # storage for the shards, then the buffers back
         runs.to_empty(device="cpu" if cpu_offload else device)
-        for prefix, module in runs.named_modules():  # to_empty emptied the buffers too: put them back
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffers[f"{prefix}.{name}" if prefix else name].to(device)
+        _replace_buffers(runs, lambda name, _: buffers[name].to(device))
     set_model_state_dict(runs, full, options=_BROADCAST)
     if frozen:
         runs.register_forward_hook(lambda module, args, output: module.reshard())
@@ -119,13 +118,17 @@ def _take_rank0_layout(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.dtype != dtypes[name]:
             p.data = p.data.to(dtypes[name])
-    for prefix, module in model.named_modules():
-        for name, buffer in module._buffers.items():
-            key = f"{prefix}.{name}" if prefix else name
-            if buffer is not None and buffer.dtype != dtypes.get(key, buffer.dtype):
-                module._buffers[name] = buffer.to(dtypes[key])
+    _replace_buffers(model, lambda name, buffer: buffer.to(dtypes.get(name, buffer.dtype)))
     if attention is not None and getattr(model.config, "_attn_implementation", None) != attention:
         model.config._attn_implementation = attention
+
+
+def _replace_buffers(model: nn.Module, new: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Set every buffer of `model` to `new(its full name, the buffer)`, in the module that holds it."""
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = new(f"{prefix}.{name}" if prefix else name, buffer)
 
 
 def is_sharded(model: nn.Module) -> bool:

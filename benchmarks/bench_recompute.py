@@ -72,13 +72,12 @@ def measure(args: argparse.Namespace, step_argv: list[str]) -> dict[str, list[di
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for _ in range(args.repeats):
         for name, recompute in SETTINGS.items():
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", str(int(recompute)), *step_argv],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            results[name].append(json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", str(int(recompute)), *step_argv], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"{name}: the step failed:\n{done.stderr[-2000:]}")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     return results
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers as tr
 from conftest import load_state as load
-from conftest import resume_argv, save_tiny_decoder_teacher, train_argv
+from conftest import resume_argv, save_tiny_decoder_teacher, tiny_decoder_config, train_argv
 from conftest import tensorboard_scalars as scalars
 from launch import TORCHRUN, finish, launch, processes, wait_for
 from test_decoder_families import _train_args as decoder_argv
@@ -212,24 +212,11 @@ def test_fsdp_flag_combinations_that_cannot_work_are_refused(flags, message):
 PLAIN_PLAN = dict(restrict_ce_to_mask=False, need_hidden=False)
 
 
-def _tiny_llama_config() -> tr.LlamaConfig:
-    return tr.LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-
-
 def _reference_llama() -> tr.LlamaForCausalLM:
     """Rank 0's model: seeded, loaded as bfloat16 with eager attention (the empty rank builds float32
     with the default attention and must follow)."""
     torch.manual_seed(0)
-    config = _tiny_llama_config()
+    config = tiny_decoder_config("llama")
     config._attn_implementation = "eager"
     return tr.LlamaForCausalLM(config).to(torch.bfloat16)
 
@@ -247,7 +234,7 @@ def _rank0_worker(rank: int, port: int, out: str) -> None:
             return (
                 _reference_llama()
                 if weights
-                else model_loading.empty_model(ARCHITECTURES["llama"], _tiny_llama_config())
+                else model_loading.empty_model(ARCHITECTURES["llama"], tiny_decoder_config("llama"))
             )
 
         try:
@@ -321,9 +308,9 @@ def test_only_rank_0_reads_weights_and_the_empty_rank_takes_its_weights_dtypes_b
 
 
 def test_an_empty_model_holds_no_weights_but_its_buffers_and_ties():
-    model = model_loading.empty_model(ARCHITECTURES["llama"], _tiny_llama_config())
+    model = model_loading.empty_model(ARCHITECTURES["llama"], tiny_decoder_config("llama"))
     assert all(p.device.type == "meta" for p in model.parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    reference = dict(tr.LlamaForCausalLM(_tiny_llama_config()).named_buffers())
+    reference = dict(tr.LlamaForCausalLM(tiny_decoder_config("llama")).named_buffers())
     for name, buffer in model.named_buffers():  # rotary frequencies: computed from the config, not saved
         assert buffer.device.type == "cpu" and torch.equal(buffer, reference[name]), name
